@@ -1,0 +1,24 @@
+# Every target builds .venv itself. torch is pinned to the CPU wheel first so that the
+# project's own `torch>=2.4` requirement is already satisfied and pip never pulls a CUDA build.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+TORCH ?= torch==2.13.0
+
+.PHONY: test demo bench clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH)"
+	$(PY) -m pip install -q -e ".[dev,plot]"
+	touch $@
+
+test: $(VENV)/.installed
+	$(PY) -m pytest -q -n 2
+
+demo: $(VENV)/.installed
+	@echo "make demo arrives with issue #3 (the four-arm toy comparison). Until then, see README: Worked example."
+
+clean:
+	rm -rf $(VENV) demo_out .pytest_cache

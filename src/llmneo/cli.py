@@ -1,0 +1,101 @@
+"""`llmneo <command> [CONFIG.yaml] [key=value ...]`: subcommands → functions; nothing else.
+
+A user error (LlmneoError) prints one line, `llmneo: error: ...`, and exits 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import warnings
+
+from llmneo import config as config_mod
+from llmneo.errors import LlmneoError
+
+COMMANDS = {
+    "train": ("Train a student (Neo, KD, LoRA or SFT, chosen by the config).", True),
+    "export": ("Merge a LoRA adapter into its base model and save a plain HF model.", False),
+}
+
+_EPILOG = """\
+Every config key can be set in the YAML file or as key=value after it (later wins).
+
+Config keys:
+{keys}
+"""
+
+
+def _parser() -> argparse.ArgumentParser:
+    keys = config_mod.help_text()
+    parser = argparse.ArgumentParser(
+        prog="llmneo",
+        description="Parameter-efficient knowledge distillation of LLMs (LLM-NEO: LoRA + KD).",
+        epilog=_EPILOG.format(keys=keys),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (summary, config_required) in COMMANDS.items():
+        cmd = sub.add_parser(name, help=summary, description=summary, epilog=_EPILOG.format(keys=keys),
+                             formatter_class=argparse.RawDescriptionHelpFormatter)
+        cmd.add_argument("args", nargs="*" if not config_required else "+", metavar="CONFIG.yaml | key=value",
+                         help="a YAML config file (first) and/or key=value overrides")
+    return parser
+
+
+def _split(args: list[str]) -> tuple[str | None, list[str]]:
+    """The first argument is a config file unless it is a key=value override."""
+    if args and "=" not in args[0]:
+        return args[0], args[1:]
+    return None, args
+
+
+def _one_line_warnings() -> None:
+    def show(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, (DeprecationWarning, FutureWarning)):
+            return
+        print(f"llmneo: warning: {str(message).splitlines()[0]}", file=sys.stderr)
+
+    warnings.showwarning = show
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def dispatch(command: str, args: list[str]) -> int:
+    path, overrides = _split(args)
+    if COMMANDS[command][1] and path is None:
+        raise LlmneoError(f"llmneo {command} needs a config file first, e.g. llmneo {command} config.yaml")
+    cfg = config_mod.load(path, overrides)
+    if command == "train":
+        from llmneo import train
+
+        results = train.run(cfg)
+        print(f"llmneo: trained {results['method']} in {results['train_runtime']:.1f}s, "
+              f"final loss {results['final_loss']:.4f}; results in {cfg.output_dir}")
+    elif command == "export":
+        from llmneo import export
+
+        out = export.run(cfg)
+        print(f"llmneo: merged model written to {out}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    ns = parser.parse_args(argv)
+    if ns.command is None:
+        parser.print_help()
+        return 2
+    _one_line_warnings()
+    try:
+        return dispatch(ns.command, ns.args)
+    except LlmneoError as exc:
+        print(f"llmneo: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("llmneo: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,315 @@
+"""One typed config for every command: YAML plus `key=value` overrides, validated with clear errors.
+
+Keys follow HF `TrainingArguments` / LLaMA-Factory names so the official LLM-Neo YAML runs unchanged
+(apart from paths). Defaults are the paper's guidelines. Each field's `help` is the reference doc: it
+feeds `llmneo <cmd> --help` and `docs/config.md`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from llmneo.errors import LlmneoError
+
+KD_LOSSES = ("fkl", "rkl", "jsd", "skew_fkl", "skew_rkl", "tvd")
+SCHEDULERS = ("cosine", "linear", "constant", "constant_with_warmup", "cosine_with_restarts", "polynomial")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+# LLaMA-Factory / TrainingArguments keys that llmneo accepts so existing YAMLs run, but does not use.
+IGNORED_KEYS = frozenset({
+    "overwrite_cache", "preprocessing_num_workers", "report_to", "run_name", "logging_dir", "flash_attn",
+    "use_fast_tokenizer", "ddp_find_unused_parameters", "dataloader_num_workers", "eval_strategy",
+    "evaluation_strategy", "save_strategy", "logging_strategy", "export_size", "export_legacy_format",
+    "export_device", "do_eval", "do_predict", "plot_loss_keys", "include_num_input_tokens_seen",
+    "save_only_model", "disable_tqdm", "push_to_hub", "hub_model_id", "tokenized_path", "streaming",
+    "packing", "neat_packing", "new_special_tokens", "resize_vocab", "upcast_layernorm",
+    "enable_liger_kernel", "use_unsloth", "optim", "lora_bias", "create_new_adapter", "eval_steps",
+    "ddp_backend", "deepspeed", "fsdp", "fsdp_config", "tf32", "dataloader_pin_memory",
+})
+
+
+def _f(default: Any, help: str, **kw: Any) -> Any:
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class Config:
+    # --- models -----------------------------------------------------------------------------
+    model_name_or_path: str | None = _f(None, "The student: a local HF model dir or a Hub id.")
+    teacher_model_name_or_path: str | None = _f(
+        None, "The teacher: a local HF model dir or a Hub id. Must share the student's tokenizer.")
+    adapter_name_or_path: str | None = _f(
+        None, "A trained PEFT adapter dir (export, eval; in train: continue training this adapter).")
+    trust_remote_code: bool = _f(False, "Allow model/tokenizer code from the model repo. Off unless you ask.")
+    torch_dtype: str = _f(
+        "auto", "Weight dtype: auto|float32|bfloat16|float16. auto: the teacher (and a LoRA student's frozen "
+        "base) in the compute dtype (bf16/fp16 when enabled), a fully trained student in float32.")
+    # --- method -----------------------------------------------------------------------------
+    stage: str = _f("sft", "Training stage. Only 'sft' (supervised distillation) is supported.")
+    do_train: bool = _f(True, "Accepted for LLaMA-Factory compatibility; `llmneo train` always trains.")
+    finetuning_type: str = _f("lora", "lora (train adapters only) or full (train every weight).")
+    kd_ratio: float = _f(
+        0.5, "Weight of the KD term: loss = (1 - kd_ratio)*CE + kd_ratio*KD. 0 = plain SFT/LoRA. "
+        "Ignored (with a warning) when no teacher is given.")
+    kd_loss: str = _f("fkl", "Divergence for KD: " + "|".join(KD_LOSSES) + ". fkl = KL(p_teacher || p_student).")
+    kd_temperature: float = _f(1.0, "Softmax temperature T for KD; the divergence is scaled by T^2.")
+    kd_beta: float = _f(0.5, "Mixture weight beta of jsd: m = beta*p_T + (1-beta)*p_S (0 = fkl, 1 = rkl).")
+    kd_skew: float = _f(0.1, "Skew alpha of skew_fkl / skew_rkl (DistiLLM).")
+    # --- LoRA -------------------------------------------------------------------------------
+    lora_rank: int = _f(128, "LoRA rank r (paper: large ranks such as 128 work best).")
+    lora_alpha: int | None = _f(None, "LoRA alpha. Default: 2 * lora_rank.")
+    lora_dropout: float = _f(0.0, "Dropout on the LoRA branch.")
+    lora_target: str = _f(
+        "all", "Modules to adapt: 'all' = every linear layer except lm_head, or comma-separated module "
+        "names (e.g. q_proj,v_proj; add lm_head explicitly to adapt the output head).")
+    # --- data -------------------------------------------------------------------------------
+    dataset: str | None = _f(
+        None, "Comma-separated datasets: local files (json, jsonl, parquet, csv, txt) or folders, Hub ids, "
+        "or names registered in dataset_dir/dataset_info.json.")
+    dataset_dir: str = _f("data", "Folder holding dataset_info.json and relative dataset files.")
+    template: str | None = _f(
+        None, "Prompt template when the tokenizer has no chat template: default, llama3, qwen, chatml, "
+        "mistral, llama2, gemma, alpaca, vicuna. The tokenizer's own chat template wins when it has one.")
+    cutoff_len: int = _f(2048, "Maximum tokens per example; longer examples are truncated.")
+    max_samples: int | None = _f(None, "Use at most this many rows of each dataset.")
+    val_size: float = _f(0.0, "Held-out split: a fraction in (0, 1) or a row count >= 1. 0 = none.")
+    # --- training ---------------------------------------------------------------------------
+    output_dir: str | None = _f(None, "Where the adapter/model, metrics and checkpoints go.")
+    overwrite_output_dir: bool = _f(False, "Allow writing into a non-empty output_dir.")
+    per_device_train_batch_size: int = _f(8, "Micro-batch size per device.")
+    per_device_eval_batch_size: int = _f(8, "Batch size for held-out evaluation.")
+    gradient_accumulation_steps: int = _f(1, "Micro-batches per optimizer step.")
+    learning_rate: float | None = _f(
+        None, "Peak learning rate. Default: 2e-4 for lora, 2e-5 for full (paper: LoRA wants ~10x).")
+    num_train_epochs: float = _f(3.0, "Epochs over the training split (fractions allowed).")
+    max_steps: int = _f(-1, "Optimizer steps; overrides num_train_epochs when > 0.")
+    lr_scheduler_type: str = _f("cosine", "Schedule: " + "|".join(SCHEDULERS) + ".")
+    warmup_ratio: float = _f(0.1, "Fraction of steps for linear warmup.")
+    warmup_steps: int = _f(0, "Warmup steps; overrides warmup_ratio when > 0.")
+    weight_decay: float = _f(0.0, "AdamW weight decay.")
+    adam_beta1: float = _f(0.9, "AdamW beta1.")
+    adam_beta2: float = _f(0.999, "AdamW beta2.")
+    adam_epsilon: float = _f(1e-8, "AdamW epsilon.")
+    max_grad_norm: float = _f(1.0, "Gradient clipping norm; 0 disables clipping.")
+    bf16: bool = _f(False, "bf16 mixed precision. Falls back to fp32 with a warning where bf16 is unsupported.")
+    fp16: bool = _f(False, "fp16 mixed precision (CUDA only; falls back to fp32 with a warning elsewhere).")
+    gradient_checkpointing: bool = _f(False, "Recompute student activations in backward to save memory.")
+    seed: int = _f(42, "Random seed (data order, adapter init, dropout).")
+    logging_steps: int = _f(10, "Write a metrics.jsonl row every this many optimizer steps.")
+    save_steps: int = _f(500, "Write output_dir/checkpoint-STEP every this many optimizer steps.")
+    save_total_limit: int | None = _f(None, "Keep only the newest N checkpoints.")
+    plot_loss: bool = _f(False, "Write training_loss.png (needs matplotlib: pip install llmneo[plot]).")
+    ddp_timeout: int = _f(1800, "Distributed process-group timeout in seconds.")
+    # --- export -----------------------------------------------------------------------------
+    export_dir: str | None = _f(None, "Where `llmneo export` writes the merged, plain HF model.")
+
+    # ---------------------------------------------------------------------------------------
+    @property
+    def has_teacher(self) -> bool:
+        return self.teacher_model_name_or_path is not None
+
+    @property
+    def uses_kd(self) -> bool:
+        return self.has_teacher and self.kd_ratio > 0
+
+    @property
+    def method(self) -> str:
+        """The paper's four arms: neo (LoRA+KD), kd (full+KD), lora, sft."""
+        if self.finetuning_type == "lora":
+            return "neo" if self.uses_kd else "lora"
+        return "kd" if self.uses_kd else "sft"
+
+    @property
+    def effective_learning_rate(self) -> float:
+        if self.learning_rate is not None:
+            return self.learning_rate
+        return 2e-4 if self.finetuning_type == "lora" else 2e-5
+
+    @property
+    def effective_lora_alpha(self) -> int:
+        return self.lora_alpha if self.lora_alpha is not None else 2 * self.lora_rank
+
+
+FIELDS: dict[str, dataclasses.Field] = {f.name: f for f in dataclasses.fields(Config)}
+_HINTS = typing.get_type_hints(Config)
+
+
+def _base_type(name: str) -> type:
+    hint = _HINTS[name]
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    return args[0] if args else hint
+
+
+def _optional(name: str) -> bool:
+    return type(None) in typing.get_args(_HINTS[name])
+
+
+def coerce(name: str, value: Any) -> Any:
+    """Turn a YAML or command-line value into the field's type, or raise a one-line error."""
+    kind = _base_type(name)
+    if value is None or (isinstance(value, str) and value.strip().lower() in ("none", "null", "~")):
+        if _optional(name):
+            return None
+        raise LlmneoError(f"config key '{name}' cannot be empty; give a {kind.__name__} value")
+    try:
+        if kind is bool:
+            if isinstance(value, bool):
+                return value
+            text = str(value).strip().lower()
+            if text in ("true", "1", "yes", "on"):
+                return True
+            if text in ("false", "0", "no", "off"):
+                return False
+            raise ValueError
+        if kind is int:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError
+            return int(float(value)) if isinstance(value, str) and "e" in value.lower() else int(value)
+        if kind is float:
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        if kind is str:
+            if isinstance(value, (list, tuple)):
+                return ",".join(str(v) for v in value)
+            if isinstance(value, dict):
+                raise ValueError
+            return str(value)
+    except (TypeError, ValueError):
+        pass
+    raise LlmneoError(
+        f"config key '{name}' expects {kind.__name__}, got {value!r}; e.g. {name}={_example(kind)}")
+
+
+def _example(kind: type) -> str:
+    return {bool: "true", int: "8", float: "2e-4", str: "text"}.get(kind, "value")
+
+
+def _suggest(key: str) -> str:
+    close = difflib.get_close_matches(key, list(FIELDS) + sorted(IGNORED_KEYS), n=1, cutoff=0.5)
+    return f"; did you mean '{close[0]}'?" if close else "; run `llmneo train --help` for the list of keys"
+
+
+def parse_overrides(items: list[str]) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for item in items:
+        if "=" not in item:
+            raise LlmneoError(f"override '{item}' is not key=value; e.g. learning_rate=1e-4")
+        key, value = item.split("=", 1)
+        out[key.strip().lstrip("-").replace("-", "_")] = value
+    return out
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise LlmneoError(f"config file not found: {path}; check the path")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or "invalid YAML"
+        raise LlmneoError(f"YAML syntax error in {path}{where}: {problem}; fix the file") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise LlmneoError(f"{path} must be a mapping of key: value, got {type(data).__name__}")
+    return data
+
+
+def load(path: str | Path | None = None, overrides: list[str] | dict[str, Any] | None = None,
+         *, validate_for: str | None = None) -> Config:
+    """Build a Config from an optional YAML file plus overrides (later wins).
+
+    Unknown keys are errors naming the closest key; ignored LLaMA-Factory keys give one warning.
+    """
+    raw: dict[str, Any] = read_yaml(path) if path is not None else {}
+    if isinstance(overrides, dict):
+        raw.update(overrides)
+    elif overrides:
+        raw.update(parse_overrides(overrides))
+    values: dict[str, Any] = {}
+    ignored: list[str] = []
+    for key, value in raw.items():
+        key = str(key)
+        if key in FIELDS:
+            values[key] = coerce(key, value)
+        elif key in IGNORED_KEYS:
+            ignored.append(key)
+        else:
+            raise LlmneoError(f"unknown config key '{key}'{_suggest(key)}")
+    if ignored:
+        warnings.warn(f"llmneo ignores these keys (accepted for LLaMA-Factory compatibility): "
+                      f"{', '.join(sorted(ignored))}", stacklevel=2)
+    config = Config(**values)
+    validate(config)
+    return config
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise LlmneoError(message)
+
+
+def validate(c: Config) -> None:
+    """Range and choice checks that do not touch the disk."""
+    _require(c.stage == "sft", f"stage '{c.stage}' is not supported; llmneo trains stage: sft")
+    _require(c.finetuning_type in ("lora", "full"),
+             f"finetuning_type must be lora or full, got '{c.finetuning_type}'")
+    _require(0.0 <= c.kd_ratio <= 1.0, f"kd_ratio must be in [0, 1], got {c.kd_ratio}")
+    _require(c.kd_loss in KD_LOSSES, f"kd_loss must be one of {', '.join(KD_LOSSES)}, got '{c.kd_loss}'")
+    _require(c.kd_temperature > 0, f"kd_temperature must be > 0, got {c.kd_temperature}")
+    _require(0.0 <= c.kd_beta <= 1.0, f"kd_beta must be in [0, 1], got {c.kd_beta}")
+    _require(0.0 <= c.kd_skew <= 1.0, f"kd_skew must be in [0, 1], got {c.kd_skew}")
+    _require(c.lora_rank > 0, f"lora_rank must be > 0, got {c.lora_rank}")
+    _require(c.lora_alpha is None or c.lora_alpha > 0, f"lora_alpha must be > 0, got {c.lora_alpha}")
+    _require(0.0 <= c.lora_dropout < 1.0, f"lora_dropout must be in [0, 1), got {c.lora_dropout}")
+    _require(c.cutoff_len > 0, f"cutoff_len must be > 0, got {c.cutoff_len}")
+    _require(c.max_samples is None or c.max_samples > 0, f"max_samples must be > 0, got {c.max_samples}")
+    _require(c.val_size >= 0 and (c.val_size < 1 or float(c.val_size).is_integer()),
+             f"val_size must be a fraction in [0, 1) or a whole row count, got {c.val_size}")
+    for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
+                 "logging_steps", "save_steps"):
+        _require(getattr(c, name) > 0, f"{name} must be > 0, got {getattr(c, name)}")
+    _require(c.learning_rate is None or c.learning_rate > 0, f"learning_rate must be > 0, got {c.learning_rate}")
+    _require(c.num_train_epochs > 0 or c.max_steps > 0, "set num_train_epochs > 0 or max_steps > 0")
+    _require(c.lr_scheduler_type in SCHEDULERS,
+             f"lr_scheduler_type must be one of {', '.join(SCHEDULERS)}, got '{c.lr_scheduler_type}'")
+    _require(0.0 <= c.warmup_ratio < 1.0, f"warmup_ratio must be in [0, 1), got {c.warmup_ratio}")
+    _require(c.warmup_steps >= 0, f"warmup_steps must be >= 0, got {c.warmup_steps}")
+    _require(c.weight_decay >= 0, f"weight_decay must be >= 0, got {c.weight_decay}")
+    _require(c.max_grad_norm >= 0, f"max_grad_norm must be >= 0, got {c.max_grad_norm}")
+    _require(not (c.bf16 and c.fp16), "bf16 and fp16 are both true; pick one")
+    _require(c.torch_dtype in DTYPES, f"torch_dtype must be one of {', '.join(DTYPES)}, got '{c.torch_dtype}'")
+    _require(c.save_total_limit is None or c.save_total_limit > 0,
+             f"save_total_limit must be > 0, got {c.save_total_limit}")
+    _require(c.ddp_timeout > 0, f"ddp_timeout must be > 0, got {c.ddp_timeout}")
+
+
+def help_text() -> str:
+    """Every key with its default and meaning, for --help."""
+    lines = []
+    for name, f in FIELDS.items():
+        default = f.default
+        shown = "null" if default is None else str(default).lower() if isinstance(default, bool) else default
+        lines.append(f"  {name} (default: {shown})\n      {f.metadata['help']}")
+    return "\n".join(lines)
+
+
+def to_dict(config: Config) -> dict[str, Any]:
+    return dataclasses.asdict(config)
+
+
+def require_path(value: str | None, key: str, what: str) -> str:
+    if not value:
+        raise LlmneoError(f"{key} is not set; give {what}, e.g. {key}=path/to/dir")
+    return value

@@ -1,0 +1,60 @@
+"""Merge a trained adapter into its base model and save a plain Hugging Face model.
+
+The merge uses PEFT's safe merge (it checks the merged weights for NaN/inf before committing).
+The result loads with `AutoModelForCausalLM.from_pretrained(export_dir)`, no PEFT needed.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from llmneo import models, run_dir
+from llmneo.config import Config
+from llmneo.errors import LlmneoError
+
+
+def base_model_of(adapter_dir: str) -> str:
+    """The base model recorded in an adapter's config (what `model_name_or_path` defaults to)."""
+    config_file = Path(adapter_dir, "adapter_config.json")
+    if not config_file.is_file():
+        if Path(adapter_dir, "config.json").is_file():
+            raise LlmneoError(f"adapter_name_or_path '{adapter_dir}' is a full model, not an adapter; "
+                              f"it already loads with AutoModelForCausalLM, nothing to merge")
+        raise LlmneoError(f"adapter_name_or_path '{adapter_dir}' has no adapter_config.json; "
+                          f"point it at the output_dir of a LoRA run")
+    base = json.loads(config_file.read_text()).get("base_model_name_or_path")
+    if not base:
+        raise LlmneoError(f"{config_file} does not name its base model; set model_name_or_path")
+    return base
+
+
+def run(config: Config) -> Path:
+    """Merge `adapter_name_or_path` into `model_name_or_path` and save to `export_dir`."""
+    from peft import PeftModel
+
+    adapter = config.adapter_name_or_path
+    if not adapter:
+        raise LlmneoError("adapter_name_or_path is not set; give the adapter to merge, e.g. "
+                          "adapter_name_or_path=out/neo")
+    base_path = config.model_name_or_path or base_model_of(adapter)
+    base_model_of(adapter)  # validates the adapter dir even when the base is given explicitly
+    out = run_dir.prepare(config.export_dir, config.overwrite_output_dir, key="export_dir")
+    dtype = torch.float32 if config.torch_dtype == "auto" else models.DTYPES[config.torch_dtype]
+    tokenizer_source = adapter if Path(adapter, "tokenizer_config.json").is_file() else base_path
+    tokenizer = models.load_tokenizer(tokenizer_source, "model_name_or_path", config.trust_remote_code)
+    base = models.load_model(base_path, "model_name_or_path", dtype, config.trust_remote_code)
+    try:
+        peft_model = PeftModel.from_pretrained(base, adapter)
+    except (ValueError, RuntimeError, KeyError) as exc:
+        raise LlmneoError(f"adapter '{adapter}' does not fit base model '{base_path}': "
+                          f"{str(exc).splitlines()[0]}") from None
+    try:
+        merged = peft_model.merge_and_unload(safe_merge=True)
+    except ValueError as exc:
+        raise LlmneoError(f"merging '{adapter}' produced non-finite weights: {exc}") from None
+    merged.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    return out

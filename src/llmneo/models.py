@@ -1,0 +1,162 @@
+"""Load the student, the teacher and the tokenizer; decide dtypes; check the vocabularies once.
+
+Teacher and student must share a tokenizer. Their embedding matrices may be padded differently
+(Qwen2.5: 151,665 tokens, 151,936 or 152,064 rows): losses then run over the real `len(tokenizer)`
+entries only, so padding rows never receive probability mass.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from llmneo.config import Config
+from llmneo.errors import LlmneoError
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class Precision:
+    """What mixed precision the run uses, after checking what the device supports."""
+
+    mixed_precision: str  # accelerate's name: "no" | "bf16" | "fp16"
+    compute_dtype: torch.dtype
+
+
+def resolve_precision(config: Config) -> Precision:
+    """bf16/fp16 only where the device supports them; otherwise fp32 with a warning."""
+    if config.bf16:
+        if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+            return Precision("bf16", torch.bfloat16)
+        warnings.warn("bf16: true but this machine has no bf16-capable GPU; training in float32 instead")
+    if config.fp16:
+        if torch.cuda.is_available():
+            return Precision("fp16", torch.float16)
+        warnings.warn("fp16: true but there is no CUDA device; training in float32 instead")
+    return Precision("no", torch.float32)
+
+
+def weight_dtype(config: Config, precision: Precision, role: str) -> torch.dtype:
+    """dtype to load weights in. A fully trained student keeps fp32 master weights."""
+    if config.torch_dtype != "auto":
+        return DTYPES[config.torch_dtype]
+    if role == "student" and config.finetuning_type == "full":
+        return torch.float32
+    return precision.compute_dtype
+
+
+def _check_exists(path: str, key: str) -> None:
+    if os.path.exists(path):
+        return
+    if _HUB_ID.match(path) and not path.startswith((".", "/", "~")):
+        return  # a Hub id: from_pretrained will fetch or fail with its own reason
+    raise LlmneoError(f"{key}: '{path}' does not exist; give a local model directory or a Hub id (owner/name)")
+
+
+def load_tokenizer(path: str, key: str, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    _check_exists(path, key)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, TypeError) as exc:
+        raise LlmneoError(f"{key}: could not load a tokenizer from '{path}': {_first_line(exc)}") from None
+    if tokenizer.pad_token_id is None:
+        # Padding positions are masked out of every loss, so any id works; eos is the usual choice.
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+        if tokenizer.pad_token_id is None:
+            raise LlmneoError(f"{key}: tokenizer of '{path}' has no pad, eos or unk token; add a pad token")
+    return tokenizer
+
+
+def load_model(path: str, key: str, dtype: torch.dtype, trust_remote_code: bool = False):
+    """`AutoModelForCausalLM` from a path or Hub id, with one-line errors for the usual mistakes."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    _check_exists(path, key)
+    if os.path.isdir(path) and not Path(path, "config.json").is_file():
+        if Path(path, "adapter_config.json").is_file():
+            raise LlmneoError(f"{key}: '{path}' is a PEFT adapter, not a model; set {key} to its base "
+                              f"model and adapter_name_or_path={path}")
+        raise LlmneoError(f"{key}: '{path}' has no config.json; point it at a Hugging Face model directory")
+    try:
+        model_config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, KeyError) as exc:
+        raise LlmneoError(f"{key}: could not read the model config of '{path}': {_first_line(exc)}") from None
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            path, config=model_config, dtype=dtype, trust_remote_code=trust_remote_code)
+    except ValueError as exc:
+        if "Unrecognized configuration class" in str(exc) or "AutoModelForCausalLM" in str(exc):
+            raise LlmneoError(f"{key}: '{path}' is not a causal language model (model type "
+                              f"'{model_config.model_type}'); llmneo distils decoder-only causal LMs") from None
+        raise LlmneoError(f"{key}: could not load '{path}': {_first_line(exc)}") from None
+    except OSError as exc:
+        raise LlmneoError(f"{key}: could not load weights from '{path}': {_first_line(exc)}") from None
+    return model
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+def check_vocab(tokenizer, model, key: str, path: str) -> None:
+    rows = model.get_output_embeddings().weight.shape[0]
+    if rows < len(tokenizer):
+        raise LlmneoError(f"{key}: '{path}' has {rows} output rows but its tokenizer has {len(tokenizer)} "
+                          f"tokens; the model and tokenizer do not belong together")
+
+
+def check_same_tokenizer(student_tok, teacher_tok, student_path: str, teacher_path: str) -> None:
+    """KD compares distributions token by token, so both sides must index the same vocabulary."""
+    if student_tok.get_vocab() == teacher_tok.get_vocab():
+        return
+    raise LlmneoError(
+        f"teacher and student tokenizers differ: teacher '{teacher_path}' has {len(teacher_tok)} tokens, "
+        f"student '{student_path}' has {len(student_tok)} tokens (or other ids); KD needs one shared "
+        f"vocabulary, so pick a student built on the teacher's tokenizer")
+
+
+@dataclass
+class Loaded:
+    student: torch.nn.Module
+    teacher: torch.nn.Module | None
+    tokenizer: object
+    vocab_size: int  # the real vocabulary, len(tokenizer): losses run over these entries only
+
+
+def load(config: Config, precision: Precision, *, with_teacher: bool) -> Loaded:
+    """Tokenizer, student and (optionally) teacher, with every compatibility check done here, once."""
+    student_path = config.model_name_or_path
+    if not student_path:
+        raise LlmneoError("model_name_or_path is not set; give the student model, e.g. "
+                          "model_name_or_path=meta-llama/Llama-3.2-1B-Instruct")
+    remote = config.trust_remote_code
+    tokenizer = load_tokenizer(config.adapter_name_or_path if _has_tokenizer(config.adapter_name_or_path)
+                               else student_path, "model_name_or_path", remote)
+    teacher = None
+    if with_teacher:
+        teacher_path = config.teacher_model_name_or_path
+        teacher_tok = load_tokenizer(teacher_path, "teacher_model_name_or_path", remote)
+        check_same_tokenizer(tokenizer, teacher_tok, student_path, teacher_path)
+    student = load_model(student_path, "model_name_or_path", weight_dtype(config, precision, "student"), remote)
+    check_vocab(tokenizer, student, "model_name_or_path", student_path)
+    if with_teacher:
+        teacher = load_model(teacher_path, "teacher_model_name_or_path",
+                             weight_dtype(config, precision, "teacher"), remote)
+        check_vocab(tokenizer, teacher, "teacher_model_name_or_path", teacher_path)
+        teacher.eval()
+        teacher.requires_grad_(False)
+    return Loaded(student, teacher, tokenizer, len(tokenizer))
+
+
+def _has_tokenizer(path: str | None) -> bool:
+    return bool(path) and Path(path, "tokenizer_config.json").is_file()

@@ -1,0 +1,95 @@
+"""The output directory of a run: refuse to clobber, write atomically, rotate checkpoints.
+
+A finished run is marked by its results file (`train_results.json`, `eval_results.json`), written
+last; anything written before is either append-only (metrics.jsonl) or moved into place by rename.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from llmneo.errors import LlmneoError
+
+# Files llmneo itself writes into output_dir; only these are cleared by overwrite_output_dir.
+OWN_FILES = ("metrics.jsonl", "train_results.json", "training_loss.png", "eval_results.json",
+             "adapter_config.json", "adapter_model.safetensors", "config.json", "model.safetensors",
+             "model.safetensors.index.json", "generation_config.json", "run_config.yaml")
+_CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+
+
+def prepare(path: str | None, overwrite: bool, key: str = "output_dir") -> Path:
+    """Create `path`, refusing a non-empty one unless `overwrite`; then clear llmneo's stale results."""
+    if not path:
+        raise LlmneoError(f"{key} is not set; give a directory for the results, e.g. {key}=out/run1")
+    out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise LlmneoError(f"{key} '{out}' is a file, not a directory; choose another {key}")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise LlmneoError(f"{key} '{out}' is not empty; set overwrite_output_dir=true or choose another {key}")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        for name in OWN_FILES:
+            (out / name).unlink(missing_ok=True)
+        for child in out.iterdir():
+            if child.is_dir() and _CHECKPOINT.match(child.name):
+                shutil.rmtree(child)
+        probe = out / ".llmneo-write-test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as exc:
+        raise LlmneoError(f"cannot write to {key} '{out}': {exc.strerror or exc}; check permissions and free space") from None
+    return out
+
+
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    """Write JSON to a temp file in the same folder, then rename: readers never see half a file."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as handle:
+            json.dump(data, handle, indent=2, default=str)
+            handle.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def append_jsonl(path: Path, row: dict[str, Any]) -> None:
+    with path.open("a") as handle:
+        handle.write(json.dumps(row) + "\n")
+
+
+def checkpoints(out: Path) -> list[tuple[int, Path]]:
+    """(step, path) of finished checkpoints, oldest first."""
+    found = []
+    for child in out.iterdir() if out.is_dir() else []:
+        match = _CHECKPOINT.match(child.name)
+        if match and child.is_dir():
+            found.append((int(match.group(1)), child))
+    return sorted(found)
+
+
+def staging_dir(out: Path, step: int) -> Path:
+    tmp = out / f".tmp-checkpoint-{step}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    return tmp
+
+
+def commit_checkpoint(out: Path, staged: Path, step: int, keep: int | None) -> Path:
+    """Rename a fully written staging folder into place, then drop the oldest beyond `keep`."""
+    final = out / f"checkpoint-{step}"
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(staged, final)
+    if keep is not None:
+        for _, old in checkpoints(out)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    return final

@@ -1,0 +1,294 @@
+"""One explicit training loop on accelerate for all four arms (Neo, KD, LoRA, SFT).
+
+The arms differ only in what trains (adapters or every weight) and whether a teacher signal is
+present. Per optimizer step:
+
+    loss = (1 - kd_ratio) * CE + kd_ratio * KD
+
+where both terms are *sums* over response tokens divided by the number of response tokens in the
+whole optimizer step, across gradient-accumulation micro-batches and data-parallel ranks. So one
+batch of 8 and four accumulated batches of 2 give the same gradient.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import resource
+import time
+import warnings
+from dataclasses import dataclass
+from datetime import timedelta
+from functools import partial
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from llmneo import adapters, data, models, plot, run_dir
+from llmneo.config import Config, to_dict
+from llmneo.errors import LlmneoError
+from llmneo.losses import token_cross_entropy, token_divergence
+from llmneo.teacher import LiveTeacher
+
+
+@dataclass
+class Sums:
+    """Per-step sums over response tokens (reduced across ranks before logging)."""
+
+    ce: torch.Tensor
+    kd: torch.Tensor | None
+    tokens: torch.Tensor  # response tokens (the loss denominator)
+
+
+def response_positions(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Positions whose logits predict a response token, and those tokens (the next-token shift).
+
+    The logits at position t are scored against token t+1, so position t is selected when
+    labels[t+1] is a response token.
+    """
+    positions = torch.zeros_like(labels, dtype=torch.bool)  # (B, T)
+    positions[:, :-1] = labels[:, 1:] != -100
+    targets = labels[:, 1:][labels[:, 1:] != -100]  # (N,)
+    return positions, targets
+
+
+def micro_batch_sums(model, teacher: LiveTeacher | None, batch: dict, config: Config, vocab_size: int):
+    """(ce_sum, kd_sum | None, n_tokens) for one micro-batch, with the graph attached."""
+    positions, targets = response_positions(batch["labels"])
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+    student = logits[positions][:, :vocab_size]  # (N, V): padded vocab rows dropped
+    ce = token_cross_entropy(student, targets).sum()
+    kd = None
+    if teacher is not None:
+        teacher_logits = teacher.signal(batch["input_ids"], batch["attention_mask"], positions)  # (N, V)
+        kd = token_divergence(student, teacher_logits, config.kd_loss, temperature=config.kd_temperature,
+                              beta=config.kd_beta, skew=config.kd_skew).sum()
+    return ce, kd, targets.numel()
+
+
+def combine(ce: torch.Tensor, kd: torch.Tensor | None, kd_ratio: float) -> torch.Tensor:
+    return ce if kd is None else (1.0 - kd_ratio) * ce + kd_ratio * kd
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    """CUDA max allocated on GPU; the process's peak RSS on CPU."""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB
+
+
+def _optimizer(model: torch.nn.Module, config: Config) -> torch.optim.Optimizer:
+    params = adapters.trainable_parameters(model)
+    # No weight decay on biases and norm gains (1-D tensors), as in HF Trainer.
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=config.effective_learning_rate,
+                             betas=(config.adam_beta1, config.adam_beta2), eps=config.adam_epsilon)
+
+
+def _micro_batches(dataloader):
+    """Micro-batches across epochs, reshuffled each epoch: yields (epoch_index, batch)."""
+    epoch = 0
+    while True:
+        if hasattr(dataloader, "set_epoch"):
+            dataloader.set_epoch(epoch)
+        for batch in dataloader:
+            yield epoch, batch
+        epoch += 1
+
+
+def _warn_about_teacher(config: Config) -> None:
+    if config.has_teacher and config.kd_ratio == 0:
+        warnings.warn(f"kd_ratio is 0: the teacher is not loaded and this is plain {config.method} training")
+    elif not config.has_teacher:
+        warnings.warn(f"no teacher_model_name_or_path: training on CE alone ({config.method}); "
+                      f"kd_ratio={config.kd_ratio} is ignored. Set a teacher for Neo/KD")
+
+
+def run(config: Config) -> dict:
+    """Train as configured; return (and write) train_results."""
+    from accelerate import Accelerator
+    from accelerate.utils import InitProcessGroupKwargs, set_seed
+
+    precision = models.resolve_precision(config)
+    accelerator = Accelerator(
+        mixed_precision=precision.mixed_precision,
+        kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=config.ddp_timeout))],
+    )
+    main = accelerator.is_main_process
+    if main:
+        _warn_about_teacher(config)
+    out = run_dir.prepare(config.output_dir, config.overwrite_output_dir) if main else Path(config.output_dir)
+    accelerator.wait_for_everyone()
+    set_seed(config.seed)
+
+    loaded = models.load(config, precision, with_teacher=config.uses_kd)
+    splits = data.build(config, loaded.tokenizer)
+    model = adapters.apply(loaded.student, config)
+    trainable, total = adapters.count_params(model)
+    collate = partial(data.collate, pad_token_id=loaded.tokenizer.pad_token_id)
+    loader = torch.utils.data.DataLoader(
+        splits.train, batch_size=config.per_device_train_batch_size, shuffle=True, collate_fn=collate,
+        generator=torch.Generator().manual_seed(config.seed))
+    optimizer = _optimizer(model, config)
+    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    teacher = LiveTeacher(loaded.teacher, loaded.vocab_size).to(accelerator.device) if loaded.teacher else None
+
+    accum = config.gradient_accumulation_steps
+    if config.max_steps > 0:
+        total_steps = config.max_steps
+    else:
+        total_steps = max(1, math.ceil(config.num_train_epochs * len(loader) / accum))
+    warmup = config.warmup_steps or math.ceil(config.warmup_ratio * total_steps)
+    from transformers import get_scheduler
+
+    scheduler = get_scheduler(config.lr_scheduler_type, optimizer, num_warmup_steps=warmup,
+                              num_training_steps=total_steps)
+    params = [p for p in model.parameters() if p.requires_grad]
+    kd_ratio = config.kd_ratio if teacher is not None else 0.0
+
+    history: list[dict] = []
+    window = {"ce": 0.0, "kd": 0.0, "tokens": 0, "seen": 0, "start": time.perf_counter()}
+    train_tokens = 0
+    started = time.perf_counter()
+    stream = _micro_batches(loader)
+    micro_seen = 0
+    bar = tqdm(total=total_steps, desc=f"llmneo {config.method}", disable=not main, dynamic_ncols=True)
+    model.train()
+    last = {}
+    for step in range(1, total_steps + 1):
+        micro = [next(stream)[1] for _ in range(accum)]
+        micro_seen += accum
+        local_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro)
+        n_global = accelerator.reduce(torch.tensor(local_tokens, device=accelerator.device), "sum")
+        # DDP averages gradients over ranks; multiplying by the world size turns that mean back into
+        # the sum over ranks, so the step's loss is a mean over the *global* response tokens.
+        scale = accelerator.num_processes / max(int(n_global), 1)
+        ce_sum = torch.zeros((), device=accelerator.device)
+        kd_sum = torch.zeros((), device=accelerator.device)
+        seen = torch.zeros((), device=accelerator.device)
+        for i, batch in enumerate(micro):
+            sync = i == len(micro) - 1
+            with contextlib.nullcontext() if sync else accelerator.no_sync(model):
+                ce, kd, _ = micro_batch_sums(model, teacher, batch, config, loaded.vocab_size)
+                accelerator.backward(combine(ce, kd, kd_ratio) * scale)
+            ce_sum += ce.detach()
+            kd_sum += kd.detach() if kd is not None else 0.0
+            seen += batch["attention_mask"].sum()
+        grad_norm = accelerator.clip_grad_norm_(params, config.max_grad_norm or float("inf"))
+        totals = accelerator.reduce(torch.stack([ce_sum, kd_sum, seen.float()]), "sum")
+        step_ce = float(totals[0]) / max(int(n_global), 1)
+        step_kd = float(totals[1]) / max(int(n_global), 1) if teacher is not None else None
+        step_loss = step_ce if step_kd is None else (1 - kd_ratio) * step_ce + kd_ratio * step_kd
+        if not (math.isfinite(step_loss) and math.isfinite(float(grad_norm))) and precision.mixed_precision != "fp16":
+            raise LlmneoError(f"non-finite loss or gradient at step {step} (loss={step_loss}, grad_norm="
+                              f"{float(grad_norm)}); lower learning_rate or use bf16 instead of fp16")
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+
+        window["ce"] += float(totals[0])
+        window["kd"] += float(totals[1])
+        window["tokens"] += int(n_global)
+        window["seen"] += int(totals[2])
+        train_tokens += int(totals[2])
+        last = {"loss": step_loss, "ce": step_ce, "kd": step_kd}
+        bar.update(1)
+        if step % config.logging_steps == 0 or step == total_steps:
+            row = _log_row(step, micro_seen / len(loader), window, kd_ratio, teacher is not None,
+                           scheduler.get_last_lr()[0], float(grad_norm))
+            history.append(row)
+            if main:
+                run_dir.append_jsonl(out / "metrics.jsonl", row)
+                bar.set_postfix(loss=f"{row['loss']:.4f}", ce=f"{row['ce_loss']:.4f}",
+                                kd="-" if row["kd_loss"] is None else f"{row['kd_loss']:.4f}",
+                                lr=f"{row['learning_rate']:.2e}", tok_s=f"{row['tokens_per_second']:.0f}")
+            window = {"ce": 0.0, "kd": 0.0, "tokens": 0, "seen": 0, "start": time.perf_counter()}
+        if step % config.save_steps == 0 and step != total_steps:
+            _save_checkpoint(accelerator, model, loaded.tokenizer, out, step, config, history)
+    bar.close()
+    runtime = time.perf_counter() - started
+
+    results = {
+        "method": config.method,
+        "train_runtime": runtime,
+        "train_tokens": train_tokens,
+        "tokens_per_second": train_tokens / runtime if runtime > 0 else 0.0,
+        "trainable_params": trainable,
+        "total_params": total,
+        "peak_memory_bytes": peak_memory_bytes(accelerator.device),
+        "final_loss": last.get("loss"),
+        "final_ce_loss": last.get("ce"),
+        "final_kd_loss": last.get("kd"),
+        "global_step": total_steps,
+        "epoch": micro_seen / len(loader),
+        "kd_ratio": kd_ratio,
+        "kd_loss_kind": config.kd_loss if teacher is not None else None,
+    }
+    if splits.eval:
+        results.update(evaluate_split(model, teacher, splits.eval, collate, config, loaded.vocab_size, accelerator))
+    accelerator.wait_for_everyone()
+    if main:
+        _save_model(accelerator, model, loaded.tokenizer, out)
+        if config.plot_loss:
+            plot.training_loss(history, out / "training_loss.png", title=f"llmneo {config.method}")
+        run_dir.write_json(out / "train_results.json", results)
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return results
+
+
+def _log_row(step, epoch, window, kd_ratio, has_teacher, lr, grad_norm) -> dict:
+    tokens = max(window["tokens"], 1)
+    ce = window["ce"] / tokens
+    kd = window["kd"] / tokens if has_teacher else None
+    elapsed = time.perf_counter() - window["start"]
+    return {
+        "step": step,
+        "epoch": round(epoch, 4),
+        "loss": ce if kd is None else (1 - kd_ratio) * ce + kd_ratio * kd,
+        "ce_loss": ce,
+        "kd_loss": kd,
+        "learning_rate": lr,
+        "grad_norm": grad_norm,
+        "tokens_per_second": window["seen"] / elapsed if elapsed > 0 else 0.0,
+    }
+
+
+@torch.no_grad()
+def evaluate_split(model, teacher, examples, collate, config: Config, vocab_size: int, accelerator) -> dict:
+    """Held-out CE (and KD) per response token, the same objective as training."""
+    model.eval()
+    ce_total, kd_total, n_total = 0.0, 0.0, 0
+    for start in range(0, len(examples), config.per_device_eval_batch_size):
+        batch = collate(examples[start:start + config.per_device_eval_batch_size])
+        batch = {k: v.to(accelerator.device) for k, v in batch.items()}
+        with accelerator.autocast():
+            ce, kd, n = micro_batch_sums(model, teacher, batch, config, vocab_size)
+        ce_total += float(ce)
+        kd_total += float(kd) if kd is not None else 0.0
+        n_total += n
+    model.train()
+    out = {"eval_ce_loss": ce_total / max(n_total, 1), "eval_tokens": n_total}
+    out["eval_kd_loss"] = kd_total / max(n_total, 1) if teacher is not None else None
+    out["eval_perplexity"] = math.exp(min(out["eval_ce_loss"], 50.0))
+    return out
+
+
+def _save_model(accelerator, model, tokenizer, directory: Path) -> None:
+    """An adapter (LoRA arms) or a full model, in safetensors, plus the tokenizer."""
+    unwrapped = accelerator.unwrap_model(model)
+    unwrapped.save_pretrained(directory, safe_serialization=True)
+    tokenizer.save_pretrained(directory)
+
+
+def _save_checkpoint(accelerator, model, tokenizer, out: Path, step: int, config: Config, history) -> None:
+    if not accelerator.is_main_process:
+        return
+    staged = run_dir.staging_dir(out, step)
+    _save_model(accelerator, model, tokenizer, staged)
+    run_dir.write_json(staged / "trainer_state.json", {"global_step": step, "log_history": history,
+                                                       "config": to_dict(config)})
+    run_dir.commit_checkpoint(out, staged, step, config.save_total_limit)
