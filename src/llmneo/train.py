@@ -71,6 +71,30 @@ def combine(ce: torch.Tensor, kd: torch.Tensor | None, kd_ratio: float) -> torch
     return ce if kd is None else (1.0 - kd_ratio) * ce + kd_ratio * kd
 
 
+def accumulate(accelerator, model, teacher, micro: list[dict], config: Config, vocab_size: int, kd_ratio: float):
+    """Forward and backward over one optimizer step's micro-batches; gradients are left in `.grad`.
+
+    Returns the step's local (ce_sum, kd_sum, non-pad tokens) and the global response-token count.
+    """
+    local_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro)
+    n_global = int(accelerator.reduce(torch.tensor(local_tokens, device=accelerator.device), "sum"))
+    # DDP averages gradients over ranks; multiplying by the world size turns that mean back into
+    # the sum over ranks, so the step's loss is a mean over the *global* response tokens.
+    scale = accelerator.num_processes / max(n_global, 1)
+    ce_sum = torch.zeros((), device=accelerator.device)
+    kd_sum = torch.zeros((), device=accelerator.device)
+    seen = torch.zeros((), device=accelerator.device)
+    for i, batch in enumerate(micro):
+        sync = i == len(micro) - 1
+        with contextlib.nullcontext() if sync else accelerator.no_sync(model):
+            ce, kd, _ = micro_batch_sums(model, teacher, batch, config, vocab_size)
+            accelerator.backward(combine(ce, kd, kd_ratio) * scale)
+        ce_sum += ce.detach()
+        kd_sum += kd.detach() if kd is not None else 0.0
+        seen += batch["attention_mask"].sum()
+    return ce_sum, kd_sum, seen, n_global
+
+
 def peak_memory_bytes(device: torch.device) -> int:
     """CUDA max allocated on GPU; the process's peak RSS on CPU."""
     if device.type == "cuda":
@@ -161,26 +185,12 @@ def run(config: Config) -> dict:
     for step in range(1, total_steps + 1):
         micro = [next(stream)[1] for _ in range(accum)]
         micro_seen += accum
-        local_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro)
-        n_global = accelerator.reduce(torch.tensor(local_tokens, device=accelerator.device), "sum")
-        # DDP averages gradients over ranks; multiplying by the world size turns that mean back into
-        # the sum over ranks, so the step's loss is a mean over the *global* response tokens.
-        scale = accelerator.num_processes / max(int(n_global), 1)
-        ce_sum = torch.zeros((), device=accelerator.device)
-        kd_sum = torch.zeros((), device=accelerator.device)
-        seen = torch.zeros((), device=accelerator.device)
-        for i, batch in enumerate(micro):
-            sync = i == len(micro) - 1
-            with contextlib.nullcontext() if sync else accelerator.no_sync(model):
-                ce, kd, _ = micro_batch_sums(model, teacher, batch, config, loaded.vocab_size)
-                accelerator.backward(combine(ce, kd, kd_ratio) * scale)
-            ce_sum += ce.detach()
-            kd_sum += kd.detach() if kd is not None else 0.0
-            seen += batch["attention_mask"].sum()
+        ce_sum, kd_sum, seen, n_global = accumulate(accelerator, model, teacher, micro, config,
+                                                    loaded.vocab_size, kd_ratio)
         grad_norm = accelerator.clip_grad_norm_(params, config.max_grad_norm or float("inf"))
         totals = accelerator.reduce(torch.stack([ce_sum, kd_sum, seen.float()]), "sum")
-        step_ce = float(totals[0]) / max(int(n_global), 1)
-        step_kd = float(totals[1]) / max(int(n_global), 1) if teacher is not None else None
+        step_ce = float(totals[0]) / max(n_global, 1)
+        step_kd = float(totals[1]) / max(n_global, 1) if teacher is not None else None
         step_loss = step_ce if step_kd is None else (1 - kd_ratio) * step_ce + kd_ratio * step_kd
         if not (math.isfinite(step_loss) and math.isfinite(float(grad_norm))) and precision.mixed_precision != "fp16":
             raise LlmneoError(f"non-finite loss or gradient at step {step} (loss={step_loss}, grad_norm="
@@ -191,7 +201,7 @@ def run(config: Config) -> dict:
 
         window["ce"] += float(totals[0])
         window["kd"] += float(totals[1])
-        window["tokens"] += int(n_global)
+        window["tokens"] += n_global
         window["seen"] += int(totals[2])
         train_tokens += int(totals[2])
         last = {"loss": step_loss, "ce": step_ce, "kd": step_kd}
