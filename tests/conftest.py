@@ -45,9 +45,17 @@ def student_dir(tmp_path_factory, tokenizer) -> Path:
 
 @pytest.fixture(scope="session")
 def teacher_dir(tmp_path_factory, tokenizer) -> Path:
-    """A bigger teacher whose embedding matrix is padded past the tokenizer (like Qwen's 152064)."""
+    """A bigger teacher whose embedding matrix is padded past the tokenizer (like Qwen's 152064).
+
+    Its output head is scaled up so its distributions are peaked, far from a random student's
+    near-uniform ones: KD then has something to teach.
+    """
+    import torch
+
     model = tiny.build_model(tokenizer, hidden_size=48, num_layers=3, seed=2,
                              vocab_size=len(tokenizer) + 64 - len(tokenizer) % 64)
+    with torch.no_grad():
+        model.get_output_embeddings().weight.mul_(40.0)
     return tiny.save_pair(model, tokenizer, tmp_path_factory.mktemp("teacher"))
 
 

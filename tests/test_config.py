@@ -90,3 +90,10 @@ def test_help_lists_every_key_with_default():
     for name in config.FIELDS:
         assert f"  {name} (default:" in text
     assert "lora_rank (default: 128)" in text
+
+
+def test_docs_config_reference_is_current():
+    from pathlib import Path
+
+    doc = Path(__file__).parents[1] / "docs" / "config.md"
+    assert doc.read_text() == config.reference_markdown(), "regenerate: python -m llmneo.config > docs/config.md"

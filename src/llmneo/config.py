@@ -313,3 +313,22 @@ def require_path(value: str | None, key: str, what: str) -> str:
     if not value:
         raise LlmneoError(f"{key} is not set; give {what}, e.g. {key}=path/to/dir")
     return value
+
+
+def reference_markdown() -> str:
+    """docs/config.md: every key, its type, default and meaning (kept in sync by a test)."""
+    rows = ["# Config reference", "",
+            "Generated from `llmneo.config.Config` (`python -m llmneo.config > docs/config.md`). Every key can",
+            "be set in the YAML file or as `key=value` on the command line (later wins).", "",
+            "| key | type | default | meaning |", "| --- | --- | --- | --- |"]
+    for name, f in FIELDS.items():
+        kind = _base_type(name).__name__ + (" or null" if _optional(name) else "")
+        default = "null" if f.default is None else str(f.default).lower() if isinstance(f.default, bool) else f.default
+        rows.append(f"| `{name}` | {kind} | `{default}` | {f.metadata['help'].replace('|', '&#124;')} |")
+    rows += ["", "Accepted for LLaMA-Factory compatibility and ignored (with one warning listing them):", "",
+             ", ".join(f"`{k}`" for k in sorted(IGNORED_KEYS)), ""]
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    print(reference_markdown(), end="")
