@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import typing
 import warnings
 from dataclasses import dataclass, field
@@ -22,6 +23,14 @@ from llmneo.errors import LlmneoError
 KD_LOSSES = ("fkl", "rkl", "jsd", "skew_fkl", "skew_rkl", "tvd")
 SCHEDULERS = ("cosine", "linear", "constant", "constant_with_warmup", "cosine_with_restarts", "polynomial")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
+
+
+def looks_like_hub_id(name: str) -> bool:
+    """`owner/name` as on the Hugging Face Hub (not a relative path such as ./x/y)."""
+    return bool(_HUB_ID.match(name)) and not name.startswith((".", "/", "~"))
+
 
 # LLaMA-Factory / TrainingArguments keys that llmneo accepts so existing YAMLs run, but does not use.
 IGNORED_KEYS = frozenset({

@@ -8,17 +8,15 @@ entries only, so padding rows never receive probability mass.
 from __future__ import annotations
 
 import os
-import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from llmneo.config import Config
+from llmneo.config import Config, looks_like_hub_id
 from llmneo.errors import LlmneoError
 
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -55,7 +53,7 @@ def weight_dtype(config: Config, precision: Precision, role: str) -> torch.dtype
 def _check_exists(path: str, key: str) -> None:
     if os.path.exists(path):
         return
-    if _HUB_ID.match(path) and not path.startswith((".", "/", "~")):
+    if looks_like_hub_id(path):
         return  # a Hub id: from_pretrained will fetch or fail with its own reason
     raise LlmneoError(f"{key}: '{path}' does not exist; give a local model directory or a Hub id (owner/name)")
 

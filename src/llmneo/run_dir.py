@@ -43,7 +43,8 @@ def prepare(path: str | None, overwrite: bool, key: str = "output_dir") -> Path:
         probe.write_text("ok")
         probe.unlink()
     except OSError as exc:
-        raise LlmneoError(f"cannot write to {key} '{out}': {exc.strerror or exc}; check permissions and free space") from None
+        raise LlmneoError(f"cannot write to {key} '{out}': {exc.strerror or exc}; "
+                          "check permissions and free space") from None
     return out
 
 

@@ -1,0 +1,189 @@
+"""Prompt templates, and turning one conversation into `input_ids` plus `labels` that train only replies.
+
+A tokenizer's own chat template always wins. For tokenizers without one (base models), `template`
+names a built-in jinja template, applied through `tokenizer.apply_chat_template(chat_template=...)`
+exactly like a native one. Every built-in starts with the tokenizer's BOS (when it has one) and ends
+each assistant turn with EOS or the format's native end-of-turn token, so the student learns to stop.
+
+The `default` template, for a system message S, then user U1, assistant A1, user U2, assistant A2:
+
+    {bos}System: S
+    Human: U1
+    Assistant: A1{eos}
+    Human: U2
+    Assistant: A2{eos}
+
+`chatml`/`qwen` use `<|im_start|>role\\n...<|im_end|>`, `llama3` the `<|start_header_id|>` headers
+closed by `<|eot_id|>`, `llama2` and `mistral` `[INST] ... [/INST]`, `gemma` `<start_of_turn>` closed
+by `<end_of_turn>`, `alpaca` `### Instruction:` / `### Response:`, `vicuna` `USER: ... ASSISTANT:`.
+
+Label masks. Most real chat templates have no `{% generation %}` markers, so the assistant tokens are
+found by rendering: for assistant message i, `render(messages[:i], add_generation_prompt=True)` and
+`render(messages[:i+1])` are prefixes of the full rendering, and the characters between them are the
+reply (with its end-of-turn marker; trailing whitespace after the marker stays prompt). The full text
+is tokenized once (`return_offsets_mapping`) and tokens overlapping a reply span are labelled.
+Templates that rewrite earlier turns (e.g. dropping old reasoning) break the prefix property; then
+each reply is searched for, in order, in the full rendering, and a reply rewritten beyond recognition
+stays prompt. The token sequence is always the template's own rendering of the whole conversation.
+"""
+
+from __future__ import annotations
+
+import os
+
+from llmneo.errors import LlmneoError
+
+IGNORE_INDEX = -100
+
+# Expressions, not `{% if %}` blocks: HF renders with trim_blocks, which eats a newline after a block tag.
+_BOS = "{{ bos_token or '' }}"
+_EOS = "{{ eos_token or '' }}"
+# Templates that have no system slot fold the system message into the first user turn.
+_FOLD_SYSTEM = (
+    "{% if messages and messages[0]['role'] == 'system' %}"
+    "{% set system = messages[0]['content'] %}{% set messages = messages[1:] %}"
+    "{% else %}{% set system = '' %}{% endif %}"
+)
+
+_CHATML = (
+    _BOS + "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+BUILTIN_TEMPLATES: dict[str, str] = {
+    "default": (
+        _BOS + "{% for m in messages %}"
+        "{% if m['role'] == 'system' %}System: {{ m['content'] }}\n"
+        "{% elif m['role'] == 'user' %}Human: {{ m['content'] }}\n"
+        "{% else %}Assistant: {{ m['content'] }}" + _EOS + "\n{% endif %}"
+        "{% endfor %}{% if add_generation_prompt %}Assistant: {% endif %}"
+    ),
+    "chatml": _CHATML,
+    "qwen": _CHATML,
+    "llama3": (
+        _BOS + "{% for m in messages %}"
+        "<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n{{ m['content'] }}<|eot_id|>"
+        "{% endfor %}{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}"
+    ),
+    "llama2": (
+        _FOLD_SYSTEM + "{% for m in messages %}"
+        "{% if m['role'] == 'user' %}" + _BOS + "[INST] "
+        "{% if loop.first and system %}<<SYS>>\n{{ system }}\n<</SYS>>\n\n{% endif %}{{ m['content'] }} [/INST]"
+        "{% else %} {{ m['content'] }} " + _EOS + "{% endif %}{% endfor %}"
+    ),
+    "mistral": (
+        _BOS + _FOLD_SYSTEM + "{% for m in messages %}"
+        "{% if m['role'] == 'user' %}[INST] {% if loop.first and system %}{{ system }}\n\n{% endif %}"
+        "{{ m['content'] }} [/INST]{% else %} {{ m['content'] }}" + _EOS + "{% endif %}{% endfor %}"
+    ),
+    "gemma": (
+        _BOS + _FOLD_SYSTEM + "{% for m in messages %}"
+        "{% if m['role'] == 'user' %}<start_of_turn>user\n{% if loop.first and system %}{{ system }}\n\n"
+        "{% endif %}{{ m['content'] }}<end_of_turn>\n"
+        "{% else %}<start_of_turn>model\n{{ m['content'] }}<end_of_turn>\n{% endif %}{% endfor %}"
+        "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
+    ),
+    "alpaca": (
+        _BOS + _FOLD_SYSTEM + "{{ system or 'Below is an instruction that describes a task. "
+        "Write a response that appropriately completes the request.' }}\n\n"
+        "{% for m in messages %}{% if m['role'] == 'user' %}### Instruction:\n{{ m['content'] }}\n\n"
+        "{% else %}### Response:\n{{ m['content'] }}" + _EOS + "\n\n{% endif %}{% endfor %}"
+        "{% if add_generation_prompt %}### Response:\n{% endif %}"
+    ),
+    "vicuna": (
+        _BOS + _FOLD_SYSTEM + "{{ system or 'A chat between a curious user and an artificial intelligence "
+        "assistant. The assistant gives helpful, detailed, and polite answers to the user\\'s questions.' }} "
+        "{% for m in messages %}{% if m['role'] == 'user' %}USER: {{ m['content'] }} "
+        "{% else %}ASSISTANT: {{ m['content'] }}" + _EOS + "{% endif %}{% endfor %}"
+        "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
+    ),
+}
+
+
+def resolve(tokenizer, name: str | None) -> tuple[str, bool]:
+    """The chat template to render with, and whether it is the tokenizer's own."""
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.chat_template, True
+    name = name or "default"
+    if name not in BUILTIN_TEMPLATES:
+        raise LlmneoError(f"unknown template '{name}'; use one of {', '.join(BUILTIN_TEMPLATES)} "
+                          f"(or a tokenizer that has its own chat template)")
+    return BUILTIN_TEMPLATES[name], False
+
+
+def _render(tokenizer, template: str, messages: list[dict], generation_prompt: bool) -> str:
+    return tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False,
+                                         add_generation_prompt=generation_prompt)
+
+
+def _tokens(tokenizer, text: str) -> list[int]:
+    # Templates emit BOS and markers as text; letting the tokenizer add specials would double BOS.
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def _reply_spans(full: str, messages: list[dict], pairs: list[tuple[int, str, str]]) -> list[tuple[int, int]]:
+    """Character spans of the replies in `full`: [start, end) per assistant message that can be found."""
+    spans = []
+    cursor = 0
+    for i, prompt, upto in pairs:
+        if upto.startswith(prompt) and full.startswith(upto):
+            start, reply = len(prompt), upto[len(prompt):]
+        else:
+            # The template rewrote an earlier turn: look for the reply text itself, in order.
+            reply = upto[len(os.path.commonprefix([prompt, upto])):]
+            start = full.find(reply.rstrip(), cursor) if reply.strip() else -1
+            if start < 0:
+                reply = messages[i]["content"].strip()
+                start = full.find(reply, cursor)
+            if start < 0:
+                continue  # rendered beyond recognition (e.g. reasoning dropped): it stays prompt
+        # Whitespace after the end-of-turn marker separates turns; it belongs to no reply.
+        spans.append((start, start + len(reply.rstrip())))
+        cursor = spans[-1][1]
+    return spans
+
+
+def encode_conversation(tokenizer, template: str, messages: list[dict]) -> tuple[list[int], list[int]]:
+    """Token ids of the rendered conversation, and labels equal to them on reply tokens, -100 elsewhere."""
+    full = _render(tokenizer, template, messages, False)
+    pairs = [(i, _render(tokenizer, template, messages[:i], True),
+              _render(tokenizer, template, messages[:i + 1], False))
+             for i, m in enumerate(messages) if m["role"] == "assistant"]
+    spans = _reply_spans(full, messages, pairs)
+    if getattr(tokenizer, "is_fast", False):
+        return _encode_by_offsets(tokenizer, full, spans)
+    return _encode_by_segments(tokenizer, full, spans)
+
+
+def _encode_by_offsets(tokenizer, full: str, spans: list[tuple[int, int]]) -> tuple[list[int], list[int]]:
+    encoded = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
+    ids = encoded["input_ids"]
+    labels = [IGNORE_INDEX] * len(ids)
+    for t, (start, end) in enumerate(encoded["offset_mapping"]):
+        # A token straddling the boundary (e.g. " yo" after "Assistant:") carries reply text: train it.
+        if end > start and any(start < span_end and end > span_start for span_start, span_end in spans):
+            labels[t] = ids[t]
+    return ids, labels
+
+
+def _encode_by_segments(tokenizer, full: str, spans: list[tuple[int, int]]) -> tuple[list[int], list[int]]:
+    # Tokenizers without offsets: tokenize prompt and reply pieces separately, in order.
+    ids: list[int] = []
+    labels: list[int] = []
+    cursor = 0
+    for start, end in spans + [(len(full), len(full))]:
+        prompt_ids, reply_ids = _tokens(tokenizer, full[cursor:start]), _tokens(tokenizer, full[start:end])
+        ids += prompt_ids + reply_ids
+        labels += [IGNORE_INDEX] * len(prompt_ids) + reply_ids
+        cursor = end
+    return ids, labels
+
+
+def encode_text(tokenizer, text: str) -> tuple[list[int], list[int]]:
+    """Pretraining-style text: BOS (if any) + text + EOS, every token trained."""
+    ids = _tokens(tokenizer, text)
+    if tokenizer.bos_token_id is not None:
+        ids = [tokenizer.bos_token_id] + ids
+    if tokenizer.eos_token_id is not None:
+        ids = ids + [tokenizer.eos_token_id]
+    return ids, list(ids)
