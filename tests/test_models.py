@@ -1,0 +1,79 @@
+"""Model loading: precision fallback, dtypes, vocabulary checks, clear errors for wrong paths."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from llmneo import config, models, tiny
+from llmneo.errors import LlmneoError
+
+
+def test_bf16_falls_back_to_fp32_without_a_bf16_gpu():
+    cfg = config.load(overrides=["bf16=true"])
+    if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        assert models.resolve_precision(cfg).mixed_precision == "bf16"
+        return
+    with pytest.warns(UserWarning, match="training in float32"):
+        precision = models.resolve_precision(cfg)
+    assert precision == models.Precision("no", torch.float32)
+
+
+def test_teacher_frozen_in_configured_dtype(student_dir, teacher_dir):
+    cfg = config.load(overrides={"model_name_or_path": str(student_dir),
+                                 "teacher_model_name_or_path": str(teacher_dir), "torch_dtype": "bfloat16"})
+    loaded = models.load(cfg, models.resolve_precision(cfg), with_teacher=True)
+    assert next(loaded.teacher.parameters()).dtype == torch.bfloat16
+    assert not loaded.teacher.training
+    assert not any(p.requires_grad for p in loaded.teacher.parameters())
+
+
+def test_full_student_keeps_fp32_master_weights(student_dir):
+    cfg = config.load(overrides={"model_name_or_path": str(student_dir), "finetuning_type": "full"})
+    precision = models.Precision("bf16", torch.bfloat16)  # as on a bf16 GPU
+    assert models.weight_dtype(cfg, precision, "student") == torch.float32
+    assert models.weight_dtype(cfg, precision, "teacher") == torch.bfloat16
+
+
+def test_padded_vocab_is_accepted_and_real_size_reported(student_dir, teacher_dir, tokenizer):
+    cfg = config.load(overrides={"model_name_or_path": str(student_dir),
+                                 "teacher_model_name_or_path": str(teacher_dir)})
+    loaded = models.load(cfg, models.resolve_precision(cfg), with_teacher=True)
+    assert loaded.teacher.config.vocab_size > loaded.student.config.vocab_size
+    assert loaded.vocab_size == len(tokenizer)
+
+
+def test_model_smaller_than_tokenizer_is_an_error(tmp_path, tokenizer):
+    small = tiny.build_model(tokenizer, vocab_size=len(tokenizer) - 10)
+    tiny.save_pair(small, tokenizer, tmp_path / "small")
+    cfg = config.load(overrides={"model_name_or_path": str(tmp_path / "small")})
+    with pytest.raises(LlmneoError, match="output rows but its tokenizer has"):
+        models.load(cfg, models.resolve_precision(cfg), with_teacher=False)
+
+
+def test_not_a_causal_lm(tmp_path, tokenizer):
+    from transformers import T5Config, T5Model
+
+    t5 = T5Model(T5Config(vocab_size=len(tokenizer), d_model=16, d_kv=4, d_ff=32, num_layers=1, num_heads=2))
+    tiny.save_pair(t5, tokenizer, tmp_path / "t5")
+    with pytest.raises(LlmneoError, match="is not a causal language model \\(model type 't5'\\)"):
+        models.load_model(str(tmp_path / "t5"), "model_name_or_path", torch.float32)
+
+
+def test_missing_and_wrong_paths(tmp_path, student_dir):
+    with pytest.raises(LlmneoError, match="does not exist"):
+        models.load_model(str(tmp_path / "nope"), "model_name_or_path", torch.float32)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(LlmneoError, match="has no config.json"):
+        models.load_model(str(tmp_path / "empty"), "model_name_or_path", torch.float32)
+    (tmp_path / "adapter").mkdir()
+    (tmp_path / "adapter" / "adapter_config.json").write_text("{}")
+    with pytest.raises(LlmneoError, match="is a PEFT adapter, not a model"):
+        models.load_model(str(tmp_path / "adapter"), "model_name_or_path", torch.float32)
+
+
+def test_qwen2_family_loads(tmp_path, tokenizer):
+    qwen = tiny.build_model(tokenizer, family="qwen2", vocab_size=len(tokenizer) + 32)
+    tiny.save_pair(qwen, tokenizer, tmp_path / "qwen")
+    model = models.load_model(str(tmp_path / "qwen"), "model_name_or_path", torch.float32)
+    assert type(model).__name__ == "Qwen2ForCausalLM"
