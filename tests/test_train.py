@@ -10,7 +10,7 @@ import pytest
 import torch
 import yaml
 
-from llmneo import cli, config, data, models, train
+from llmneo import cli, config, data, losses, models, train
 from llmneo.teacher import LiveTeacher
 
 METRIC_KEYS = {"step", "epoch", "loss", "ce_loss", "kd_loss", "learning_rate", "grad_norm", "tokens_per_second"}
@@ -122,7 +122,7 @@ def test_accumulation_end_to_end_same_first_step(tmp_path, base_overrides):
 
 def test_response_positions_shift():
     labels = torch.tensor([[-100, -100, 7, 8, -100], [-100, 5, 6, -100, -100]])
-    positions, targets = train.response_positions(labels)
+    positions, targets = losses.response_positions(labels)
     # logits at t predict token t+1: positions 1,2 (→7,8) and 0,1 (→5,6)
     assert positions.tolist() == [[False, True, True, False, False], [True, True, False, False, False]]
     assert targets.tolist() == [7, 8, 5, 6]
@@ -137,7 +137,7 @@ def test_padded_vocab_teacher_scores_real_tokens_only(base_overrides, tokenizer)
         loaded.teacher.get_output_embeddings().weight[len(tokenizer):] = 50.0
     teacher = LiveTeacher(loaded.teacher, loaded.vocab_size)
     batch = data.collate(data.build(cfg, loaded.tokenizer).train[:2], tokenizer.pad_token_id)
-    positions, _ = train.response_positions(batch["labels"])
+    positions, _ = losses.response_positions(batch["labels"])
     signal = teacher.signal(batch["input_ids"], batch["attention_mask"], positions)
     assert signal.shape == (int(positions.sum()), len(tokenizer))
     ce, kd, n = train.micro_batch_sums(loaded.student, teacher, batch, cfg, loaded.vocab_size)

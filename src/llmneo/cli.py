@@ -16,6 +16,9 @@ from llmneo.errors import LlmneoError
 COMMANDS = {
     "train": ("Train a student (Neo, KD, LoRA or SFT, chosen by the config).", True),
     "export": ("Merge a LoRA adapter into its base model and save a plain HF model.", False),
+    "eval": ("Perplexity, KL to a teacher and top-1 agreement on a dataset; lm-eval tasks.", False),
+    "prune": ("Derive a shallower student from a model by depth pruning (block influence).", False),
+    "demo": ("The four-arm comparison (SFT, LoRA, KD, Neo) on a toy world, on CPU, in minutes.", False),
 }
 
 _EPILOG = """\
@@ -65,6 +68,11 @@ def dispatch(command: str, args: list[str]) -> int:
     path, overrides = _split(args)
     if COMMANDS[command][1] and path is None:
         raise LlmneoError(f"llmneo {command} needs a config file first, e.g. llmneo {command} config.yaml")
+    if command == "demo":
+        from llmneo import demo
+
+        demo.run(path, overrides)
+        return 0
     cfg = config_mod.load(path, overrides)
     if command == "train":
         from llmneo import train
@@ -77,6 +85,16 @@ def dispatch(command: str, args: list[str]) -> int:
 
         out = export.run(cfg)
         print(f"llmneo: merged model written to {out}")
+    elif command == "eval":
+        from llmneo import evaluate
+
+        print(evaluate.summary(evaluate.run(cfg)))
+    elif command == "prune":
+        from llmneo import prune
+
+        done = prune.run(cfg)
+        print(f"llmneo: kept layers {done['kept_layers']} of {done['original_num_layers']} "
+              f"({done['params']:,} parameters); pruned model written to {cfg.output_dir}")
     return 0
 
 

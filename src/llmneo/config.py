@@ -117,6 +117,17 @@ class Config:
     save_total_limit: int | None = _f(None, "Keep only the newest N checkpoints.")
     plot_loss: bool = _f(False, "Write training_loss.png (needs matplotlib: pip install llmneo[plot]).")
     ddp_timeout: int = _f(1800, "Distributed process-group timeout in seconds.")
+    # --- evaluation ---------------------------------------------------------------------------
+    tasks: str | None = _f(
+        None, "llmneo eval: comma-separated lm-evaluation-harness tasks (e.g. arc_easy,mmlu), or paths to "
+        "task YAML files/folders for local tasks. Needs `pip install llmneo[eval]`.")
+    num_fewshot: int | None = _f(None, "llmneo eval: few-shot examples for the lm-eval tasks (task default if null).")
+    eval_limit: int | None = _f(None, "llmneo eval: evaluate at most this many documents per lm-eval task.")
+    # --- pruning ------------------------------------------------------------------------------
+    keep_layers: str | None = _f(
+        None, "llmneo prune: comma-separated 0-based decoder layers to keep (e.g. 0,1,2,7).")
+    num_layers: int | None = _f(
+        None, "llmneo prune: target depth; the least influential blocks on `dataset` are removed.")
     # --- export -----------------------------------------------------------------------------
     export_dir: str | None = _f(None, "Where `llmneo export` writes the merged, plain HF model.")
 
@@ -302,6 +313,9 @@ def validate(c: Config) -> None:
     _require(c.save_total_limit is None or c.save_total_limit > 0,
              f"save_total_limit must be > 0, got {c.save_total_limit}")
     _require(c.ddp_timeout > 0, f"ddp_timeout must be > 0, got {c.ddp_timeout}")
+    _require(c.num_layers is None or c.num_layers > 0, f"num_layers must be > 0, got {c.num_layers}")
+    _require(c.num_fewshot is None or c.num_fewshot >= 0, f"num_fewshot must be >= 0, got {c.num_fewshot}")
+    _require(c.eval_limit is None or c.eval_limit > 0, f"eval_limit must be > 0, got {c.eval_limit}")
 
 
 def help_text() -> str:

@@ -6,7 +6,6 @@ The result loads with `AutoModelForCausalLM.from_pretrained(export_dir)`, no PEF
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -18,17 +17,14 @@ from llmneo.errors import LlmneoError
 
 def base_model_of(adapter_dir: str) -> str:
     """The base model recorded in an adapter's config (what `model_name_or_path` defaults to)."""
-    config_file = Path(adapter_dir, "adapter_config.json")
-    if not config_file.is_file():
-        if Path(adapter_dir, "config.json").is_file():
-            raise LlmneoError(f"adapter_name_or_path '{adapter_dir}' is a full model, not an adapter; "
-                              f"it already loads with AutoModelForCausalLM, nothing to merge")
-        raise LlmneoError(f"adapter_name_or_path '{adapter_dir}' has no adapter_config.json; "
-                          f"point it at the output_dir of a LoRA run")
-    base = json.loads(config_file.read_text()).get("base_model_name_or_path")
-    if not base:
-        raise LlmneoError(f"{config_file} does not name its base model; set model_name_or_path")
-    return base
+    base = models.adapter_base(adapter_dir)
+    if base is not None:
+        return base
+    if Path(adapter_dir, "config.json").is_file():
+        raise LlmneoError(f"adapter_name_or_path '{adapter_dir}' is a full model, not an adapter; "
+                          f"it already loads with AutoModelForCausalLM, nothing to merge")
+    raise LlmneoError(f"adapter_name_or_path '{adapter_dir}' has no adapter_config.json; "
+                      f"point it at the output_dir of a LoRA run")
 
 
 def run(config: Config) -> Path:

@@ -184,3 +184,15 @@ def _upcast(logits: torch.Tensor) -> torch.Tensor:
 def _check_kind(kind: str) -> None:
     if kind not in KINDS:
         raise LlmneoError(f"unknown divergence kind {kind!r}; choose one of: {', '.join(KINDS)}")
+
+
+def response_positions(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Positions whose logits predict a response token, and those tokens (the next-token shift).
+
+    The logits at position t are scored against token t+1, so position t is selected when
+    labels[t+1] is a response token.
+    """
+    positions = torch.zeros_like(labels, dtype=torch.bool)  # (B, T)
+    positions[:, :-1] = labels[:, 1:] != -100
+    targets = labels[:, 1:][labels[:, 1:] != -100]  # (N,)
+    return positions, targets

@@ -158,3 +158,42 @@ def load(config: Config, precision: Precision, *, with_teacher: bool) -> Loaded:
 
 def _has_tokenizer(path: str | None) -> bool:
     return bool(path) and Path(path, "tokenizer_config.json").is_file()
+
+
+def adapter_base(adapter_dir: str) -> str | None:
+    """The base model an adapter dir records, or None when `adapter_dir` is not an adapter."""
+    config_file = Path(adapter_dir, "adapter_config.json")
+    if not config_file.is_file():
+        return None
+    import json
+
+    base = json.loads(config_file.read_text()).get("base_model_name_or_path")
+    if not base:
+        raise LlmneoError(f"{config_file} does not name its base model; set model_name_or_path to the base "
+                          f"and adapter_name_or_path={adapter_dir}")
+    return base
+
+
+def load_trained(config: Config, dtype: torch.dtype):
+    """(model, tokenizer) for evaluation: a model dir / Hub id, an adapter dir, or base + adapter."""
+    from peft import PeftModel
+
+    path = config.model_name_or_path
+    if not path:
+        raise LlmneoError("model_name_or_path is not set; give a model dir, a Hub id or a trained adapter dir")
+    adapter = config.adapter_name_or_path
+    if adapter is None and adapter_base(path) is not None:
+        path, adapter = adapter_base(path), path
+    remote = config.trust_remote_code
+    tokenizer = load_tokenizer(adapter if _has_tokenizer(adapter) else path, "model_name_or_path", remote)
+    model = load_model(path, "model_name_or_path", dtype, remote)
+    check_vocab(tokenizer, model, "model_name_or_path", path)
+    if adapter is not None:
+        if adapter_base(adapter) is None:
+            raise LlmneoError(f"adapter_name_or_path: '{adapter}' has no adapter_config.json; give a PEFT adapter dir")
+        try:
+            model = PeftModel.from_pretrained(model, adapter)
+        except (ValueError, RuntimeError, KeyError) as exc:
+            raise LlmneoError(f"adapter '{adapter}' does not fit base model '{path}': "
+                              f"{str(exc).splitlines()[0]}") from None
+    return model.eval(), tokenizer

@@ -19,7 +19,7 @@ from llmneo.errors import LlmneoError
 # Files llmneo itself writes into output_dir; only these are cleared by overwrite_output_dir.
 OWN_FILES = ("metrics.jsonl", "train_results.json", "training_loss.png", "eval_results.json",
              "adapter_config.json", "adapter_model.safetensors", "config.json", "model.safetensors",
-             "model.safetensors.index.json", "generation_config.json", "run_config.yaml")
+             "model.safetensors.index.json", "generation_config.json", "prune_results.json")
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 
 

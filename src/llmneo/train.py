@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from llmneo import adapters, data, models, plot, run_dir
 from llmneo.config import Config, to_dict
 from llmneo.errors import LlmneoError
-from llmneo.losses import token_cross_entropy, token_divergence
+from llmneo.losses import response_positions, token_cross_entropy, token_divergence
 from llmneo.teacher import LiveTeacher
 
 
@@ -39,18 +39,6 @@ class Sums:
     ce: torch.Tensor
     kd: torch.Tensor | None
     tokens: torch.Tensor  # response tokens (the loss denominator)
-
-
-def response_positions(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Positions whose logits predict a response token, and those tokens (the next-token shift).
-
-    The logits at position t are scored against token t+1, so position t is selected when
-    labels[t+1] is a response token.
-    """
-    positions = torch.zeros_like(labels, dtype=torch.bool)  # (B, T)
-    positions[:, :-1] = labels[:, 1:] != -100
-    targets = labels[:, 1:][labels[:, 1:] != -100]  # (N,)
-    return positions, targets
 
 
 def micro_batch_sums(model, teacher: LiveTeacher | None, batch: dict, config: Config, vocab_size: int):
