@@ -18,7 +18,7 @@ test: $(VENV)/.installed
 	$(PY) -m pytest -q -n 2
 
 demo: $(VENV)/.installed
-	@echo "make demo arrives with issue #3 (the four-arm toy comparison). Until then, see README: Worked example."
+	$(PY) -m llmneo demo
 
 clean:
 	rm -rf $(VENV) demo_out .pytest_cache

@@ -38,3 +38,31 @@ def training_loss(rows: list[dict], path: Path, title: str = "training loss") ->
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return True
+
+
+def arm_comparison(curves: dict[str, list[dict]], rows: list[dict], path: Path) -> bool:
+    """The demo's figure: each arm's training loss, then held-out perplexity and KL to the teacher per model."""
+    plt = _pyplot()
+    if plt is None:
+        return False
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    for arm, history in curves.items():
+        axes[0].plot([r["step"] for r in history], [r["loss"] for r in history], label=arm)
+    axes[0].set_xlabel("optimizer step")
+    axes[0].set_ylabel("training loss (each arm's own objective)")
+    axes[0].set_title("training loss")
+    axes[0].legend()
+    axes[0].grid(alpha=0.3)
+    names = [r["model"].split(" (")[0].replace(", untrained", "") for r in rows]
+    for ax, key, title in ((axes[1], "perplexity", "held-out perplexity (lower is better)"),
+                           (axes[2], "kl_to_teacher", "held-out KL to teacher (lower is better)")):
+        values = [r.get(key) or 0.0 for r in rows]
+        bars = ax.bar(range(len(rows)), values, color=["#777777", "#bbbbbb"] + ["C0", "C1", "C2", "C3"][: len(rows) - 2])
+        ax.set_xticks(range(len(rows)), names, rotation=20)
+        ax.set_title(title)
+        ax.bar_label(bars, fmt="%.3f", fontsize=8)
+        ax.grid(alpha=0.3, axis="y")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True

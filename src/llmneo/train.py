@@ -83,10 +83,27 @@ def accumulate(accelerator, model, teacher, micro: list[dict], config: Config, v
     return ce_sum, kd_sum, seen, n_global
 
 
+def reset_peak_memory(device: torch.device) -> None:
+    """Start a fresh peak-memory measurement (CUDA stats; the kernel's RSS high-water mark on Linux)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:  # "5" resets VmHWM (Linux >= 4.0), so several runs in one process are measured separately
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
 def peak_memory_bytes(device: torch.device) -> int:
-    """CUDA max allocated on GPU; the process's peak RSS on CPU."""
+    """CUDA max allocated on GPU; the process's peak RSS on CPU (since the last reset where supported)."""
     if device.type == "cuda":
         return int(torch.cuda.max_memory_allocated(device))
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024  # reported in kB
+    except OSError:
+        pass
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB
 
 
@@ -135,6 +152,7 @@ def run(config: Config) -> dict:
     out = run_dir.prepare(config.output_dir, config.overwrite_output_dir) if main else Path(config.output_dir)
     accelerator.wait_for_everyone()
     set_seed(config.seed)
+    reset_peak_memory(accelerator.device)
 
     loaded = models.load(config, precision, with_teacher=config.uses_kd)
     splits = data.build(config, loaded.tokenizer)
