@@ -53,7 +53,7 @@ def _split(args: list[str]) -> tuple[str | None, list[str]]:
     return None, args
 
 
-def _one_line_warnings() -> None:
+def _quiet_libraries() -> None:
     def show(message, category, filename, lineno, file=None, line=None):
         if issubclass(category, (DeprecationWarning, FutureWarning)):
             return
@@ -62,6 +62,11 @@ def _one_line_warnings() -> None:
     warnings.showwarning = show
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # llmneo shows its own progress bars; the libraries' per-file bars ("Loading weights") are noise.
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
 
 
 def dispatch(command: str, args: list[str]) -> int:
@@ -104,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     if ns.command is None:
         parser.print_help()
         return 2
-    _one_line_warnings()
+    _quiet_libraries()
     try:
         return dispatch(ns.command, ns.args)
     except LlmneoError as exc:

@@ -128,29 +128,30 @@ def run(path: str | None, overrides: list[str]) -> dict:
     towns = world.make_towns(demo.seed, demo.towns)
     _say(f"world: {len(towns)} towns, {len(world.GOODS)} goods; market answers have an entropy of "
          f"{world.market_entropy(towns):.2f} nats per sampled good")
-    files = {
-        "teacher": world.write_jsonl(out / "data" / "teacher.jsonl", world.rows(towns, demo.teacher_rows, demo.seed + 1)),
-        "train": world.write_jsonl(out / "data" / "train.jsonl", world.rows(towns, demo.train_rows, demo.seed + 2)),
-        "heldout": world.write_jsonl(out / "data" / "heldout.jsonl", world.rows(towns, demo.heldout_rows, demo.seed + 3)),
-    }
+    sizes = {"teacher": demo.teacher_rows, "train": demo.train_rows, "heldout": demo.heldout_rows}
+    files = {name: world.write_jsonl(out / "data" / f"{name}.jsonl", world.rows(towns, size, demo.seed + 1 + i))
+             for i, (name, size) in enumerate(sizes.items())}
     tokenizer = tiny.build_tokenizer(corpus=world.corpus(towns), vocab_size=demo.vocab_size)
     teacher_dir, teacher_results = _teacher(demo, files, out, tokenizer)
 
     _say(f"student: pruning the teacher from {demo.teacher_layers} to {demo.student_layers} layers by block influence")
     pruned_at = time.perf_counter()
     student_dir = out / "student"
-    pruned = prune.run(config_mod.load(overrides=dict(
+    prune.run(config_mod.load(overrides=dict(
         model_name_or_path=str(teacher_dir), num_layers=demo.student_layers, dataset=str(files["train"]),
         output_dir=str(student_dir), overwrite_output_dir=True, cutoff_len=64)))
     prune_time = time.perf_counter() - pruned_at
 
-    heldout = data.build(config_mod.load(overrides={"dataset": str(files["heldout"]), "cutoff_len": 64}), tokenizer).train
-    teacher_model, _ = models.load_trained(config_mod.load(overrides={"model_name_or_path": str(teacher_dir)}),
-                                           torch.float32)
-    rows = [{"model": f"teacher ({demo.teacher_layers} layers)", **_metrics(teacher_dir, teacher_model, heldout, tokenizer),
+    heldout_cfg = config_mod.load(overrides={"dataset": str(files["heldout"]), "cutoff_len": 64})
+    heldout = data.build(heldout_cfg, tokenizer).train
+    teacher_cfg = config_mod.load(overrides={"model_name_or_path": str(teacher_dir)})
+    teacher_model, _ = models.load_trained(teacher_cfg, torch.float32)
+    plural = "s" if demo.student_layers > 1 else ""
+    rows = [{"model": f"teacher ({demo.teacher_layers} layers)",
+             **_metrics(teacher_dir, teacher_model, heldout, tokenizer),
              "trainable_params": teacher_results["trainable_params"],
              "peak_memory_bytes": teacher_results["peak_memory_bytes"], "wall_time": teacher_results["train_runtime"]},
-            {"model": f"pruned student ({demo.student_layers} layer{'s' if demo.student_layers > 1 else ''}), untrained",
+            {"model": f"pruned student ({demo.student_layers} layer{plural}), untrained",
              **_metrics(student_dir, teacher_model, heldout, tokenizer), "trainable_params": None,
              "peak_memory_bytes": None, "wall_time": prune_time}]
     curves = {}
@@ -179,9 +180,10 @@ def verdict(rows: list[dict]) -> str:
     neo, lora, kd, base = by["neo"], by["lora"], by["kd"], rows[1]
     lines = []
     better = neo["perplexity"] < lora["perplexity"]
+    closer = neo["kl_to_teacher"] < lora["kl_to_teacher"]
     lines.append(f"Neo {'beats' if better else 'does not beat'} LoRA on held-out perplexity "
                  f"({neo['perplexity']:.4f} vs {lora['perplexity']:.4f}) and "
-                 f"{'is closer to' if neo['kl_to_teacher'] < lora['kl_to_teacher'] else 'is not closer to'} the teacher "
+                 f"{'is closer to' if closer else 'is not closer to'} the teacher "
                  f"(KL {neo['kl_to_teacher']:.4f} vs {lora['kl_to_teacher']:.4f}).")
     gain_kd = base["kl_to_teacher"] - kd["kl_to_teacher"]
     gain_neo = base["kl_to_teacher"] - neo["kl_to_teacher"]
@@ -190,7 +192,8 @@ def verdict(rows: list[dict]) -> str:
                      f"with {neo['trainable_params'] / kd['trainable_params']:.1%} of its trainable parameters "
                      f"(held-out perplexity {neo['perplexity']:.4f} vs KD {kd['perplexity']:.4f}).")
     else:
-        lines.append("Full KD did not reduce the KL to the teacher on this run, so there is no KD gain to compare with.")
+        lines.append("Full KD did not reduce the KL to the teacher on this run, "
+                     "so there is no KD gain to compare with.")
     return " ".join(lines)
 
 

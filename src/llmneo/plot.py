@@ -57,7 +57,8 @@ def arm_comparison(curves: dict[str, list[dict]], rows: list[dict], path: Path) 
     for ax, key, title in ((axes[1], "perplexity", "held-out perplexity (lower is better)"),
                            (axes[2], "kl_to_teacher", "held-out KL to teacher (lower is better)")):
         values = [r.get(key) or 0.0 for r in rows]
-        bars = ax.bar(range(len(rows)), values, color=["#777777", "#bbbbbb"] + ["C0", "C1", "C2", "C3"][: len(rows) - 2])
+        colours = ["#777777", "#bbbbbb"] + ["C0", "C1", "C2", "C3"][: len(rows) - 2]
+        bars = ax.bar(range(len(rows)), values, color=colours)
         ax.set_xticks(range(len(rows)), names, rotation=20)
         ax.set_title(title)
         ax.bar_label(bars, fmt="%.3f", fontsize=8)
