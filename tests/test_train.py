@@ -128,6 +128,10 @@ def test_response_positions_shift():
     assert targets.tolist() == [7, 8, 5, 6]
 
 
+def rows_count(model) -> int:
+    return model.get_output_embeddings().weight.shape[0]
+
+
 def test_padded_vocab_teacher_scores_real_tokens_only(base_overrides, tokenizer):
     cfg = config.load(overrides=base_overrides)
     loaded = models.load(cfg, models.resolve_precision(cfg), with_teacher=True)
@@ -138,9 +142,15 @@ def test_padded_vocab_teacher_scores_real_tokens_only(base_overrides, tokenizer)
     teacher = LiveTeacher(loaded.teacher, loaded.vocab_size)
     batch = data.collate(data.build(cfg, loaded.tokenizer).train[:2], tokenizer.pad_token_id)
     positions, _ = losses.response_positions(batch["labels"])
-    signal = teacher.signal(batch["input_ids"], batch["attention_mask"], positions)
+    rows = teacher.rows(batch, positions)
+    signal = rows[0:len(rows)]
     assert signal.shape == (int(positions.sum()), len(tokenizer))
-    ce, kd, n = train.micro_batch_sums(loaded.student, teacher, batch, cfg, loaded.vocab_size)
+    full = loaded.teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    assert full.shape[-1] == rows_count(loaded.teacher) > len(tokenizer)
+    torch.testing.assert_close(signal, full[positions][:, :len(tokenizer)], rtol=1e-5, atol=1e-5)
+    # the divergence is a proper one over the real vocabulary: the teacher's padding rows carry no mass
+    assert torch.allclose(torch.softmax(signal, -1).sum(-1), torch.ones(len(signal)))
+    _, ce, kd, n = train.micro_batch_sums(loaded.student, teacher, batch, cfg, loaded.vocab_size, 0.5)
     assert torch.isfinite(kd) and n == int(positions.sum())
 
 

@@ -18,6 +18,7 @@ COMMANDS = {
     "export": ("Merge a LoRA adapter into its base model and save a plain HF model.", False),
     "eval": ("Perplexity, KL to a teacher and top-1 agreement on a dataset; lm-eval tasks.", False),
     "prune": ("Derive a shallower student from a model by depth pruning (block influence).", False),
+    "cache": ("Run the teacher once over the training data and cache its top-k log-probs.", True),
     "demo": ("The four-arm comparison (SFT, LoRA, KD, Neo) on a toy world, on CPU, in minutes.", False),
 }
 
@@ -90,6 +91,12 @@ def dispatch(command: str, args: list[str]) -> int:
 
         out = export.run(cfg)
         print(f"llmneo: merged model written to {out}")
+    elif command == "cache":
+        from llmneo import cache
+
+        done = cache.write(cfg)
+        print(f"llmneo: cached top-{done['k']} teacher log-probs for {done['tokens']:,} response tokens of "
+              f"{done['examples']} examples in {done['dir']} ({done['bytes_per_token']:.0f} bytes per token)")
     elif command == "eval":
         from llmneo import evaluate
 

@@ -72,6 +72,13 @@ class Config:
     kd_temperature: float = _f(1.0, "Softmax temperature T for KD; the divergence is scaled by T^2.")
     kd_beta: float = _f(0.5, "Mixture weight beta of jsd: m = beta*p_T + (1-beta)*p_S (0 = fkl, 1 = rkl).")
     kd_skew: float = _f(0.1, "Skew alpha of skew_fkl / skew_rkl (DistiLLM).")
+    kd_chunk_size: int = _f(
+        1024, "Response positions per chunk of the fused CE+KD loss: at most this many x vocab logits are "
+        "alive per model. 0 materialises full logits (the reference path; more memory).")
+    teacher_cache: str | None = _f(
+        None, "Offline teacher top-k cache dir. `llmneo cache` writes it; `llmneo train` reads it instead of "
+        "loading the teacher.")
+    teacher_topk: int = _f(64, "llmneo cache: how many top tokens per position to keep (plus a tail bucket).")
     # --- LoRA -------------------------------------------------------------------------------
     lora_rank: int = _f(128, "LoRA rank r (paper: large ranks such as 128 work best).")
     lora_alpha: int | None = _f(None, "LoRA alpha. Default: 2 * lora_rank.")
@@ -134,7 +141,8 @@ class Config:
     # ---------------------------------------------------------------------------------------
     @property
     def has_teacher(self) -> bool:
-        return self.teacher_model_name_or_path is not None
+        """A teacher signal exists: a live teacher model or an offline cache."""
+        return self.teacher_model_name_or_path is not None or self.teacher_cache is not None
 
     @property
     def uses_kd(self) -> bool:
@@ -313,6 +321,8 @@ def validate(c: Config) -> None:
     _require(c.save_total_limit is None or c.save_total_limit > 0,
              f"save_total_limit must be > 0, got {c.save_total_limit}")
     _require(c.ddp_timeout > 0, f"ddp_timeout must be > 0, got {c.ddp_timeout}")
+    _require(c.kd_chunk_size >= 0, f"kd_chunk_size must be >= 0 (0 = unchunked), got {c.kd_chunk_size}")
+    _require(c.teacher_topk > 0, f"teacher_topk must be > 0, got {c.teacher_topk}")
     _require(c.num_layers is None or c.num_layers > 0, f"num_layers must be > 0, got {c.num_layers}")
     _require(c.num_fewshot is None or c.num_fewshot >= 0, f"num_fewshot must be >= 0, got {c.num_fewshot}")
     _require(c.eval_limit is None or c.eval_limit > 0, f"eval_limit must be > 0, got {c.eval_limit}")

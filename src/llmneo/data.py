@@ -109,9 +109,12 @@ def collate(examples: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
     def pad(rows: list[list[int]], value: int) -> torch.Tensor:  # (B, width)
         return torch.tensor([row + [value] * (width - len(row)) for row in rows], dtype=torch.long)
 
-    return {"input_ids": pad([list(e["input_ids"]) for e in examples], pad_token_id),
-            "attention_mask": pad([[1] * len(e["input_ids"]) for e in examples], 0),
-            "labels": pad([list(e["labels"]) for e in examples], IGNORE_INDEX)}
+    batch = {"input_ids": pad([list(e["input_ids"]) for e in examples], pad_token_id),
+             "attention_mask": pad([[1] * len(e["input_ids"]) for e in examples], 0),
+             "labels": pad([list(e["labels"]) for e in examples], IGNORE_INDEX)}
+    if "index" in examples[0]:  # position in the split: how a teacher cache finds the example's rows
+        batch["index"] = torch.tensor([e["index"] for e in examples], dtype=torch.long)
+    return batch
 
 
 # --- finding and reading datasets ------------------------------------------------------------

@@ -109,6 +109,49 @@ def token_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Te
     return per_position.reshape(targets.shape)
 
 
+def sparse_token_divergence(
+    student_logits: torch.Tensor,
+    topk_ids: torch.Tensor,
+    topk_logprobs: torch.Tensor,
+    tail_logmass: torch.Tensor,
+    kind: str = "fkl",
+    *,
+    temperature: float = 1.0,
+    beta: float = 0.5,
+    skew: float = 0.1,
+) -> torch.Tensor:
+    """Per-position divergence against a *sparse* teacher: its top-k log-probs plus one tail bucket.
+
+    `student_logits` (..., V); `topk_ids` (..., k) and `topk_logprobs` (..., k) the teacher's top-k at
+    T=1; `tail_logmass` (...) the log of the teacher's remaining mass. Both distributions are coarse-
+    grained to the same k+1 buckets (the k tokens, and "everything else"), and `kind` is computed over
+    them exactly as `token_divergence` does over V. With k = V (tail mass 0) this equals the dense value,
+    at any temperature. Otherwise it is a lower bound of the dense divergence (every kind here is an
+    f-divergence, which coarse-graining can only shrink), exact on the top-k tokens and collapsing the
+    tail into one term. With T != 1 the teacher's tail bucket is scaled as if it were one token.
+    """
+    _check_kind(kind)
+    if not temperature > 0:
+        raise LlmneoError(f"temperature must be > 0, got {temperature}")
+    logp_student = F.log_softmax(_upcast(student_logits) / temperature, dim=-1)  # (..., V)
+    in_topk = torch.zeros_like(logp_student, dtype=torch.bool).scatter_(-1, topk_ids, True)  # (..., V)
+    student_topk = logp_student.gather(-1, topk_ids)  # (..., k)
+    student_tail = _masked_logsumexp(logp_student, ~in_topk)  # (...)
+    student_buckets = torch.cat([student_topk, student_tail.unsqueeze(-1)], dim=-1)  # (..., k+1)
+    teacher_buckets = torch.cat([_upcast(topk_logprobs), _upcast(tail_logmass).unsqueeze(-1)], dim=-1)
+    teacher_buckets = F.log_softmax(teacher_buckets / temperature, dim=-1)  # (..., k+1)
+    per_position = _DIVERGENCES[kind](teacher_buckets, student_buckets, beta=beta, skew=skew)
+    return per_position * temperature**2
+
+
+def _masked_logsumexp(values: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """logsumexp over the `keep` entries of the last dim; -inf (with zero gradient) where none is kept."""
+    empty = ~keep.any(-1)  # (...)
+    # Rows with nothing kept would be logsumexp(-inf, ...), whose backward is NaN: feed zeros instead.
+    safe = values.masked_fill(~keep, -math.inf).masked_fill(empty.unsqueeze(-1), 0.0)
+    return torch.logsumexp(safe, dim=-1).masked_fill(empty, -math.inf)
+
+
 # --- the divergences, on log-probabilities (..., V) → (...) -------------------------------------------------
 
 def _fkl(logp_teacher, logp_student, *, beta, skew):

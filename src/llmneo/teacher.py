@@ -1,12 +1,53 @@
-"""The teacher signal behind one interface.
+"""The teacher signal behind one interface: rows at the response positions of a batch.
 
-Training asks the teacher for its logits at the response positions of a batch. Today the signal
-comes from a live model; an offline top-k cache slots in behind the same `signal` call.
+`rows(batch, positions)` returns something the loss slices by position range, chunk by chunk:
+- `DenseRows` from a live teacher model: its final hidden states at the positions, projected through
+  its own output head one slice at a time (never [B, T, V] logits);
+- `SparseRows` from an offline top-k cache (`llmneo cache`): top-k token ids, their log-probs and the
+  log of the remaining tail mass.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
+
+from llmneo import heads
+
+
+@dataclass
+class DenseRows:
+    """Teacher logits for the response positions, computed per slice from cached hidden states."""
+
+    hidden: torch.Tensor  # (N, H_teacher)
+    head: object  # hidden → logits
+    vocab_size: int
+
+    def __len__(self) -> int:
+        return self.hidden.shape[0]
+
+    @torch.no_grad()
+    def __getitem__(self, rows: slice) -> torch.Tensor:
+        return self.head(self.hidden[rows])[:, : self.vocab_size]  # (C, V): padded vocab rows dropped
+
+
+@dataclass
+class SparseRows:
+    """A sparse teacher distribution per position: top-k ids and log-probs plus the tail's log-mass."""
+
+    ids: torch.Tensor  # (N, k) int64
+    logprobs: torch.Tensor  # (N, k)
+    tail: torch.Tensor  # (N,)
+
+    def __len__(self) -> int:
+        return self.ids.shape[0]
+
+    def __getitem__(self, rows: slice) -> "SparseRows":
+        return SparseRows(self.ids[rows], self.logprobs[rows], self.tail[rows])
+
+    def to(self, device: torch.device) -> "SparseRows":
+        return SparseRows(self.ids.to(device), self.logprobs.to(device), self.tail.to(device))
 
 
 class LiveTeacher:
@@ -21,7 +62,8 @@ class LiveTeacher:
         return self
 
     @torch.no_grad()
-    def signal(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """Teacher logits at `positions` (bool [B, T]), over the real vocabulary: (N, V)."""
-        logits = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
-        return logits[positions][:, : self.vocab_size]  # (N, V); padded vocab rows dropped
+    def rows(self, batch: dict, positions: torch.Tensor) -> DenseRows:
+        """The teacher's signal at `positions` (bool [B, T])."""
+        hidden = heads.final_hidden_states(self.model, batch["input_ids"], batch["attention_mask"])
+        head, _ = heads.output_head(self.model)
+        return DenseRows(hidden[positions], head, self.vocab_size)

@@ -25,10 +25,11 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from llmneo import adapters, data, models, plot, run_dir
+from llmneo import adapters, cache, data, heads, models, plot, run_dir
+from llmneo.chunked import fused_loss, kd_values
 from llmneo.config import Config, to_dict
 from llmneo.errors import LlmneoError
-from llmneo.losses import response_positions, token_cross_entropy, token_divergence
+from llmneo.losses import response_positions, token_cross_entropy
 from llmneo.teacher import LiveTeacher
 
 
@@ -41,18 +42,27 @@ class Sums:
     tokens: torch.Tensor  # response tokens (the loss denominator)
 
 
-def micro_batch_sums(model, teacher: LiveTeacher | None, batch: dict, config: Config, vocab_size: int):
-    """(ce_sum, kd_sum | None, n_tokens) for one micro-batch, with the graph attached."""
+def micro_batch_sums(model, teacher, batch: dict, config: Config, vocab_size: int, kd_ratio: float):
+    """(loss_sum, ce_sum, kd_sum | None, n_tokens) for one micro-batch; loss_sum carries the gradient.
+
+    With kd_chunk_size > 0 (the default) the fused chunked loss projects only the response positions,
+    chunk by chunk; with 0, full logits are materialised (the reference path, kept for checking).
+    """
     positions, targets = response_positions(batch["labels"])
+    teacher_rows = teacher.rows(batch, positions) if teacher is not None else None
+    settings = {"kind": config.kd_loss, "temperature": config.kd_temperature, "beta": config.kd_beta,
+                "skew": config.kd_skew}
+    if config.kd_chunk_size > 0:
+        hidden = heads.final_hidden_states(model, batch["input_ids"], batch["attention_mask"])[positions]  # (N, H)
+        head, head_params = heads.output_head(model)
+        loss, ce, kd = fused_loss(hidden, targets, head, head_params, teacher_rows, vocab_size=vocab_size,
+                                  kd_ratio=kd_ratio, settings=settings, chunk_size=config.kd_chunk_size)
+        return loss, ce, kd, targets.numel()
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
     student = logits[positions][:, :vocab_size]  # (N, V): padded vocab rows dropped
     ce = token_cross_entropy(student, targets).sum()
-    kd = None
-    if teacher is not None:
-        teacher_logits = teacher.signal(batch["input_ids"], batch["attention_mask"], positions)  # (N, V)
-        kd = token_divergence(student, teacher_logits, config.kd_loss, temperature=config.kd_temperature,
-                              beta=config.kd_beta, skew=config.kd_skew).sum()
-    return ce, kd, targets.numel()
+    kd = None if teacher_rows is None else kd_values(student, teacher_rows[0:len(teacher_rows)], settings).sum()
+    return combine(ce, kd, kd_ratio), ce, kd, targets.numel()
 
 
 def combine(ce: torch.Tensor, kd: torch.Tensor | None, kd_ratio: float) -> torch.Tensor:
@@ -75,8 +85,8 @@ def accumulate(accelerator, model, teacher, micro: list[dict], config: Config, v
     for i, batch in enumerate(micro):
         sync = i == len(micro) - 1
         with contextlib.nullcontext() if sync else accelerator.no_sync(model):
-            ce, kd, _ = micro_batch_sums(model, teacher, batch, config, vocab_size)
-            accelerator.backward(combine(ce, kd, kd_ratio) * scale)
+            loss, ce, kd, _ = micro_batch_sums(model, teacher, batch, config, vocab_size, kd_ratio)
+            accelerator.backward(loss * scale)
         ce_sum += ce.detach()
         kd_sum += kd.detach() if kd is not None else 0.0
         seen += batch["attention_mask"].sum()
@@ -154,8 +164,11 @@ def run(config: Config) -> dict:
     set_seed(config.seed)
     reset_peak_memory(accelerator.device)
 
-    loaded = models.load(config, precision, with_teacher=config.uses_kd)
+    cached = config.uses_kd and config.teacher_cache is not None
+    loaded = models.load(config, precision, with_teacher=config.uses_kd and not cached)
     splits = data.build(config, loaded.tokenizer)
+    for i, example in enumerate(splits.train):
+        example["index"] = i  # lets a teacher cache find the example's rows
     model = adapters.apply(loaded.student, config)
     trainable, total = adapters.count_params(model)
     collate = partial(data.collate, pad_token_id=loaded.tokenizer.pad_token_id)
@@ -164,7 +177,15 @@ def run(config: Config) -> dict:
         generator=torch.Generator().manual_seed(config.seed))
     optimizer = _optimizer(model, config)
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
-    teacher = LiveTeacher(loaded.teacher, loaded.vocab_size).to(accelerator.device) if loaded.teacher else None
+    if cached:
+        expected = cache.fingerprint(config, loaded.tokenizer, splits.train, k=0)
+        teacher = cache.CachedTeacher(config.teacher_cache, expected, accelerator.device)
+    elif loaded.teacher is not None:
+        teacher = LiveTeacher(loaded.teacher, loaded.vocab_size).to(accelerator.device)
+    else:
+        teacher = None
+    if main:
+        _announce(config, trainable, total, len(splits.train), cached)
 
     accum = config.gradient_accumulation_steps
     if config.max_steps > 0:
@@ -244,7 +265,10 @@ def run(config: Config) -> dict:
         "kd_loss_kind": config.kd_loss if teacher is not None else None,
     }
     if splits.eval:
-        results.update(evaluate_split(model, teacher, splits.eval, collate, config, loaded.vocab_size, accelerator))
+        # A cache holds the training split only, so held-out KD needs a live teacher.
+        eval_teacher = None if cached else teacher
+        results.update(evaluate_split(model, eval_teacher, splits.eval, collate, config, loaded.vocab_size,
+                                      accelerator))
     accelerator.wait_for_everyone()
     if main:
         _save_model(accelerator, model, loaded.tokenizer, out)
@@ -254,6 +278,13 @@ def run(config: Config) -> dict:
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return results
+
+
+def _announce(config: Config, trainable: int, total: int, examples: int, cached: bool) -> None:
+    source = ("teacher cache " + str(config.teacher_cache)) if cached else (
+        "teacher " + str(config.teacher_model_name_or_path) if config.uses_kd else "no teacher")
+    print(f"llmneo: {config.method} | trainable {trainable:,} of {total:,} parameters "
+          f"({100 * trainable / max(total, 1):.2f}%) | {source} | {examples} training examples", flush=True)
 
 
 def _log_row(step, epoch, window, kd_ratio, has_teacher, lr, grad_norm) -> dict:
@@ -282,7 +313,7 @@ def evaluate_split(model, teacher, examples, collate, config: Config, vocab_size
         batch = collate(examples[start:start + config.per_device_eval_batch_size])
         batch = {k: v.to(accelerator.device) for k, v in batch.items()}
         with accelerator.autocast():
-            ce, kd, n = micro_batch_sums(model, teacher, batch, config, vocab_size)
+            _, ce, kd, n = micro_batch_sums(model, teacher, batch, config, vocab_size, config.kd_ratio)
         ce_total += float(ce)
         kd_total += float(kd) if kd is not None else 0.0
         n_total += n

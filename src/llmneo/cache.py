@@ -1,0 +1,223 @@
+"""Offline teacher cache: run the teacher once, keep its top-k per response position, train from that.
+
+`llmneo cache CONFIG.yaml` writes into `teacher_cache`:
+  shard-00000.safetensors ...  `ids` (M, k) int32, `logprobs` (M, k) float32, `tail` (M,) float32:
+                               the teacher's top-k token ids and log-probs (T = 1) at each response
+                               position, and the log of the probability mass outside the top-k
+  index.json                   format, k, per-example row offsets, shard row ranges, and the fingerprint
+Rows are the response positions of the training split, example by example, in position order.
+
+The fingerprint ties the cache to the teacher (its config and weight files), the tokenizer vocabulary,
+the chat template, the tokenized dataset rows, cutoff_len and k; training refuses a cache whose
+fingerprint differs from the run's and names the part that differs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from llmneo import data, heads, models
+from llmneo.config import Config
+from llmneo.errors import LlmneoError
+from llmneo.losses import response_positions
+from llmneo.teacher import SparseRows
+
+FORMAT = "llmneo-teacher-topk-v1"
+SHARD_ROWS = 1 << 18  # rows per shard file: 256k positions, ~130 MB at k = 64
+
+
+def _sha(payload: bytes) -> str:
+    return hashlib.sha256(payload).hexdigest()[:16]
+
+
+def teacher_identity(path: str) -> str:
+    """A content-based id of a teacher: its config plus the names and sizes of its weight files."""
+    root = Path(path)
+    if not root.is_dir():
+        return f"hub:{path}"
+    parts = [(root / "config.json").read_bytes() if (root / "config.json").is_file() else b""]
+    for weight in sorted(root.glob("*.safetensors")):
+        parts.append(f"{weight.name}:{weight.stat().st_size}".encode())
+    return _sha(b"\n".join(parts))
+
+
+def fingerprint(config: Config, tokenizer, examples: list[dict], k: int) -> dict:
+    vocab = json.dumps(sorted(tokenizer.get_vocab().items())).encode()
+    template = str(getattr(tokenizer, "chat_template", None) or config.template or "default").encode()
+    rows = hashlib.sha256()
+    for example in examples:
+        rows.update(json.dumps([example["input_ids"], example["labels"]]).encode())
+    return {
+        "teacher": teacher_identity(config.teacher_model_name_or_path) if config.teacher_model_name_or_path else None,
+        "tokenizer vocabulary": _sha(vocab),
+        "template": _sha(template),
+        "dataset rows": rows.hexdigest()[:16],
+        "cutoff_len": config.cutoff_len,
+        "k": k,
+    }
+
+
+@torch.no_grad()
+def topk_rows(logits: torch.Tensor, k: int) -> SparseRows:
+    """Top-k ids and log-probs of (C, V) logits, and the log-mass of the other V - k tokens."""
+    logp = torch.log_softmax(logits.float(), dim=-1)  # (C, V)
+    values, ids = logp.topk(k, dim=-1)  # (C, k)
+    rest = logp.scatter(-1, ids, -math.inf)  # (C, V): top-k removed
+    tail = torch.logsumexp(rest, dim=-1) if k < logp.shape[-1] else torch.full_like(values[:, 0], -math.inf)
+    return SparseRows(ids, values, tail)
+
+
+def write(config: Config) -> dict:
+    """`llmneo cache`: run the teacher over the training split and write the top-k cache."""
+    if not config.teacher_model_name_or_path:
+        raise LlmneoError("teacher_model_name_or_path is not set; llmneo cache runs the teacher to cache it")
+    if not config.teacher_cache:
+        raise LlmneoError("teacher_cache is not set; give the cache directory, e.g. teacher_cache=cache/teacher")
+    target = Path(config.teacher_cache)
+    if target.exists() and any(target.iterdir()) and not config.overwrite_output_dir:
+        raise LlmneoError(f"teacher_cache '{target}' is not empty; set overwrite_output_dir=true or choose another")
+    precision = models.resolve_precision(config)
+    path = config.teacher_model_name_or_path
+    tokenizer = models.load_tokenizer(path, "teacher_model_name_or_path", config.trust_remote_code)
+    if config.model_name_or_path:
+        student_tok = models.load_tokenizer(config.model_name_or_path, "model_name_or_path", config.trust_remote_code)
+        models.check_same_tokenizer(student_tok, tokenizer, config.model_name_or_path, path)
+    vocab = len(tokenizer)
+    k = config.teacher_topk
+    if k > vocab:
+        raise LlmneoError(f"teacher_topk={k} is larger than the vocabulary ({vocab}); use at most {vocab}")
+    examples = data.build(config, tokenizer).train
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    teacher = models.load_model(path, "teacher_model_name_or_path", models.weight_dtype(config, precision, "teacher"),
+                                config.trust_remote_code).to(device).eval()
+    check = models.check_vocab
+    check(tokenizer, teacher, "teacher_model_name_or_path", path)
+    head, _ = heads.output_head(teacher)
+    chunk = config.kd_chunk_size or 1024
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
+    except OSError as exc:
+        raise LlmneoError(f"cannot write teacher_cache '{target}': {exc.strerror or exc}") from None
+    try:
+        index = _write_shards(staging, teacher, head, examples, tokenizer.pad_token_id, vocab, k, chunk,
+                              config.per_device_eval_batch_size, device)
+        index.update(format=FORMAT, fingerprint=fingerprint(config, tokenizer, examples, k))
+        (staging / "index.json").write_text(json.dumps(index, indent=1))
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(staging, target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    size = sum(f.stat().st_size for f in target.iterdir())
+    return {"dir": str(target), "tokens": index["rows"], "bytes": size,
+            "bytes_per_token": size / max(index["rows"], 1), "k": k, "examples": len(examples)}
+
+
+def _write_shards(staging: Path, teacher, head, examples, pad_id, vocab, k, chunk, batch_size, device) -> dict:
+    from safetensors.torch import save_file
+
+    offsets = [0]
+    shards: list[dict] = []
+    buffer: list[SparseRows] = []
+    buffered = 0
+
+    def flush():
+        nonlocal buffer, buffered
+        if not buffered:
+            return
+        name = f"shard-{len(shards):05d}.safetensors"
+        start = shards[-1]["end"] if shards else 0
+        save_file({"ids": torch.cat([b.ids for b in buffer]).to(torch.int32).contiguous(),
+                   "logprobs": torch.cat([b.logprobs for b in buffer]).contiguous(),
+                   "tail": torch.cat([b.tail for b in buffer]).contiguous()}, str(staging / name))
+        shards.append({"file": name, "start": start, "end": start + buffered})
+        buffer, buffered = [], 0
+
+    bar = tqdm(total=len(examples), desc="llmneo cache", unit="ex", dynamic_ncols=True)
+    for first in range(0, len(examples), batch_size):
+        part = examples[first:first + batch_size]
+        batch = {key: value.to(device) for key, value in data.collate(part, pad_id).items()}
+        positions, _ = response_positions(batch["labels"])
+        hidden = heads.final_hidden_states(teacher, batch["input_ids"], batch["attention_mask"])[positions]
+        for start in range(0, hidden.shape[0], chunk):
+            rows = topk_rows(head(hidden[start:start + chunk])[:, :vocab], k)
+            buffer.append(SparseRows(rows.ids.cpu(), rows.logprobs.cpu(), rows.tail.cpu()))
+            buffered += rows.ids.shape[0]
+        for count in positions.sum(dim=1).tolist():
+            offsets.append(offsets[-1] + count)
+        if buffered >= SHARD_ROWS:
+            flush()
+        bar.update(len(part))
+        bar.set_postfix(tokens=offsets[-1])
+    flush()
+    bar.close()
+    return {"k": k, "rows": offsets[-1], "offsets": offsets, "shards": shards}
+
+
+class CachedTeacher:
+    """Teacher rows read from a `llmneo cache` directory (no teacher model is loaded)."""
+
+    def __init__(self, directory: str, expected: dict, device: torch.device):
+        root = Path(directory)
+        index_file = root / "index.json"
+        if not index_file.is_file():
+            raise LlmneoError(f"teacher_cache '{root}' has no index.json; build it with llmneo cache CONFIG.yaml")
+        try:
+            index = json.loads(index_file.read_text())
+        except json.JSONDecodeError:
+            raise LlmneoError(f"teacher_cache '{root}/index.json' is corrupt; rebuild it with llmneo cache") from None
+        if index.get("format") != FORMAT:
+            raise LlmneoError(f"teacher_cache '{root}' has format {index.get('format')!r}, expected {FORMAT}; "
+                              f"rebuild it with llmneo cache")
+        found = index["fingerprint"]
+        for part, value in expected.items():
+            if part == "teacher" and (value is None or found.get(part) is None):
+                continue  # no teacher named in this run: nothing to compare
+            if part == "k":
+                continue  # any k is fine for training; it comes from the cache
+            if found.get(part) != value:
+                raise LlmneoError(f"teacher_cache '{root}' does not match this run: the {part} differs "
+                                  f"(cache {found.get(part)}, run {value}); rebuild it with llmneo cache CONFIG.yaml")
+        self.offsets = index["offsets"]
+        self.k = index["k"]
+        self.device = device
+        self._load(root, index["shards"])
+
+    def _load(self, root: Path, shards: list[dict]) -> None:
+        from safetensors.torch import load_file
+
+        parts = []
+        for shard in shards:
+            file = root / shard["file"]
+            if not file.is_file():
+                raise LlmneoError(f"teacher_cache shard {file} is missing; rebuild the cache with llmneo cache")
+            parts.append(load_file(str(file)))
+        self.ids = torch.cat([p["ids"] for p in parts]) if parts else torch.zeros(0, self.k, dtype=torch.int32)
+        self.logprobs = torch.cat([p["logprobs"] for p in parts]) if parts else torch.zeros(0, self.k)
+        self.tail = torch.cat([p["tail"] for p in parts]) if parts else torch.zeros(0)
+        if self.ids.shape[0] != self.offsets[-1]:
+            raise LlmneoError("teacher_cache shards do not add up to the index; rebuild the cache with llmneo cache")
+
+    def rows(self, batch: dict, positions: torch.Tensor) -> SparseRows:
+        """Cache rows for the examples of `batch` (by their `index`), in position order."""
+        counts = positions.sum(dim=1).tolist()
+        pieces = []
+        for example, count in zip(batch["index"].tolist(), counts):
+            start, end = self.offsets[example], self.offsets[example + 1]
+            if end - start != count:
+                raise LlmneoError(f"teacher_cache rows for example {example} do not match its response tokens "
+                                  f"({end - start} vs {count}); the cache is stale, rebuild it with llmneo cache")
+            pieces.append(slice(start, end))
+        select = torch.cat([torch.arange(p.start, p.stop) for p in pieces] or [torch.zeros(0, dtype=torch.long)])
+        return SparseRows(self.ids[select].long(), self.logprobs[select], self.tail[select]).to(self.device)

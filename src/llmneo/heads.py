@@ -1,0 +1,72 @@
+"""A causal LM split in two: the final hidden states, and the output head as a function.
+
+The chunked loss never materialises [B, T, V] logits. It takes the decoder's final hidden states,
+keeps the response positions, and projects them chunk by chunk through the model's *own* head:
+the `lm_head` module itself (so a LoRA adapter on it trains), then whatever the architecture applies
+after it in `forward`: Cohere's `logit_scale`, Gemma 2/3's final logit soft-capping.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The HF causal LM under DDP / accelerate / PEFT wrappers."""
+    while hasattr(model, "module") and isinstance(model.module, torch.nn.Module):
+        model = model.module  # DDP, accelerate
+    if hasattr(model, "get_base_model"):
+        model = model.get_base_model()  # PEFT: adapters are injected in place, so this still uses them
+    return model
+
+
+def decoder(model: torch.nn.Module) -> torch.nn.Module:
+    base = unwrap(model)
+    inner = base.get_decoder() if hasattr(base, "get_decoder") else getattr(base, "model", None)
+    if not isinstance(inner, torch.nn.Module):
+        raise TypeError(f"{type(base).__name__} has no decoder module (expected .model or get_decoder())")
+    return inner
+
+
+def output_head(model: torch.nn.Module) -> tuple[Callable[[torch.Tensor], torch.Tensor], list[torch.nn.Parameter]]:
+    """(hidden (N, H) → logits (N, V_padded), the head's trainable parameters)."""
+    base = unwrap(model)
+    lm_head = base.get_output_embeddings()
+    scale = getattr(base, "logit_scale", None)  # Cohere multiplies the logits by it
+    cap = getattr(base.config, "final_logit_softcapping", None)  # Gemma 2/3
+
+    def head(hidden: torch.Tensor) -> torch.Tensor:
+        logits = lm_head(hidden)
+        if scale is not None:
+            logits = logits * scale
+        if cap:
+            logits = torch.tanh(logits / cap) * cap
+        return logits
+
+    return head, [p for p in lm_head.parameters() if p.requires_grad]
+
+
+def final_hidden_states(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """(B, T, H) hidden states entering the head, from a forward through the (possibly wrapped) model.
+
+    The forward goes through the outermost wrapper so DDP / accelerate autocast hooks run; a forward
+    hook on the decoder catches its output, and `logits_to_keep=1` keeps the head's own work to one
+    position per row.
+    """
+    captured: dict[str, torch.Tensor] = {}
+
+    def catch(module, args, output):
+        captured["hidden"] = output[0] if isinstance(output, tuple) else output.last_hidden_state
+
+    handle = decoder(model).register_forward_hook(catch)
+    try:
+        kwargs = {"input_ids": input_ids, "attention_mask": attention_mask, "use_cache": False}
+        try:
+            model(**kwargs, logits_to_keep=1)
+        except TypeError:  # architectures without logits_to_keep
+            model(**kwargs)
+    finally:
+        handle.remove()
+    return captured["hidden"]
