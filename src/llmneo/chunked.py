@@ -25,13 +25,58 @@ def kd_values(student_logits: torch.Tensor, teacher_part, settings: dict) -> tor
     return token_divergence(student_logits, teacher_part, **settings)
 
 
-def _chunk_loss(head, hidden, targets, teacher_part, vocab_size, kd_ratio, settings):
-    logits = head(hidden)[:, :vocab_size]  # (C, V): padded vocab rows dropped
-    ce = token_cross_entropy(logits, targets).sum()
-    if teacher_part is None:
-        return ce, ce, None
-    kd = kd_values(logits, teacher_part, settings).sum()
-    return (1.0 - kd_ratio) * ce + kd_ratio * kd, ce, kd
+def _fkl_grad(logits: torch.Tensor, targets: torch.Tensor, teacher_logits, kd_ratio: float, temperature: float):
+    """CE and forward-KL sums and their gradient w.r.t. `logits` (C, V), in closed form.
+
+    d CE / ds = softmax(s) - onehot(y);  d [T² KL(p_T‖softmax(s/T))] / ds = T·(softmax(s/T) - p_T).
+    Four (C, V) fp32 buffers at most, where autograd through log_softmax would keep about ten.
+    """
+    s = logits.float()
+    rows = torch.arange(s.shape[0], device=s.device)
+    lse = torch.logsumexp(s, dim=-1)  # (C,)
+    ce = (lse - s[rows, targets]).sum()
+    grad = torch.softmax(s, dim=-1)  # (C, V): p_S, becomes the gradient in place
+    if teacher_logits is None:
+        grad[rows, targets] -= 1.0
+        return ce, None, grad
+    t = teacher_logits.float() / temperature
+    logp_teacher = torch.log_softmax(t, dim=-1)  # (C, V)
+    p_teacher = logp_teacher.exp()  # (C, V)
+    scaled = s / temperature if temperature != 1.0 else s
+    # KL = Σ p_T log p_T − Σ p_T (s/T) + logsumexp(s/T); the dot products avoid (C, V) temporaries.
+    neg_entropy = torch.bmm(p_teacher.unsqueeze(1), logp_teacher.unsqueeze(2)).view(-1)
+    cross = torch.bmm(p_teacher.unsqueeze(1), scaled.unsqueeze(2)).view(-1)
+    lse_scaled = lse if temperature == 1.0 else torch.logsumexp(scaled, dim=-1)
+    kd = ((neg_entropy - cross + lse_scaled) * temperature**2).sum()
+    del logp_teacher
+    if temperature == 1.0:  # (1-r)(p_S - onehot) + r(p_S - p_T) = p_S - (1-r)·onehot - r·p_T
+        grad[rows, targets] -= 1.0 - kd_ratio
+        grad.sub_(p_teacher, alpha=kd_ratio)
+    else:  # (1-r)(p_S - onehot) + r·T·(p_S^T - p_T)
+        grad.mul_(1.0 - kd_ratio)
+        grad[rows, targets] -= 1.0 - kd_ratio
+        grad.add_(p_teacher.sub_(torch.softmax(scaled, dim=-1)), alpha=-kd_ratio * temperature)
+    return ce, kd, grad
+
+
+def _chunk_grads(head, piece, targets, teacher_part, vocab_size, kd_ratio, settings, params):
+    """(ce, kd | None, grads for [piece, *params]) for one chunk of positions."""
+    with torch.enable_grad():
+        logits = head(piece)[:, :vocab_size]  # (C, V): padded vocab rows dropped
+    dense = teacher_part is None or not isinstance(teacher_part, SparseRows)
+    if dense and settings["kind"] == "fkl":
+        ce, kd, grad_logits = _fkl_grad(logits.detach(), targets, teacher_part, kd_ratio, settings["temperature"])
+    else:  # other divergences and sparse teachers: autograd on the chunk's logits
+        student = logits.detach().float().requires_grad_(True)
+        with torch.enable_grad():
+            ce = token_cross_entropy(student, targets).sum()
+            kd = None if teacher_part is None else kd_values(student, teacher_part, settings).sum()
+            loss = ce if kd is None else (1.0 - kd_ratio) * ce + kd_ratio * kd
+        grad_logits, = torch.autograd.grad(loss, student)
+        ce, kd = ce.detach(), None if kd is None else kd.detach()
+    grads = torch.autograd.grad(logits, [piece, *params], grad_outputs=grad_logits.to(logits.dtype),
+                                allow_unused=True)
+    return ce, kd, grads
 
 
 class _FusedChunkedLoss(torch.autograd.Function):
@@ -39,26 +84,24 @@ class _FusedChunkedLoss(torch.autograd.Function):
     def forward(ctx, hidden, targets, head, teacher_rows, vocab_size, kd_ratio, settings, chunk_size, *params):
         grad_hidden = torch.zeros_like(hidden)
         grad_params = [torch.zeros_like(p) for p in params]
-        total = hidden.new_zeros((), dtype=torch.float32)
-        ce_total = total.clone()
-        kd_total = total.clone()
+        ce_total = hidden.new_zeros((), dtype=torch.float32)
+        kd_total = ce_total.clone()
         for start in range(0, hidden.shape[0], chunk_size):
             rows = slice(start, start + chunk_size)
             piece = hidden[rows].detach().requires_grad_(True)
             teacher_part = None if teacher_rows is None else teacher_rows[rows]
-            with torch.enable_grad():
-                loss, ce, kd = _chunk_loss(head, piece, targets[rows], teacher_part, vocab_size, kd_ratio, settings)
-            grads = torch.autograd.grad(loss, [piece, *params], allow_unused=True)
+            ce, kd, grads = _chunk_grads(head, piece, targets[rows], teacher_part, vocab_size, kd_ratio, settings,
+                                         params)
             grad_hidden[rows] = grads[0]
             for acc, grad in zip(grad_params, grads[1:]):
                 if grad is not None:
                     acc += grad
-            total += loss.detach()
-            ce_total += ce.detach()
+            ce_total += ce
             if kd is not None:
-                kd_total += kd.detach()
+                kd_total += kd
         ctx.save_for_backward(grad_hidden, *grad_params)
         ctx.mark_non_differentiable(ce_total, kd_total)
+        total = ce_total.clone() if teacher_rows is None else (1.0 - kd_ratio) * ce_total + kd_ratio * kd_total
         return total, ce_total, kd_total
 
     @staticmethod

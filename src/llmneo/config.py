@@ -73,7 +73,7 @@ class Config:
     kd_beta: float = _f(0.5, "Mixture weight beta of jsd: m = beta*p_T + (1-beta)*p_S (0 = fkl, 1 = rkl).")
     kd_skew: float = _f(0.1, "Skew alpha of skew_fkl / skew_rkl (DistiLLM).")
     kd_chunk_size: int = _f(
-        1024, "Response positions per chunk of the fused CE+KD loss: at most this many x vocab logits are "
+        256, "Response positions per chunk of the fused CE+KD loss: at most this many x vocab logits are "
         "alive per model. 0 materialises full logits (the reference path; more memory).")
     teacher_cache: str | None = _f(
         None, "Offline teacher top-k cache dir. `llmneo cache` writes it; `llmneo train` reads it instead of "
