@@ -28,20 +28,32 @@ def reset_peak() -> None:
     Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
 
 
-def measure(step, repeats: int = 2) -> dict:
-    """Run `step` once to warm up, then `repeats` times; peak RSS above the RSS just before the runs."""
-    step()
+def measure(step, repeats: int = 2, baseline_before_warmup: bool = False) -> dict:
+    """Run `step` once to warm up, then `repeats` times: median time, peak RSS above the baseline RSS.
+
+    With `baseline_before_warmup`, the baseline is taken before the warm-up step, so state a step
+    allocates once (optimizer moments) counts as the step's memory.
+    """
     import gc
 
     gc.collect()
-    baseline = rss_bytes()
-    reset_peak()
-    started = time.perf_counter()
+    if baseline_before_warmup:
+        baseline = rss_bytes()
+        reset_peak()
+    step()
+    gc.collect()
+    if not baseline_before_warmup:
+        baseline = rss_bytes()
+        reset_peak()
+    times = []
     for _ in range(repeats):
+        started = time.perf_counter()
         step()
-    seconds = (time.perf_counter() - started) / repeats
+        times.append(time.perf_counter() - started)
+    times.sort()
+    seconds = times[len(times) // 2]  # the median: robust to a noisy neighbour on a shared CPU
     return {"seconds": seconds, "peak_above_baseline_bytes": max(peak_rss_bytes() - baseline, 0),
-            "baseline_bytes": baseline}
+            "baseline_bytes": baseline, "times": times}
 
 
 def in_fresh_process(script: str, args: list[str], timeout: int = 1800) -> dict:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from llmneo.losses import sparse_token_divergence, token_cross_entropy, token_divergence
+from llmneo.losses import masked_logsumexp, sparse_token_divergence, token_cross_entropy, token_divergence
 from llmneo.teacher import SparseRows
 
 
@@ -59,13 +59,45 @@ def _fkl_grad(logits: torch.Tensor, targets: torch.Tensor, teacher_logits, kd_ra
     return ce, kd, grad
 
 
+def _sparse_fkl_grad(logits: torch.Tensor, targets: torch.Tensor, teacher: SparseRows, kd_ratio: float):
+    """CE and sparse forward-KL (T = 1) sums and their gradient w.r.t. `logits` (C, V), in closed form.
+
+    Over the k+1 buckets (top-k tokens, tail), d KL / ds_v is p_S(v) - p_T(v) for a top-k token and
+    p_S(v)·(1 - p_T(tail) / p_S(tail)) for any other token.
+    """
+    s = logits.float()
+    rows = torch.arange(s.shape[0], device=s.device)
+    lse = torch.logsumexp(s, dim=-1)  # (C,)
+    ce = (lse - s[rows, targets]).sum()
+    logp_topk = s.gather(-1, teacher.ids) - lse.unsqueeze(-1)  # (C, k)
+    in_tail = torch.ones_like(s, dtype=torch.bool).scatter_(-1, teacher.ids, False)  # (C, V)
+    tail_student = masked_logsumexp(s, in_tail) - lse  # (C,)
+    del in_tail
+    teacher_logp = teacher.logprobs.float()
+    teacher_tail = teacher.tail.float()
+    p_teacher = teacher_logp.exp()  # (C, k)
+    kd_terms = (p_teacher * (teacher_logp - logp_topk)).sum(-1)
+    tail_mass = teacher_tail.exp()
+    kd_terms = kd_terms + torch.where(tail_mass > 0, tail_mass * (teacher_tail - tail_student), 0.0)
+    kd = kd_terms.sum()
+    grad = torch.softmax(s, dim=-1)  # (C, V): p_S, becomes the gradient in place
+    p_student_topk = logp_topk.exp()  # (C, k)
+    tail_factor = 1.0 - torch.where(tail_mass > 0, (teacher_tail - tail_student).exp(), 0.0)  # (C,)
+    grad.mul_((1.0 - kd_ratio) + kd_ratio * tail_factor.unsqueeze(-1))  # every token as if in the tail
+    grad.scatter_(-1, teacher.ids, p_student_topk - kd_ratio * p_teacher)  # top-k: p_S - r·p_T
+    grad[rows, targets] -= 1.0 - kd_ratio
+    return ce, kd, grad
+
+
 def _chunk_grads(head, piece, targets, teacher_part, vocab_size, kd_ratio, settings, params):
     """(ce, kd | None, grads for [piece, *params]) for one chunk of positions."""
     with torch.enable_grad():
         logits = head(piece)[:, :vocab_size]  # (C, V): padded vocab rows dropped
-    dense = teacher_part is None or not isinstance(teacher_part, SparseRows)
-    if dense and settings["kind"] == "fkl":
+    sparse = isinstance(teacher_part, SparseRows)
+    if settings["kind"] == "fkl" and not sparse:
         ce, kd, grad_logits = _fkl_grad(logits.detach(), targets, teacher_part, kd_ratio, settings["temperature"])
+    elif settings["kind"] == "fkl" and settings["temperature"] == 1.0:
+        ce, kd, grad_logits = _sparse_fkl_grad(logits.detach(), targets, teacher_part, kd_ratio)
     else:  # other divergences and sparse teachers: autograd on the chunk's logits
         student = logits.detach().float().requires_grad_(True)
         with torch.enable_grad():

@@ -15,31 +15,41 @@ from pathlib import Path
 import torch
 import yaml
 
-from llmneo import data, models, run_dir
+from llmneo import data, heads, models, run_dir
 from llmneo.config import Config
 from llmneo.errors import LlmneoError
 from llmneo.losses import response_positions, token_cross_entropy, token_divergence
 
 
 @torch.no_grad()
-def response_metrics(model, examples: list[dict], pad_token_id: int, vocab_size: int, *,
-                     teacher=None, batch_size: int = 8, device: torch.device | str = "cpu") -> dict:
-    """Perplexity (and, with a teacher, KL and top-1 agreement) over the response tokens of `examples`."""
+def response_metrics(model, examples: list[dict], pad_token_id: int, vocab_size: int, *, teacher=None,
+                     batch_size: int = 8, device: torch.device | str = "cpu", chunk_size: int = 256) -> dict:
+    """Perplexity (and, with a teacher, KL and top-1 agreement) over the response tokens of `examples`.
+
+    Like training, it projects only the response positions, `chunk_size` at a time, through each
+    model's own head, so a 128k vocabulary never needs [batch, seq, V] logits.
+    """
     if not examples:
         raise LlmneoError("nothing to evaluate: the dataset has no example with a response token")
+    student_head, _ = heads.output_head(model)
+    teacher_head = heads.output_head(teacher)[0] if teacher is not None else None
     ce_sum, kl_sum, agree, tokens = 0.0, 0.0, 0, 0
     for start in range(0, len(examples), batch_size):
         batch = data.collate(examples[start:start + batch_size], pad_token_id)
         batch = {k: v.to(device) for k, v in batch.items()}
         positions, targets = response_positions(batch["labels"])
-        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "use_cache": False}
-        student = model(**inputs).logits[positions][:, :vocab_size]  # (N, V)
-        ce_sum += float(token_cross_entropy(student, targets).sum())
-        tokens += targets.numel()
+        hidden = heads.final_hidden_states(model, batch["input_ids"], batch["attention_mask"])[positions]
         if teacher is not None:
-            reference = teacher(**inputs).logits[positions][:, :vocab_size]  # (N, V)
-            kl_sum += float(token_divergence(student, reference, "fkl").sum())
-            agree += int((student.argmax(-1) == reference.argmax(-1)).sum())
+            teacher_hidden = heads.final_hidden_states(teacher, batch["input_ids"], batch["attention_mask"])[positions]
+        for first in range(0, len(targets), chunk_size):
+            rows = slice(first, first + chunk_size)
+            student = student_head(hidden[rows])[:, :vocab_size]  # (C, V)
+            ce_sum += float(token_cross_entropy(student, targets[rows]).sum())
+            if teacher is not None:
+                reference = teacher_head(teacher_hidden[rows])[:, :vocab_size]  # (C, V)
+                kl_sum += float(token_divergence(student, reference, "fkl").sum())
+                agree += int((student.argmax(-1) == reference.argmax(-1)).sum())
+        tokens += targets.numel()
     ce = ce_sum / tokens
     out = {"perplexity": math.exp(ce), "ce_loss": ce, "tokens": tokens}
     if teacher is not None:

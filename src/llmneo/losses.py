@@ -136,7 +136,7 @@ def sparse_token_divergence(
     logp_student = F.log_softmax(_upcast(student_logits) / temperature, dim=-1)  # (..., V)
     in_topk = torch.zeros_like(logp_student, dtype=torch.bool).scatter_(-1, topk_ids, True)  # (..., V)
     student_topk = logp_student.gather(-1, topk_ids)  # (..., k)
-    student_tail = _masked_logsumexp(logp_student, ~in_topk)  # (...)
+    student_tail = masked_logsumexp(logp_student, ~in_topk)  # (...)
     student_buckets = torch.cat([student_topk, student_tail.unsqueeze(-1)], dim=-1)  # (..., k+1)
     teacher_buckets = torch.cat([_upcast(topk_logprobs), _upcast(tail_logmass).unsqueeze(-1)], dim=-1)
     teacher_buckets = F.log_softmax(teacher_buckets / temperature, dim=-1)  # (..., k+1)
@@ -144,7 +144,7 @@ def sparse_token_divergence(
     return per_position * temperature**2
 
 
-def _masked_logsumexp(values: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+def masked_logsumexp(values: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     """logsumexp over the `keep` entries of the last dim; -inf (with zero gradient) where none is kept."""
     empty = ~keep.any(-1)  # (...)
     # Rows with nothing kept would be logsumexp(-inf, ...), whose backward is NaN: feed zeros instead.
