@@ -12,6 +12,7 @@ import warnings
 
 from llmneo import config as config_mod
 from llmneo.errors import LlmneoError
+from llmneo.preemption import Preempted
 
 COMMANDS = {
     "train": ("Train a student (Neo, KD, LoRA or SFT, chosen by the config).", True),
@@ -84,8 +85,9 @@ def dispatch(command: str, args: list[str]) -> int:
         from llmneo import train
 
         results = train.run(cfg)
-        print(f"llmneo: trained {results['method']} in {results['train_runtime']:.1f}s, "
-              f"final loss {results['final_loss']:.4f}; results in {cfg.output_dir}")
+        if _is_main_process():
+            print(f"llmneo: trained {results['method']} in {results['train_runtime']:.1f}s, "
+                  f"final loss {results['final_loss']:.4f}; results in {cfg.output_dir}")
     elif command == "export":
         from llmneo import export
 
@@ -110,6 +112,10 @@ def dispatch(command: str, args: list[str]) -> int:
     return 0
 
 
+def _is_main_process() -> bool:
+    return os.environ.get("RANK", "0") == "0"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     ns = parser.parse_args(argv)
@@ -122,6 +128,12 @@ def main(argv: list[str] | None = None) -> int:
     except LlmneoError as exc:
         print(f"llmneo: error: {exc}", file=sys.stderr)
         return 2
+    except Preempted as stop:
+        if _is_main_process():
+            print(f"llmneo: stopped by {stop.signal_name} after step {stop.step}; checkpoint written to "
+                  f"{stop.checkpoint_dir}. Resume with the same command plus resume_from_checkpoint=auto",
+                  file=sys.stderr)
+        return stop.exit_code
     except KeyboardInterrupt:
         print("llmneo: interrupted", file=sys.stderr)
         return 130

@@ -122,6 +122,9 @@ class Config:
     logging_steps: int = _f(10, "Write a metrics.jsonl row every this many optimizer steps.")
     save_steps: int = _f(500, "Write output_dir/checkpoint-STEP every this many optimizer steps.")
     save_total_limit: int | None = _f(None, "Keep only the newest N checkpoints.")
+    resume_from_checkpoint: str | None = _f(
+        None, "Continue a run exactly: 'auto' (the newest output_dir/checkpoint-STEP; a fresh start if there is "
+        "none) or a checkpoint path. No overwrite flag needed.")
     plot_loss: bool = _f(False, "Write training_loss.png (needs matplotlib: pip install llmneo[plot]).")
     ddp_timeout: int = _f(1800, "Distributed process-group timeout in seconds.")
     # --- evaluation ---------------------------------------------------------------------------

@@ -251,3 +251,35 @@ def _read_hub(name: str, dataset_dir: str, limit: int | None, subset=None, split
         reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
         raise LlmneoError(f"dataset '{name}' was not found locally (nor under dataset_dir={dataset_dir}) or "
                           f"on the Hugging Face Hub ({reason}); check the name or give a local path") from None
+
+
+class EpochSampler(torch.utils.data.Sampler):
+    """A shuffle that depends only on (seed, epoch), so a resumed run can rebuild any epoch's order."""
+
+    def __init__(self, size: int, seed: int):
+        self.size, self.seed, self.epoch = size, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        return iter(torch.randperm(self.size, generator=generator).tolist())
+
+
+def micro_batches(loader, accelerator, start: int = 0):
+    """Micro-batches across epochs from micro-batch number `start` on (per rank), reshuffled each epoch.
+
+    Resuming mid-epoch skips the consumed batches of that epoch by index only: nothing before them is
+    read or collated.
+    """
+    per_epoch = len(loader)
+    epoch, skip = divmod(start, per_epoch)
+    while True:
+        loader.set_epoch(epoch)
+        for batch in accelerator.skip_first_batches(loader, skip) if skip else loader:
+            yield batch
+        epoch, skip = epoch + 1, 0

@@ -13,8 +13,8 @@ batch of 8 and four accumulated batches of 2 give the same gradient.
 from __future__ import annotations
 
 import contextlib
+import json
 import math
-import resource
 import time
 import warnings
 from dataclasses import dataclass
@@ -25,9 +25,9 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from llmneo import adapters, cache, data, heads, models, plot, run_dir
+from llmneo import adapters, cache, checkpoint, data, heads, memory, models, plot, preemption, run_dir
 from llmneo.chunked import fused_loss, kd_values
-from llmneo.config import Config, to_dict
+from llmneo.config import Config
 from llmneo.errors import LlmneoError
 from llmneo.losses import response_positions, token_cross_entropy
 from llmneo.teacher import LiveTeacher
@@ -93,30 +93,6 @@ def accumulate(accelerator, model, teacher, micro: list[dict], config: Config, v
     return ce_sum, kd_sum, seen, n_global
 
 
-def reset_peak_memory(device: torch.device) -> None:
-    """Start a fresh peak-memory measurement (CUDA stats; the kernel's RSS high-water mark on Linux)."""
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-        return
-    try:  # "5" resets VmHWM (Linux >= 4.0), so several runs in one process are measured separately
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        pass
-
-
-def peak_memory_bytes(device: torch.device) -> int:
-    """CUDA max allocated on GPU; the process's peak RSS on CPU (since the last reset where supported)."""
-    if device.type == "cuda":
-        return int(torch.cuda.max_memory_allocated(device))
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024  # reported in kB
-    except OSError:
-        pass
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB
-
-
 def _optimizer(model: torch.nn.Module, config: Config) -> torch.optim.Optimizer:
     params = adapters.trainable_parameters(model)
     # No weight decay on biases and norm gains (1-D tensors), as in HF Trainer.
@@ -127,23 +103,24 @@ def _optimizer(model: torch.nn.Module, config: Config) -> torch.optim.Optimizer:
                              betas=(config.adam_beta1, config.adam_beta2), eps=config.adam_epsilon)
 
 
-def _micro_batches(dataloader):
-    """Micro-batches across epochs, reshuffled each epoch: yields (epoch_index, batch)."""
-    epoch = 0
-    while True:
-        if hasattr(dataloader, "set_epoch"):
-            dataloader.set_epoch(epoch)
-        for batch in dataloader:
-            yield epoch, batch
-        epoch += 1
-
-
 def _warn_about_teacher(config: Config) -> None:
     if config.has_teacher and config.kd_ratio == 0:
         warnings.warn(f"kd_ratio is 0: the teacher is not loaded and this is plain {config.method} training")
     elif not config.has_teacher:
         warnings.warn(f"no teacher_model_name_or_path: training on CE alone ({config.method}); "
                       f"kd_ratio={config.kd_ratio} is ignored. Set a teacher for Neo/KD")
+
+
+def _writable(what: str):
+    """Turn an OSError while writing results into a one-line user error."""
+    @contextlib.contextmanager
+    def guard():
+        try:
+            yield
+        except OSError as exc:
+            raise LlmneoError(f"cannot write {what}: {exc.strerror or exc}; free disk space or make output_dir "
+                              f"writable, then resume with resume_from_checkpoint=auto") from None
+    return guard()
 
 
 def run(config: Config) -> dict:
@@ -153,16 +130,22 @@ def run(config: Config) -> dict:
 
     precision = models.resolve_precision(config)
     accelerator = Accelerator(
-        mixed_precision=precision.mixed_precision,
+        mixed_precision=precision.mixed_precision, cpu=not torch.cuda.is_available(),
         kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=config.ddp_timeout))],
     )
     main = accelerator.is_main_process
     if main:
         _warn_about_teacher(config)
-    out = run_dir.prepare(config.output_dir, config.overwrite_output_dir) if main else Path(config.output_dir)
+    resume_from = checkpoint.resolve(config)
+    if main:
+        # Resuming continues in the run's own output_dir: no overwrite flag needed, nothing cleared.
+        overwrite = config.overwrite_output_dir or config.resume_from_checkpoint == "auto"
+        out = Path(config.output_dir) if resume_from is not None else run_dir.prepare(config.output_dir, overwrite)
+    else:
+        out = Path(config.output_dir)
     accelerator.wait_for_everyone()
     set_seed(config.seed)
-    reset_peak_memory(accelerator.device)
+    memory.reset_peak(accelerator.device)
 
     cached = config.uses_kd and config.teacher_cache is not None
     loaded = models.load(config, precision, with_teacher=config.uses_kd and not cached)
@@ -172,9 +155,8 @@ def run(config: Config) -> dict:
     model = adapters.apply(loaded.student, config)
     trainable, total = adapters.count_params(model)
     collate = partial(data.collate, pad_token_id=loaded.tokenizer.pad_token_id)
-    loader = torch.utils.data.DataLoader(
-        splits.train, batch_size=config.per_device_train_batch_size, shuffle=True, collate_fn=collate,
-        generator=torch.Generator().manual_seed(config.seed))
+    loader = torch.utils.data.DataLoader(splits.train, batch_size=config.per_device_train_batch_size,
+                                         sampler=data.EpochSampler(len(splits.train), config.seed), collate_fn=collate)
     optimizer = _optimizer(model, config)
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
     if cached:
@@ -184,8 +166,6 @@ def run(config: Config) -> dict:
         teacher = LiveTeacher(loaded.teacher, loaded.vocab_size).to(accelerator.device)
     else:
         teacher = None
-    if main:
-        _announce(config, trainable, total, len(splits.train), cached)
 
     accum = config.gradient_accumulation_steps
     if config.max_steps > 0:
@@ -197,72 +177,93 @@ def run(config: Config) -> dict:
 
     scheduler = get_scheduler(config.lr_scheduler_type, optimizer, num_warmup_steps=warmup,
                               num_training_steps=total_steps)
+    progress = checkpoint.Progress()
+    if resume_from is not None:
+        progress = checkpoint.load(resume_from, accelerator, model, optimizer, scheduler, config)
+        if main:
+            with _writable(out / "metrics.jsonl"):  # the steps after the checkpoint will be logged again
+                (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in progress.history))
+            print(f"llmneo: resuming from {resume_from} (step {progress.step} of {total_steps})", flush=True)
+    if main:
+        _announce(config, trainable, total, len(splits.train), cached)
     params = [p for p in model.parameters() if p.requires_grad]
     kd_ratio = config.kd_ratio if teacher is not None else 0.0
-
-    history: list[dict] = []
-    window = {"ce": 0.0, "kd": 0.0, "tokens": 0, "seen": 0, "start": time.perf_counter()}
-    train_tokens = 0
-    started = time.perf_counter()
-    stream = _micro_batches(loader)
-    micro_seen = 0
-    bar = tqdm(total=total_steps, desc=f"llmneo {config.method}", disable=not main, dynamic_ncols=True)
+    stream = data.micro_batches(loader, accelerator, start=progress.micro_seen)
+    window_start = started = time.perf_counter()
+    bar = tqdm(total=total_steps, initial=progress.step, desc=f"llmneo {config.method}", disable=not main,
+               dynamic_ncols=True)
     model.train()
-    last = {}
-    for step in range(1, total_steps + 1):
-        micro = [next(stream)[1] for _ in range(accum)]
-        micro_seen += accum
-        ce_sum, kd_sum, seen, n_global = accumulate(accelerator, model, teacher, micro, config,
-                                                    loaded.vocab_size, kd_ratio)
-        grad_norm = accelerator.clip_grad_norm_(params, config.max_grad_norm or float("inf"))
-        totals = accelerator.reduce(torch.stack([ce_sum, kd_sum, seen.float()]), "sum")
-        step_ce = float(totals[0]) / max(n_global, 1)
-        step_kd = float(totals[1]) / max(n_global, 1) if teacher is not None else None
-        step_loss = step_ce if step_kd is None else (1 - kd_ratio) * step_ce + kd_ratio * step_kd
-        if not (math.isfinite(step_loss) and math.isfinite(float(grad_norm))) and precision.mixed_precision != "fp16":
-            raise LlmneoError(f"non-finite loss or gradient at step {step} (loss={step_loss}, grad_norm="
-                              f"{float(grad_norm)}); lower learning_rate or use bf16 instead of fp16")
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+    last: dict = {}
+    with preemption.StopRequests() as stop:
+        for step in range(progress.step + 1, total_steps + 1):
+            micro = [next(stream) for _ in range(accum)]
+            ce_sum, kd_sum, seen, n_global = accumulate(accelerator, model, teacher, micro, config,
+                                                        loaded.vocab_size, kd_ratio)
+            grad_norm = float(accelerator.clip_grad_norm_(params, config.max_grad_norm or float("inf")))
+            totals = accelerator.reduce(torch.stack([ce_sum, kd_sum, seen.float()]), "sum")
+            step_ce = float(totals[0]) / max(n_global, 1)
+            step_kd = float(totals[1]) / max(n_global, 1) if teacher is not None else None
+            step_loss = step_ce if step_kd is None else (1 - kd_ratio) * step_ce + kd_ratio * step_kd
+            if not (math.isfinite(step_loss) and math.isfinite(grad_norm)) and precision.mixed_precision != "fp16":
+                kept = run_dir.checkpoints(out)
+                raise LlmneoError(
+                    f"non-finite loss or gradient at step {step} (loss={step_loss}, grad_norm={grad_norm}); "
+                    f"lower learning_rate or use bf16 instead of fp16"
+                    + (f"; the last good checkpoint is {kept[-1][1]}" if kept else ""))
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
 
-        window["ce"] += float(totals[0])
-        window["kd"] += float(totals[1])
-        window["tokens"] += n_global
-        window["seen"] += int(totals[2])
-        train_tokens += int(totals[2])
-        last = {"loss": step_loss, "ce": step_ce, "kd": step_kd}
-        bar.update(1)
-        if step % config.logging_steps == 0 or step == total_steps:
-            row = _log_row(step, micro_seen / len(loader), window, kd_ratio, teacher is not None,
-                           scheduler.get_last_lr()[0], float(grad_norm))
-            history.append(row)
-            if main:
-                run_dir.append_jsonl(out / "metrics.jsonl", row)
-                bar.set_postfix(loss=f"{row['loss']:.4f}", ce=f"{row['ce_loss']:.4f}",
-                                kd="-" if row["kd_loss"] is None else f"{row['kd_loss']:.4f}",
-                                lr=f"{row['learning_rate']:.2e}", tok_s=f"{row['tokens_per_second']:.0f}")
-            window = {"ce": 0.0, "kd": 0.0, "tokens": 0, "seen": 0, "start": time.perf_counter()}
-        if step % config.save_steps == 0 and step != total_steps:
-            _save_checkpoint(accelerator, model, loaded.tokenizer, out, step, config, history)
+            progress.step, progress.micro_seen = step, progress.micro_seen + accum
+            window = progress.window
+            window["ce"] += float(totals[0])
+            window["kd"] += float(totals[1])
+            window["tokens"] += n_global
+            window["seen"] += int(totals[2])
+            progress.train_tokens += int(totals[2])
+            last = {"loss": step_loss, "ce": step_ce, "kd": step_kd}
+            bar.update(1)
+            if step % config.logging_steps == 0 or step == total_steps:
+                row = _log_row(step, progress.micro_seen / len(loader), window, kd_ratio, teacher is not None,
+                               scheduler.get_last_lr()[0], grad_norm, time.perf_counter() - window_start)
+                progress.history.append(row)
+                if main:
+                    with _writable(out / "metrics.jsonl"):
+                        run_dir.append_jsonl(out / "metrics.jsonl", row)
+                    bar.set_postfix(loss=f"{row['loss']:.4f}", ce=f"{row['ce_loss']:.4f}",
+                                    kd="-" if row["kd_loss"] is None else f"{row['kd_loss']:.4f}",
+                                    lr=f"{row['learning_rate']:.2e}", tok_s=f"{row['tokens_per_second']:.0f}")
+                progress.window = {"ce": 0.0, "kd": 0.0, "tokens": 0, "seen": 0}
+                window_start = time.perf_counter()
+            stopping = preemption.stop_agreed(accelerator, stop.signal_name is not None)
+            if step % config.save_steps == 0 or step == total_steps or stopping:
+                progress.runtime += time.perf_counter() - started
+                started = time.perf_counter()
+                saved = checkpoint.save(accelerator, model, loaded.tokenizer, optimizer, scheduler, out, progress,
+                                        config)
+            if stopping:
+                bar.close()
+                raise preemption.Preempted(stop.signal_name or "SIGTERM", step, saved)
     bar.close()
-    runtime = time.perf_counter() - started
+    progress.runtime += time.perf_counter() - started
+    runtime = progress.runtime
 
     results = {
         "method": config.method,
         "train_runtime": runtime,
-        "train_tokens": train_tokens,
-        "tokens_per_second": train_tokens / runtime if runtime > 0 else 0.0,
+        "train_tokens": progress.train_tokens,
+        "tokens_per_second": progress.train_tokens / runtime if runtime > 0 else 0.0,
         "trainable_params": trainable,
         "total_params": total,
-        "peak_memory_bytes": peak_memory_bytes(accelerator.device),
-        "final_loss": last.get("loss"),
+        "peak_memory_bytes": memory.peak_bytes(accelerator.device),
+        "final_loss": last.get("loss", progress.history[-1]["loss"] if progress.history else None),
         "final_ce_loss": last.get("ce"),
         "final_kd_loss": last.get("kd"),
         "global_step": total_steps,
-        "epoch": micro_seen / len(loader),
+        "epoch": progress.micro_seen / len(loader),
         "kd_ratio": kd_ratio,
         "kd_loss_kind": config.kd_loss if teacher is not None else None,
+        "resumed_from": str(resume_from) if resume_from is not None else None,
     }
     if splits.eval:
         # A cache holds the training split only, so held-out KD needs a live teacher.
@@ -271,10 +272,11 @@ def run(config: Config) -> dict:
                                       accelerator))
     accelerator.wait_for_everyone()
     if main:
-        _save_model(accelerator, model, loaded.tokenizer, out)
-        if config.plot_loss:
-            plot.training_loss(history, out / "training_loss.png", title=f"llmneo {config.method}")
-        run_dir.write_json(out / "train_results.json", results)
+        with _writable(out):
+            _save_model(accelerator, model, loaded.tokenizer, out)
+            if config.plot_loss:
+                plot.training_loss(progress.history, out / "training_loss.png", title=f"llmneo {config.method}")
+            run_dir.write_json(out / "train_results.json", results)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return results
@@ -287,11 +289,10 @@ def _announce(config: Config, trainable: int, total: int, examples: int, cached:
           f"({100 * trainable / max(total, 1):.2f}%) | {source} | {examples} training examples", flush=True)
 
 
-def _log_row(step, epoch, window, kd_ratio, has_teacher, lr, grad_norm) -> dict:
+def _log_row(step, epoch, window, kd_ratio, has_teacher, lr, grad_norm, elapsed) -> dict:
     tokens = max(window["tokens"], 1)
     ce = window["ce"] / tokens
     kd = window["kd"] / tokens if has_teacher else None
-    elapsed = time.perf_counter() - window["start"]
     return {
         "step": step,
         "epoch": round(epoch, 4),
@@ -329,13 +330,3 @@ def _save_model(accelerator, model, tokenizer, directory: Path) -> None:
     unwrapped = accelerator.unwrap_model(model)
     unwrapped.save_pretrained(directory, safe_serialization=True)
     tokenizer.save_pretrained(directory)
-
-
-def _save_checkpoint(accelerator, model, tokenizer, out: Path, step: int, config: Config, history) -> None:
-    if not accelerator.is_main_process:
-        return
-    staged = run_dir.staging_dir(out, step)
-    _save_model(accelerator, model, tokenizer, staged)
-    run_dir.write_json(staged / "trainer_state.json", {"global_step": step, "log_history": history,
-                                                       "config": to_dict(config)})
-    run_dir.commit_checkpoint(out, staged, step, config.save_total_limit)
