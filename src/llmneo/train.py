@@ -155,8 +155,11 @@ def run(config: Config) -> dict:
     model = adapters.apply(loaded.student, config)
     trainable, total = adapters.count_params(model)
     collate = partial(data.collate, pad_token_id=loaded.tokenizer.pad_token_id)
+    # The loader's own generator: creating an iterator (each epoch, or on resume) must not draw from the
+    # global RNG that dropout uses, or a resumed run would drift from an uninterrupted one.
     loader = torch.utils.data.DataLoader(splits.train, batch_size=config.per_device_train_batch_size,
-                                         sampler=data.EpochSampler(len(splits.train), config.seed), collate_fn=collate)
+                                         sampler=data.EpochSampler(len(splits.train), config.seed), collate_fn=collate,
+                                         generator=torch.Generator().manual_seed(config.seed))
     optimizer = _optimizer(model, config)
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
     if cached:
