@@ -66,9 +66,9 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _unwritable(what: Path, exc: OSError) -> LlmneoError:
-    return LlmneoError(f"cannot write {what}: {exc.strerror or exc}; free disk space or make output_dir "
-                       f"writable, then resume with resume_from_checkpoint=auto")
+def unwritable(what: Path, reason: str) -> LlmneoError:
+    return LlmneoError(f"cannot write {what}: {reason}; free disk space or make output_dir writable, then "
+                       f"resume with resume_from_checkpoint=auto")
 
 
 def save(accelerator, model, tokenizer, optimizer, scheduler, out: Path, progress: Progress, config: Config) -> Path:
@@ -93,10 +93,13 @@ def save(accelerator, model, tokenizer, optimizer, scheduler, out: Path, progres
             final = run_dir.commit_checkpoint(out, staged, progress.step, config.save_total_limit)
         accelerator.wait_for_everyone()
         return final
-    except OSError as exc:
+    except Exception as exc:
+        reason = run_dir.write_failure(exc)
+        if reason is None:
+            raise
         if accelerator.is_main_process:
             shutil.rmtree(staged, ignore_errors=True)
-        raise _unwritable(staged, exc) from None
+        raise unwritable(out / f"checkpoint-{progress.step}", reason) from None
 
 
 def resolve(config: Config) -> Path | None:

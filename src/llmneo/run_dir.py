@@ -48,6 +48,22 @@ def prepare(path: str | None, overwrite: bool, key: str = "output_dir") -> Path:
     return out
 
 
+def write_failure(exc: BaseException) -> str | None:
+    """The reason, when `exc` is a failed write (disk full, read-only...), else None.
+
+    safetensors and torch.save report a full disk as their own exception types, not OSError.
+    """
+    if isinstance(exc, OSError):
+        return exc.strerror or str(exc)
+    text = str(exc)
+    if type(exc).__name__ == "SafetensorError" or (isinstance(exc, RuntimeError) and "write" in text.lower()):
+        for known in ("No space left on device", "Read-only file system", "Permission denied"):
+            if known in text:
+                return known
+        return text.splitlines()[0] if text else type(exc).__name__
+    return None
+
+
 def write_json(path: Path, data: dict[str, Any]) -> None:
     """Write JSON to a temp file in the same folder, then rename: readers never see half a file."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")

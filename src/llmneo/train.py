@@ -111,16 +111,16 @@ def _warn_about_teacher(config: Config) -> None:
                       f"kd_ratio={config.kd_ratio} is ignored. Set a teacher for Neo/KD")
 
 
-def _writable(what: str):
-    """Turn an OSError while writing results into a one-line user error."""
-    @contextlib.contextmanager
-    def guard():
-        try:
-            yield
-        except OSError as exc:
-            raise LlmneoError(f"cannot write {what}: {exc.strerror or exc}; free disk space or make output_dir "
-                              f"writable, then resume with resume_from_checkpoint=auto") from None
-    return guard()
+@contextlib.contextmanager
+def _writable(what):
+    """Turn a failed write of the run's results (disk full, read-only) into a one-line user error."""
+    try:
+        yield
+    except Exception as exc:
+        reason = run_dir.write_failure(exc)
+        if reason is None:
+            raise
+        raise checkpoint.unwritable(what, reason) from None
 
 
 def run(config: Config) -> dict:
@@ -197,57 +197,58 @@ def run(config: Config) -> dict:
                dynamic_ncols=True)
     model.train()
     last: dict = {}
-    with preemption.StopRequests() as stop:
-        for step in range(progress.step + 1, total_steps + 1):
-            micro = [next(stream) for _ in range(accum)]
-            ce_sum, kd_sum, seen, n_global = accumulate(accelerator, model, teacher, micro, config,
-                                                        loaded.vocab_size, kd_ratio)
-            grad_norm = float(accelerator.clip_grad_norm_(params, config.max_grad_norm or float("inf")))
-            totals = accelerator.reduce(torch.stack([ce_sum, kd_sum, seen.float()]), "sum")
-            step_ce = float(totals[0]) / max(n_global, 1)
-            step_kd = float(totals[1]) / max(n_global, 1) if teacher is not None else None
-            step_loss = step_ce if step_kd is None else (1 - kd_ratio) * step_ce + kd_ratio * step_kd
-            if not (math.isfinite(step_loss) and math.isfinite(grad_norm)) and precision.mixed_precision != "fp16":
-                kept = run_dir.checkpoints(out)
-                raise LlmneoError(
-                    f"non-finite loss or gradient at step {step} (loss={step_loss}, grad_norm={grad_norm}); "
-                    f"lower learning_rate or use bf16 instead of fp16"
-                    + (f"; the last good checkpoint is {kept[-1][1]}" if kept else ""))
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+    try:
+        with preemption.StopRequests() as stop:
+            for step in range(progress.step + 1, total_steps + 1):
+                micro = [next(stream) for _ in range(accum)]
+                ce_sum, kd_sum, seen, n_global = accumulate(accelerator, model, teacher, micro, config,
+                                                            loaded.vocab_size, kd_ratio)
+                grad_norm = float(accelerator.clip_grad_norm_(params, config.max_grad_norm or float("inf")))
+                totals = accelerator.reduce(torch.stack([ce_sum, kd_sum, seen.float()]), "sum")
+                step_ce = float(totals[0]) / max(n_global, 1)
+                step_kd = float(totals[1]) / max(n_global, 1) if teacher is not None else None
+                step_loss = step_ce if step_kd is None else (1 - kd_ratio) * step_ce + kd_ratio * step_kd
+                if not (math.isfinite(step_loss) and math.isfinite(grad_norm)) and precision.mixed_precision != "fp16":
+                    kept = run_dir.checkpoints(out)
+                    raise LlmneoError(
+                        f"non-finite loss or gradient at step {step} (loss={step_loss}, grad_norm={grad_norm}); "
+                        f"lower learning_rate or use bf16 instead of fp16"
+                        + (f"; the last good checkpoint is {kept[-1][1]}" if kept else ""))
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
 
-            progress.step, progress.micro_seen = step, progress.micro_seen + accum
-            window = progress.window
-            window["ce"] += float(totals[0])
-            window["kd"] += float(totals[1])
-            window["tokens"] += n_global
-            window["seen"] += int(totals[2])
-            progress.train_tokens += int(totals[2])
-            last = {"loss": step_loss, "ce": step_ce, "kd": step_kd}
-            bar.update(1)
-            if step % config.logging_steps == 0 or step == total_steps:
-                row = _log_row(step, progress.micro_seen / len(loader), window, kd_ratio, teacher is not None,
-                               scheduler.get_last_lr()[0], grad_norm, time.perf_counter() - window_start)
-                progress.history.append(row)
-                if main:
-                    with _writable(out / "metrics.jsonl"):
-                        run_dir.append_jsonl(out / "metrics.jsonl", row)
-                    bar.set_postfix(loss=f"{row['loss']:.4f}", ce=f"{row['ce_loss']:.4f}",
-                                    kd="-" if row["kd_loss"] is None else f"{row['kd_loss']:.4f}",
-                                    lr=f"{row['learning_rate']:.2e}", tok_s=f"{row['tokens_per_second']:.0f}")
-                progress.window = {"ce": 0.0, "kd": 0.0, "tokens": 0, "seen": 0}
-                window_start = time.perf_counter()
-            stopping = preemption.stop_agreed(accelerator, stop.signal_name is not None)
-            if step % config.save_steps == 0 or step == total_steps or stopping:
-                progress.runtime += time.perf_counter() - started
-                started = time.perf_counter()
-                saved = checkpoint.save(accelerator, model, loaded.tokenizer, optimizer, scheduler, out, progress,
-                                        config)
-            if stopping:
-                bar.close()
-                raise preemption.Preempted(stop.signal_name or "SIGTERM", step, saved)
-    bar.close()
+                progress.step, progress.micro_seen = step, progress.micro_seen + accum
+                window = progress.window
+                window["ce"] += float(totals[0])
+                window["kd"] += float(totals[1])
+                window["tokens"] += n_global
+                window["seen"] += int(totals[2])
+                progress.train_tokens += int(totals[2])
+                last = {"loss": step_loss, "ce": step_ce, "kd": step_kd}
+                bar.update(1)
+                if step % config.logging_steps == 0 or step == total_steps:
+                    row = _log_row(step, progress.micro_seen / len(loader), window, kd_ratio, teacher is not None,
+                                   scheduler.get_last_lr()[0], grad_norm, time.perf_counter() - window_start)
+                    progress.history.append(row)
+                    if main:
+                        with _writable(out / "metrics.jsonl"):
+                            run_dir.append_jsonl(out / "metrics.jsonl", row)
+                        bar.set_postfix(loss=f"{row['loss']:.4f}", ce=f"{row['ce_loss']:.4f}",
+                                        kd="-" if row["kd_loss"] is None else f"{row['kd_loss']:.4f}",
+                                        lr=f"{row['learning_rate']:.2e}", tok_s=f"{row['tokens_per_second']:.0f}")
+                    progress.window = {"ce": 0.0, "kd": 0.0, "tokens": 0, "seen": 0}
+                    window_start = time.perf_counter()
+                stopping = preemption.stop_agreed(accelerator, stop.signal_name is not None)
+                if step % config.save_steps == 0 or step == total_steps or stopping:
+                    progress.runtime += time.perf_counter() - started
+                    started = time.perf_counter()
+                    saved = checkpoint.save(accelerator, model, loaded.tokenizer, optimizer, scheduler, out, progress,
+                                            config)
+                if stopping:
+                    raise preemption.Preempted(stop.signal_name or "SIGTERM", step, saved)
+    finally:
+        bar.close()  # ends the bar's line, so an error message starts on its own
     progress.runtime += time.perf_counter() - started
     runtime = progress.runtime
 
