@@ -61,7 +61,7 @@ def one(arm: str, device: str, dtype_name: str, lora_rank: int) -> dict:
     cfg = config.load(overrides={"finetuning_type": finetuning, "kd_chunk_size": 256, "lora_rank": lora_rank})
     teacher = None
     if arm != "lora_sft":
-        teacher = LiveTeacher(_model(768, 8, 2048, 1, dtype), VOCAB).to(dev)
+        teacher = LiveTeacher(_model(768, 8, 2048, 1, dtype).to(dev), VOCAB)
     if arm == "neo_cache":  # the rows a cache holds, computed once, outside the timed step
         positions, _ = response_positions(batch["labels"])
         dense = teacher.rows(batch, positions)

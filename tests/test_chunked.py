@@ -155,3 +155,16 @@ def test_qwen2_student_chunked(tmp_path, tokenizer, alpaca_file):
     want = _loss_and_grads(model, teacher, batch, config.load(overrides={**overrides, "lora_target": ALL_LORA,
                                                                          "kd_chunk_size": 0}), loaded.vocab_size)
     assert got[0] == pytest.approx(want[0], rel=1e-5)
+
+
+def test_teacher_full_logits_mode_matches_hidden_state_mode(base_overrides):
+    """The path used under FSDP / ZeRO-3 (teacher logits from its own forward, no chunking) gives the
+    same loss and gradients as the chunked default."""
+    cfg, loaded, model, teacher, batch = _setup(base_overrides, kd_chunk_size=4)
+    full = LiveTeacher(loaded.teacher, loaded.vocab_size, full_logits=True)
+    unchunked = config.load(overrides={**base_overrides, "lora_target": ALL_LORA, "kd_chunk_size": 0})
+    got = _loss_and_grads(model, full, batch, unchunked, loaded.vocab_size)
+    want = _loss_and_grads(model, teacher, batch, cfg, loaded.vocab_size)
+    assert got[0] == pytest.approx(want[0], rel=1e-5) and got[2] == pytest.approx(want[2], rel=1e-5)
+    for name in want[3]:
+        torch.testing.assert_close(got[3][name], want[3][name], rtol=1e-5, atol=1e-5, msg=name)

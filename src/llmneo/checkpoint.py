@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from llmneo import run_dir
+from llmneo import engines, run_dir
 from llmneo.config import Config
 from llmneo.errors import LlmneoError
 
@@ -79,10 +79,15 @@ def save(accelerator, model, tokenizer, optimizer, scheduler, out: Path, progres
             run_dir.staging_dir(out, progress.step)
         accelerator.wait_for_everyone()
         torch.save(rng_state(), staged / f"rng_state_{accelerator.process_index}.pt")
+        state_dict = engines.state_dict_for_saving(accelerator, model)  # every rank takes part when sharded
+        if engines.sharded(accelerator):  # each rank holds its own shard of the optimizer state
+            torch.save(optimizer.state_dict(), staged / _optimizer_file(accelerator))
         if accelerator.is_main_process:
-            accelerator.unwrap_model(model).save_pretrained(staged, safe_serialization=True)
+            extra = {} if state_dict is None else {"state_dict": state_dict}
+            accelerator.unwrap_model(model).save_pretrained(staged, safe_serialization=True, **extra)
             tokenizer.save_pretrained(staged)
-            torch.save(optimizer.state_dict(), staged / "optimizer.pt")
+            if not engines.sharded(accelerator):
+                torch.save(optimizer.state_dict(), staged / "optimizer.pt")
             torch.save(scheduler.state_dict(), staged / "scheduler.pt")
             state = {**asdict(progress), "world_size": accelerator.num_processes,
                      "config": {k: getattr(config, k) for k in MUST_MATCH}}
@@ -117,6 +122,10 @@ def resolve(config: Config) -> Path | None:
     return path
 
 
+def _optimizer_file(accelerator) -> str:
+    return f"optimizer_{accelerator.process_index}.pt" if engines.sharded(accelerator) else "optimizer.pt"
+
+
 def load(path: Path, accelerator, model, optimizer, scheduler, config: Config) -> Progress:
     """Restore weights, optimizer, scheduler and this rank's RNG; return the progress to continue from."""
     from safetensors import SafetensorError
@@ -125,7 +134,8 @@ def load(path: Path, accelerator, model, optimizer, scheduler, config: Config) -
     state_file = path / STATE
     rng_file = path / f"rng_state_{accelerator.process_index}.pt"
     weights = path / ("adapter_model.safetensors" if config.finetuning_type == "lora" else "model.safetensors")
-    for needed in (state_file, path / "optimizer.pt", path / "scheduler.pt", rng_file, weights):
+    optimizer_file = path / _optimizer_file(accelerator)
+    for needed in (state_file, optimizer_file, path / "scheduler.pt", rng_file, weights):
         if not needed.is_file():
             raise LlmneoError(f"checkpoint '{path}' is incomplete or corrupt: {needed.name} is missing; resume from "
                               f"another checkpoint-STEP or start again with overwrite_output_dir=true")
@@ -145,7 +155,7 @@ def load(path: Path, accelerator, model, optimizer, scheduler, config: Config) -
     try:
         tensors = load_file(str(weights))
         _load_weights(accelerator.unwrap_model(model), tensors, config)
-        optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True))
+        optimizer.load_state_dict(torch.load(optimizer_file, map_location="cpu", weights_only=True))
         scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
         set_rng_state(torch.load(rng_file, weights_only=True))
     except (SafetensorError, RuntimeError, ValueError, KeyError, EOFError, OSError) as exc:

@@ -50,20 +50,39 @@ class SparseRows:
         return SparseRows(self.ids.to(device), self.logprobs.to(device), self.tail.to(device))
 
 
-class LiveTeacher:
-    """A frozen teacher model run in eval mode under no_grad, in the dtype it was loaded in."""
+@dataclass
+class LogitRows:
+    """Teacher logits already computed for the response positions (sharded engines: see engines.py)."""
 
-    def __init__(self, model: torch.nn.Module, vocab_size: int):
+    logits: torch.Tensor  # (N, V)
+
+    def __len__(self) -> int:
+        return self.logits.shape[0]
+
+    def __getitem__(self, rows: slice) -> torch.Tensor:
+        return self.logits[rows]
+
+
+class LiveTeacher:
+    """A frozen teacher model run in eval mode under no_grad, in the dtype it was loaded in.
+
+    `full_logits`: take the logits from the teacher's own forward (required when its weights are
+    sharded, since the head then exists whole only inside forward); otherwise hidden states are kept
+    and projected one slice at a time.
+    """
+
+    def __init__(self, model: torch.nn.Module, vocab_size: int, full_logits: bool = False):
         self.model = model.eval().requires_grad_(False)
         self.vocab_size = vocab_size
-
-    def to(self, device: torch.device) -> "LiveTeacher":
-        self.model.to(device)
-        return self
+        self.full_logits = full_logits
 
     @torch.no_grad()
-    def rows(self, batch: dict, positions: torch.Tensor) -> DenseRows:
+    def rows(self, batch: dict, positions: torch.Tensor) -> DenseRows | LogitRows:
         """The teacher's signal at `positions` (bool [B, T])."""
+        if self.full_logits:
+            logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                use_cache=False).logits
+            return LogitRows(logits[positions][:, : self.vocab_size])
         hidden = heads.final_hidden_states(self.model, batch["input_ids"], batch["attention_mask"])
         head, _ = heads.output_head(self.model)
         return DenseRows(hidden[positions], head, self.vocab_size)

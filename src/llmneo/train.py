@@ -13,6 +13,7 @@ batch of 8 and four accumulated batches of 2 give the same gradient.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import time
@@ -25,7 +26,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from llmneo import adapters, cache, checkpoint, data, heads, memory, models, plot, preemption, run_dir
+from llmneo import adapters, cache, checkpoint, data, engines, heads, memory, models, plot, preemption, run_dir
 from llmneo.chunked import fused_loss, kd_values
 from llmneo.config import Config
 from llmneo.errors import LlmneoError
@@ -166,9 +167,15 @@ def run(config: Config) -> dict:
         expected = cache.fingerprint(config, loaded.tokenizer, splits.train, k=0)
         teacher = cache.CachedTeacher(config.teacher_cache, expected, accelerator.device)
     elif loaded.teacher is not None:
-        teacher = LiveTeacher(loaded.teacher, loaded.vocab_size).to(accelerator.device)
+        teacher = LiveTeacher(engines.place_teacher(loaded.teacher, accelerator), loaded.vocab_size,
+                              full_logits=engines.sharded(accelerator))
     else:
         teacher = None
+    if engines.sharded(accelerator) and config.kd_chunk_size:
+        if main:
+            warnings.warn("FSDP / ZeRO-3 shard the output head outside forward: using full logits at the response "
+                          "positions (kd_chunk_size=0) under this engine")
+        config = dataclasses.replace(config, kd_chunk_size=0)
 
     accum = config.gradient_accumulation_steps
     if config.max_steps > 0:
@@ -203,12 +210,14 @@ def run(config: Config) -> dict:
                 micro = [next(stream) for _ in range(accum)]
                 ce_sum, kd_sum, seen, n_global = accumulate(accelerator, model, teacher, micro, config,
                                                             loaded.vocab_size, kd_ratio)
-                grad_norm = float(accelerator.clip_grad_norm_(params, config.max_grad_norm or float("inf")))
+                norm = accelerator.clip_grad_norm_(params, config.max_grad_norm or float("inf"))
+                grad_norm = float(norm) if norm is not None else float("nan")  # DeepSpeed clips inside its engine
                 totals = accelerator.reduce(torch.stack([ce_sum, kd_sum, seen.float()]), "sum")
                 step_ce = float(totals[0]) / max(n_global, 1)
                 step_kd = float(totals[1]) / max(n_global, 1) if teacher is not None else None
                 step_loss = step_ce if step_kd is None else (1 - kd_ratio) * step_ce + kd_ratio * step_kd
-                if not (math.isfinite(step_loss) and math.isfinite(grad_norm)) and precision.mixed_precision != "fp16":
+                finite = math.isfinite(step_loss) and (norm is None or math.isfinite(grad_norm))
+                if not finite and precision.mixed_precision != "fp16":
                     kept = run_dir.checkpoints(out)
                     raise LlmneoError(
                         f"non-finite loss or gradient at step {step} (loss={step_loss}, grad_norm={grad_norm}); "
@@ -275,9 +284,10 @@ def run(config: Config) -> dict:
         results.update(evaluate_split(model, eval_teacher, splits.eval, collate, config, loaded.vocab_size,
                                       accelerator))
     accelerator.wait_for_everyone()
+    state_dict = engines.state_dict_for_saving(accelerator, model)  # every rank takes part when sharded
     if main:
         with _writable(out):
-            _save_model(accelerator, model, loaded.tokenizer, out)
+            _save_model(accelerator, model, loaded.tokenizer, out, state_dict)
             if config.plot_loss:
                 plot.training_loss(progress.history, out / "training_loss.png", title=f"llmneo {config.method}")
             run_dir.write_json(out / "train_results.json", results)
@@ -329,8 +339,9 @@ def evaluate_split(model, teacher, examples, collate, config: Config, vocab_size
     return out
 
 
-def _save_model(accelerator, model, tokenizer, directory: Path) -> None:
+def _save_model(accelerator, model, tokenizer, directory: Path, state_dict: dict | None = None) -> None:
     """An adapter (LoRA arms) or a full model, in safetensors, plus the tokenizer."""
     unwrapped = accelerator.unwrap_model(model)
-    unwrapped.save_pretrained(directory, safe_serialization=True)
+    extra = {} if state_dict is None else {"state_dict": state_dict}
+    unwrapped.save_pretrained(directory, safe_serialization=True, **extra)
     tokenizer.save_pretrained(directory)
