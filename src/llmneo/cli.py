@@ -20,6 +20,7 @@ COMMANDS = {
     "eval": ("Perplexity, KL to a teacher and top-1 agreement on a dataset; lm-eval tasks.", False),
     "prune": ("Derive a shallower student from a model by depth pruning (block influence).", False),
     "cache": ("Run the teacher once over the training data and cache its top-k log-probs.", True),
+    "sweep": ("Train and score a grid of settings (key=v1,v2 ...), one run per cell; sweep.csv + heatmap.", True),
     "demo": ("The four-arm comparison (SFT, LoRA, KD, Neo) on a toy world, on CPU, in minutes.", False),
 }
 
@@ -80,6 +81,10 @@ def dispatch(command: str, args: list[str]) -> int:
 
         demo.run(path, overrides)
         return 0
+    if command == "sweep":
+        from llmneo import sweep
+
+        return sweep.run(path, overrides)
     cfg = config_mod.load(path, overrides)
     if command == "train":
         from llmneo import train

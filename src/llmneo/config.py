@@ -20,6 +20,7 @@ import yaml
 
 from llmneo.errors import LlmneoError
 
+LORA_VARIANTS = ("lora", "dora", "rslora", "pissa", "olora", "moslora")
 KD_LOSSES = ("fkl", "rkl", "jsd", "skew_fkl", "skew_rkl", "tvd")
 SCHEDULERS = ("cosine", "linear", "constant", "constant_with_warmup", "cosine_with_restarts", "polynomial")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -83,6 +84,12 @@ class Config:
     lora_rank: int = _f(128, "LoRA rank r (paper: large ranks such as 128 work best).")
     lora_alpha: int | None = _f(None, "LoRA alpha. Default: 2 * lora_rank.")
     lora_dropout: float = _f(0.0, "Dropout on the LoRA branch.")
+    lora_variant: str = _f(
+        "lora", "LoRA variant: lora|dora|rslora|pissa|olora|moslora (the booleans use_dora / use_rslora / "
+        "pissa_init set the same thing, LLaMA-Factory style).")
+    use_dora: bool = _f(False, "LLaMA-Factory name for lora_variant: dora.")
+    use_rslora: bool = _f(False, "LLaMA-Factory name for lora_variant: rslora.")
+    pissa_init: bool = _f(False, "LLaMA-Factory name for lora_variant: pissa.")
     lora_target: str = _f(
         "all", "Modules to adapt: 'all' = every linear layer except lm_head, or comma-separated module "
         "names (e.g. q_proj,v_proj; add lm_head explicitly to adapt the output head).")
@@ -133,6 +140,9 @@ class Config:
         "task YAML files/folders for local tasks. Needs `pip install llmneo[eval]`.")
     num_fewshot: int | None = _f(None, "llmneo eval: few-shot examples for the lm-eval tasks (task default if null).")
     eval_limit: int | None = _f(None, "llmneo eval: evaluate at most this many documents per lm-eval task.")
+    sweep_metric: str = _f(
+        "perplexity", "llmneo sweep: the held-out metric that picks the best cell: perplexity or kl_to_teacher "
+        "(lower is better), top1_agreement (higher is better).")
     # --- pruning ------------------------------------------------------------------------------
     keep_layers: str | None = _f(
         None, "llmneo prune: comma-separated 0-based decoder layers to keep (e.g. 0,1,2,7).")
@@ -163,6 +173,14 @@ class Config:
         if self.learning_rate is not None:
             return self.learning_rate
         return 2e-4 if self.finetuning_type == "lora" else 2e-5
+
+    @property
+    def variant(self) -> str:
+        """The LoRA variant, from lora_variant or the LLaMA-Factory booleans."""
+        for name, on in (("dora", self.use_dora), ("rslora", self.use_rslora), ("pissa", self.pissa_init)):
+            if on:
+                return name
+        return self.lora_variant
 
     @property
     def effective_lora_alpha(self) -> int:
@@ -301,6 +319,14 @@ def validate(c: Config) -> None:
     _require(c.kd_temperature > 0, f"kd_temperature must be > 0, got {c.kd_temperature}")
     _require(0.0 <= c.kd_beta <= 1.0, f"kd_beta must be in [0, 1], got {c.kd_beta}")
     _require(0.0 <= c.kd_skew <= 1.0, f"kd_skew must be in [0, 1], got {c.kd_skew}")
+    _require(c.lora_variant in LORA_VARIANTS,
+             f"lora_variant must be one of {', '.join(LORA_VARIANTS)}, got '{c.lora_variant}'")
+    flags = [name for name, on in (("dora", c.use_dora), ("rslora", c.use_rslora), ("pissa", c.pissa_init)) if on]
+    _require(len(flags) <= 1, f"use_dora, use_rslora and pissa_init pick one variant each; got {', '.join(flags)}")
+    _require(not flags or c.lora_variant in ("lora", flags[0]),
+             f"lora_variant={c.lora_variant} contradicts the {flags[0] if flags else ''} flag; set one of them")
+    _require(c.sweep_metric in ("perplexity", "kl_to_teacher", "top1_agreement"),
+             f"sweep_metric must be perplexity, kl_to_teacher or top1_agreement, got '{c.sweep_metric}'")
     _require(c.lora_rank > 0, f"lora_rank must be > 0, got {c.lora_rank}")
     _require(c.lora_alpha is None or c.lora_alpha > 0, f"lora_alpha must be > 0, got {c.lora_alpha}")
     _require(0.0 <= c.lora_dropout < 1.0, f"lora_dropout must be in [0, 1), got {c.lora_dropout}")

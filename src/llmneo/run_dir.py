@@ -20,6 +20,7 @@ from llmneo.errors import LlmneoError
 OWN_FILES = ("metrics.jsonl", "train_results.json", "training_loss.png", "eval_results.json",
              "adapter_config.json", "adapter_model.safetensors", "config.json", "model.safetensors",
              "model.safetensors.index.json", "generation_config.json", "prune_results.json")
+OWN_DIRS = ("initial_adapter",)
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 
 
@@ -37,7 +38,7 @@ def prepare(path: str | None, overwrite: bool, key: str = "output_dir") -> Path:
         for name in OWN_FILES:
             (out / name).unlink(missing_ok=True)
         for child in out.iterdir():
-            if child.is_dir() and _CHECKPOINT.match(child.name):
+            if child.is_dir() and (_CHECKPOINT.match(child.name) or child.name in OWN_DIRS):
                 shutil.rmtree(child)
         probe = out / ".llmneo-write-test"
         probe.write_text("ok")

@@ -112,6 +112,9 @@ def _warn_about_teacher(config: Config) -> None:
                       f"kd_ratio={config.kd_ratio} is ignored. Set a teacher for Neo/KD")
 
 
+INITIAL_ADAPTER = "initial_adapter"  # PiSSA / OLoRA only
+
+
 @contextlib.contextmanager
 def _writable(what):
     """Turn a failed write of the run's results (disk full, read-only) into a one-line user error."""
@@ -154,6 +157,10 @@ def run(config: Config) -> dict:
     for i, example in enumerate(splits.train):
         example["index"] = i  # lets a teacher cache find the example's rows
     model = adapters.apply(loaded.student, config)
+    if adapters.rewrites_base(config) and main:
+        # PiSSA / OLoRA: keep the initial adapter, to convert the final one into a LoRA on the original base.
+        with _writable(out / INITIAL_ADAPTER):
+            model.save_pretrained(out / INITIAL_ADAPTER, safe_serialization=True)
     trainable, total = adapters.count_params(model)
     collate = partial(data.collate, pad_token_id=loaded.tokenizer.pad_token_id)
     # The loader's own generator: creating an iterator (each epoch, or on resume) must not draw from the
@@ -287,7 +294,7 @@ def run(config: Config) -> dict:
     state_dict = engines.state_dict_for_saving(accelerator, model)  # every rank takes part when sharded
     if main:
         with _writable(out):
-            _save_model(accelerator, model, loaded.tokenizer, out, state_dict)
+            _save_model(accelerator, model, loaded.tokenizer, out, config, state_dict)
             if config.plot_loss:
                 plot.training_loss(progress.history, out / "training_loss.png", title=f"llmneo {config.method}")
             run_dir.write_json(out / "train_results.json", results)
@@ -339,9 +346,18 @@ def evaluate_split(model, teacher, examples, collate, config: Config, vocab_size
     return out
 
 
-def _save_model(accelerator, model, tokenizer, directory: Path, state_dict: dict | None = None) -> None:
-    """An adapter (LoRA arms) or a full model, in safetensors, plus the tokenizer."""
+def _save_model(accelerator, model, tokenizer, directory: Path, config: Config, state_dict: dict | None = None) -> None:
+    """The final adapter (LoRA arms) or full model, in safetensors, plus the tokenizer.
+
+    MoSLoRA is saved folded (A ← M·A) and PiSSA / OLoRA converted to a LoRA on the original base, so
+    the result is a plain PEFT adapter whatever the variant (see adapters.py).
+    """
     unwrapped = accelerator.unwrap_model(model)
     extra = {} if state_dict is None else {"state_dict": state_dict}
+    folded = adapters.folded_state_dict(unwrapped, state_dict)
+    if folded is not None:
+        extra["state_dict"] = folded
+    if adapters.rewrites_base(config):
+        extra["path_initial_model_for_weight_conversion"] = str(directory / INITIAL_ADAPTER)
     unwrapped.save_pretrained(directory, safe_serialization=True, **extra)
     tokenizer.save_pretrained(directory)
