@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from measure import in_fresh_process, measure  # noqa: E402
+from measure import in_fresh_process, measure, measure_cuda  # noqa: E402
 
 
 def one(variant: str, tokens: int, hidden: int, vocab: int, chunk: int, device: str) -> dict:
@@ -69,18 +69,7 @@ def one(variant: str, tokens: int, hidden: int, vocab: int, chunk: int, device: 
         raise SystemExit(f"unknown variant {variant}")
 
     if dev.type == "cuda":
-        import time
-
-        step()
-        torch.cuda.synchronize()
-        base = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        started = time.perf_counter()
-        for _ in range(3):
-            step()
-        torch.cuda.synchronize()
-        return {"seconds": (time.perf_counter() - started) / 3,
-                "peak_above_baseline_bytes": torch.cuda.max_memory_allocated() - base}
+        return measure_cuda(step)
     return measure(step, repeats=2)
 
 

@@ -69,3 +69,19 @@ def in_fresh_process(script: str, args: list[str], timeout: int = 1800) -> dict:
         reason = "killed (out of memory?)" if done.returncode in (-9, 137) else (tail[-1] if tail else "failed")
         return {"error": reason}
     return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def measure_cuda(step, repeats: int = 3) -> dict:
+    """GPU version of `measure`: mean time after a warm-up, max allocated above the post-warm-up baseline."""
+    import torch
+
+    step()
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    started = time.perf_counter()
+    for _ in range(repeats):
+        step()
+    torch.cuda.synchronize()
+    return {"seconds": (time.perf_counter() - started) / repeats,
+            "peak_above_baseline_bytes": torch.cuda.max_memory_allocated() - base}

@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from measure import in_fresh_process, measure  # noqa: E402
+from measure import in_fresh_process, measure, measure_cuda  # noqa: E402
 
 ARMS = ("lora_sft", "neo_live", "neo_cache", "full_kd", "teacher_fwd")
 VOCAB = 32000
@@ -39,8 +39,6 @@ def _model(hidden, layers, inter, seed, dtype):
 
 
 def one(arm: str, device: str, dtype_name: str, lora_rank: int) -> dict:
-    import time
-
     import torch
     from accelerate import Accelerator
 
@@ -95,17 +93,9 @@ def one(arm: str, device: str, dtype_name: str, lora_rank: int) -> dict:
 
     tokens = batch_size * seq
     if dev.type == "cuda":
-        step()
-        torch.cuda.synchronize()
-        base = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        started = time.perf_counter()
-        for _ in range(3):
-            step()
-        torch.cuda.synchronize()
-        seconds = (time.perf_counter() - started) / 3
-        return {"seconds": seconds, "tokens_per_second": tokens / seconds,
-                "peak_above_baseline_bytes": torch.cuda.max_memory_allocated() - base}
+        result = measure_cuda(step)
+        result["tokens_per_second"] = tokens / result["seconds"]
+        return result
     result = measure(step, repeats=5, baseline_before_warmup=True)
     result["tokens_per_second"] = tokens / result["seconds"]
     return result

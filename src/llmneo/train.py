@@ -18,7 +18,6 @@ import json
 import math
 import time
 import warnings
-from dataclasses import dataclass
 from datetime import timedelta
 from functools import partial
 from pathlib import Path
@@ -32,15 +31,6 @@ from llmneo.config import Config
 from llmneo.errors import LlmneoError
 from llmneo.losses import response_positions, token_cross_entropy
 from llmneo.teacher import LiveTeacher
-
-
-@dataclass
-class Sums:
-    """Per-step sums over response tokens (reduced across ranks before logging)."""
-
-    ce: torch.Tensor
-    kd: torch.Tensor | None
-    tokens: torch.Tensor  # response tokens (the loss denominator)
 
 
 def micro_batch_sums(model, teacher, batch: dict, config: Config, vocab_size: int, kd_ratio: float):
