@@ -181,3 +181,22 @@ def test_18_kd_ratio_without_teacher(tmp_path, capsys, base_overrides):
     assert "no teacher_model_name_or_path" in err and "kd_ratio=0.7 is ignored" in err
     results = json.loads((Path(values["output_dir"]) / "train_results.json").read_text())
     assert results["method"] == "lora" and results["kd_ratio"] == 0.0
+
+
+def test_output_dir_holding_an_input_is_refused(tmp_path, capsys, base_overrides, student_dir):
+    before = sorted(p.name for p in Path(student_dir).iterdir())
+    line = _run(tmp_path, capsys, {**base_overrides, "output_dir": str(student_dir), "overwrite_output_dir": True})
+    assert "holds an input of this run (model_name_or_path" in line
+    assert sorted(p.name for p in Path(student_dir).iterdir()) == before
+
+
+def test_resume_without_output_dir(tmp_path, capsys, base_overrides):
+    values = {**base_overrides, "output_dir": None, "resume_from_checkpoint": str(tmp_path)}
+    assert "output_dir is not set" in _run(tmp_path, capsys, values)
+
+
+@pytest.mark.parametrize("override, needle", [("lora_rank=1.5e0", "lora_rank' expects int"),
+                                              ("num_train_epochs=inf", "num_train_epochs' expects float"),
+                                              ("max_steps=1e999", "max_steps' expects int")])
+def test_numbers_that_are_not_numbers(tmp_path, capsys, base_overrides, override, needle):
+    assert needle in _run(tmp_path, capsys, base_overrides, extra=(override,))

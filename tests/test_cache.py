@@ -84,3 +84,24 @@ def test_stale_cache_names_the_part_that_differs(tmp_path, cached, base_override
     assert "differs" in err and "rebuild it with llmneo cache" in err
     assert cli.main(["train", _yaml(tmp_path, "d.yaml", {**run, "teacher_cache": str(tmp_path / "nothing")})]) == 2
     assert "has no index.json" in capsys.readouterr().err
+
+
+def test_cache_tokenizes_like_the_student(tmp_path, base_overrides, teacher_dir, tokenizer):
+    """Same vocabulary, different chat template on the teacher side: the cache must use the student's
+    rendering, or training from it would be refused (or, worse, misaligned)."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    teacher_copy = tmp_path / "teacher_other_template"
+    shutil.copytree(teacher_dir, teacher_copy)
+    other = AutoTokenizer.from_pretrained(teacher_copy)
+    other.chat_template = "{% for m in messages %}{{ m['role'] | upper }}: {{ m['content'] }}\n{% endfor %}" \
+                          "{% if add_generation_prompt %}ASSISTANT: {% endif %}"
+    other.save_pretrained(teacher_copy)
+    cache_dir = tmp_path / "cache"
+    values = {**base_overrides, "teacher_model_name_or_path": str(teacher_copy), "teacher_cache": str(cache_dir),
+              "teacher_topk": 8}
+    assert cli.main(["cache", _yaml(tmp_path, "c.yaml", values)]) == 0
+    run = {**base_overrides, "teacher_cache": str(cache_dir), "teacher_model_name_or_path": None}
+    assert cli.main(["train", _yaml(tmp_path, "t.yaml", run)]) == 0

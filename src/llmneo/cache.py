@@ -25,8 +25,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from llmneo import data, heads, models
-from llmneo.config import Config
+from llmneo import data, heads, models, run_dir
+from llmneo.config import Config, input_paths
 from llmneo.errors import LlmneoError
 from llmneo.losses import response_positions
 from llmneo.teacher import SparseRows
@@ -83,14 +83,25 @@ def write(config: Config) -> dict:
     if not config.teacher_cache:
         raise LlmneoError("teacher_cache is not set; give the cache directory, e.g. teacher_cache=cache/teacher")
     target = Path(config.teacher_cache)
-    if target.exists() and any(target.iterdir()) and not config.overwrite_output_dir:
-        raise LlmneoError(f"teacher_cache '{target}' is not empty; set overwrite_output_dir=true or choose another")
+    if target.exists() and not target.is_dir():
+        raise LlmneoError(f"teacher_cache '{target}' is a file, not a directory; choose another teacher_cache")
+    if target.exists() and any(target.iterdir()):
+        if not config.overwrite_output_dir:
+            raise LlmneoError(f"teacher_cache '{target}' is not empty; set overwrite_output_dir=true or choose another")
+        if not (target / "index.json").is_file():
+            raise LlmneoError(f"teacher_cache '{target}' holds files that are not an llmneo cache; choose an empty "
+                              f"or new directory")
+    run_dir.refuse_inputs_inside(target, {k: v for k, v in input_paths(config).items() if k != "teacher_cache"},
+                                 key="teacher_cache")
     precision = models.resolve_precision(config)
     path = config.teacher_model_name_or_path
     tokenizer = models.load_tokenizer(path, "teacher_model_name_or_path", config.trust_remote_code)
     if config.model_name_or_path:
+        # Tokenize exactly as training will: with the student's tokenizer (its chat template may differ
+        # from the teacher's even when the vocabulary is the same).
         student_tok = models.load_tokenizer(config.model_name_or_path, "model_name_or_path", config.trust_remote_code)
         models.check_same_tokenizer(student_tok, tokenizer, config.model_name_or_path, path)
+        tokenizer = student_tok
     vocab = len(tokenizer)
     k = config.teacher_topk
     if k > vocab:
@@ -98,7 +109,7 @@ def write(config: Config) -> dict:
     examples = data.build(config, tokenizer).train
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     teacher = models.load_model(path, "teacher_model_name_or_path", models.weight_dtype(config, precision, "teacher"),
-                                config.trust_remote_code).to(device).eval()
+                                config.trust_remote_code).to(device).eval().requires_grad_(False)
     check = models.check_vocab
     check(tokenizer, teacher, "teacher_model_name_or_path", path)
     head, _ = heads.output_head(teacher)
@@ -124,6 +135,7 @@ def write(config: Config) -> dict:
             "bytes_per_token": size / max(index["rows"], 1), "k": k, "examples": len(examples)}
 
 
+@torch.inference_mode()
 def _write_shards(staging: Path, teacher, head, examples, pad_id, vocab, k, chunk, batch_size, device) -> dict:
     from safetensors.torch import save_file
 
@@ -180,7 +192,9 @@ class CachedTeacher:
         if index.get("format") != FORMAT:
             raise LlmneoError(f"teacher_cache '{root}' has format {index.get('format')!r}, expected {FORMAT}; "
                               f"rebuild it with llmneo cache")
-        found = index["fingerprint"]
+        found = index.get("fingerprint")
+        if not isinstance(found, dict) or "offsets" not in index or "shards" not in index:
+            raise LlmneoError(f"teacher_cache '{root}/index.json' is incomplete; rebuild it with llmneo cache")
         for part, value in expected.items():
             if part == "teacher" and (value is None or found.get(part) is None):
                 continue  # no teacher named in this run: nothing to compare

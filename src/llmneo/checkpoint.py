@@ -13,6 +13,7 @@ it into place (an atomic rename on one filesystem) and drop checkpoints beyond `
 from __future__ import annotations
 
 import json
+import pickle
 import random
 import shutil
 from dataclasses import asdict, dataclass, field
@@ -28,9 +29,11 @@ from llmneo.errors import LlmneoError
 STATE = "trainer_state.json"
 # Keys that shape the model, the data order or the optimizer state: resuming with another value would
 # not continue the same run.
-MUST_MATCH = ("model_name_or_path", "finetuning_type", "lora_rank", "lora_alpha", "lora_target", "dataset",
-              "cutoff_len", "max_samples", "val_size", "seed", "per_device_train_batch_size",
-              "gradient_accumulation_steps", "template")
+MUST_MATCH = ("model_name_or_path", "finetuning_type", "lora_rank", "lora_alpha", "lora_target", "lora_variant",
+              "use_dora", "use_rslora", "pissa_init", "lora_dropout", "dataset", "cutoff_len", "max_samples",
+              "val_size", "seed", "per_device_train_batch_size", "gradient_accumulation_steps", "template",
+              "teacher_model_name_or_path", "teacher_cache", "kd_ratio", "kd_loss", "kd_temperature", "kd_beta",
+              "kd_skew", "learning_rate", "lr_scheduler_type", "weight_decay")
 
 
 @dataclass
@@ -158,12 +161,15 @@ def load(path: Path, accelerator, model, optimizer, scheduler, config: Config) -
         optimizer.load_state_dict(torch.load(optimizer_file, map_location="cpu", weights_only=True))
         scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
         set_rng_state(torch.load(rng_file, weights_only=True))
-    except (SafetensorError, RuntimeError, ValueError, KeyError, EOFError, OSError) as exc:
+    except (SafetensorError, RuntimeError, ValueError, KeyError, EOFError, OSError, pickle.UnpicklingError) as exc:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise LlmneoError(f"checkpoint '{path}' is corrupt or incompatible ({reason}); resume from another "
                           f"checkpoint-STEP or start again with overwrite_output_dir=true") from None
-    fields = {k: state[k] for k in ("step", "micro_seen", "train_tokens", "runtime", "history", "window")}
-    return Progress(**fields)
+    missing = [k for k in ("step", "micro_seen", "train_tokens", "runtime", "history", "window") if k not in state]
+    if missing:
+        raise LlmneoError(f"checkpoint '{path}' is corrupt: {STATE} lacks {', '.join(missing)}; resume from "
+                          f"another checkpoint-STEP")
+    return Progress(**{k: state[k] for k in ("step", "micro_seen", "train_tokens", "runtime", "history", "window")})
 
 
 def _load_weights(model, tensors: dict, config: Config) -> None:

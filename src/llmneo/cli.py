@@ -91,8 +91,10 @@ def dispatch(command: str, args: list[str]) -> int:
 
         results = train.run(cfg)
         if _is_main_process():
+            final = results["final_loss"]
+            shown = "n/a" if final is None else f"{final:.4f}"
             print(f"llmneo: trained {results['method']} in {results['train_runtime']:.1f}s, "
-                  f"final loss {results['final_loss']:.4f}; results in {cfg.output_dir}")
+                  f"final loss {shown}; results in {cfg.output_dir}")
     elif command == "export":
         from llmneo import export
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import re
 import typing
 import warnings
@@ -219,20 +220,26 @@ def coerce(name: str, value: Any) -> Any:
                 return False
             raise ValueError
         if kind is int:
-            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+            if isinstance(value, bool):
                 raise ValueError
-            return int(float(value)) if isinstance(value, str) and "e" in value.lower() else int(value)
+            number = float(value) if isinstance(value, (str, float)) else value
+            if isinstance(number, float) and not (math.isfinite(number) and number.is_integer()):
+                raise ValueError
+            return int(number)
         if kind is float:
             if isinstance(value, bool):
                 raise ValueError
-            return float(value)
+            number = float(value)
+            if not math.isfinite(number):
+                raise ValueError
+            return number
         if kind is str:
             if isinstance(value, (list, tuple)):
                 return ",".join(str(v) for v in value)
             if isinstance(value, dict):
                 raise ValueError
             return str(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         pass
     raise LlmneoError(
         f"config key '{name}' expects {kind.__name__}, got {value!r}; e.g. {name}={_example(kind)}")
@@ -369,6 +376,12 @@ def help_text() -> str:
 
 def to_dict(config: Config) -> dict[str, Any]:
     return dataclasses.asdict(config)
+
+
+def input_paths(config: "Config") -> dict[str, str | None]:
+    """The paths a command reads, so an output folder can refuse to overwrite them."""
+    return {key: getattr(config, key) for key in ("model_name_or_path", "adapter_name_or_path",
+                                                   "teacher_model_name_or_path", "teacher_cache", "dataset")}
 
 
 def require_path(value: str | None, key: str, what: str) -> str:

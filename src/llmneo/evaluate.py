@@ -51,7 +51,7 @@ def response_metrics(model, examples: list[dict], pad_token_id: int, vocab_size:
                 agree += int((student.argmax(-1) == reference.argmax(-1)).sum())
         tokens += targets.numel()
     ce = ce_sum / tokens
-    out = {"perplexity": math.exp(ce), "ce_loss": ce, "tokens": tokens}
+    out = {"perplexity": math.exp(ce) if ce < 700 else math.inf, "ce_loss": ce, "tokens": tokens}
     if teacher is not None:
         out.update(kl_to_teacher=kl_sum / tokens, top1_agreement=agree / tokens)
     return out
@@ -137,7 +137,10 @@ def run(config: Config) -> dict:
             models.check_vocab(tokenizer, teacher, "teacher_model_name_or_path", teacher_path)
             teacher.to(device).eval()
         splits = data.build(config, tokenizer)
-        examples = splits.eval if splits.eval else splits.train
+        if config.val_size > 0 and not splits.eval:
+            raise LlmneoError(f"val_size={config.val_size} but no held-out example has a response token within "
+                              f"cutoff_len={config.cutoff_len}; raise cutoff_len or val_size")
+        examples = splits.eval if config.val_size > 0 else splits.train
         results.update(response_metrics(model, examples, tokenizer.pad_token_id, len(tokenizer), teacher=teacher,
                                         batch_size=config.per_device_eval_batch_size, device=device))
     if config.tasks:

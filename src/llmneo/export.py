@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from llmneo import models, run_dir
-from llmneo.config import Config
+from llmneo.config import Config, input_paths
 from llmneo.errors import LlmneoError
 
 
@@ -37,7 +37,8 @@ def run(config: Config) -> Path:
                           "adapter_name_or_path=out/neo")
     base_path = config.model_name_or_path or base_model_of(adapter)
     base_model_of(adapter)  # validates the adapter dir even when the base is given explicitly
-    out = run_dir.prepare(config.export_dir, config.overwrite_output_dir, key="export_dir")
+    inputs = {**input_paths(config), "model_name_or_path": base_path, "adapter_name_or_path": adapter}
+    out = run_dir.prepare(config.export_dir, config.overwrite_output_dir, key="export_dir", inputs=inputs)
     dtype = torch.float32 if config.torch_dtype == "auto" else models.DTYPES[config.torch_dtype]
     tokenizer_source = adapter if Path(adapter, "tokenizer_config.json").is_file() else base_path
     tokenizer = models.load_tokenizer(tokenizer_source, "model_name_or_path", config.trust_remote_code)

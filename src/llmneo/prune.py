@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from llmneo import data, models, run_dir
-from llmneo.config import Config
+from llmneo.config import Config, input_paths
 from llmneo.errors import LlmneoError
 
 # Per-layer lists in some configs (e.g. Qwen2's layer_types) must shrink with the layers.
@@ -110,7 +110,7 @@ def run(config: Config) -> dict:
     if (config.keep_layers is None) == (config.num_layers is None):
         raise LlmneoError("set exactly one of keep_layers (e.g. keep_layers=0,1,2,7) or num_layers "
                           "(with a calibration dataset, to pick layers by block importance)")
-    out = run_dir.prepare(config.output_dir, config.overwrite_output_dir)
+    out = run_dir.prepare(config.output_dir, config.overwrite_output_dir, inputs=input_paths(config))
     tokenizer = models.load_tokenizer(config.model_name_or_path, "model_name_or_path", config.trust_remote_code)
     dtype = torch.float32 if config.torch_dtype == "auto" else models.DTYPES[config.torch_dtype]
     model = models.load_model(config.model_name_or_path, "model_name_or_path", dtype, config.trust_remote_code)
@@ -125,7 +125,10 @@ def run(config: Config) -> dict:
         examples = data.build(config, tokenizer).train
         size = config.per_device_eval_batch_size
         batches = [data.collate(examples[i:i + size], tokenizer.pad_token_id) for i in range(0, len(examples), size)]
-        importance = block_influence(model, batches)
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        model.to(device)
+        importance = block_influence(model, [{k: v.to(device) for k, v in b.items()} for b in batches])
+        model.to("cpu")
         keep = least_influential(importance, config.num_layers)
     keep_only(model, keep)
     model.save_pretrained(out, safe_serialization=True)

@@ -24,11 +24,26 @@ OWN_DIRS = ("initial_adapter",)
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 
 
-def prepare(path: str | None, overwrite: bool, key: str = "output_dir") -> Path:
+def refuse_inputs_inside(out: Path, inputs: dict[str, str | None], key: str = "output_dir") -> None:
+    """An output folder must not be, or contain, one of the run's inputs: clearing it would destroy them."""
+    target = out.resolve()
+    for name, value in inputs.items():
+        for part in (value or "").split(","):
+            if not part.strip() or not Path(part.strip()).exists():
+                continue
+            source = Path(part.strip()).resolve()
+            if source == target or target in source.parents:
+                raise LlmneoError(f"{key} '{out}' holds an input of this run ({name}={part.strip()}); writing there "
+                                  f"would overwrite it, so choose another {key}")
+
+
+def prepare(path: str | None, overwrite: bool, key: str = "output_dir",
+            inputs: dict[str, str | None] | None = None) -> Path:
     """Create `path`, refusing a non-empty one unless `overwrite`; then clear llmneo's stale results."""
     if not path:
         raise LlmneoError(f"{key} is not set; give a directory for the results, e.g. {key}=out/run1")
     out = Path(path)
+    refuse_inputs_inside(out, inputs or {}, key)
     if out.exists() and not out.is_dir():
         raise LlmneoError(f"{key} '{out}' is a file, not a directory; choose another {key}")
     if out.is_dir() and any(out.iterdir()) and not overwrite:

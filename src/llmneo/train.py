@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from llmneo import adapters, cache, checkpoint, data, engines, heads, memory, models, plot, preemption, run_dir
 from llmneo.chunked import fused_loss, kd_values
-from llmneo.config import Config
+from llmneo.config import Config, input_paths
 from llmneo.errors import LlmneoError
 from llmneo.losses import response_positions, token_cross_entropy
 from llmneo.teacher import LiveTeacher
@@ -73,8 +73,11 @@ def accumulate(accelerator, model, teacher, micro: list[dict], config: Config, v
     ce_sum = torch.zeros((), device=accelerator.device)
     kd_sum = torch.zeros((), device=accelerator.device)
     seen = torch.zeros((), device=accelerator.device)
+    deepspeed = accelerator.distributed_type == "DEEPSPEED"
     for i, batch in enumerate(micro):
         sync = i == len(micro) - 1
+        if deepspeed:  # accelerate's DeepSpeed backward steps the engine unless told this is not a boundary
+            accelerator.gradient_state._set_sync_gradients(sync)
         with contextlib.nullcontext() if sync else accelerator.no_sync(model):
             loss, ce, kd, _ = micro_batch_sums(model, teacher, batch, config, vocab_size, kd_ratio)
             accelerator.backward(loss * scale)
@@ -130,13 +133,18 @@ def run(config: Config) -> dict:
     main = accelerator.is_main_process
     if main:
         _warn_about_teacher(config)
+    if not config.output_dir:
+        raise LlmneoError("output_dir is not set; give a directory for the results, e.g. output_dir=out/run1")
     resume_from = checkpoint.resolve(config)
+    out = Path(config.output_dir)
     if main:
         # Resuming continues in the run's own output_dir: no overwrite flag needed, nothing cleared.
         overwrite = config.overwrite_output_dir or config.resume_from_checkpoint == "auto"
-        out = Path(config.output_dir) if resume_from is not None else run_dir.prepare(config.output_dir, overwrite)
-    else:
-        out = Path(config.output_dir)
+        if resume_from is None:
+            run_dir.prepare(config.output_dir, overwrite, inputs=input_paths(config))
+        else:
+            with _writable(out):
+                out.mkdir(parents=True, exist_ok=True)
     accelerator.wait_for_everyone()
     set_seed(config.seed)
     memory.reset_peak(accelerator.device)
