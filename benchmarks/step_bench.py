@@ -5,7 +5,7 @@ Student: Llama-style, hidden 512, 8 layers, vocab 32,000 (about 58M parameters).
 Arms, all through llmneo's own step (train.accumulate: chunked loss, backward) plus AdamW:
   lora_sft    LoRA (paper defaults: rank 128 unless --lora-rank, alpha 2·rank, all linear layers), CE only
   neo_live    LoRA + KD with the live teacher
-  neo_cache   LoRA + KD from top-64 teacher rows held in memory, as CachedTeacher serves them
+  neo_cache   LoRA + KD from top-64 teacher rows already in memory (CachedTeacher adds a read per batch)
   full_kd     full fine-tuning + KD with the live teacher
   teacher_fwd the teacher's forward alone (hidden states + its head at the response positions)
 Peak memory is RSS (CUDA: max allocated) above the baseline taken after the models are built.

@@ -84,6 +84,11 @@ def test_stale_cache_names_the_part_that_differs(tmp_path, cached, base_override
     assert "differs" in err and "rebuild it with llmneo cache" in err
     assert cli.main(["train", _yaml(tmp_path, "d.yaml", {**run, "teacher_cache": str(tmp_path / "nothing")})]) == 2
     assert "has no index.json" in capsys.readouterr().err
+    shard = next(cache_dir.glob("shard-*.safetensors"))
+    shard.write_bytes(shard.read_bytes()[:200])
+    ok_run = {**base_overrides, "teacher_cache": str(cache_dir), "teacher_model_name_or_path": None}
+    assert cli.main(["train", _yaml(tmp_path, "e.yaml", ok_run)]) == 2
+    assert "truncated" in capsys.readouterr().err
 
 
 def test_cache_tokenizes_like_the_student(tmp_path, base_overrides, teacher_dir, tokenizer):

@@ -6,6 +6,8 @@
                                position, and the log of the probability mass outside the top-k
   index.json                   format, k, per-example row offsets, shard row ranges, and the fingerprint
 Rows are the response positions of the training split, example by example, in position order.
+Training opens the shards lazily (safetensors `safe_open`) and reads each batch's rows, so a cache
+larger than RAM works, and DDP ranks do not each hold a full copy.
 
 The fingerprint ties the cache to the teacher (its config and weight files), the tokenizer vocabulary,
 the chat template, the tokenized dataset rows, cutoff_len and k; training refuses a cache whose
@@ -14,6 +16,7 @@ fingerprint differs from the run's and names the part that differs.
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import json
 import math
@@ -206,22 +209,39 @@ class CachedTeacher:
         self.offsets = index["offsets"]
         self.k = index["k"]
         self.device = device
-        self._load(root, index["shards"])
+        self._open(root, index["shards"])
 
-    def _load(self, root: Path, shards: list[dict]) -> None:
-        from safetensors.torch import load_file
+    def _open(self, root: Path, shards: list[dict]) -> None:
+        """Open every shard lazily: rows are read per batch, so a cache larger than RAM still trains."""
+        from safetensors import safe_open
 
-        parts = []
+        self.shard_starts, self.handles = [], []
+        expected = 0
         for shard in shards:
             file = root / shard["file"]
             if not file.is_file():
                 raise LlmneoError(f"teacher_cache shard {file} is missing; rebuild the cache with llmneo cache")
-            parts.append(load_file(str(file)))
-        self.ids = torch.cat([p["ids"] for p in parts]) if parts else torch.zeros(0, self.k, dtype=torch.int32)
-        self.logprobs = torch.cat([p["logprobs"] for p in parts]) if parts else torch.zeros(0, self.k)
-        self.tail = torch.cat([p["tail"] for p in parts]) if parts else torch.zeros(0)
-        if self.ids.shape[0] != self.offsets[-1]:
+            try:
+                handle = safe_open(str(file), framework="pt")
+                rows = handle.get_slice("ids").get_shape()[0]
+            except Exception:  # safetensors raises its own error type for a damaged file
+                rows, handle = -1, None
+            if shard["start"] != expected or rows != shard["end"] - shard["start"]:
+                raise LlmneoError(f"teacher_cache shard {file} is truncated or does not match index.json; "
+                                  f"rebuild the cache with llmneo cache")
+            self.shard_starts.append(shard["start"])
+            self.handles.append(handle)
+            expected = shard["end"]
+        if expected != self.offsets[-1]:
             raise LlmneoError("teacher_cache shards do not add up to the index; rebuild the cache with llmneo cache")
+
+    def _read(self, start: int, end: int) -> SparseRows:
+        """Rows [start, end) of the cache; an example's rows never straddle two shards."""
+        shard = bisect.bisect_right(self.shard_starts, start) - 1
+        handle, base = self.handles[shard], self.shard_starts[shard]
+        piece = slice(start - base, end - base)
+        return SparseRows(handle.get_slice("ids")[piece].long(), handle.get_slice("logprobs")[piece],
+                          handle.get_slice("tail")[piece])
 
     def rows(self, batch: dict, positions: torch.Tensor) -> SparseRows:
         """Cache rows for the examples of `batch` (by their `index`), in position order."""
@@ -232,6 +252,10 @@ class CachedTeacher:
             if end - start != count:
                 raise LlmneoError(f"teacher_cache rows for example {example} do not match its response tokens "
                                   f"({end - start} vs {count}); the cache is stale, rebuild it with llmneo cache")
-            pieces.append(slice(start, end))
-        select = torch.cat([torch.arange(p.start, p.stop) for p in pieces] or [torch.zeros(0, dtype=torch.long)])
-        return SparseRows(self.ids[select].long(), self.logprobs[select], self.tail[select]).to(self.device)
+            if count:
+                pieces.append(self._read(start, end))
+        if not pieces:
+            empty = torch.zeros(0, self.k)
+            return SparseRows(empty.long(), empty, torch.zeros(0)).to(self.device)
+        return SparseRows(torch.cat([p.ids for p in pieces]), torch.cat([p.logprobs for p in pieces]),
+                          torch.cat([p.tail for p in pieces])).to(self.device)
