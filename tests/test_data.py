@@ -429,3 +429,16 @@ def test_build_output_collates_into_a_model_ready_batch(tmp_path, chatml):
         batch = data.collate(splits.train, chatml.pad_token_id)
     assert batch["input_ids"].shape == batch["labels"].shape == (2, max(len(e["input_ids"]) for e in splits.train))
     assert (batch["labels"][batch["attention_mask"] == 0] == IGNORE).all()
+
+
+def test_llama3_style_date_is_fixed(tmp_path):
+    """Templates that stamp today's date (Llama 3.x: date_string or strftime_now) render a fixed date, so
+    tokenized data, and a teacher cache's fingerprint, do not change from day to day."""
+    stamped = ("{{ bos_token }}{% if date_string is defined %}Today: {{ date_string }}\n{% endif %}"
+               "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}{{ eos_token }}\n{% endfor %}"
+               "{% if add_generation_prompt %}assistant: {% endif %}")
+    tok = tiny.build_tokenizer(chat_template=stamped)
+    path = tmp_path / "d.jsonl"
+    path.write_text(json.dumps({"instruction": "hi", "output": "yo"}) + "\n")
+    example = data.build(load(overrides={"dataset": str(path)}), tok).train[0]
+    assert f"Today: {templates.FIXED_DATE}" in tok.decode(example["input_ids"])

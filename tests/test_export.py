@@ -53,3 +53,21 @@ def test_export_errors(tmp_path, student_dir, capsys):
     assert "adapter_name_or_path is not set" in capsys.readouterr().err
     assert cli.main(["export", f"adapter_name_or_path={student_dir}", f"export_dir={tmp_path / 'x'}"]) == 2
     assert "is a full model, not an adapter" in capsys.readouterr().err
+
+
+def test_export_keeps_the_base_dtype(tmp_path, tokenizer, alpaca_file):
+    """A bf16 base is merged in fp32 for precision but saved in bf16, like the base."""
+    from transformers import AutoModelForCausalLM
+
+    from llmneo import tiny
+
+    base_dir = tiny.save_pair(tiny.build_model(tokenizer, seed=4).to(torch.bfloat16), tokenizer, tmp_path / "bf16")
+    out = tmp_path / "neo"
+    values = {"model_name_or_path": str(base_dir), "dataset": str(alpaca_file), "output_dir": str(out),
+              "lora_rank": 2, "max_steps": 1, "per_device_train_batch_size": 4, "cutoff_len": 64,
+              "torch_dtype": "float32"}
+    (tmp_path / "t.yaml").write_text(yaml.safe_dump(values))
+    assert cli.main(["train", str(tmp_path / "t.yaml")]) == 0
+    assert cli.main(["export", f"adapter_name_or_path={out}", f"export_dir={tmp_path / 'merged'}"]) == 0
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    assert next(merged.parameters()).dtype == torch.bfloat16

@@ -123,7 +123,10 @@ def run(config: Config) -> dict:
     if not config.dataset and not config.tasks:
         raise LlmneoError("nothing to evaluate: set dataset=... (perplexity, KL, agreement) and/or tasks=...")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = torch.float32 if config.torch_dtype == "auto" else models.DTYPES[config.torch_dtype]
+    # auto: bf16 where a GPU supports it (an 8B teacher in fp32 would double the memory), else fp32.
+    bf16_gpu = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    auto = torch.bfloat16 if bf16_gpu else torch.float32
+    dtype = auto if config.torch_dtype == "auto" else models.DTYPES[config.torch_dtype]
     model, tokenizer = models.load_trained(config, dtype)
     model.to(device)
     results: dict = {"model": config.model_name_or_path}

@@ -111,9 +111,14 @@ def resolve(tokenizer, name: str | None) -> tuple[str, bool]:
     return BUILTIN_TEMPLATES[name], False
 
 
+# Llama 3.x templates put "Today Date" in the system prompt from strftime_now() unless date_string is
+# given; a fixed date keeps tokenized data (and a teacher cache's fingerprint) the same on every day.
+FIXED_DATE = "26 Jul 2024"
+
+
 def _render(tokenizer, template: str, messages: list[dict], generation_prompt: bool) -> str:
     return tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False,
-                                         add_generation_prompt=generation_prompt)
+                                         add_generation_prompt=generation_prompt, date_string=FIXED_DATE)
 
 
 def _tokens(tokenizer, text: str) -> list[int]:
