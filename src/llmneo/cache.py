@@ -97,24 +97,18 @@ def write(config: Config) -> dict:
     run_dir.refuse_inputs_inside(target, {k: v for k, v in input_paths(config).items() if k != "teacher_cache"},
                                  key="teacher_cache")
     precision = models.resolve_precision(config)
-    path = config.teacher_model_name_or_path
-    tokenizer = models.load_tokenizer(path, "teacher_model_name_or_path", config.trust_remote_code)
-    if config.model_name_or_path:
-        # Tokenize exactly as training will: with the student's tokenizer (its chat template may differ
-        # from the teacher's even when the vocabulary is the same).
-        student_tok = models.load_tokenizer(config.model_name_or_path, "model_name_or_path", config.trust_remote_code)
-        models.check_same_tokenizer(student_tok, tokenizer, config.model_name_or_path, path)
-        tokenizer = student_tok
+    # Tokenize exactly as training will: with the student's tokenizer when there is one (its chat template
+    # may differ from the teacher's even when the vocabulary is the same).
+    source, key = ((config.model_name_or_path, "model_name_or_path") if config.model_name_or_path
+                   else (config.teacher_model_name_or_path, "teacher_model_name_or_path"))
+    tokenizer = models.load_tokenizer(source, key, config.trust_remote_code)
     vocab = len(tokenizer)
     k = config.teacher_topk
     if k > vocab:
         raise LlmneoError(f"teacher_topk={k} is larger than the vocabulary ({vocab}); use at most {vocab}")
     examples = data.build(config, tokenizer).train
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    teacher = models.load_model(path, "teacher_model_name_or_path", models.weight_dtype(config, precision, "teacher"),
-                                config.trust_remote_code).to(device).eval().requires_grad_(False)
-    check = models.check_vocab
-    check(tokenizer, teacher, "teacher_model_name_or_path", path)
+    teacher = models.load_teacher(config, tokenizer, models.weight_dtype(config, precision, "teacher")).to(device)
     head, _ = heads.output_head(teacher)
     chunk = config.kd_chunk_size or 1024
     try:

@@ -133,12 +133,7 @@ def run(config: Config) -> dict:
     if config.dataset:
         teacher = None
         if config.teacher_model_name_or_path:
-            teacher_path = config.teacher_model_name_or_path
-            teacher_tok = models.load_tokenizer(teacher_path, "teacher_model_name_or_path", config.trust_remote_code)
-            models.check_same_tokenizer(tokenizer, teacher_tok, config.model_name_or_path, teacher_path)
-            teacher = models.load_model(teacher_path, "teacher_model_name_or_path", dtype, config.trust_remote_code)
-            models.check_vocab(tokenizer, teacher, "teacher_model_name_or_path", teacher_path)
-            teacher.to(device).eval()
+            teacher = models.load_teacher(config, tokenizer, dtype).to(device)
         splits = data.build(config, tokenizer)
         if config.val_size > 0 and not splits.eval:
             raise LlmneoError(f"val_size={config.val_size} but no held-out example has a response token within "

@@ -80,16 +80,10 @@ def token_divergence(
       skew_rkl  KL(p_S ‖ skew·p_S + (1-skew)·p_T)  (DistiLLM)
       tvd       ½·Σ|p_T - p_S|
     """
-    _check_kind(kind)
+    _check_settings(kind, temperature, beta, skew)
     if student_logits.shape != teacher_logits.shape:
         raise ValueError(f"student logits {tuple(student_logits.shape)} and teacher logits "
                          f"{tuple(teacher_logits.shape)} must have the same shape")
-    if not temperature > 0:
-        raise LlmneoError(f"temperature must be > 0, got {temperature}")
-    if not 0.0 <= beta <= 1.0:
-        raise LlmneoError(f"beta must be in [0, 1], got {beta}")
-    if not 0.0 <= skew <= 1.0:
-        raise LlmneoError(f"skew must be in [0, 1], got {skew}")
 
     logp_student = F.log_softmax(_upcast(student_logits) / temperature, dim=-1)  # (..., V)
     logp_teacher = F.log_softmax(_upcast(teacher_logits) / temperature, dim=-1)  # (..., V)
@@ -130,9 +124,7 @@ def sparse_token_divergence(
     f-divergence, which coarse-graining can only shrink), exact on the top-k tokens and collapsing the
     tail into one term. With T != 1 the teacher's tail bucket is scaled as if it were one token.
     """
-    _check_kind(kind)
-    if not temperature > 0:
-        raise LlmneoError(f"temperature must be > 0, got {temperature}")
+    _check_settings(kind, temperature, beta, skew)
     logp_student = F.log_softmax(_upcast(student_logits) / temperature, dim=-1)  # (..., V)
     in_topk = torch.zeros_like(logp_student, dtype=torch.bool).scatter_(-1, topk_ids, True)  # (..., V)
     student_topk = logp_student.gather(-1, topk_ids)  # (..., k)
@@ -222,6 +214,17 @@ def _log_mixture(logp_a: torch.Tensor, logp_b: torch.Tensor, weight_a: float) ->
 def _upcast(logits: torch.Tensor) -> torch.Tensor:
     # Softmax over a large vocabulary in bf16 loses most of the small probabilities KD is about.
     return logits if logits.dtype == torch.float64 else logits.float()
+
+
+def _check_settings(kind: str, temperature: float, beta: float, skew: float) -> None:
+    """The argument checks shared by the dense and the sparse divergences."""
+    _check_kind(kind)
+    if not temperature > 0:
+        raise LlmneoError(f"temperature must be > 0, got {temperature}")
+    if not 0.0 <= beta <= 1.0:
+        raise LlmneoError(f"beta must be in [0, 1], got {beta}")
+    if not 0.0 <= skew <= 1.0:
+        raise LlmneoError(f"skew must be in [0, 1], got {skew}")
 
 
 def _check_kind(kind: str) -> None:

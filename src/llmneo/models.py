@@ -140,20 +140,23 @@ def load(config: Config, precision: Precision, *, with_teacher: bool) -> Loaded:
     remote = config.trust_remote_code
     tokenizer = load_tokenizer(config.adapter_name_or_path if _has_tokenizer(config.adapter_name_or_path)
                                else student_path, "model_name_or_path", remote)
-    teacher = None
-    if with_teacher:
-        teacher_path = config.teacher_model_name_or_path
-        teacher_tok = load_tokenizer(teacher_path, "teacher_model_name_or_path", remote)
-        check_same_tokenizer(tokenizer, teacher_tok, student_path, teacher_path)
+    teacher = load_teacher(config, tokenizer, weight_dtype(config, precision, "teacher")) if with_teacher else None
     student = load_model(student_path, "model_name_or_path", weight_dtype(config, precision, "student"), remote)
     check_vocab(tokenizer, student, "model_name_or_path", student_path)
-    if with_teacher:
-        teacher = load_model(teacher_path, "teacher_model_name_or_path",
-                             weight_dtype(config, precision, "teacher"), remote)
-        check_vocab(tokenizer, teacher, "teacher_model_name_or_path", teacher_path)
-        teacher.eval()
-        teacher.requires_grad_(False)
     return Loaded(student, teacher, tokenizer, len(tokenizer))
+
+
+def load_teacher(config: Config, tokenizer, dtype: torch.dtype):
+    """The frozen teacher (eval mode, no grad), after checking it shares `tokenizer`'s vocabulary."""
+    path = config.teacher_model_name_or_path
+    if not path:
+        raise LlmneoError("teacher_model_name_or_path is not set; give the teacher model")
+    remote = config.trust_remote_code
+    teacher_tok = load_tokenizer(path, "teacher_model_name_or_path", remote)
+    check_same_tokenizer(tokenizer, teacher_tok, config.model_name_or_path or path, path)
+    teacher = load_model(path, "teacher_model_name_or_path", dtype, remote)
+    check_vocab(tokenizer, teacher, "teacher_model_name_or_path", path)
+    return teacher.eval().requires_grad_(False)
 
 
 def _has_tokenizer(path: str | None) -> bool:
