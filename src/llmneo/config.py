@@ -24,6 +24,7 @@ from llmneo.errors import LlmneoError
 LORA_VARIANTS = ("lora", "dora", "rslora", "pissa", "olora", "moslora")
 KD_LOSSES = ("fkl", "rkl", "jsd", "skew_fkl", "skew_rkl", "tvd")
 SCHEDULERS = ("cosine", "linear", "constant", "constant_with_warmup", "cosine_with_restarts", "polynomial")
+STAGES = ("sft", "pt")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
@@ -41,7 +42,7 @@ IGNORED_KEYS = frozenset({
     "evaluation_strategy", "save_strategy", "logging_strategy", "export_size", "export_legacy_format",
     "export_device", "do_eval", "do_predict", "plot_loss_keys", "include_num_input_tokens_seen",
     "save_only_model", "disable_tqdm", "push_to_hub", "hub_model_id", "tokenized_path", "streaming",
-    "packing", "neat_packing", "new_special_tokens", "resize_vocab", "upcast_layernorm",
+    "neat_packing", "new_special_tokens", "resize_vocab", "upcast_layernorm",
     "enable_liger_kernel", "use_unsloth", "optim", "lora_bias", "create_new_adapter", "eval_steps",
     "ddp_backend", "deepspeed", "fsdp", "fsdp_config", "tf32", "dataloader_pin_memory",
 })
@@ -64,7 +65,9 @@ class Config:
         "auto", "Weight dtype: auto|float32|bfloat16|float16. auto: the teacher (and a LoRA student's frozen "
         "base) in the compute dtype (bf16/fp16 when enabled), a fully trained student in float32.")
     # --- method -----------------------------------------------------------------------------
-    stage: str = _f("sft", "Training stage. Only 'sft' (supervised distillation) is supported.")
+    stage: str = _f(
+        "sft", "Training stage: sft (supervised distillation: replies are the targets) or pt (distillation on "
+        "raw text, Minitron style: every token is a target). dpo, kto, rm, ppo are not supported.")
     do_train: bool = _f(True, "Accepted for LLaMA-Factory compatibility; `llmneo train` always trains.")
     finetuning_type: str = _f("lora", "lora (train adapters only) or full (train every weight).")
     kd_ratio: float = _f(
@@ -103,8 +106,14 @@ class Config:
         None, "Prompt template when the tokenizer has no chat template: default, llama3, qwen, chatml, "
         "mistral, llama2, gemma, alpaca, vicuna. The tokenizer's own chat template wins when it has one.")
     cutoff_len: int = _f(2048, "Maximum tokens per example; longer examples are truncated.")
+    packing: bool | None = _f(
+        None, "Concatenate the tokenized examples and cut them into cutoff_len blocks (LLaMA-Factory's packing). "
+        "Default: true for stage: pt, false for sft.")
     max_samples: int | None = _f(None, "Use at most this many rows of each dataset.")
     val_size: float = _f(0.0, "Held-out split: a fraction in (0, 1) or a row count >= 1. 0 = none.")
+    eval_dataset: str | None = _f(
+        None, "Held-out data by name (LLaMA-Factory's key): datasets resolved like `dataset`, scored instead of a "
+        "val_size split. Set one of eval_dataset and val_size.")
     # --- training ---------------------------------------------------------------------------
     output_dir: str | None = _f(None, "Where the adapter/model, metrics and checkpoints go.")
     overwrite_output_dir: bool = _f(False, "Allow writing into a non-empty output_dir.")
@@ -168,6 +177,11 @@ class Config:
         if self.finetuning_type == "lora":
             return "neo" if self.uses_kd else "lora"
         return "kd" if self.uses_kd else "sft"
+
+    @property
+    def effective_packing(self) -> bool:
+        """LLaMA-Factory's default: pack for pretraining, not for SFT."""
+        return self.packing if self.packing is not None else self.stage == "pt"
 
     @property
     def effective_learning_rate(self) -> float:
@@ -318,7 +332,8 @@ def _require(ok: bool, message: str) -> None:
 
 def validate(c: Config) -> None:
     """Range and choice checks that do not touch the disk."""
-    _require(c.stage == "sft", f"stage '{c.stage}' is not supported; llmneo trains stage: sft")
+    _require(c.stage in STAGES, f"stage '{c.stage}' is not supported; llmneo trains stage: sft (supervised "
+             f"distillation) or pt (raw text)")
     _require(c.finetuning_type in ("lora", "full"),
              f"finetuning_type must be lora or full, got '{c.finetuning_type}'")
     _require(0.0 <= c.kd_ratio <= 1.0, f"kd_ratio must be in [0, 1], got {c.kd_ratio}")
@@ -341,6 +356,8 @@ def validate(c: Config) -> None:
     _require(c.max_samples is None or c.max_samples > 0, f"max_samples must be > 0, got {c.max_samples}")
     _require(c.val_size >= 0 and (c.val_size < 1 or float(c.val_size).is_integer()),
              f"val_size must be a fraction in [0, 1) or a whole row count, got {c.val_size}")
+    _require(not (c.eval_dataset and c.val_size),
+             "eval_dataset and val_size are both set; hold out data one way: eval_dataset=NAME or val_size=0.05")
     for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
                  "logging_steps", "save_steps"):
         _require(getattr(c, name) > 0, f"{name} must be > 0, got {getattr(c, name)}")
