@@ -174,3 +174,20 @@ def test_broken_and_incompatible_checkpoints(tmp_path, resumable, capsys):
     assert "optimizer.pt is missing" in capsys.readouterr().err
     assert cli.main(["train", _yaml(tmp_path, "e.yaml", {**values, "resume_from_checkpoint": "/no/such"})]) == 2
     assert "is not a directory" in capsys.readouterr().err
+
+
+def test_resume_restores_the_logging_window(tmp_path, resumable):
+    """logging_steps > save_steps: checkpoint-2 is saved with steps 1-2 still in the logging window, and the
+    resumed run's step-3 row must average steps 1-3 exactly as the uninterrupted run's does."""
+    values = {**resumable, "max_steps": 4, "logging_steps": 3}
+    full = tmp_path / "full"
+    assert cli.main(["train", _yaml(tmp_path, "full.yaml", {**values, "output_dir": str(full)})]) == 0
+    assert [r["step"] for r in _metrics(full)] == [3, 4]
+    state = json.loads((full / "checkpoint-2" / "trainer_state.json").read_text())
+    assert state["history"] == [] and state["window"]["tokens"] > 0  # saved between two logged steps
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    shutil.copytree(full / "checkpoint-2", resumed / "checkpoint-2")
+    values = {**values, "output_dir": str(resumed), "resume_from_checkpoint": "auto"}
+    assert cli.main(["train", _yaml(tmp_path, "resumed.yaml", values)]) == 0
+    _assert_same_run(full, resumed)
