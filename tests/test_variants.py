@@ -53,6 +53,8 @@ def test_variant_trains_saves_loads_and_exports(tmp_path, base_overrides, studen
     out, values = _train(tmp_path, base_overrides, lora_variant=variant)
     results = json.loads((out / "train_results.json").read_text())
     assert results["method"] == "neo" and results["final_kd_loss"] is not None
+    saved_config = json.loads((out / "adapter_config.json").read_text())
+    assert (saved_config["use_dora"], saved_config["use_rslora"]) == (variant == "dora", variant == "rslora")
     reference = _trained_in_place(values, out)
 
     base = AutoModelForCausalLM.from_pretrained(student_dir, dtype=torch.float32)
@@ -97,3 +99,25 @@ def test_llamafactory_booleans_select_variants(tmp_path, base_overrides):
         config.load(overrides={"use_dora": True, "lora_variant": "pissa"})
     out, _ = _train(tmp_path, base_overrides, use_dora=True, max_steps=1)
     assert json.loads((out / "adapter_config.json").read_text())["use_dora"] is True
+
+
+@pytest.mark.parametrize("variant", ["lora", "dora", "rslora"])
+def test_lora_variant_key_reaches_peft(base_overrides, variant):
+    """lora_variant itself (not only LLaMA-Factory's use_dora / use_rslora) configures PEFT's layers."""
+    from peft.tuners.lora import LoraLayer
+
+    values = {**base_overrides, "lora_variant": variant, "lora_rank": 4, "lora_alpha": 6}
+    cfg = config.load(overrides=values)
+    model = adapters.apply(models.load(cfg, models.resolve_precision(cfg), with_teacher=False).student, cfg)
+    peft_config = model.peft_config["default"]
+    assert (peft_config.use_dora, peft_config.use_rslora) == (variant == "dora", variant == "rslora")
+    layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
+    assert layers
+    for layer in layers:
+        # rsLoRA scales the update by alpha / sqrt(r) instead of alpha / r
+        expected = 6 / 4 ** 0.5 if variant == "rslora" else 6 / 4
+        assert layer.scaling["default"] == pytest.approx(expected)
+        # DoRA adds a trainable magnitude vector per adapted layer
+        assert ("default" in layer.lora_magnitude_vector) == (variant == "dora")
+    magnitudes = [n for n, p in model.named_parameters() if "lora_magnitude_vector" in n and p.requires_grad]
+    assert bool(magnitudes) == (variant == "dora")
