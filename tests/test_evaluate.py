@@ -80,6 +80,50 @@ def test_eval_cli_on_an_adapter_dir(tmp_path, base_overrides, teacher_dir, alpac
     assert 0.0 <= results["top1_agreement"] <= 1.0 and results["perplexity"] > 1.0
 
 
+def test_eval_with_val_size_scores_the_held_out_rows(tmp_path, student_dir):
+    """`llmneo eval val_size=...` scores the held-out split, not the training split.
+
+    Each row's reply has its own length, so the scored token count says which rows were scored; the
+    perplexity is recomputed with HF's own loss on the held-out examples alone.
+    """
+    from conftest import write_jsonl
+    from transformers import AutoModelForCausalLM
+
+    words = ["red", "fox", "blue", "sky", "cold", "tea", "warm", "sun"]
+    rows = [{"instruction": f"Repeat {w}.", "input": "", "output": " ".join([w] * (3 * i + 1))}
+            for i, w in enumerate(words)]
+    dataset = write_jsonl(tmp_path / "rows.jsonl", rows)
+    settings = {"model_name_or_path": str(student_dir), "dataset": str(dataset), "cutoff_len": 128, "val_size": 2}
+    tokenizer = models.load_tokenizer(str(student_dir), "model_name_or_path")
+    splits = data.build(config.load(overrides=settings), tokenizer)
+    # the two splits partition the rows: each instruction is in exactly one of them
+    held_out = {w for w in words if any(f"Repeat {w}." in tokenizer.decode(ex["input_ids"]) for ex in splits.eval)}
+    trained = {w for w in words if any(f"Repeat {w}." in tokenizer.decode(ex["input_ids"]) for ex in splits.train)}
+    assert len(held_out) == 2 and held_out.isdisjoint(trained) and held_out | trained == set(words)
+
+    model = AutoModelForCausalLM.from_pretrained(student_dir, dtype=torch.float32).eval()
+
+    def by_hand(examples):
+        total, count = 0.0, 0
+        with torch.no_grad():
+            for ex in examples:
+                labels = torch.tensor([ex["labels"]])
+                n = int((labels[:, 1:] != -100).sum())
+                total += float(model(torch.tensor([ex["input_ids"]]), labels=labels).loss) * n
+                count += n
+        return math.exp(total / count), count
+
+    held_out_ppl, held_out_tokens = by_hand(splits.eval)
+    train_ppl, train_tokens = by_hand(splits.train)
+    assert held_out_tokens != train_tokens and held_out_ppl != pytest.approx(train_ppl, rel=1e-3)
+
+    out = tmp_path / "eval"
+    assert cli.main(["eval", *(f"{k}={v}" for k, v in settings.items()), f"output_dir={out}"]) == 0
+    results = json.loads((out / "eval_results.json").read_text())
+    assert results["tokens"] == held_out_tokens
+    assert results["perplexity"] == pytest.approx(held_out_ppl, rel=1e-5)
+
+
 def test_eval_needs_something_to_do(student_dir, capsys):
     assert cli.main(["eval", f"model_name_or_path={student_dir}"]) == 2
     assert "nothing to evaluate" in capsys.readouterr().err
