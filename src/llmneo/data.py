@@ -8,22 +8,26 @@ non-empty line); a folder means all such files in it, sorted by name.
 
 Formats, detected per file from its columns (or given by dataset_info's `formatting`):
   alpaca    instruction, input (optional), output, system (optional), history (optional [user, reply] pairs)
-  sharegpt  conversations: [{from: human|gpt|system, value}]; system (optional)
-  messages  messages: [{role: system|user|assistant, content}] (OpenAI / TRL style)
+  sharegpt  conversations: [{from: human|gpt|system|function_call|observation, value}]; system, tools (optional)
+  messages  messages: [{role: system|user|assistant|tool, content, tool_calls?}] (OpenAI / TRL style)
   prompt/completion  prompt, completion: strings, or lists of messages (TRL style)
-  text      text: pretraining style, every token trained
-Tool turns (observation / tool) count as user turns and function_call as an assistant turn.
-Every conversation becomes [system?, user, assistant, user, assistant, ...]; a row that cannot is
-an error naming the file, the row and the field. See `llmneo.templates` for rendering and masks.
+  text      text (or a registry entry with `columns: {prompt: text}`): raw text, every token trained
+Every conversation becomes [system?, user, assistant, user, assistant, ...]; a row that cannot, or
+that holds data llmneo cannot train on (multimodal, preference, KTO), is an error naming the file,
+the row and the field (`llmneo.formats`). Tool schemas, calls and results: `llmneo.tools`. Rendering
+and label masks: `llmneo.templates`.
 
-Examples hold `input_ids` and unshifted `labels` (the token itself where trained, -100 elsewhere);
-the training loop shifts them. `val_size` rows are held out by a shuffle seeded with `seed`; both
-splits keep the original row order.
+`stage: pt` trains on raw text only (conversations are refused). Examples hold `input_ids` and
+unshifted `labels` (the token itself where trained, -100 elsewhere); the training loop shifts them.
+Held-out data is `eval_dataset` (resolved like `dataset`) or `val_size` rows, held out by a shuffle
+seeded with `seed` (both splits keep the original row order). Each split is tokenized, then packed
+when `config.effective_packing` (`llmneo.packing`).
 """
 
 from __future__ import annotations
 
 import csv
+import io
 import json
 import random
 import warnings
@@ -32,7 +36,8 @@ from pathlib import Path
 
 import torch
 
-from llmneo import formats, templates
+from llmneo import formats, packing, templates
+from llmneo import tools as tool_data
 from llmneo.config import looks_like_hub_id
 from llmneo.errors import LlmneoError
 
@@ -43,28 +48,47 @@ IGNORE_INDEX = templates.IGNORE_INDEX
 @dataclass
 class Splits:
     train: list[dict]  # {"input_ids": list[int], "labels": list[int]}; labels -100 except on reply tokens
-    eval: list[dict] | None  # the held-out examples when val_size > 0, else None
+    eval: list[dict] | None  # the held-out examples (eval_dataset, or val_size > 0), else None
 
 
 # --- building --------------------------------------------------------------------------------
 
 def build(config, tokenizer) -> Splits:
-    """Load `config.dataset`, hold out `val_size` rows, and tokenize both splits with label masks."""
+    """Load `config.dataset` and the held-out data, tokenize both with label masks, and pack them if asked."""
     template, own = templates.resolve(tokenizer, config.template)
     if own and config.template:
         warnings.warn(f"the tokenizer has its own chat template, which is used; template='{config.template}' "
                       f"is ignored", stacklevel=2)
-    rows = [(source, n, row) for source, dataset in load_rows(config) for n, row in enumerate(dataset, 1)]
-    train_rows, eval_rows = _split(rows, config.val_size, config.seed)
-    train, dropped = _encode(train_rows, tokenizer, template, config.cutoff_len)
-    evaluation, eval_dropped = _encode(eval_rows, tokenizer, template, config.cutoff_len)
+    rows = _numbered(load_rows(config))
+    if config.eval_dataset:
+        train_rows, eval_rows = rows, _numbered(load_rows(config, config.eval_dataset, "eval_dataset"))
+    else:
+        train_rows, eval_rows = _split(rows, config.val_size, config.seed)
+    # Packed text is cut into blocks after concatenation, so it is not truncated first.
+    cutoff = None if config.effective_packing and config.stage == "pt" else config.cutoff_len
+    encoder = _Encoder(tokenizer, template, own, cutoff)
+    train, evaluation = encoder.encode(train_rows), encoder.encode(eval_rows)
     if not train:
         raise LlmneoError(f"no trainable tokens: every example's prompt is longer than cutoff_len="
                           f"{config.cutoff_len} (or every response is masked); raise cutoff_len")
-    if dropped + eval_dropped:
-        warnings.warn(f"dropped {dropped + eval_dropped} of {len(rows)} examples with no trainable token "
-                      f"within cutoff_len={config.cutoff_len}; raise cutoff_len to keep them", stacklevel=2)
+    if config.eval_dataset and not evaluation:
+        raise LlmneoError(f"eval_dataset '{config.eval_dataset}' has no example with a response token within "
+                          f"cutoff_len={config.cutoff_len}; raise cutoff_len or choose other held-out data")
+    if encoder.dropped:
+        warnings.warn(f"dropped {encoder.dropped} of {len(train_rows) + len(eval_rows)} examples with no trainable "
+                      f"token within cutoff_len={config.cutoff_len}; raise cutoff_len to keep them", stacklevel=2)
+    if encoder.tools_as_text:
+        warnings.warn(f"the tokenizer's chat template ignores tool schemas, tool calls or tool results in "
+                      f"{encoder.tools_as_text} examples; those are rendered as text instead (schemas in the "
+                      f"system prompt, calls as 'Action: ... / Action Input: ...')", stacklevel=2)
+    if config.effective_packing:
+        pack = packing.concatenate if config.stage == "pt" else packing.best_fit
+        train, evaluation = pack(train, config.cutoff_len), pack(evaluation, config.cutoff_len)
     return Splits(train=train, eval=evaluation if eval_rows and evaluation else None)
+
+
+def _numbered(loaded: list[tuple[str, list[dict]]]) -> list[tuple[str, int, dict]]:
+    return [(source, n, row) for source, dataset in loaded for n, row in enumerate(dataset, 1)]
 
 
 def _split(rows: list, val_size: float, seed: int) -> tuple[list, list]:
@@ -80,26 +104,54 @@ def _split(rows: list, val_size: float, seed: int) -> tuple[list, list]:
     return ([r for i, r in enumerate(rows) if i not in chosen], [r for i, r in enumerate(rows) if i in chosen])
 
 
-def _encode(rows: list, tokenizer, template: str, cutoff_len: int) -> tuple[list[dict], int]:
-    import jinja2
+class _Encoder:
+    """Rows → examples; counts what it drops and the tool rows its chat template could not render."""
 
-    examples, dropped = [], 0
-    for source, n, row in rows:
-        if "text" in row:
-            ids, labels = templates.encode_text(tokenizer, row["text"])
-        else:
+    def __init__(self, tokenizer, template: str, own: bool, cutoff_len: int | None):
+        self.tokenizer, self.template, self.own, self.cutoff_len = tokenizer, template, own, cutoff_len
+        self.dropped = self.tools_as_text = 0
+
+    def encode(self, rows: list) -> list[dict]:
+        import jinja2
+
+        examples = []
+        for source, n, row in rows:
+            if "text" in row:
+                ids, labels = templates.encode_text(self.tokenizer, row["text"])
+            else:
+                try:
+                    ids, labels = templates.encode_conversation(self.tokenizer, self.template,
+                                                                *self._tools_rendered(row))
+                except jinja2.TemplateError as exc:
+                    raise LlmneoError(f"{source} row {n}: the chat template failed: {exc}; fix the row or "
+                                      f"the template") from None
+            if self.cutoff_len is not None:
+                ids, labels = ids[:self.cutoff_len], labels[:self.cutoff_len]
+            # labels[0] is never scored: the loop predicts token t+1 from position t.
+            if any(label != IGNORE_INDEX for label in labels[1:]):
+                examples.append({"input_ids": ids, "labels": labels})
+            else:
+                self.dropped += 1
+        return examples
+
+    def _tools_rendered(self, row: dict) -> tuple[list[dict], list[dict] | None]:
+        """(messages, tools) for the template: as they are when it renders them, else in the text form."""
+        import jinja2
+
+        messages, tools = row["messages"], row.get("tools")
+        if not tool_data.involved(messages, tools):
+            return messages, None
+        if self.own:
+            def render(m, t):
+                return templates.render(self.tokenizer, self.template, m, t)
+
             try:
-                ids, labels = templates.encode_conversation(tokenizer, template, row["messages"])
-            except jinja2.TemplateError as exc:
-                raise LlmneoError(f"{source} row {n}: the chat template failed: {exc}; fix the row or "
-                                  f"the template") from None
-        ids, labels = ids[:cutoff_len], labels[:cutoff_len]
-        # labels[0] is never scored: the loop predicts token t+1 from position t.
-        if any(label != IGNORE_INDEX for label in labels[1:]):
-            examples.append({"input_ids": ids, "labels": labels})
-        else:
-            dropped += 1
-    return examples, dropped
+                if tool_data.honoured(render, messages, tools):
+                    return messages, tools
+            except jinja2.TemplateError:
+                pass  # e.g. a template that raises on the `tool` role: the text form has none
+            self.tools_as_text += 1
+        return tool_data.as_text(messages, tools), None
 
 
 def collate(examples: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
@@ -119,15 +171,16 @@ def collate(examples: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
 
 # --- finding and reading datasets ------------------------------------------------------------
 
-def load_rows(config) -> list[tuple[str, list[dict]]]:
-    """(source, rows) per dataset; each row is {"messages": [...]} or {"text": str}."""
-    names = [n.strip() for n in (config.dataset or "").split(",") if n.strip()]
+def load_rows(config, datasets: str | None = None, key: str = "dataset") -> list[tuple[str, list[dict]]]:
+    """(source, rows) per dataset of `datasets` (default: config.dataset); rows are {"messages": [...],
+    "tools"?: [...]} or {"text": str}."""
+    names = [n.strip() for n in ((config.dataset if datasets is None else datasets) or "").split(",") if n.strip()]
     if not names:
-        raise LlmneoError("dataset is not set; give a file, folder, dataset_info.json name or Hub id, "
-                          "e.g. dataset=data/train.jsonl")
+        raise LlmneoError(f"{key} is not set; give a file, folder, dataset_info.json name or Hub id, "
+                          f"e.g. {key}=data/train.jsonl")
     loaded = []
     for name in names:
-        source, parts, layout = _read_dataset(name, config.dataset_dir, config.max_samples)
+        source, parts, layout = _read_dataset(name, config.dataset_dir, config.max_samples, key)
         rows: list[dict] = []
         for part_source, part_rows in parts:
             if config.max_samples is not None:
@@ -136,12 +189,17 @@ def load_rows(config) -> list[tuple[str, list[dict]]]:
             if config.max_samples is not None and len(rows) >= config.max_samples:
                 break
         if not rows:
-            raise LlmneoError(f"dataset '{name}' ({source}) has no rows; check that the file holds data")
+            raise LlmneoError(f"{key} '{name}' ({source}) has no rows; check that the file holds data")
+        if config.stage == "pt" and any("messages" in row for row in rows):
+            raise LlmneoError(f"stage: pt trains on raw text, but {key} '{name}' ({source}) holds conversations; "
+                              f"give text rows (a text column, a .txt file, or dataset_info columns: {{prompt: "
+                              f"text}}) or use stage: sft")
         loaded.append((source, rows))
     return loaded
 
 
-def _read_dataset(name: str, dataset_dir: str, limit: int | None) -> tuple[str, list[tuple[str, list]], formats.Layout]:
+def _read_dataset(name: str, dataset_dir: str, limit: int | None,
+                  key: str = "dataset") -> tuple[str, list[tuple[str, list]], formats.Layout]:
     """(source, [(file, raw rows)], layout) for one dataset name; `limit` spares reading a whole Hub dataset."""
     entry = _registered(name, Path(dataset_dir))
     if entry is not None:
@@ -151,7 +209,7 @@ def _read_dataset(name: str, dataset_dir: str, limit: int | None) -> tuple[str, 
             return str(candidate), _read_path(candidate), formats.Layout()
     if looks_like_hub_id(name) and Path(name).suffix.lower() not in FILE_TYPES:
         return name, [(name, _read_hub(name, dataset_dir, limit))], formats.Layout()
-    raise LlmneoError(f"dataset '{name}' not found: no file {name}, no file {Path(dataset_dir) / name}, and no "
+    raise LlmneoError(f"{key} '{name}' not found: no file {name}, no file {Path(dataset_dir) / name}, and no "
                       f"'{name}' entry in {Path(dataset_dir) / 'dataset_info.json'}; check the name or dataset_dir")
 
 
@@ -160,7 +218,7 @@ def _registered(name: str, dataset_dir: Path) -> dict | None:
     if not info_path.is_file():
         return None
     try:
-        info = json.loads(info_path.read_text(encoding="utf-8-sig"))
+        info = json.loads(_read_text(info_path))
     except json.JSONDecodeError as exc:
         raise LlmneoError(f"{info_path} line {exc.lineno}: invalid JSON ({exc.msg}); fix the file") from None
     entry = info.get(name) if isinstance(info, dict) else None
@@ -177,7 +235,11 @@ def _read_registered(name: str, entry: dict, dataset_dir: Path, limit: int | Non
     if entry.get("ranking"):
         raise LlmneoError(f"{where} is a ranking (preference) dataset; llmneo distils on supervised rows, so "
                           f"register a dataset without ranking: true")
+    if entry.get("num_samples") is not None:
+        raise LlmneoError(f"{where}: num_samples (sampling rows of one dataset) is not supported; use max_samples "
+                          f"(the first rows of each dataset) or remove num_samples")
     layout = formats.Layout(formatting, dict(entry.get("columns") or {}), dict(entry.get("tags") or {}))
+    layout.check(where)
     if "file_name" in entry:
         path = dataset_dir / entry["file_name"]
         if not path.exists():
@@ -204,10 +266,9 @@ def _read_path(path: Path) -> list[tuple[str, list]]:
 def _read_file(path: Path) -> list:
     suffix = path.suffix.lower()
     if suffix == ".txt":
-        return [{"text": line} for line in path.read_text(encoding="utf-8-sig").splitlines() if line.strip()]
+        return [{"text": line} for line in _read_text(path).splitlines() if line.strip()]
     if suffix == ".csv":
-        with path.open(newline="", encoding="utf-8-sig") as handle:
-            return list(csv.DictReader(handle))
+        return list(csv.DictReader(io.StringIO(_read_text(path), newline="")))
     if suffix == ".parquet":
         import pyarrow.parquet
 
@@ -217,8 +278,16 @@ def _read_file(path: Path) -> list:
     raise LlmneoError(f"{path}: unsupported file type '{suffix}'; use one of {', '.join(FILE_TYPES)}")
 
 
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_bytes().decode("utf-8-sig")  # no newline translation: csv needs its own
+    except UnicodeDecodeError as exc:
+        raise LlmneoError(f"{path} is not UTF-8 text (byte {exc.start} cannot be decoded); save it as UTF-8 "
+                          f"(or give columnar data as .parquet)") from None
+
+
 def _read_json(path: Path) -> list:
-    text = path.read_text(encoding="utf-8-sig")
+    text = _read_text(path)
     if path.suffix.lower() == ".json" and text.lstrip().startswith(("[", "{")):
         try:
             data = json.loads(text)

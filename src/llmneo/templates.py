@@ -116,8 +116,10 @@ def resolve(tokenizer, name: str | None) -> tuple[str, bool]:
 FIXED_DATE = "26 Jul 2024"
 
 
-def _render(tokenizer, template: str, messages: list[dict], generation_prompt: bool) -> str:
-    return tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False,
+def render(tokenizer, template: str, messages: list[dict], tools: list[dict] | None = None,
+           generation_prompt: bool = False) -> str:
+    """The template's text for a conversation (with tool schemas, when given)."""
+    return tokenizer.apply_chat_template(messages, tools=tools or None, chat_template=template, tokenize=False,
                                          add_generation_prompt=generation_prompt, date_string=FIXED_DATE)
 
 
@@ -139,7 +141,7 @@ def _reply_spans(full: str, messages: list[dict], pairs: list[tuple[int, str, st
             start = full.find(reply.rstrip(), cursor) if reply.strip() else -1
             if start < 0:
                 reply = messages[i]["content"].strip()
-                start = full.find(reply, cursor)
+                start = full.find(reply, cursor) if reply else -1
             if start < 0:
                 continue  # rendered beyond recognition (e.g. reasoning dropped): it stays prompt
         # Whitespace after the end-of-turn marker separates turns; it belongs to no reply.
@@ -148,11 +150,15 @@ def _reply_spans(full: str, messages: list[dict], pairs: list[tuple[int, str, st
     return spans
 
 
-def encode_conversation(tokenizer, template: str, messages: list[dict]) -> tuple[list[int], list[int]]:
-    """Token ids of the rendered conversation, and labels equal to them on reply tokens, -100 elsewhere."""
-    full = _render(tokenizer, template, messages, False)
-    pairs = [(i, _render(tokenizer, template, messages[:i], True),
-              _render(tokenizer, template, messages[:i + 1], False))
+def encode_conversation(tokenizer, template: str, messages: list[dict],
+                        tools: list[dict] | None = None) -> tuple[list[int], list[int]]:
+    """Token ids of the rendered conversation, and labels equal to them on reply tokens, -100 elsewhere.
+
+    Assistant messages (replies and tool calls) are the replies; `tools` are passed to every rendering.
+    """
+    full = render(tokenizer, template, messages, tools)
+    pairs = [(i, render(tokenizer, template, messages[:i], tools, generation_prompt=True),
+              render(tokenizer, template, messages[:i + 1], tools))
              for i, m in enumerate(messages) if m["role"] == "assistant"]
     spans = _reply_spans(full, messages, pairs)
     if getattr(tokenizer, "is_fast", False):
