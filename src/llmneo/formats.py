@@ -121,7 +121,9 @@ def _is_text_registration(first_row, layout: Layout) -> bool:
 def _refuse_unsupported_fields(row: dict, layout: Layout) -> None:
     used = set(layout.columns.values())
     for name, what in UNSUPPORTED.items():
-        if row.get(name) not in (None, "", [], {}) and name not in used:
+        value = row.get(name)
+        empty = value is None or (isinstance(value, (str, list, tuple, dict)) and not value)
+        if not empty and name not in used:
             raise BadRow(f"field '{name}' holds {what}, which llmneo does not support: {SUPPORTED}; remove the "
                          f"field or use another dataset")
     if isinstance(row.get("label"), bool) and "label" not in used:
