@@ -14,6 +14,7 @@ from llmneo import config as config_mod
 from llmneo.errors import LlmneoError
 from llmneo.preemption import Preempted
 
+# name -> (summary, whether it needs settings: a YAML file and/or key=value; both work alone)
 COMMANDS = {
     "train": ("Train a student (Neo, KD, LoRA or SFT, chosen by the config).", True),
     "export": ("Merge a LoRA adapter into its base model and save a plain HF model.", False),
@@ -41,11 +42,11 @@ def _parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name, (summary, config_required) in COMMANDS.items():
+    for name, (summary, _) in COMMANDS.items():
         cmd = sub.add_parser(name, help=summary, description=summary, epilog=_EPILOG.format(keys=keys),
                              formatter_class=argparse.RawDescriptionHelpFormatter)
-        cmd.add_argument("args", nargs="*" if not config_required else "+", metavar="CONFIG.yaml | key=value",
-                         help="a YAML config file (first) and/or key=value overrides")
+        cmd.add_argument("args", nargs="*", metavar="CONFIG.yaml | key=value",
+                         help="a YAML config file (first) and/or key=value settings")
     return parser
 
 
@@ -67,6 +68,8 @@ def _quiet_libraries() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     # llmneo shows its own progress bars; the libraries' per-file bars ("Loading weights") are noise.
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    # Without network, huggingface_hub logs every retry; llmneo reports the failure itself, in one line.
+    os.environ.setdefault("HF_HUB_VERBOSITY", "error")
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
@@ -74,8 +77,9 @@ def _quiet_libraries() -> None:
 
 def dispatch(command: str, args: list[str]) -> int:
     path, overrides = _split(args)
-    if COMMANDS[command][1] and path is None:
-        raise LlmneoError(f"llmneo {command} needs a config file first, e.g. llmneo {command} config.yaml")
+    if COMMANDS[command][1] and not args:
+        raise LlmneoError(f"llmneo {command} needs a config: a YAML file and/or key=value settings, e.g. llmneo "
+                          f"{command} config.yaml, or llmneo {command} model_name_or_path=... dataset=... output_dir=...")
     if command == "demo":
         from llmneo import demo
 
@@ -85,7 +89,8 @@ def dispatch(command: str, args: list[str]) -> int:
         from llmneo import sweep
 
         return sweep.run(path, overrides)
-    cfg = config_mod.load(path, overrides)
+    # eval and export of a trained output_dir default to its saved template, cutoff_len, stage and packing.
+    cfg = config_mod.load(path, overrides, from_trained_run=command in ("eval", "export"))
     if command == "train":
         from llmneo import train
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import os
 import re
 import typing
 import warnings
@@ -35,9 +36,53 @@ def looks_like_hub_id(name: str) -> bool:
     return bool(_HUB_ID.match(name)) and not name.startswith((".", "/", "~"))
 
 
+def looks_local(name: str) -> bool:
+    """A path meant on this machine, so never looked up on the Hub, even when it is missing.
+
+    Absolute, ./, ../, ~, more than one '/', a backslash, or `dir/name` whose `dir` exists here
+    (`models/student` next to a `models/` folder is a local path, not the Hub repo `models/student`).
+    """
+    if not looks_like_hub_id(name):
+        return True
+    return os.path.isdir(name.split("/", 1)[0])
+
+
+# The trackers accelerate can log to (accelerate.utils.LoggerType), besides "none" and "all".
+TRACKERS = ("tensorboard", "wandb", "mlflow", "comet_ml", "aim", "clearml", "dvclive", "swanlab", "trackio")
+
+# What `llmneo train` saves in output_dir: every key, loadable again with `llmneo train llmneo_config.yaml`.
+SAVED_CONFIG = "llmneo_config.yaml"
+# Keys that `llmneo eval` / `llmneo export` take from a trained run's saved config unless given explicitly:
+# scoring a run with another template, cutoff or stage would measure different tokens than it trained on.
+TRAINED_RUN_KEYS = ("template", "cutoff_len", "stage", "packing")
+
+# Training stages and LLaMA-Factory keys of features llmneo does not have. They are reported before any
+# unknown-key suggestion: `pref_beta` means DPO, not a typo of `kd_beta`.
+UNSUPPORTED_STAGES = {"dpo": "DPO preference training", "kto": "KTO preference training",
+                      "rm": "reward-model training", "ppo": "PPO reinforcement learning"}
+UNSUPPORTED_FEATURES = {
+    "preference / RLHF training (DPO, KTO, ORPO, SimPO, reward models, PPO)": (
+        "pref_beta", "pref_ftx", "pref_loss", "pref_bco_weight", "dpo_label_smoothing", "simpo_gamma",
+        "kto_chosen_weight", "kto_rejected_weight", "ld_alpha", "ref_model", "ref_model_adapters",
+        "ref_model_quantization_bit", "reward_model", "reward_model_adapters", "reward_model_quantization_bit",
+        "reward_model_type", "ppo_buffer_size", "ppo_epochs", "ppo_score_norm", "ppo_target",
+        "ppo_whiten_rewards"),
+    "multimodal training (images, videos, audio)": (
+        "image_max_pixels", "image_min_pixels", "image_resolution", "image_do_pan_and_scan", "crop_to_patches",
+        "video_max_pixels", "video_min_pixels", "video_resolution", "video_fps", "video_maxlen",
+        "use_audio_in_video", "audio_sampling_rate", "freeze_vision_tower", "freeze_multi_modal_projector",
+        "freeze_language_model", "train_mm_proj_only", "visual_inputs", "media_dir"),
+    "quantized training (QLoRA)": (
+        "quantization_bit", "quantization_method", "quantization_type", "double_quantization",
+        "quantization_device_map"),
+}
+_UNSUPPORTED_KEYS = {key: feature for feature, keys in UNSUPPORTED_FEATURES.items() for key in keys}
+SUPPORTED = "llmneo distils text-only causal LMs with stage: sft (supervised) or pt (raw text)"
+
+
 # LLaMA-Factory / TrainingArguments keys that llmneo accepts so existing YAMLs run, but does not use.
 IGNORED_KEYS = frozenset({
-    "overwrite_cache", "preprocessing_num_workers", "report_to", "run_name", "logging_dir", "flash_attn",
+    "overwrite_cache", "preprocessing_num_workers", "flash_attn",
     "use_fast_tokenizer", "ddp_find_unused_parameters", "dataloader_num_workers", "eval_strategy",
     "evaluation_strategy", "save_strategy", "logging_strategy", "export_size", "export_legacy_format",
     "export_device", "do_eval", "do_predict", "plot_loss_keys", "include_num_input_tokens_seen",
@@ -143,6 +188,12 @@ class Config:
         None, "Continue a run exactly: 'auto' (the newest output_dir/checkpoint-STEP; a fresh start if there is "
         "none) or a checkpoint path. No overwrite flag needed.")
     plot_loss: bool = _f(False, "Write training_loss.png (needs matplotlib: pip install llmneo[plot]).")
+    report_to: str | None = _f(
+        None, "Experiment trackers, through accelerate: none (null), all (every installed one) or a comma list of "
+        + ", ".join(TRACKERS) + ". They receive the same rows as metrics.jsonl, and the config as hyperparameters.")
+    logging_dir: str | None = _f(
+        None, "Where file-based trackers (tensorboard, ...) write, in logging_dir/run_name. Default: output_dir/runs.")
+    run_name: str | None = _f(None, "The run's name in the trackers. Default: the name of the output_dir folder.")
     ddp_timeout: int = _f(1800, "Distributed process-group timeout in seconds.")
     # --- evaluation ---------------------------------------------------------------------------
     tasks: str | None = _f(
@@ -268,6 +319,26 @@ def _suggest(key: str) -> str:
     return f"; did you mean '{close[0]}'?" if close else "; run `llmneo train --help` for the list of keys"
 
 
+def check_supported(raw: dict[str, Any]) -> None:
+    """Refuse an unsupported stage, then keys of unsupported features, before any unknown-key hint."""
+    stage = raw.get("stage")
+    if isinstance(stage, str) and stage.strip().lower() in UNSUPPORTED_STAGES:
+        name = stage.strip().lower()
+        raise LlmneoError(f"stage '{name}' is not supported ({UNSUPPORTED_STAGES[name]}); {SUPPORTED}")
+    for key in raw:
+        feature = _UNSUPPORTED_KEYS.get(str(key))
+        if feature is not None:
+            raise LlmneoError(f"config key '{key}' is for {feature}, which llmneo does not support "
+                              f"({SUPPORTED}); remove {key}")
+
+
+def check_key(key: str) -> None:
+    """Raise the one-line error for a key that is neither a Config field nor an ignored LLaMA-Factory key."""
+    check_supported({key: None})
+    if key not in FIELDS and key not in IGNORED_KEYS:
+        raise LlmneoError(f"unknown config key '{key}'{_suggest(key)}")
+
+
 def parse_overrides(items: list[str]) -> dict[str, str]:
     out: dict[str, str] = {}
     for item in items:
@@ -297,32 +368,65 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
 
 
 def load(path: str | Path | None = None, overrides: list[str] | dict[str, Any] | None = None,
-         *, validate_for: str | None = None) -> Config:
+         *, from_trained_run: bool = False) -> Config:
     """Build a Config from an optional YAML file plus overrides (later wins).
 
-    Unknown keys are errors naming the closest key; ignored LLaMA-Factory keys give one warning.
+    An unsupported stage or feature key is reported first, then unknown keys (naming the closest key);
+    ignored LLaMA-Factory keys give one warning. With `from_trained_run` (eval, export), the keys in
+    TRAINED_RUN_KEYS that were not given default to the saved config of the trained run that
+    model_name_or_path / adapter_name_or_path points at.
     """
     raw: dict[str, Any] = read_yaml(path) if path is not None else {}
     if isinstance(overrides, dict):
         raw.update(overrides)
     elif overrides:
         raw.update(parse_overrides(overrides))
+    check_supported(raw)
     values: dict[str, Any] = {}
     ignored: list[str] = []
     for key, value in raw.items():
         key = str(key)
+        check_key(key)
         if key in FIELDS:
             values[key] = coerce(key, value)
-        elif key in IGNORED_KEYS:
-            ignored.append(key)
         else:
-            raise LlmneoError(f"unknown config key '{key}'{_suggest(key)}")
+            ignored.append(key)
     if ignored:
         warnings.warn(f"llmneo ignores these keys (accepted for LLaMA-Factory compatibility): "
                       f"{', '.join(sorted(ignored))}", stacklevel=2)
+    if from_trained_run:
+        for key, value in trained_run_defaults(values).items():
+            values.setdefault(key, value)
     config = Config(**values)
     validate(config)
     return config
+
+
+def saved_config_of(model_dir: str | None) -> Path | None:
+    """The llmneo_config.yaml of the run that wrote `model_dir` (its output_dir or a checkpoint-STEP in it)."""
+    if not model_dir or not os.path.isdir(model_dir):
+        return None
+    here = Path(model_dir)
+    for folder in (here, here.parent) if re.fullmatch(r"checkpoint-\d+", here.name) else (here,):
+        if (folder / SAVED_CONFIG).is_file():
+            return folder / SAVED_CONFIG
+    return None
+
+
+def trained_run_defaults(values: dict[str, Any]) -> dict[str, Any]:
+    """TRAINED_RUN_KEYS from the saved config of the run that the adapter (or model) path points at."""
+    for key in ("adapter_name_or_path", "model_name_or_path"):
+        saved = saved_config_of(values.get(key))
+        if saved is not None:
+            stored = read_yaml(saved)
+            return {k: coerce(k, stored[k]) for k in TRAINED_RUN_KEYS if k in stored}
+    return {}
+
+
+def to_yaml(config: Config) -> str:
+    """Every key of `config` as YAML, in field order: what `llmneo train` saves as llmneo_config.yaml."""
+    header = "# Written by llmneo train: every key of this run; `llmneo train llmneo_config.yaml` loads it.\n"
+    return header + yaml.safe_dump(to_dict(config), sort_keys=False)
 
 
 def _require(ok: bool, message: str) -> None:
@@ -379,6 +483,16 @@ def validate(c: Config) -> None:
     _require(c.num_layers is None or c.num_layers > 0, f"num_layers must be > 0, got {c.num_layers}")
     _require(c.num_fewshot is None or c.num_fewshot >= 0, f"num_fewshot must be >= 0, got {c.num_fewshot}")
     _require(c.eval_limit is None or c.eval_limit > 0, f"eval_limit must be > 0, got {c.eval_limit}")
+    trackers = report_to(c)
+    unknown = [t for t in trackers if t not in TRACKERS and t != "all"]
+    _require(not unknown, f"report_to: unknown tracker '{unknown[0] if unknown else ''}'; use none, all or a comma "
+             f"list of {', '.join(TRACKERS)}")
+
+
+def report_to(c: Config) -> list[str]:
+    """The trackers named by report_to ([] for none)."""
+    names = [t.strip().lower() for t in (c.report_to or "").split(",") if t.strip()]
+    return [t for t in names if t != "none"]
 
 
 def help_text() -> str:

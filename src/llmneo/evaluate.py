@@ -95,13 +95,52 @@ def lm_eval_tasks(model, tokenizer, spec: str, *, num_fewshot: int | None = None
     if unknown:
         raise LlmneoError(f"unknown lm-eval task(s): {', '.join(unknown)}; check the names "
                           f"(lm-eval --tasks list) or give the path of a task YAML")
+    tasks = [task for name in names for task in _built_task(manager, name)]
     wrapped = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device)
-    results = lm_eval.simple_evaluate(model=wrapped, tasks=names, num_fewshot=num_fewshot, limit=limit,
+    results = lm_eval.simple_evaluate(model=wrapped, tasks=tasks, num_fewshot=num_fewshot, limit=limit,
                                       task_manager=manager, log_samples=False, bootstrap_iters=0)
     out = {}
     for task, metrics in (results or {}).get("results", {}).items():
         out[task] = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and k != "alias"}
     return out
+
+
+def _built_task(manager, name: str) -> list:
+    """The task (or group, or a tag's tasks) `name`, built: building it loads its data, which fails without
+    network when the data set is not in the Hugging Face cache. That failure becomes one line."""
+    try:
+        loaded = manager.load(name)
+    except Exception as exc:
+        if not _while_loading_data(exc):
+            raise
+        raise LlmneoError(
+            f"lm-eval task {name}: its data could not be loaded ({_first_line(exc)}); it is not in the Hugging Face "
+            f"cache and the Hub cannot be reached (offline?). Run once with network access (and without "
+            f"HF_HUB_OFFLINE / HF_DATASETS_OFFLINE) to cache it, point HF_HOME at a cache that has it, or give "
+            f"a local task YAML whose dataset_path is a local folder") from None
+    if name in loaded["groups"]:
+        return [loaded["groups"][name]]
+    if name in loaded["tasks"]:
+        return [loaded["tasks"][name]]
+    return list(loaded["tasks"].values())  # a tag: the tasks it names
+
+
+def _while_loading_data(exc: BaseException) -> bool:
+    """Whether `exc` was raised inside `datasets.load_dataset` (a missing, unreachable or uncached data set)."""
+    import traceback
+
+    for error in (exc, exc.__cause__, exc.__context__):
+        if error is None:
+            continue
+        for frame in traceback.extract_tb(error.__traceback__):
+            if frame.name in ("load_dataset", "load_dataset_builder") and "datasets" in Path(frame.filename).parts:
+                return True
+    return False
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
 
 
 def format_table(rows: list[dict], columns: list[tuple[str, str]]) -> str:
@@ -119,7 +158,8 @@ def format_table(rows: list[dict], columns: list[tuple[str, str]]) -> str:
 
 
 def run(config: Config) -> dict:
-    """`llmneo eval`: metrics on `dataset` (the held-out split when val_size > 0) and/or lm-eval `tasks`."""
+    """`llmneo eval`: metrics on `dataset` (the held-out split when val_size > 0 or eval_dataset is set)
+    and/or lm-eval `tasks`."""
     if not config.dataset and not config.tasks:
         raise LlmneoError("nothing to evaluate: set dataset=... (perplexity, KL, agreement) and/or tasks=...")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -135,10 +175,12 @@ def run(config: Config) -> dict:
         if config.teacher_model_name_or_path:
             teacher = models.load_teacher(config, tokenizer, dtype).to(device)
         splits = data.build(config, tokenizer)
-        if config.val_size > 0 and not splits.eval:
-            raise LlmneoError(f"val_size={config.val_size} but no held-out example has a response token within "
-                              f"cutoff_len={config.cutoff_len}; raise cutoff_len or val_size")
-        examples = splits.eval if config.val_size > 0 else splits.train
+        held_out = config.val_size > 0 or bool(config.eval_dataset)
+        if held_out and not splits.eval:
+            given = f"eval_dataset={config.eval_dataset}" if config.eval_dataset else f"val_size={config.val_size}"
+            raise LlmneoError(f"{given} but no held-out example has a response token within "
+                              f"cutoff_len={config.cutoff_len}; raise cutoff_len or check the held-out data")
+        examples = splits.eval if held_out else splits.train
         results.update(response_metrics(model, examples, tokenizer.pad_token_id, len(tokenizer), teacher=teacher,
                                         batch_size=config.per_device_eval_batch_size, device=device))
     if config.tasks:

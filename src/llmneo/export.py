@@ -1,7 +1,9 @@
 """Merge a trained adapter into its base model and save a plain Hugging Face model.
 
 The merge uses PEFT's safe merge (it checks the merged weights for NaN/inf before committing).
-The result loads with `AutoModelForCausalLM.from_pretrained(export_dir)`, no PEFT needed.
+The result loads with `AutoModelForCausalLM.from_pretrained(export_dir)`, no PEFT needed. An adapter
+trained with a built-in `template` (for a tokenizer without a chat template) is exported with that
+template as the tokenizer's chat template; `llmneo export` reads it from the run's llmneo_config.yaml.
 """
 
 from __future__ import annotations
@@ -10,16 +12,15 @@ from pathlib import Path
 
 import torch
 
-from llmneo import models, run_dir
+from llmneo import models, run_dir, templates
 from llmneo.config import Config, input_paths
 from llmneo.errors import LlmneoError
 
 
 def base_model_of(adapter_dir: str) -> str:
     """The base model recorded in an adapter's config (what `model_name_or_path` defaults to)."""
-    base = models.adapter_base(adapter_dir)
-    if base is not None:
-        return base
+    if models.adapter_base(adapter_dir) is not None:
+        return models.recorded_base(adapter_dir)
     if Path(adapter_dir, "config.json").is_file():
         raise LlmneoError(f"adapter_name_or_path '{adapter_dir}' is a full model, not an adapter; "
                           f"it already loads with AutoModelForCausalLM, nothing to merge")
@@ -35,13 +36,21 @@ def run(config: Config) -> Path:
     if not adapter:
         raise LlmneoError("adapter_name_or_path is not set; give the adapter to merge, e.g. "
                           "adapter_name_or_path=out/neo")
-    base_path = config.model_name_or_path or base_model_of(adapter)
-    base_model_of(adapter)  # validates the adapter dir even when the base is given explicitly
+    if config.model_name_or_path:
+        base_path = config.model_name_or_path
+        if models.adapter_base(adapter) is None:
+            base_model_of(adapter)  # one line: a full model or no adapter at all
+    else:
+        base_path = base_model_of(adapter)
     inputs = {**input_paths(config), "model_name_or_path": base_path, "adapter_name_or_path": adapter}
     out = run_dir.prepare(config.export_dir, config.overwrite_output_dir, key="export_dir", inputs=inputs)
     dtype = torch.float32 if config.torch_dtype == "auto" else models.DTYPES[config.torch_dtype]
     tokenizer_source = adapter if Path(adapter, "tokenizer_config.json").is_file() else base_path
     tokenizer = models.load_tokenizer(tokenizer_source, "model_name_or_path", config.trust_remote_code)
+    if config.template and not getattr(tokenizer, "chat_template", None):
+        # The run trained with a built-in template (given, or from its llmneo_config.yaml): the merged model
+        # carries it as its chat template, so apply_chat_template formats prompts as in training.
+        tokenizer.chat_template = templates.resolve(tokenizer, config.template)[0]
     base = models.load_model(base_path, "model_name_or_path", dtype, config.trust_remote_code)
     try:
         peft_model = PeftModel.from_pretrained(base, adapter)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from llmneo.config import Config, looks_like_hub_id
+from llmneo.config import Config, looks_like_hub_id, looks_local
 from llmneo.errors import LlmneoError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -53,9 +53,16 @@ def weight_dtype(config: Config, precision: Precision, role: str) -> torch.dtype
 def _check_exists(path: str, key: str) -> None:
     if os.path.exists(path):
         return
-    if looks_like_hub_id(path):
+    if looks_like_hub_id(path) and not looks_local(path):
         return  # a Hub id: from_pretrained will fetch or fail with its own reason
+    # A missing local path must not reach from_pretrained, which would try it as a Hub id (and retry for long).
     raise LlmneoError(f"{key}: '{path}' does not exist; give a local model directory or a Hub id (owner/name)")
+
+
+def _local_or_hub(path: str) -> str:
+    """An existing local path made absolute, so what a model records as its `name_or_path` (and PEFT
+    writes into adapter_config.json as the base model) still resolves from any working directory."""
+    return os.path.abspath(path) if os.path.exists(path) else path
 
 
 def load_tokenizer(path: str, key: str, trust_remote_code: bool = False):
@@ -90,7 +97,7 @@ def load_model(path: str, key: str, dtype: torch.dtype, trust_remote_code: bool 
         raise LlmneoError(f"{key}: could not read the model config of '{path}': {_first_line(exc)}") from None
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            path, config=model_config, dtype=dtype, trust_remote_code=trust_remote_code)
+            _local_or_hub(path), config=model_config, dtype=dtype, trust_remote_code=trust_remote_code)
     except ValueError as exc:
         if "Unrecognized configuration class" in str(exc) or "AutoModelForCausalLM" in str(exc):
             raise LlmneoError(f"{key}: '{path}' is not a causal language model (model type "
@@ -177,6 +184,17 @@ def adapter_base(adapter_dir: str) -> str | None:
     return base
 
 
+def recorded_base(adapter_dir: str) -> str:
+    """The base model an adapter records, checked here: a missing local path is one line, not a Hub lookup."""
+    base = adapter_base(adapter_dir)
+    if base is None:
+        raise LlmneoError(f"adapter_name_or_path: '{adapter_dir}' has no adapter_config.json; give a PEFT adapter dir")
+    if not os.path.exists(base) and (looks_local(base) or not looks_like_hub_id(base)):
+        raise LlmneoError(f"the base model '{base}' recorded in {Path(adapter_dir, 'adapter_config.json')} does "
+                          f"not exist here; set model_name_or_path to the base model")
+    return base
+
+
 def load_trained(config: Config, dtype: torch.dtype):
     """(model, tokenizer) for evaluation: a model dir / Hub id, an adapter dir, or base + adapter."""
     from peft import PeftModel
@@ -186,7 +204,7 @@ def load_trained(config: Config, dtype: torch.dtype):
         raise LlmneoError("model_name_or_path is not set; give a model dir, a Hub id or a trained adapter dir")
     adapter = config.adapter_name_or_path
     if adapter is None and adapter_base(path) is not None:
-        path, adapter = adapter_base(path), path
+        path, adapter = recorded_base(path), path
     remote = config.trust_remote_code
     tokenizer = load_tokenizer(adapter if _has_tokenizer(adapter) else path, "model_name_or_path", remote)
     model = load_model(path, "model_name_or_path", dtype, remote)

@@ -23,21 +23,28 @@ def training_loss(rows: list[dict], path: Path, title: str = "training loss") ->
     plt = _pyplot()
     if plt is None or not rows:
         return False
+    fig = loss_figure(plt, rows, title)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def loss_figure(plt, rows: list[dict], title: str):
+    """The training_loss.png figure. One logged row is drawn as a marker: a line through one point is invisible."""
     fig, ax = plt.subplots(figsize=(7, 4))
     steps = [r["step"] for r in rows]
+    marker = "o" if len(rows) == 1 else None
     for key, style in (("loss", "-"), ("ce_loss", "--"), ("kd_loss", ":")):
         values = [r.get(key) for r in rows]
         if all(v is not None for v in values):
-            ax.plot(steps, values, style, label=key)
+            ax.plot(steps, values, style, marker=marker, label=key)
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("loss (per response token)")
     ax.set_title(title)
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
+    return fig
 
 
 def arm_comparison(curves: dict[str, list[dict]], rows: list[dict], path: Path) -> bool:

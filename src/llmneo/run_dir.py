@@ -14,13 +14,14 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from llmneo.config import SAVED_CONFIG
 from llmneo.errors import LlmneoError
 
 # Files llmneo itself writes into output_dir; only these are cleared by overwrite_output_dir.
 OWN_FILES = ("metrics.jsonl", "train_results.json", "training_loss.png", "eval_results.json",
              "adapter_config.json", "adapter_model.safetensors", "config.json", "model.safetensors",
-             "model.safetensors.index.json", "generation_config.json", "prune_results.json")
-OWN_DIRS = ("initial_adapter",)
+             "model.safetensors.index.json", "generation_config.json", "prune_results.json", SAVED_CONFIG)
+OWN_DIRS = ("initial_adapter", "runs")  # runs: the trackers' default logging_dir
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 
 
@@ -87,6 +88,18 @@ def write_json(path: Path, data: dict[str, Any]) -> None:
         with os.fdopen(fd, "w") as handle:
             json.dump(data, handle, indent=2, default=str)
             handle.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_text(path: Path, text: str) -> None:
+    """Write text through a temp file and a rename, like write_json."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as handle:
+            handle.write(text)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

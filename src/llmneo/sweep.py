@@ -9,7 +9,8 @@ nature (`lora_target`, `dataset`, `tasks`, `keep_layers`), which use `;`:
 The grid is the cartesian product of the axes, in the order given. Every cell's config is built and
 validated before anything trains. Each cell trains in-process, one after another, in its own folder
 `output_dir/<key>=<value>_<key2>=<value2>`, and is then scored on the held-out split (`val_size`
-must be > 0) with `llmneo eval`'s metrics against the same teacher, so every cell sees the same rows.
+> 0 or `eval_dataset`) with `llmneo eval`'s metrics against the same teacher, so every cell sees the
+same rows.
 
 A failing cell is recorded (status `failed`, the error's first line) and the sweep goes on. Running
 the same command again skips finished cells (train_results.json and eval_results.json present, and
@@ -52,7 +53,7 @@ RESULT_COLUMNS = ("status", *METRICS, "final_loss", "train_runtime", "trainable_
 # stays finished when only these differ (e.g. the resume_from_checkpoint=auto the CLI suggests).
 RUN_CONTROL_KEYS = ("output_dir", "overwrite_output_dir", "resume_from_checkpoint", "logging_steps", "save_steps",
                     "save_total_limit", "plot_loss", "ddp_timeout", "sweep_metric", "per_device_eval_batch_size",
-                    "tasks", "num_fewshot", "eval_limit", "export_dir")
+                    "tasks", "num_fewshot", "eval_limit", "export_dir", "report_to", "logging_dir", "run_name")
 CELL_FILE = "sweep_cell.json"
 
 
@@ -106,6 +107,7 @@ def _check_not_semicolon_list(key: str, value: str) -> None:
 
 def _check_axis(axis: Axis, value: str) -> None:
     key = axis.key
+    config_mod.check_supported({key: None})
     if key not in config_mod.FIELDS:
         if key in config_mod.IGNORED_KEYS:
             raise LlmneoError(f"llmneo ignores '{key}' (accepted for LLaMA-Factory compatibility), "
@@ -157,9 +159,10 @@ def _check_cell(cfg: Config, cell: dict[str, str]) -> None:
     where = " ".join(f"{k}={v}" for k, v in cell.items())
     if not cfg.output_dir:
         raise LlmneoError("output_dir is not set; give the sweep folder, e.g. output_dir=out/sweep1")
-    if not cfg.val_size > 0:
+    if not (cfg.val_size > 0 or cfg.eval_dataset):
         raise LlmneoError(f"llmneo sweep scores each cell on the held-out split, but val_size is {cfg.val_size}"
-                          f" (cell {where}); set e.g. val_size=0.1 (a fraction) or val_size=50 (rows)")
+                          f" (cell {where}); set e.g. val_size=0.1 (a fraction), val_size=50 (rows) or "
+                          f"eval_dataset=NAME (held-out data)")
     if cfg.sweep_metric != "perplexity" and not cfg.teacher_model_name_or_path:
         raise LlmneoError(f"sweep_metric={cfg.sweep_metric} compares the student with a teacher, but "
                           f"teacher_model_name_or_path is not set (cell {where}); set it or use "

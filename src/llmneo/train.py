@@ -26,8 +26,9 @@ import torch
 from tqdm.auto import tqdm
 
 from llmneo import adapters, cache, checkpoint, data, engines, heads, memory, models, plot, preemption, run_dir
+from llmneo import tracking
 from llmneo.chunked import fused_loss, kd_values
-from llmneo.config import Config, input_paths
+from llmneo.config import SAVED_CONFIG, Config, input_paths, to_yaml
 from llmneo.errors import LlmneoError
 from llmneo.losses import response_positions, token_cross_entropy
 from llmneo.teacher import LiveTeacher
@@ -129,6 +130,7 @@ def run(config: Config) -> dict:
     accelerator = Accelerator(
         mixed_precision=precision.mixed_precision, cpu=not torch.cuda.is_available(),
         kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=config.ddp_timeout))],
+        **tracking.accelerator_kwargs(config),
     )
     main = accelerator.is_main_process
     if main:
@@ -145,6 +147,8 @@ def run(config: Config) -> dict:
         else:
             with _writable(out):
                 out.mkdir(parents=True, exist_ok=True)
+        with _writable(out / SAVED_CONFIG):  # every key of this run; eval and export read its template, cutoff
+            run_dir.write_text(out / SAVED_CONFIG, to_yaml(config))
     accelerator.wait_for_everyone()
     set_seed(config.seed)
     memory.reset_peak(accelerator.device)
@@ -155,6 +159,9 @@ def run(config: Config) -> dict:
     for i, example in enumerate(splits.train):
         example["index"] = i  # lets a teacher cache find the example's rows
     model = adapters.apply(loaded.student, config)
+    for adapter_config in getattr(model, "peft_config", {}).values():
+        # The base as loaded (absolute for a local path): adapters saved here then merge from any directory.
+        adapter_config.base_model_name_or_path = loaded.student.name_or_path
     if adapters.rewrites_base(config) and main:
         # PiSSA / OLoRA: keep the initial adapter, to convert the final one into a LoRA on the original base.
         with _writable(out / INITIAL_ADAPTER):
@@ -199,6 +206,7 @@ def run(config: Config) -> dict:
             with _writable(out / "metrics.jsonl"):  # the steps after the checkpoint will be logged again
                 (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in progress.history))
             print(f"llmneo: resuming from {resume_from} (step {progress.step} of {total_steps})", flush=True)
+    tracking.start(accelerator, config, resumed_step=progress.step)
     if main:
         _announce(config, trainable, total, len(splits.train), cached)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -251,6 +259,7 @@ def run(config: Config) -> dict:
                         bar.set_postfix(loss=f"{row['loss']:.4f}", ce=f"{row['ce_loss']:.4f}",
                                         kd="-" if row["kd_loss"] is None else f"{row['kd_loss']:.4f}",
                                         lr=f"{row['learning_rate']:.2e}", tok_s=f"{row['tokens_per_second']:.0f}")
+                    tracking.log(accelerator, row, step)  # the same row to report_to's trackers
                     progress.window = {"ce": 0.0, "kd": 0.0, "tokens": 0, "seen": 0}
                     window_start = time.perf_counter()
                 stopping = preemption.stop_agreed(accelerator, stop.signal_name is not None)
@@ -288,6 +297,7 @@ def run(config: Config) -> dict:
         eval_teacher = None if cached else teacher
         results.update(evaluate_split(model, eval_teacher, splits.eval, collate, config, loaded.vocab_size,
                                       accelerator))
+        tracking.log(accelerator, {k: v for k, v in results.items() if k.startswith("eval_")}, total_steps)
     accelerator.wait_for_everyone()
     state_dict = engines.state_dict_for_saving(accelerator, model)  # every rank takes part when sharded
     if main:
