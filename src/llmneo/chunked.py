@@ -11,18 +11,46 @@ This is the approach of Liger's fused linear losses, written over any head modul
 
 from __future__ import annotations
 
+import math
+
 import torch
 
-from llmneo.losses import masked_logsumexp, sparse_token_divergence, token_cross_entropy, token_divergence
+from llmneo.errors import LlmneoError
+from llmneo.losses import (check_settings, masked_logsumexp, sparse_token_divergence, token_cross_entropy,
+                           token_divergence)
 from llmneo.teacher import SparseRows
+
+
+def check_teacher_vocab(teacher_part, vocab_size: int) -> None:
+    """Refuse a teacher that does not index exactly the student's `vocab_size` tokens.
+
+    A dense part (a tensor: what DenseRows, LogitRows or a raw tensor yields, after DenseRows' own slice to
+    its `vocab_size`) must have exactly `vocab_size` columns; a sparse part's top-k ids must lie in
+    [0, vocab_size). Either way the two distributions would otherwise be over different token sets.
+    """
+    if isinstance(teacher_part, SparseRows):
+        if teacher_part.ids.numel() == 0:
+            return
+        low, high = (int(x) for x in torch.aminmax(teacher_part.ids))  # one host sync per call, not per chunk
+        if low < 0 or high >= vocab_size:
+            raise LlmneoError(f"the teacher's top-k ids span {low}..{high} but the student's vocabulary has "
+                              f"{vocab_size} tokens (ids 0..{vocab_size - 1}); rebuild the teacher cache with "
+                              f"a teacher that shares the student's tokenizer")
+    elif teacher_part.shape[-1] != vocab_size:
+        raise LlmneoError(f"the teacher's logits have {teacher_part.shape[-1]} vocabulary columns but the student's "
+                          f"vocabulary has {vocab_size}; slice the teacher's logits to the shared vocabulary")
 
 
 def kd_values(student_logits: torch.Tensor, teacher_part, settings: dict) -> torch.Tensor:
     """Per-position divergence of `student_logits` (C, V) from a dense (C, V) or sparse teacher part."""
+    check_teacher_vocab(teacher_part, student_logits.shape[-1])
     if isinstance(teacher_part, SparseRows):
         return sparse_token_divergence(student_logits, teacher_part.ids, teacher_part.logprobs, teacher_part.tail,
                                        **settings)
     return token_divergence(student_logits, teacher_part, **settings)
+
+
+_LOG_SMALLEST_NORMAL = math.log(torch.finfo(torch.float32).tiny)
 
 
 def _fkl_grad(logits: torch.Tensor, targets: torch.Tensor, teacher_logits, kd_ratio: float, temperature: float):
@@ -43,12 +71,19 @@ def _fkl_grad(logits: torch.Tensor, targets: torch.Tensor, teacher_logits, kd_ra
     logp_teacher = torch.log_softmax(t, dim=-1)  # (C, V)
     p_teacher = logp_teacher.exp()  # (C, V)
     scaled = s / temperature if temperature != 1.0 else s
-    # KL = Σ p_T log p_T − Σ p_T (s/T) + logsumexp(s/T); the dot products avoid (C, V) temporaries.
-    neg_entropy = torch.bmm(p_teacher.unsqueeze(1), logp_teacher.unsqueeze(2)).view(-1)
-    cross = torch.bmm(p_teacher.unsqueeze(1), scaled.unsqueeze(2)).view(-1)
+    # KL = Σ p_T·(log p_T − s/T) + logsumexp(s/T), with 0·log 0 = 0: a token the teacher masks (logit -inf)
+    # adds nothing. Everything happens in logp_teacher's own buffer, because this path is memory-critical and a
+    # mask or a torch.where would cost one more (C, V) buffer. First log p_T → -inf wherever p_T underflowed to
+    # 0 (below log of the smallest normal float, changing p_T by < 1e-38), so that log p_T is finite exactly
+    # where p_T > 0. Then the ratio is -inf, or NaN where the student masks the token too, only where p_T = 0:
+    # zero it there, as a dot product would make 0·(-inf) = NaN. A +inf is p_T > 0 against a student that
+    # rules the token out, a truly infinite KL, and stays.
+    log_ratio = torch.nn.functional.threshold_(logp_teacher, _LOG_SMALLEST_NORMAL, -math.inf)
+    log_ratio.sub_(scaled).nan_to_num_(nan=0.0, neginf=0.0, posinf=math.inf)  # (C, V)
     lse_scaled = lse if temperature == 1.0 else torch.logsumexp(scaled, dim=-1)
-    kd = ((neg_entropy - cross + lse_scaled) * temperature**2).sum()
-    del logp_teacher
+    kl = torch.bmm(p_teacher.unsqueeze(1), log_ratio.unsqueeze(2)).view(-1) + lse_scaled  # (C,)
+    kd = (kl * temperature**2).sum()
+    del logp_teacher, log_ratio
     if temperature == 1.0:  # (1-r)(p_S - onehot) + r(p_S - p_T) = p_S - (1-r)·onehot - r·p_T
         grad[rows, targets] -= 1.0 - kd_ratio
         grad.sub_(p_teacher, alpha=kd_ratio)
@@ -76,7 +111,8 @@ def _sparse_fkl_grad(logits: torch.Tensor, targets: torch.Tensor, teacher: Spars
     teacher_logp = teacher.logprobs.float()
     teacher_tail = teacher.tail.float()
     p_teacher = teacher_logp.exp()  # (C, k)
-    kd_terms = (p_teacher * (teacher_logp - logp_topk)).sum(-1)
+    # A top-k larger than the teacher's support stores log-probs of -inf (p_T = 0): 0·log 0 = 0, not NaN.
+    kd_terms = (p_teacher * torch.where(p_teacher > 0, teacher_logp - logp_topk, 0.0)).sum(-1)
     tail_mass = teacher_tail.exp()
     kd_terms = kd_terms + torch.where(tail_mass > 0, tail_mass * (teacher_tail - tail_student), 0.0)
     kd = kd_terms.sum()
@@ -94,6 +130,8 @@ def _chunk_grads(head, piece, targets, teacher_part, vocab_size, kd_ratio, setti
     with torch.enable_grad():
         logits = head(piece)[:, :vocab_size]  # (C, V): padded vocab rows dropped
     sparse = isinstance(teacher_part, SparseRows)
+    if teacher_part is not None and not sparse:  # sparse ids are checked once per call, in fused_loss
+        check_teacher_vocab(teacher_part, vocab_size)
     if settings["kind"] == "fkl" and not sparse:
         ce, kd, grad_logits = _fkl_grad(logits.detach(), targets, teacher_part, kd_ratio, settings["temperature"])
     elif settings["kind"] == "fkl" and settings["temperature"] == 1.0:
@@ -150,6 +188,10 @@ def fused_loss(hidden: torch.Tensor, targets: torch.Tensor, head, head_params: l
     `loss_sum` = (1 - kd_ratio)·CE_sum + kd_ratio·KD_sum (CE_sum alone without a teacher) and carries
     the gradient; the two parts are detached, for logging.
     """
+    if teacher_rows is not None:
+        check_settings(**settings)  # the closed-form fkl never reaches the divergences' own check
+        if isinstance(teacher_rows, SparseRows):
+            check_teacher_vocab(teacher_rows, vocab_size)
     if hidden.shape[0] == 0:
         zero = hidden.sum() * 0.0
         return zero, zero.detach(), None if teacher_rows is None else zero.detach()

@@ -80,7 +80,7 @@ def token_divergence(
       skew_rkl  KL(p_S ‖ skew·p_S + (1-skew)·p_T)  (DistiLLM)
       tvd       ½·Σ|p_T - p_S|
     """
-    _check_settings(kind, temperature, beta, skew)
+    check_settings(kind, temperature, beta, skew)
     if student_logits.shape != teacher_logits.shape:
         raise ValueError(f"student logits {tuple(student_logits.shape)} and teacher logits "
                          f"{tuple(teacher_logits.shape)} must have the same shape")
@@ -124,7 +124,7 @@ def sparse_token_divergence(
     f-divergence, which coarse-graining can only shrink), exact on the top-k tokens and collapsing the
     tail into one term. With T != 1 the teacher's tail bucket is scaled as if it were one token.
     """
-    _check_settings(kind, temperature, beta, skew)
+    check_settings(kind, temperature, beta, skew)
     logp_student = F.log_softmax(_upcast(student_logits) / temperature, dim=-1)  # (..., V)
     in_topk = torch.zeros_like(logp_student, dtype=torch.bool).scatter_(-1, topk_ids, True)  # (..., V)
     student_topk = logp_student.gather(-1, topk_ids)  # (..., k)
@@ -137,10 +137,15 @@ def sparse_token_divergence(
 
 
 def masked_logsumexp(values: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-    """logsumexp over the `keep` entries of the last dim; -inf (with zero gradient) where none is kept."""
-    empty = ~keep.any(-1)  # (...)
-    # Rows with nothing kept would be logsumexp(-inf, ...), whose backward is NaN: feed zeros instead.
-    safe = values.masked_fill(~keep, -math.inf).masked_fill(empty.unsqueeze(-1), 0.0)
+    """logsumexp over the `keep` entries of the last dim; -inf (with zero gradient) where none is kept.
+
+    A row whose kept entries are all -inf (e.g. a student that masks its tail tokens) counts as empty too.
+    """
+    safe = values.masked_fill(~keep, -math.inf)  # (..., V)
+    empty = torch.isneginf(safe.detach().amax(dim=-1))  # (...): a reduction, no (..., V) temporary
+    # Rows of only -inf would be logsumexp(-inf, ...), whose backward is NaN: feed zeros instead (in place:
+    # masked_fill's backward does not need its output, and this saves a (..., V) buffer).
+    safe.masked_fill_(empty.unsqueeze(-1), 0.0)
     return torch.logsumexp(safe, dim=-1).masked_fill(empty, -math.inf)
 
 
@@ -216,11 +221,13 @@ def _upcast(logits: torch.Tensor) -> torch.Tensor:
     return logits if logits.dtype == torch.float64 else logits.float()
 
 
-def _check_settings(kind: str, temperature: float, beta: float, skew: float) -> None:
-    """The argument checks shared by the dense and the sparse divergences."""
+def check_settings(kind: str, temperature: float, beta: float, skew: float) -> None:
+    """The argument checks shared by the dense and the sparse divergences and the fused loss."""
     _check_kind(kind)
-    if not temperature > 0:
-        raise LlmneoError(f"temperature must be > 0, got {temperature}")
+    # Written so that NaN fails too; an infinite T would make every distribution uniform and the T² factor
+    # turn the divergence into inf·0 = NaN.
+    if not (temperature > 0 and math.isfinite(temperature)):
+        raise LlmneoError(f"temperature must be a finite number > 0, got {temperature}")
     if not 0.0 <= beta <= 1.0:
         raise LlmneoError(f"beta must be in [0, 1], got {beta}")
     if not 0.0 <= skew <= 1.0:
