@@ -225,3 +225,18 @@ def test_dense_rows_whose_head_is_as_wide_as_the_student_fit():
     with torch.no_grad():
         want = losses.divergence(head(hidden), teacher_head(teacher_hidden)) * N
     torch.testing.assert_close(kd, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("rows", ROWS)
+@pytest.mark.parametrize("kind", losses.KINDS)
+def test_no_response_position_gives_an_attached_zero(kind, rows):
+    """A micro-batch with no response position (every label -100): zero sums, zero gradients, no error."""
+    _, teacher_rows = _teacher([3], rows)
+    head = MaskedHead([], seed=0)
+    settings = {"kind": kind, "temperature": 2.0, "beta": 0.3, "skew": 0.2}
+    hidden = torch.randn(0, H, requires_grad=True)
+    total, ce, kd = fused_loss(hidden, torch.zeros(0, dtype=torch.long), head, list(head.parameters()),
+                               teacher_rows[0:0], vocab_size=V, kd_ratio=KD_RATIO, settings=settings, chunk_size=4)
+    assert float(total.detach()) == 0.0 and float(ce) == 0.0 and float(kd) == 0.0
+    total.backward()
+    assert hidden.grad is not None and hidden.grad.shape == (0, H)
