@@ -48,7 +48,8 @@ def test_a_registered_c4_style_dataset_loads_by_name_as_text(tmp_path):
 def test_text_files_train_every_token(tmp_path, tok, name, write):
     write(tmp_path / name)
     # A registration like LLaMA-Factory's wiki_demo (`columns: {prompt: text}`) and the plain path agree.
-    (tmp_path / "dataset_info.json").write_text(json.dumps({"corpus": {"file_name": name, "columns": {"prompt": "text"}}}))
+    registry = {"corpus": {"file_name": name, "columns": {"prompt": "text"}}}
+    (tmp_path / "dataset_info.json").write_text(json.dumps(registry))
     for dataset in ("corpus", str(tmp_path / name)):
         [example] = data.build(Config(dataset=dataset, dataset_dir=str(tmp_path), stage="pt", cutoff_len=4096),
                                tok).train  # everything fits in one packed block

@@ -62,8 +62,9 @@ CALL_TEXT = '{"name": "calculate_area", "arguments": {"shape": "rectangle", "dim
 
 def registered(tmp_path, rows) -> Config:
     (tmp_path / "glaive.json").write_text(json.dumps(rows, indent=1))
-    (tmp_path / "dataset_info.json").write_text(json.dumps({"glaive_toolcall_en_demo": {
-        "file_name": "glaive.json", "formatting": "sharegpt", "columns": {"messages": "conversations", "tools": "tools"}}}))
+    entry = {"file_name": "glaive.json", "formatting": "sharegpt",
+             "columns": {"messages": "conversations", "tools": "tools"}}  # as in LLaMA-Factory's dataset_info.json
+    (tmp_path / "dataset_info.json").write_text(json.dumps({"glaive_toolcall_en_demo": entry}))
     return Config(dataset="glaive_toolcall_en_demo", dataset_dir=str(tmp_path))
 
 

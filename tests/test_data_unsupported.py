@@ -116,7 +116,7 @@ def test_the_cli_refuses_kto_data_with_one_line_and_exit_2(tmp_path, data_dir, b
 
 @pytest.mark.parametrize("name, content", [
     ("train.json", random.Random(0).randbytes(512)),  # a binary file with a data file's name
-    ("train.jsonl", json.dumps({"instruction": "Café?", "output": "Oui."}, ensure_ascii=False).encode("latin-1") + b"\n"),
+    ("train.jsonl", '{"instruction": "Café?", "output": "Oui."}\n'.encode("latin-1")),
     ("corpus.txt", "Grüße aus Köln\n".encode("latin-1")),
     ("rows.csv", "instruction,output\nCafé?,Oui.\n".encode("latin-1")),
 ])
