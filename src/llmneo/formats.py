@@ -145,8 +145,8 @@ def _content(value):
         return value
     if isinstance(value, list) and all(isinstance(p, dict) and isinstance(p.get("text"), str) for p in value):
         return "".join(p["text"] for p in value)
-    media = next((p["type"] for p in value if isinstance(p, dict) and p.get("type") in _MEDIA_PARTS), None) \
-        if isinstance(value, list) else None
+    parts = value if isinstance(value, list) else []
+    media = next((p["type"] for p in parts if isinstance(p, dict) and p.get("type") in _MEDIA_PARTS), None)
     if media:
         raise BadRow(f"a turn has a '{media}' content part (multimodal data), which llmneo does not support: "
                      f"{SUPPORTED}; use text-only rows")
