@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -41,8 +42,8 @@ def test_cache_files_and_report(tmp_path, base_overrides, capsys):
     mass = shard["logprobs"].exp().sum(-1) + shard["tail"].exp()
     assert (mass - 1).abs().max() < 1e-4
     assert (shard["logprobs"][:, :-1] >= shard["logprobs"][:, 1:]).all()  # sorted top-k
-    assert set(index["fingerprint"]) == {"teacher", "tokenizer vocabulary", "template", "dataset rows",
-                                         "cutoff_len", "k"}
+    assert list(index["fingerprint"]) == ["teacher", "tokenizer vocabulary", "template", "stage", "packing",
+                                          "cutoff_len", "dataset rows", "k"]
     # refuses to overwrite, leaves the cache as it was
     assert cli.main(["cache", _yaml(tmp_path, "c.yaml", values)]) == 2
     assert "not empty" in capsys.readouterr().err and (cache_dir / "index.json").is_file()
@@ -110,3 +111,105 @@ def test_cache_tokenizes_like_the_student(tmp_path, base_overrides, teacher_dir,
     assert cli.main(["cache", _yaml(tmp_path, "c.yaml", values)]) == 0
     run = {**base_overrides, "teacher_cache": str(cache_dir), "teacher_model_name_or_path": None}
     assert cli.main(["train", _yaml(tmp_path, "t.yaml", run)]) == 0
+
+
+def test_mismatch_names_the_setting_not_the_rows_it_changed(tmp_path, cached, base_overrides, capsys):
+    """cutoff_len (and stage / packing) change the tokenized rows too; the message must name the setting."""
+    cache_dir, _ = cached  # built with cutoff_len=64; 40 truncates some of the fixture's rows (up to 48 tokens)
+    run = {**base_overrides, "teacher_cache": str(cache_dir), "teacher_model_name_or_path": None}
+    assert cli.main(["train", _yaml(tmp_path, "a.yaml", {**run, "cutoff_len": 40})]) == 2
+    err = capsys.readouterr().err
+    assert "the cutoff_len differs (cache 64, run 40)" in err and "dataset rows" not in err
+    run["output_dir"] = str(tmp_path / "out2")  # the refused run above leaves its saved config in out/
+    assert cli.main(["train", _yaml(tmp_path, "b.yaml", {**run, "packing": True})]) == 2
+    err = capsys.readouterr().err
+    assert "the packing differs (cache False, run True)" in err and "dataset rows" not in err
+
+
+@pytest.mark.parametrize("shard_rows, batch", [(1, 1), (7, 3)], ids=["shard-per-example", "boundaries-mid-batch"])
+def test_multi_shard_cache_reads_the_same_rows_as_one_shard(tmp_path, base_overrides, tokenizer, monkeypatch,
+                                                              shard_rows, batch):
+    """Many small shards (every example its own shard, or several per shard with examples starting on shard
+    boundaries) must give exactly the rows of a one-shard cache, for every example and for whole batches
+    that span shards, and the same training run."""
+    import torch
+
+    from llmneo import cache, config as config_mod, data
+    from llmneo.losses import response_positions
+
+    values = {**base_overrides, "teacher_topk": 8, "per_device_eval_batch_size": batch}
+    one_dir, many_dir = tmp_path / "one", tmp_path / "many"
+    assert cli.main(["cache", _yaml(tmp_path, "one.yaml", {**values, "teacher_cache": str(one_dir)})]) == 0
+    monkeypatch.setattr(cache, "SHARD_ROWS", shard_rows)
+    assert cli.main(["cache", _yaml(tmp_path, "many.yaml", {**values, "teacher_cache": str(many_dir)})]) == 0
+    monkeypatch.undo()
+    one_index = json.loads((one_dir / "index.json").read_text())
+    many_index = json.loads((many_dir / "index.json").read_text())
+    assert len(one_index["shards"]) == 1
+    assert len(many_index["shards"]) >= len(ALPACA_ROWS) // batch  # one shard per eval batch
+    assert one_index["offsets"] == many_index["offsets"]
+
+    cfg = config_mod.load(overrides={k: v for k, v in values.items() if k != "per_device_eval_batch_size"})
+    examples = data.build(cfg, tokenizer).train
+    for i, example in enumerate(examples):
+        example["index"] = i
+    expected = cache.fingerprint(cfg, tokenizer, examples, k=0)
+    one = cache.CachedTeacher(str(one_dir), expected, torch.device("cpu"))
+    many = cache.CachedTeacher(str(many_dir), expected, torch.device("cpu"))
+    assert len(many.handles) == len(many_index["shards"])
+    groups = [[e] for e in examples] + [examples, examples[::-1], examples[1:4]]
+    for group in groups:
+        batch_ = data.collate(group, tokenizer.pad_token_id)
+        positions, _ = response_positions(batch_["labels"])
+        a, b = one.rows(batch_, positions), many.rows(batch_, positions)
+        assert len(a) == int(positions.sum()) > 0
+        assert torch.equal(a.ids, b.ids) and torch.equal(a.logprobs, b.logprobs) and torch.equal(a.tail, b.tail)
+
+    metrics = {}
+    for name, directory in (("one", one_dir), ("many", many_dir)):
+        out = tmp_path / f"train-{name}"
+        run = {**base_overrides, "output_dir": str(out), "teacher_cache": str(directory),
+               "teacher_model_name_or_path": None}
+        assert cli.main(["train", _yaml(tmp_path, f"t-{name}.yaml", run)]) == 0
+        metrics[name] = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(metrics["one"]) == 3
+    for a, b in zip(metrics["one"], metrics["many"]):
+        for key in ("loss", "ce_loss", "kd_loss", "grad_norm"):
+            assert b[key] == pytest.approx(a[key], rel=1e-6), key
+
+
+@pytest.mark.parametrize("kd_ratio", [0.5, 1.0])
+def test_closed_form_sparse_loss_equals_autograd_on_every_kind_of_tail(kd_ratio):
+    """The cached path's closed-form CE + sparse forward KL (value and gradient) against autograd through
+    sparse_token_divergence in float64, on rows whose student tail is ordinary, tiny (1e-22, still summed),
+    underflowing in fp32 (below 1e-38: recomputed in log space), or masked with -inf together with the teacher."""
+    import torch
+
+    from llmneo import chunked, losses
+    from llmneo.cache import topk_rows
+    from llmneo.teacher import SparseRows
+
+    gen = torch.Generator().manual_seed(0)
+    C, V, k = 6, 300, 8
+    teacher = torch.randn(C, V, generator=gen, dtype=torch.float64) * 3
+    teacher[5, :] = -math.inf  # row 5: the teacher's support is exactly its top-k
+    teacher[5, :k] = torch.randn(k, generator=gen, dtype=torch.float64)
+    rows = topk_rows(teacher.float(), k)
+    student = torch.randn(C, V, generator=gen, dtype=torch.float64)
+    in_topk = torch.zeros(C, V, dtype=torch.bool).scatter_(-1, rows.ids, True)
+    for row, gap in ((1, 10.0), (2, 55.0), (3, 100.0), (4, 130.0)):  # tails ~e^-10, ~1e-22, ~1e-42, ~1e-55
+        student[row] = torch.where(in_topk[row], student[row] + gap, student[row])
+    student[5] = student[5].masked_fill(~in_topk[5], -math.inf)
+    targets = torch.randint(0, V, (C,), generator=gen)
+    targets[5] = rows.ids[5, 0]  # a target the masking student can score
+
+    ce, kd, grad = chunked._sparse_fkl_grad(student.float(), targets, rows, kd_ratio)
+
+    reference = student.clone().requires_grad_(True)
+    ce_ref = losses.token_cross_entropy(reference, targets).sum()
+    kd_ref = losses.sparse_token_divergence(reference, rows.ids, rows.logprobs.double(), rows.tail.double()).sum()
+    grad_ref, = torch.autograd.grad((1 - kd_ratio) * ce_ref + kd_ratio * kd_ref, reference)
+    assert torch.isfinite(kd_ref) and torch.isfinite(grad_ref).all()
+    assert float(ce) == pytest.approx(float(ce_ref.detach()), rel=1e-5)
+    assert float(kd) == pytest.approx(float(kd_ref.detach()), rel=1e-5)
+    torch.testing.assert_close(grad.double(), grad_ref, rtol=1e-5, atol=1e-6)

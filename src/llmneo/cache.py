@@ -10,8 +10,8 @@ Training opens the shards lazily (safetensors `safe_open`) and reads each batch'
 larger than RAM works, and DDP ranks do not each hold a full copy.
 
 The fingerprint ties the cache to the teacher (its config and weight files), the tokenizer vocabulary,
-the chat template, the tokenized dataset rows, cutoff_len and k; training refuses a cache whose
-fingerprint differs from the run's and names the part that differs.
+the chat template, stage, packing, cutoff_len, the tokenized dataset rows and k; training refuses a cache
+whose fingerprint differs from the run's and names the part that differs (settings before rows).
 """
 
 from __future__ import annotations
@@ -54,6 +54,12 @@ def teacher_identity(path: str) -> str:
 
 
 def fingerprint(config: Config, tokenizer, examples: list[dict], k: int) -> dict:
+    """What a cache's rows depend on, config-level parts first.
+
+    The order is the order of comparison: a changed setting that changes tokenization (cutoff_len, stage,
+    packing, template) also changes the tokenized rows, so the settings are compared, and named, before the
+    rows, whose difference is then only reported when no named setting explains it.
+    """
     vocab = json.dumps(sorted(tokenizer.get_vocab().items())).encode()
     template = str(getattr(tokenizer, "chat_template", None) or config.template or "default").encode()
     rows = hashlib.sha256()
@@ -63,8 +69,10 @@ def fingerprint(config: Config, tokenizer, examples: list[dict], k: int) -> dict
         "teacher": teacher_identity(config.teacher_model_name_or_path) if config.teacher_model_name_or_path else None,
         "tokenizer vocabulary": _sha(vocab),
         "template": _sha(template),
-        "dataset rows": rows.hexdigest()[:16],
+        "stage": config.stage,
+        "packing": config.effective_packing,
         "cutoff_len": config.cutoff_len,
+        "dataset rows": rows.hexdigest()[:16],
         "k": k,
     }
 
@@ -192,11 +200,13 @@ class CachedTeacher:
         found = index.get("fingerprint")
         if not isinstance(found, dict) or "offsets" not in index or "shards" not in index:
             raise LlmneoError(f"teacher_cache '{root}/index.json' is incomplete; rebuild it with llmneo cache")
-        for part, value in expected.items():
+        for part, value in expected.items():  # in fingerprint order: named settings before the dataset rows
             if part == "teacher" and (value is None or found.get(part) is None):
                 continue  # no teacher named in this run: nothing to compare
             if part == "k":
                 continue  # any k is fine for training; it comes from the cache
+            if part not in found:
+                continue  # a cache written before this part was recorded; the dataset rows still guard it
             if found.get(part) != value:
                 raise LlmneoError(f"teacher_cache '{root}' does not match this run: the {part} differs "
                                   f"(cache {found.get(part)}, run {value}); rebuild it with llmneo cache CONFIG.yaml")

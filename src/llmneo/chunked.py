@@ -94,6 +94,42 @@ def _fkl_grad(logits: torch.Tensor, targets: torch.Tensor, teacher_logits, kd_ra
     return ce, kd, grad
 
 
+_TAIL_SUM_EXACT_ABOVE = 1e-25  # a tail mass summed from p_S is exact to fp32 rounding above this (see below)
+
+
+def _student_tail_logmass(s: torch.Tensor, lse: torch.Tensor, ids: torch.Tensor, tail_probs: torch.Tensor):
+    """(log Σ_{v ∉ top-k} p_S(v) per row of logits `s` (C, V), the rows done in log space or None).
+
+    `tail_probs` is p_S with the top-k zeroed. Summing it is exact to rounding while the tail mass is far
+    above fp32's smallest normal number (1.2e-38): even V = 256k tokens below that add < 3e-33, a relative
+    3e-8 of 1e-25. Rows under that bound (a tail that underflows, none at all with k = V, or a student that
+    masks its tail with -inf) are rare, and recomputed in log space over the tail tokens, as
+    masked_logsumexp would do for every row at the cost of a (C, V) mask and several passes.
+    """
+    mass = tail_probs.sum(-1)  # (C,)
+    tail = mass.log()
+    small = mass < _TAIL_SUM_EXACT_ABOVE
+    if not bool(small.any()):
+        return tail, None
+    few = small.nonzero().squeeze(-1)
+    in_tail = torch.ones((few.numel(), s.shape[-1]), dtype=torch.bool, device=s.device)
+    in_tail.scatter_(-1, ids[few], False)  # (c, V), c = the rows under the bound
+    tail[few] = masked_logsumexp(s[few], in_tail) - lse[few]
+    return tail, few
+
+
+def _tail_grad_in_log_space(s, lse, tail_student, teacher_tail, kd_ratio: float) -> torch.Tensor:
+    """The tail tokens' gradient p_S(v) - r·p_T(tail)·p_S(v)/p_S(tail), for rows whose tail underflows.
+
+    The factored form p_S(v)·(1 - r·p_T(tail)/p_S(tail)) overflows there (0·inf); here the ratio is taken
+    in log space, where it is ≤ 0 for tail tokens. Top-k entries come out meaningless and are overwritten.
+    """
+    share = s - (lse + tail_student).unsqueeze(-1)  # (c, V): log p_S(v) / p_S(tail)
+    pull = (share + teacher_tail.unsqueeze(-1)).exp()  # (c, V): p_T(tail) · p_S(v) / p_S(tail)
+    pull = torch.where(teacher_tail.unsqueeze(-1) > -math.inf, pull, 0.0)  # no teacher tail: nothing to pull
+    return (s - lse.unsqueeze(-1)).exp() - kd_ratio * pull
+
+
 def _sparse_fkl_grad(logits: torch.Tensor, targets: torch.Tensor, teacher: SparseRows, kd_ratio: float):
     """CE and sparse forward-KL (T = 1) sums and their gradient w.r.t. `logits` (C, V), in closed form.
 
@@ -105,9 +141,10 @@ def _sparse_fkl_grad(logits: torch.Tensor, targets: torch.Tensor, teacher: Spars
     lse = torch.logsumexp(s, dim=-1)  # (C,)
     ce = (lse - s[rows, targets]).sum()
     logp_topk = s.gather(-1, teacher.ids) - lse.unsqueeze(-1)  # (C, k)
-    in_tail = torch.ones_like(s, dtype=torch.bool).scatter_(-1, teacher.ids, False)  # (C, V)
-    tail_student = masked_logsumexp(s, in_tail) - lse  # (C,)
-    del in_tail
+    # p_S with the top-k zeroed: summed, it is the student's tail mass; it then becomes the gradient in place
+    # (its top-k entries are overwritten below), so the tail costs one reduction, not a (C, V) mask.
+    grad = torch.softmax(s, dim=-1).scatter_(-1, teacher.ids, 0.0)  # (C, V)
+    tail_student, underflowed = _student_tail_logmass(s, lse, teacher.ids, grad)  # (C,)
     teacher_logp = teacher.logprobs.float()
     teacher_tail = teacher.tail.float()
     p_teacher = teacher_logp.exp()  # (C, k)
@@ -116,10 +153,12 @@ def _sparse_fkl_grad(logits: torch.Tensor, targets: torch.Tensor, teacher: Spars
     tail_mass = teacher_tail.exp()
     kd_terms = kd_terms + torch.where(tail_mass > 0, tail_mass * (teacher_tail - tail_student), 0.0)
     kd = kd_terms.sum()
-    grad = torch.softmax(s, dim=-1)  # (C, V): p_S, becomes the gradient in place
     p_student_topk = logp_topk.exp()  # (C, k)
     tail_factor = 1.0 - torch.where(tail_mass > 0, (teacher_tail - tail_student).exp(), 0.0)  # (C,)
     grad.mul_((1.0 - kd_ratio) + kd_ratio * tail_factor.unsqueeze(-1))  # every token as if in the tail
+    if underflowed is not None:
+        grad[underflowed] = _tail_grad_in_log_space(s[underflowed], lse[underflowed], tail_student[underflowed],
+                                                    teacher_tail[underflowed], kd_ratio)
     grad.scatter_(-1, teacher.ids, p_student_topk - kd_ratio * p_teacher)  # top-k: p_S - r·p_T
     grad[rows, targets] -= 1.0 - kd_ratio
     return ce, kd, grad
