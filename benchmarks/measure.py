@@ -1,4 +1,14 @@
-"""Shared helpers for the benchmarks: peak RSS above a baseline, and timing, in a fresh process."""
+"""Shared helpers for the benchmarks: peak RSS and peak live tensor bytes above a baseline, timing, fresh processes.
+
+Two memory measures, because they answer different questions:
+- peak RSS (`measure`) is what the OS sees. For buffers of tens of MiB it also measures glibc: freed
+  blocks below its mmap threshold stay in the heap, and with several arenas (one per thread that
+  allocates) the figure moves from run to run. Set `MALLOC_ARENA_MAX=1` in the child to make it repeat.
+- peak live tensor bytes (`tensor_peak`) counts every allocation and free of torch's CPU allocator,
+  autograd's saved tensors and kernels' temporaries included, and nothing of malloc's caching. It is the
+  same in every run, and can be checked by hand against the code. (On CUDA, `measure_cuda`'s
+  max-allocated is already this figure.)
+"""
 
 from __future__ import annotations
 
@@ -56,9 +66,46 @@ def measure(step, repeats: int = 2, baseline_before_warmup: bool = False) -> dic
             "baseline_bytes": baseline, "times": times}
 
 
-def in_fresh_process(script: str, args: list[str], timeout: int = 1800) -> dict:
-    """Run `script` with `args` in a new interpreter; it prints one JSON line last."""
-    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(os.cpu_count()))}
+def tensor_peak(step) -> dict:
+    """Peak of live tensor bytes during one call of `step`, above those alive when it starts.
+
+    The profiler's memory events (`profile_memory=True`) carry one signed size per allocation and free
+    made through torch's CPU allocator, on every thread the profiler follows (autograd's included); their
+    running sum in time order is the live bytes. The profiler drops the free of a block allocated before it
+    started, so `step` runs twice under it and only the second call is measured: whatever the second frees
+    (last step's gradients) was allocated by the first, and counts. Memory outside torch's allocator
+    (BLAS workspaces, malloc's caching) is not counted.
+    """
+    import gc
+
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    gc.collect()
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+        gc.collect()
+        with record_function("measured step"):
+            step()
+    events = prof.profiler.kineto_results.events()
+    window = next(e for e in events if e.name() == "measured step")
+    memory = [e for e in events if e.name() == "[memory]" and e.device_type() == DeviceType.CPU]
+    memory.sort(key=lambda e: e.start_ns())  # stable: same-timestamp events keep their recorded order
+    live = peak = at_start = 0
+    for event in memory:
+        if event.start_ns() < window.start_ns():
+            at_start = live = live + event.nbytes()
+            continue
+        if event.start_ns() > window.end_ns():
+            break
+        live += event.nbytes()
+        peak = max(peak, live - at_start)
+    return {"tensor_peak_bytes": peak, "tensor_end_bytes": live - at_start}
+
+
+def in_fresh_process(script: str, args: list[str], timeout: int = 1800, env: dict | None = None) -> dict:
+    """Run `script` with `args` in a new interpreter; it prints one JSON line last. `env`: extra variables."""
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(os.cpu_count())), **(env or {})}
     try:
         done = subprocess.run([sys.executable, script, *args], capture_output=True, text=True, timeout=timeout,
                               env=env)
