@@ -15,8 +15,12 @@ the steady state; the whole-run figure from train_results.json (every step, plus
 save) is reported next to it. Per pair, the ratio is cached Neo's time per token ÷ LoRA-SFT's; the
 table gives the median of the pairs and their spread (min–max).
 
+The process CPU time (user + sys, from the OS) of each run is reported too: on a shared machine it moves
+less than the wall time.
+
     python benchmarks/cache_bench.py                # 3 pairs of 20-step runs
     python benchmarks/cache_bench.py --quick        # 2 pairs of 8-step runs, a smoke test
+    python benchmarks/cache_bench.py --compare-src /path/to/old/src   # and an older llmneo, interleaved
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import argparse
 import json
 import os
 import random
+import resource
 import statistics
 import subprocess
 import sys
@@ -63,18 +68,23 @@ def build_inputs(root: Path, examples: int, seq: int, seed: int = 0) -> dict:
     return paths
 
 
-def _llmneo(args: list[str], log: Path) -> float:
-    """Run the llmneo CLI (same interpreter); returns its wall time. Output goes to `log`."""
+def _llmneo(args: list[str], log: Path, src: str | None = None) -> tuple[float, float]:
+    """Run the llmneo CLI (same interpreter; llmneo from `src` if given): (wall s, CPU s). Output goes to `log`."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    if src:
+        env["PYTHONPATH"] = os.pathsep.join([src, *filter(None, [os.environ.get("PYTHONPATH")])])
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.perf_counter()
     with log.open("w") as out:
         done = subprocess.run([sys.executable, "-m", "llmneo", *args], stdout=out, stderr=subprocess.STDOUT, env=env)
+    wall = time.perf_counter() - started
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if done.returncode != 0:
         raise SystemExit(f"llmneo {' '.join(args[:2])} failed (exit {done.returncode}); see {log}")
-    return time.perf_counter() - started
+    return wall, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
 
 
-def run_arm(arm: str, base: dict, warmup: int, out: Path, log: Path) -> dict:
+def run_arm(arm: str, base: dict, warmup: int, out: Path, log: Path, src: str | None = None) -> dict:
     import yaml
 
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -84,12 +94,12 @@ def run_arm(arm: str, base: dict, warmup: int, out: Path, log: Path) -> dict:
         values["kd_ratio"] = 0.0
     config = out.parent / f"{out.name}.yaml"
     config.write_text(yaml.safe_dump(values))
-    wall = _llmneo(["train", str(config)], log)
+    wall, cpu = _llmneo(["train", str(config)], log, src)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     results = json.loads((out / "train_results.json").read_text())
     per_step_tokens = results["train_tokens"] / results["global_step"]
     steady = rows[warmup:]
-    return {"arm": arm, "wall_seconds": wall,
+    return {"arm": arm, "wall_seconds": wall, "cpu_seconds": cpu,
             "steady_tokens_per_second": len(steady) * per_step_tokens / sum(per_step_tokens / r["tokens_per_second"]
                                                                             for r in steady),
             "run_tokens_per_second": results["tokens_per_second"],
@@ -97,8 +107,8 @@ def run_arm(arm: str, base: dict, warmup: int, out: Path, log: Path) -> dict:
             "final_loss": results["final_loss"]}
 
 
-def _spread(values: list[float]) -> str:
-    return f"{statistics.median(values):.3f} ({min(values):.3f}–{max(values):.3f})"
+def _spread(values: list[float], digits: int = 3) -> str:
+    return f"{statistics.median(values):.{digits}f} ({min(values):.{digits}f}–{max(values):.{digits}f})"
 
 
 def main() -> None:
@@ -112,6 +122,9 @@ def main() -> None:
     parser.add_argument("--topk", type=int, default=64)
     parser.add_argument("--quick", action="store_true", help="2 pairs of 8-step runs")
     parser.add_argument("--workdir", help="keep models, cache and runs here (default: a temporary directory)")
+    parser.add_argument("--compare-src", metavar="DIR",
+                        help="also run cached Neo with llmneo imported from DIR (e.g. an older checkout's src/), "
+                             "interleaved with the other arms, to measure a change")
     args = parser.parse_args()
     if args.quick:
         args.steps, args.pairs = 8, 2
@@ -134,37 +147,43 @@ def main() -> None:
                                               "teacher_topk": args.topk, "output_dir": str(root / "unused"),
                                               "overwrite_output_dir": True}))
         if not reuse:
-            seconds = _llmneo(["cache", str(cache_yaml)], root / "cache.log")
+            seconds, _ = _llmneo(["cache", str(cache_yaml)], root / "cache.log")
             print(f"llmneo cache: {seconds:.1f}s", file=sys.stderr, flush=True)
             built.write_text(json.dumps({"sizes": sizes, "paths": {k: str(v) for k, v in paths.items()}}))
-        results: dict[str, list[dict]] = {arm: [] for arm in ARMS}
+        arms = {arm: None for arm in ARMS}
+        if args.compare_src:
+            arms["neo_cache_compared"] = str(Path(args.compare_src).resolve())
+        results: dict[str, list[dict]] = {arm: [] for arm in arms}
         for pair in range(args.pairs):
-            for arm in ARMS:
-                run = run_arm(arm, base, args.warmup, root / "runs" / f"{arm}-{pair}",
-                              root / "runs" / f"{arm}-{pair}.log")
+            for arm, src in arms.items():
+                run = run_arm(arm.removesuffix("_compared"), base, args.warmup, root / "runs" / f"{arm}-{pair}",
+                              root / "runs" / f"{arm}-{pair}.log", src)
                 results[arm].append(run)
                 print(json.dumps(run), file=sys.stderr, flush=True)
         _report(args, results)
 
 
 def _report(args, results: dict[str, list[dict]]) -> None:
-    sft, neo = results["lora_sft"], results["neo_cache"]
-    steady = [s["steady_tokens_per_second"] / n["steady_tokens_per_second"] for s, n in zip(sft, neo)]
-    whole = [s["run_tokens_per_second"] / n["run_tokens_per_second"] for s, n in zip(sft, neo)]
-    print(f"\ncache benchmark: {args.pairs} pairs (LoRA-SFT, cached Neo) of {args.steps}-step `llmneo train` runs, "
+    rounds = "rounds (LoRA-SFT, cached Neo, compared cached Neo)" if len(results) > 2 else \
+        "pairs (LoRA-SFT, cached Neo)"
+    print(f"\ncache benchmark: {args.pairs} {rounds} of {args.steps}-step `llmneo train` runs, "
           f"{args.batch} x {args.seq} tokens per step, LoRA rank {args.lora_rank}, top-{args.topk} cache, "
-          f"V = {VOCAB}\n")
-    print(f"| arm | tokens/s after {args.warmup} warm-up steps, median (min–max) | tokens/s, whole run | "
-          f"process wall (s) |")
-    print("|---|---|---|---|")
+          f"V = {VOCAB}; median (min–max) over the runs\n")
+    print(f"| arm | tokens/s after {args.warmup} warm-up steps | tokens/s, whole run | process wall (s) | "
+          f"process CPU (s) |")
+    print("|---|---|---|---|---|")
     for arm, runs in results.items():
-        print(f"| {arm} | {_spread([r['steady_tokens_per_second'] for r in runs]).replace('.000', '')} | "
-              f"{_spread([r['run_tokens_per_second'] for r in runs])} | "
-              f"{_spread([r['wall_seconds'] for r in runs])} |")
-    print(f"\n| cached Neo time ÷ LoRA-SFT time, per pair | median (min–max) | target |")
-    print("|---|---|---|")
-    print(f"| after {args.warmup} warm-up steps | {_spread(steady)} | <= 1.10 |")
-    print(f"| whole run (train_results.json) | {_spread(whole)} | |")
+        print(f"| {arm} | {_spread([r['steady_tokens_per_second'] for r in runs], 1)} | "
+              f"{_spread([r['run_tokens_per_second'] for r in runs], 1)} | "
+              f"{_spread([r['wall_seconds'] for r in runs], 1)} | {_spread([r['cpu_seconds'] for r in runs], 1)} |")
+    print(f"\n| time ÷ LoRA-SFT's, per pair (run next to each other) | after {args.warmup} warm-up steps | "
+          f"whole run (train_results.json) | target |")
+    print("|---|---|---|---|")
+    sft = results["lora_sft"]
+    for arm in [a for a in results if a != "lora_sft"]:
+        steady = [s["steady_tokens_per_second"] / n["steady_tokens_per_second"] for s, n in zip(sft, results[arm])]
+        whole = [s["run_tokens_per_second"] / n["run_tokens_per_second"] for s, n in zip(sft, results[arm])]
+        print(f"| {arm} | {_spread(steady)} | {_spread(whole)} | <= 1.10 |")
 
 
 if __name__ == "__main__":

@@ -117,7 +117,6 @@ def write(config: Config) -> dict:
     examples = data.build(config, tokenizer).train
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     teacher = models.load_teacher(config, tokenizer, models.weight_dtype(config, precision, "teacher")).to(device)
-    head, _ = heads.output_head(teacher)
     chunk = config.kd_chunk_size or 1024
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -125,10 +124,9 @@ def write(config: Config) -> dict:
     except OSError as exc:
         raise LlmneoError(f"cannot write teacher_cache '{target}': {exc.strerror or exc}") from None
     try:
-        index = _write_shards(staging, teacher, head, examples, tokenizer.pad_token_id, vocab, k, chunk,
-                              config.per_device_eval_batch_size, device)
-        index.update(format=FORMAT, fingerprint=fingerprint(config, tokenizer, examples, k))
-        (staging / "index.json").write_text(json.dumps(index, indent=1))
+        index = write_examples(staging, teacher, examples, tokenizer.pad_token_id, vocab, k,
+                               fingerprint(config, tokenizer, examples, k), chunk=chunk,
+                               batch_size=config.per_device_eval_batch_size, device=device)
         if target.exists():
             shutil.rmtree(target)
         os.replace(staging, target)
@@ -138,6 +136,21 @@ def write(config: Config) -> dict:
     size = sum(f.stat().st_size for f in target.iterdir())
     return {"dir": str(target), "tokens": index["rows"], "bytes": size,
             "bytes_per_token": size / max(index["rows"], 1), "k": k, "examples": len(examples)}
+
+
+def write_examples(directory: Path, teacher, examples: list[dict], pad_id: int, vocab: int, k: int, fingerprint: dict,
+                   *, chunk: int = 1024, batch_size: int = 8, device: torch.device | None = None) -> dict:
+    """Shards and index.json for tokenized `examples` (input_ids, labels) into an existing `directory`.
+
+    The core of `llmneo cache` (which adds the config checks and the atomic rename); the step benchmark
+    calls it to measure training from real shards. Returns the index.
+    """
+    head, _ = heads.output_head(teacher)
+    index = _write_shards(Path(directory), teacher, head, examples, pad_id, vocab, k, chunk, batch_size,
+                          device or torch.device("cpu"))
+    index.update(format=FORMAT, fingerprint=fingerprint)
+    (Path(directory) / "index.json").write_text(json.dumps(index, indent=1))
+    return index
 
 
 @torch.inference_mode()
