@@ -54,12 +54,12 @@ def test_tensorboard_holds_the_metrics_rows(base_overrides):
 
 
 def test_tensorboard_survives_a_resume(base_overrides, tmp_path):
-    """A run resumed from checkpoint-2 re-logs steps 3 and 4 into the same run: each step once, equal to
-    metrics.jsonl; logging_dir and run_name place the files."""
+    """A run resumed from checkpoint-2 re-logs steps 3 and 4 into the same run (the default run_name, so
+    the same folder): each step once, equal to metrics.jsonl; logging_dir places the files."""
     pytest.importorskip("tensorboard")
     out = Path(base_overrides["output_dir"])
     logs = tmp_path / "tb"
-    settings = {**base_overrides, "report_to": "tensorboard", "logging_dir": str(logs), "run_name": "neo-a",
+    settings = {**base_overrides, "report_to": "tensorboard", "logging_dir": str(logs),
                 "max_steps": 4, "save_steps": 2, "logging_steps": 1, "learning_rate": 5e-3}
     assert _train(settings) == 0
     first = _metrics(out)
@@ -70,17 +70,19 @@ def test_tensorboard_survives_a_resume(base_overrides, tmp_path):
     rows = _metrics(out)
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
     assert [r["loss"] for r in rows] == pytest.approx([r["loss"] for r in first], rel=1e-6)
-    assert len(list((logs / "neo-a").glob("events.out.tfevents.*"))) >= 2  # the first run's and the resumed one's
-    _assert_same_rows(_scalars(logs / "neo-a"), rows)
+    assert [p.name for p in logs.iterdir()] == [out.name]
+    assert len(list((logs / out.name).glob("events.out.tfevents.*"))) == 2  # the first run's and the resumed one's
+    _assert_same_rows(_scalars(logs / out.name), rows)
     assert not (out / "runs").exists()
 
 
 def test_held_out_results_reach_the_tracker(base_overrides):
     pytest.importorskip("tensorboard")
     out = Path(base_overrides["output_dir"])
-    assert _train({**base_overrides, "report_to": "tensorboard", "max_steps": 2, "val_size": 2}) == 0
+    assert _train({**base_overrides, "report_to": "tensorboard", "max_steps": 2, "val_size": 2,
+                   "run_name": "neo-a"}) == 0
     results = json.loads((out / "train_results.json").read_text())
-    scalars = _scalars(out / "runs" / out.name)
+    scalars = _scalars(out / "runs" / "neo-a")
     assert scalars["eval_ce_loss"] == [(2, pytest.approx(results["eval_ce_loss"], rel=1e-6))]
 
 
