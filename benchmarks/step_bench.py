@@ -16,7 +16,7 @@ Peak memory is RSS (CUDA: max allocated) above the baseline taken after the mode
 warm-up step, so optimizer moments count; children run with MALLOC_ARENA_MAX=1 so that RSS repeats.
 
     python benchmarks/step_bench.py [--device cpu|cuda] [--dtype float32|bfloat16] [--lora-rank 32]
-    python benchmarks/step_bench.py --preset large --arms neo_live full_kd
+    python benchmarks/step_bench.py --preset large --arms neo_live full_kd --rounds 3 --repeats 2
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import statistics
 import sys
 from pathlib import Path
 
@@ -64,7 +65,7 @@ def _cached_teacher(live, batch, vocab, directory: Path, device):
     return cache.CachedTeacher(str(directory), fingerprint, device)
 
 
-def one(arm: str, device: str, dtype_name: str, sizes: dict) -> dict:
+def one(arm: str, device: str, dtype_name: str, sizes: dict, repeats: int = 5) -> dict:
     import tempfile
 
     import torch
@@ -117,7 +118,7 @@ def one(arm: str, device: str, dtype_name: str, sizes: dict) -> dict:
     if dev.type == "cuda":
         result = measure_cuda(step)
     else:
-        result = measure(step, repeats=5, baseline_before_warmup=True)
+        result = measure(step, repeats=repeats, baseline_before_warmup=True)
     result["tokens_per_second"] = tokens / result["seconds"]
     if arm != "teacher_fwd":
         result["student_params"] = student_params
@@ -133,25 +134,54 @@ def main() -> None:
     for name in SIZES:
         parser.add_argument("--" + name.replace("_", "-"), type=int, help=f"default {SIZES[name]} (or the preset's)")
     parser.add_argument("--arms", nargs="+", choices=ARMS, default=list(ARMS))
+    parser.add_argument("--repeats", type=int, default=5, help="timed steps per process, after one warm-up step")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="run the arms this many times, interleaved (A B A B ...); the tables give medians, and "
+                             "each ratio's spread over the rounds: on a shared machine, use 3 or more")
     parser.add_argument("--one")
     parser.add_argument("--sizes", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
-        print(json.dumps(one(args.one, args.device, args.dtype, json.loads(args.sizes))))
+        print(json.dumps(one(args.one, args.device, args.dtype, json.loads(args.sizes), args.repeats)))
         return
     sizes = {**SIZES, **PRESETS[args.preset]}
     sizes.update({name: getattr(args, name) for name in SIZES if getattr(args, name) is not None})
-    results = {}
-    for arm in args.arms:
-        results[arm] = in_fresh_process(__file__, ["--one", arm, "--device", args.device, "--dtype", args.dtype,
-                                                   "--sizes", json.dumps(sizes)], timeout=7200,
-                                        env={"MALLOC_ARENA_MAX": "1"})
-        print(json.dumps({arm: results[arm]}), file=sys.stderr, flush=True)
-    student = next((r["student_params"] for r in results.values() if "student_params" in r), None)
+    runs: dict[str, list[dict]] = {arm: [] for arm in args.arms}
+    for _ in range(args.rounds):
+        for arm in args.arms:
+            result = in_fresh_process(__file__, ["--one", arm, "--device", args.device, "--dtype", args.dtype,
+                                                 "--repeats", str(args.repeats), "--sizes", json.dumps(sizes)],
+                                      timeout=7200, env={"MALLOC_ARENA_MAX": "1"})
+            runs[arm].append(result)
+            print(json.dumps({arm: result}), file=sys.stderr, flush=True)
+    _report(args, sizes, runs)
+
+
+def _median_run(results: list[dict]) -> dict:
+    ok = [r for r in results if "error" not in r]
+    if not ok:
+        return results[0]
+    return {"seconds": statistics.median(r["seconds"] for r in ok),
+            "peak_above_baseline_bytes": statistics.median(r["peak_above_baseline_bytes"] for r in ok),
+            "tokens_per_second": statistics.median(r["tokens_per_second"] for r in ok),
+            "student_params": ok[0].get("student_params")}
+
+
+def _ratio(values: list[float]) -> str:
+    if len(values) == 1:
+        return f"{values[0]:.3f}"
+    return f"{statistics.median(values):.3f} ({min(values):.3f}–{max(values):.3f})"
+
+
+def _report(args, sizes: dict, runs: dict[str, list[dict]]) -> None:
+    results = {arm: _median_run(r) for arm, r in runs.items()}
+    student = next((r["student_params"] for r in results.values() if r.get("student_params")), None)
     print(f"\nstep benchmark: device {args.device}, {args.dtype}; student hidden {sizes['hidden']}, {sizes['layers']} "
           f"layers" + (f" ({student / 1e6:.0f}M parameters)" if student else "") +
           f"; teacher hidden {sizes['teacher_hidden']}, {sizes['teacher_layers']} layers; V = {sizes['vocab']}; "
-          f"{sizes['batch']} x {sizes['seq']} tokens per step; LoRA rank {sizes['lora_rank']}\n")
+          f"{sizes['batch']} x {sizes['seq']} tokens per step; LoRA rank {sizes['lora_rank']}; "
+          f"{args.rounds} round(s) of fresh processes, median step of {args.repeats} each"
+          + (", medians over the rounds" if args.rounds > 1 else "") + "\n")
     print("| arm | step time (s) | tokens/s | peak above baseline (MiB) |")
     print("|---|---|---|---|")
     for arm, r in results.items():
@@ -160,23 +190,25 @@ def main() -> None:
         else:
             print(f"| {arm} | {r['seconds']:.3f} | {r['tokens_per_second']:.0f} | "
                   f"{r['peak_above_baseline_bytes'] / 2**20:.1f} |")
-    ok = {arm for arm, r in results.items() if "error" not in r}
-    t = {arm: results[arm]["seconds"] for arm in ok}
-    m = {arm: results[arm]["peak_above_baseline_bytes"] for arm in ok}
+    ok = {arm for arm, r in runs.items() if all("error" not in x for x in r)}
+    # Per round, so that each ratio compares processes that ran next to each other.
+    t = {arm: [r["seconds"] for r in runs[arm]] for arm in ok}
+    m = {arm: [r["peak_above_baseline_bytes"] for r in runs[arm]] for arm in ok}
+    rounds = range(args.rounds)
     rows = []
     if {"neo_live", "lora_sft", "teacher_fwd"} <= ok:
-        rows.append(("live Neo time / (LoRA-SFT + teacher forward)", t["neo_live"] / (t["lora_sft"] + t["teacher_fwd"]),
-                     "<= 1.05"))
+        rows.append(("live Neo time / (LoRA-SFT + teacher forward)",
+                     [t["neo_live"][i] / (t["lora_sft"][i] + t["teacher_fwd"][i]) for i in rounds], "<= 1.05"))
     if {"neo_cache", "lora_sft"} <= ok:
-        rows.append(("cached Neo time / LoRA-SFT", t["neo_cache"] / t["lora_sft"], "<= 1.10"))
+        rows.append(("cached Neo time / LoRA-SFT", [t["neo_cache"][i] / t["lora_sft"][i] for i in rounds], "<= 1.10"))
     if {"neo_live", "full_kd"} <= ok:
-        rows.append(("Neo / full KD, memory", m["neo_live"] / m["full_kd"], "<= 0.6"))
-        rows.append(("Neo / full KD, time", t["neo_live"] / t["full_kd"], "<= 0.75"))
+        rows.append(("Neo / full KD, memory", [m["neo_live"][i] / m["full_kd"][i] for i in rounds], "<= 0.6"))
+        rows.append(("Neo / full KD, time", [t["neo_live"][i] / t["full_kd"][i] for i in rounds], "<= 0.75"))
     if rows:
-        print("\n| ratio | measured | target |")
+        print("\n| ratio | measured" + (" (median, min–max over rounds)" if args.rounds > 1 else "") + " | target |")
         print("|---|---|---|")
-        for name, value, target in rows:
-            print(f"| {name} | {value:.3f} | {target} |")
+        for name, values, target in rows:
+            print(f"| {name} | {_ratio(values)} | {target} |")
 
 
 if __name__ == "__main__":
