@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from llmneo import config
+from llmneo import config, config_docs
 from llmneo.errors import LlmneoError
 
 
@@ -38,6 +38,15 @@ def test_overrides_are_typed_by_schema(tmp_path):
     ("cutoff_len=-5", "cutoff_len must be > 0"),
     ("kd_loss=mse", "kd_loss must be one of"),
     ("finetuning_type=freeze", "finetuning_type must be lora or full"),
+    ("kd_temperature=0", "kd_temperature must be > 0, got 0.0"),
+    ("lora_alpha=0", "lora_alpha must be > 0, got 0"),
+    ("learning_rate=-1e-4", "learning_rate must be > 0, got -0.0001"),
+    ("kd_chunk_size=-1", "kd_chunk_size must be >= 0 (0 = unchunked), got -1"),
+    ("num_fewshot=-1", "num_fewshot must be >= 0, got -1"),
+    ("warmup_ratio=1", "warmup_ratio must be in [0, 1), got 1.0"),
+    ("kd_skew=-0.1", "kd_skew must be in [0, 1], got -0.1"),
+    ("torch_dtype=int8", "torch_dtype must be one of auto, float32, bfloat16, float16, got 'int8'"),
+    ("lr_scheduler_type=step", "lr_scheduler_type must be one of cosine,"),
     ("stage=dpo", "stage 'dpo' is not supported"),
     ("notakey", "is not key=value"),
 ])
@@ -46,6 +55,12 @@ def test_bad_values_are_one_line_errors(override, needle):
         config.load(overrides=[override])
     assert needle in str(err.value)
     assert "\n" not in str(err.value)
+
+
+def test_null_passes_the_range_checks_of_optional_keys():
+    c = config.load(overrides=["lora_alpha=null", "learning_rate=null", "save_total_limit=null", "num_fewshot=null"])
+    assert c.lora_alpha is c.learning_rate is c.save_total_limit is c.num_fewshot is None
+    assert config.load(overrides=["kd_chunk_size=0", "warmup_ratio=0", "kd_ratio=1"]).kd_chunk_size == 0
 
 
 def test_unknown_key_suggests_closest():
@@ -86,7 +101,7 @@ def test_method_from_arms():
 
 
 def test_help_lists_every_key_with_default():
-    text = config.help_text()
+    text = config_docs.help_text()
     for name in config.FIELDS:
         assert f"  {name} (default:" in text
     assert "lora_rank (default: 128)" in text
@@ -96,4 +111,5 @@ def test_docs_config_reference_is_current():
     from pathlib import Path
 
     doc = Path(__file__).parents[1] / "docs" / "config.md"
-    assert doc.read_text() == config.reference_markdown(), "regenerate: python -m llmneo.config > docs/config.md"
+    regenerate = "regenerate: python -m llmneo.config_docs > docs/config.md"
+    assert doc.read_text() == config_docs.reference_markdown(), regenerate

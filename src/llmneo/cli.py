@@ -11,6 +11,7 @@ import sys
 import warnings
 
 from llmneo import config as config_mod
+from llmneo import config_docs
 from llmneo.errors import LlmneoError
 from llmneo.preemption import Preempted
 
@@ -34,7 +35,7 @@ Config keys:
 
 
 def _parser() -> argparse.ArgumentParser:
-    keys = config_mod.help_text()
+    keys = config_docs.help_text()
     parser = argparse.ArgumentParser(
         prog="llmneo",
         description="Parameter-efficient knowledge distillation of LLMs (LLM-NEO: LoRA + KD).",

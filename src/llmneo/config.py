@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import math
 import os
 import re
 import typing
@@ -20,7 +19,9 @@ from typing import Any
 
 import yaml
 
+from llmneo import config_values
 from llmneo.errors import LlmneoError
+from llmneo.llamafactory import IGNORED_KEYS, check_supported
 
 LORA_VARIANTS = ("lora", "dora", "rslora", "pissa", "olora", "moslora")
 KD_LOSSES = ("fkl", "rkl", "jsd", "skew_fkl", "skew_rkl", "tvd")
@@ -55,42 +56,6 @@ SAVED_CONFIG = "llmneo_config.yaml"
 # Keys that `llmneo eval` / `llmneo export` take from a trained run's saved config unless given explicitly:
 # scoring a run with another template, cutoff or stage would measure different tokens than it trained on.
 TRAINED_RUN_KEYS = ("template", "cutoff_len", "stage", "packing")
-
-# Training stages and LLaMA-Factory keys of features llmneo does not have. They are reported before any
-# unknown-key suggestion: `pref_beta` means DPO, not a typo of `kd_beta`.
-UNSUPPORTED_STAGES = {"dpo": "DPO preference training", "kto": "KTO preference training",
-                      "rm": "reward-model training", "ppo": "PPO reinforcement learning"}
-UNSUPPORTED_FEATURES = {
-    "preference / RLHF training (DPO, KTO, ORPO, SimPO, reward models, PPO)": (
-        "pref_beta", "pref_ftx", "pref_loss", "pref_bco_weight", "dpo_label_smoothing", "simpo_gamma",
-        "kto_chosen_weight", "kto_rejected_weight", "ld_alpha", "ref_model", "ref_model_adapters",
-        "ref_model_quantization_bit", "reward_model", "reward_model_adapters", "reward_model_quantization_bit",
-        "reward_model_type", "ppo_buffer_size", "ppo_epochs", "ppo_score_norm", "ppo_target",
-        "ppo_whiten_rewards"),
-    "multimodal training (images, videos, audio)": (
-        "image_max_pixels", "image_min_pixels", "image_resolution", "image_do_pan_and_scan", "crop_to_patches",
-        "video_max_pixels", "video_min_pixels", "video_resolution", "video_fps", "video_maxlen",
-        "use_audio_in_video", "audio_sampling_rate", "freeze_vision_tower", "freeze_multi_modal_projector",
-        "freeze_language_model", "train_mm_proj_only", "visual_inputs", "media_dir"),
-    "quantized training (QLoRA)": (
-        "quantization_bit", "quantization_method", "quantization_type", "double_quantization",
-        "quantization_device_map"),
-}
-_UNSUPPORTED_KEYS = {key: feature for feature, keys in UNSUPPORTED_FEATURES.items() for key in keys}
-SUPPORTED = "llmneo distils text-only causal LMs with stage: sft (supervised) or pt (raw text)"
-
-
-# LLaMA-Factory / TrainingArguments keys that llmneo accepts so existing YAMLs run, but does not use.
-IGNORED_KEYS = frozenset({
-    "overwrite_cache", "preprocessing_num_workers", "flash_attn",
-    "use_fast_tokenizer", "ddp_find_unused_parameters", "dataloader_num_workers", "eval_strategy",
-    "evaluation_strategy", "save_strategy", "logging_strategy", "export_size", "export_legacy_format",
-    "export_device", "do_eval", "do_predict", "plot_loss_keys", "include_num_input_tokens_seen",
-    "save_only_model", "disable_tqdm", "push_to_hub", "hub_model_id", "tokenized_path", "streaming",
-    "neat_packing", "new_special_tokens", "resize_vocab", "upcast_layernorm",
-    "enable_liger_kernel", "use_unsloth", "optim", "lora_bias", "create_new_adapter", "eval_steps",
-    "ddp_backend", "deepspeed", "fsdp", "fsdp_config", "tf32", "dataloader_pin_memory",
-})
 
 
 def _f(default: Any, help: str, **kw: Any) -> Any:
@@ -157,8 +122,7 @@ class Config:
     max_samples: int | None = _f(None, "Use at most this many rows of each dataset.")
     val_size: float = _f(0.0, "Held-out split: a fraction in (0, 1) or a row count >= 1. 0 = none.")
     eval_dataset: str | None = _f(
-        None, "Held-out data by name (LLaMA-Factory's key): datasets resolved like `dataset`, scored instead of a "
-        "val_size split. Set one of eval_dataset and val_size.")
+        None, "Held-out data by name (LLaMA-Factory's key), resolved like `dataset`; used instead of val_size.")
     # --- training ---------------------------------------------------------------------------
     output_dir: str | None = _f(None, "Where the adapter/model, metrics and checkpoints go.")
     overwrite_output_dir: bool = _f(False, "Allow writing into a non-empty output_dir.")
@@ -254,82 +218,17 @@ class Config:
 
 
 FIELDS: dict[str, dataclasses.Field] = {f.name: f for f in dataclasses.fields(Config)}
-_HINTS = typing.get_type_hints(Config)
-
-
-def _base_type(name: str) -> type:
-    hint = _HINTS[name]
-    args = [a for a in typing.get_args(hint) if a is not type(None)]
-    return args[0] if args else hint
-
-
-def _optional(name: str) -> bool:
-    return type(None) in typing.get_args(_HINTS[name])
+FIELD_TYPES: dict[str, Any] = typing.get_type_hints(Config)
 
 
 def coerce(name: str, value: Any) -> Any:
     """Turn a YAML or command-line value into the field's type, or raise a one-line error."""
-    kind = _base_type(name)
-    if value is None or (isinstance(value, str) and value.strip().lower() in ("none", "null", "~")):
-        if _optional(name):
-            return None
-        raise LlmneoError(f"config key '{name}' cannot be empty; give a {kind.__name__} value")
-    try:
-        if kind is bool:
-            if isinstance(value, bool):
-                return value
-            text = str(value).strip().lower()
-            if text in ("true", "1", "yes", "on"):
-                return True
-            if text in ("false", "0", "no", "off"):
-                return False
-            raise ValueError
-        if kind is int:
-            if isinstance(value, bool):
-                raise ValueError
-            number = float(value) if isinstance(value, (str, float)) else value
-            if isinstance(number, float) and not (math.isfinite(number) and number.is_integer()):
-                raise ValueError
-            return int(number)
-        if kind is float:
-            if isinstance(value, bool):
-                raise ValueError
-            number = float(value)
-            if not math.isfinite(number):
-                raise ValueError
-            return number
-        if kind is str:
-            if isinstance(value, (list, tuple)):
-                return ",".join(str(v) for v in value)
-            if isinstance(value, dict):
-                raise ValueError
-            return str(value)
-    except (TypeError, ValueError, OverflowError):
-        pass
-    raise LlmneoError(
-        f"config key '{name}' expects {kind.__name__}, got {value!r}; e.g. {name}={_example(kind)}")
-
-
-def _example(kind: type) -> str:
-    return {bool: "true", int: "8", float: "2e-4", str: "text"}.get(kind, "value")
+    return config_values.coerce(name, FIELD_TYPES[name], value)
 
 
 def _suggest(key: str) -> str:
     close = difflib.get_close_matches(key, list(FIELDS) + sorted(IGNORED_KEYS), n=1, cutoff=0.5)
     return f"; did you mean '{close[0]}'?" if close else "; run `llmneo train --help` for the list of keys"
-
-
-def check_supported(raw: dict[str, Any]) -> None:
-    """Refuse an unsupported stage, then keys of unsupported features, before any unknown-key hint."""
-    stage = raw.get("stage")
-    if isinstance(stage, str) and stage.strip().lower() in UNSUPPORTED_STAGES:
-        name = stage.strip().lower()
-        raise LlmneoError(f"stage '{name}' is not supported ({UNSUPPORTED_STAGES[name]}); {SUPPORTED}")
-    for key in raw:
-        feature = _UNSUPPORTED_KEYS.get(str(key))
-        if feature is not None:
-            raise LlmneoError(f"config key '{key}' is for {feature}, which llmneo does not support "
-                              f"({SUPPORTED}); remove {key}")
 
 
 def check_key(key: str) -> None:
@@ -429,6 +328,20 @@ def to_yaml(config: Config) -> str:
     return header + yaml.safe_dump(to_dict(config), sort_keys=False)
 
 
+# Range rules: key -> (the check on a set value, how the error names the range). Null values pass.
+_RANGES = {
+    **dict.fromkeys(("kd_temperature", "lora_rank", "lora_alpha", "cutoff_len", "max_samples", "learning_rate",
+                     "per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
+                     "logging_steps", "save_steps", "save_total_limit", "ddp_timeout", "teacher_topk", "num_layers",
+                     "eval_limit"), (lambda v: v > 0, "> 0")),
+    **dict.fromkeys(("warmup_steps", "weight_decay", "max_grad_norm", "num_fewshot"), (lambda v: v >= 0, ">= 0")),
+    "kd_chunk_size": (lambda v: v >= 0, ">= 0 (0 = unchunked)"),
+    **dict.fromkeys(("kd_ratio", "kd_beta", "kd_skew"), (lambda v: 0.0 <= v <= 1.0, "in [0, 1]")),
+    **dict.fromkeys(("lora_dropout", "warmup_ratio"), (lambda v: 0.0 <= v < 1.0, "in [0, 1)")),
+}
+_CHOICES = {"kd_loss": KD_LOSSES, "lora_variant": LORA_VARIANTS, "lr_scheduler_type": SCHEDULERS, "torch_dtype": DTYPES}
+
+
 def _require(ok: bool, message: str) -> None:
     if not ok:
         raise LlmneoError(message)
@@ -440,51 +353,25 @@ def validate(c: Config) -> None:
              f"distillation) or pt (raw text)")
     _require(c.finetuning_type in ("lora", "full"),
              f"finetuning_type must be lora or full, got '{c.finetuning_type}'")
-    _require(0.0 <= c.kd_ratio <= 1.0, f"kd_ratio must be in [0, 1], got {c.kd_ratio}")
-    _require(c.kd_loss in KD_LOSSES, f"kd_loss must be one of {', '.join(KD_LOSSES)}, got '{c.kd_loss}'")
-    _require(c.kd_temperature > 0, f"kd_temperature must be > 0, got {c.kd_temperature}")
-    _require(0.0 <= c.kd_beta <= 1.0, f"kd_beta must be in [0, 1], got {c.kd_beta}")
-    _require(0.0 <= c.kd_skew <= 1.0, f"kd_skew must be in [0, 1], got {c.kd_skew}")
-    _require(c.lora_variant in LORA_VARIANTS,
-             f"lora_variant must be one of {', '.join(LORA_VARIANTS)}, got '{c.lora_variant}'")
+    for name, choices in _CHOICES.items():
+        value = getattr(c, name)
+        _require(value in choices, f"{name} must be one of {', '.join(choices)}, got '{value}'")
+    for name, (within, allowed) in _RANGES.items():
+        value = getattr(c, name)
+        _require(value is None or within(value), f"{name} must be {allowed}, got {value}")
     flags = [name for name, on in (("dora", c.use_dora), ("rslora", c.use_rslora), ("pissa", c.pissa_init)) if on]
     _require(len(flags) <= 1, f"use_dora, use_rslora and pissa_init pick one variant each; got {', '.join(flags)}")
     _require(not flags or c.lora_variant in ("lora", flags[0]),
              f"lora_variant={c.lora_variant} contradicts the {flags[0] if flags else ''} flag; set one of them")
     _require(c.sweep_metric in ("perplexity", "kl_to_teacher", "top1_agreement"),
              f"sweep_metric must be perplexity, kl_to_teacher or top1_agreement, got '{c.sweep_metric}'")
-    _require(c.lora_rank > 0, f"lora_rank must be > 0, got {c.lora_rank}")
-    _require(c.lora_alpha is None or c.lora_alpha > 0, f"lora_alpha must be > 0, got {c.lora_alpha}")
-    _require(0.0 <= c.lora_dropout < 1.0, f"lora_dropout must be in [0, 1), got {c.lora_dropout}")
-    _require(c.cutoff_len > 0, f"cutoff_len must be > 0, got {c.cutoff_len}")
-    _require(c.max_samples is None or c.max_samples > 0, f"max_samples must be > 0, got {c.max_samples}")
     _require(c.val_size >= 0 and (c.val_size < 1 or float(c.val_size).is_integer()),
              f"val_size must be a fraction in [0, 1) or a whole row count, got {c.val_size}")
     _require(not (c.eval_dataset and c.val_size),
              "eval_dataset and val_size are both set; hold out data one way: eval_dataset=NAME or val_size=0.05")
-    for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
-                 "logging_steps", "save_steps"):
-        _require(getattr(c, name) > 0, f"{name} must be > 0, got {getattr(c, name)}")
-    _require(c.learning_rate is None or c.learning_rate > 0, f"learning_rate must be > 0, got {c.learning_rate}")
     _require(c.num_train_epochs > 0 or c.max_steps > 0, "set num_train_epochs > 0 or max_steps > 0")
-    _require(c.lr_scheduler_type in SCHEDULERS,
-             f"lr_scheduler_type must be one of {', '.join(SCHEDULERS)}, got '{c.lr_scheduler_type}'")
-    _require(0.0 <= c.warmup_ratio < 1.0, f"warmup_ratio must be in [0, 1), got {c.warmup_ratio}")
-    _require(c.warmup_steps >= 0, f"warmup_steps must be >= 0, got {c.warmup_steps}")
-    _require(c.weight_decay >= 0, f"weight_decay must be >= 0, got {c.weight_decay}")
-    _require(c.max_grad_norm >= 0, f"max_grad_norm must be >= 0, got {c.max_grad_norm}")
     _require(not (c.bf16 and c.fp16), "bf16 and fp16 are both true; pick one")
-    _require(c.torch_dtype in DTYPES, f"torch_dtype must be one of {', '.join(DTYPES)}, got '{c.torch_dtype}'")
-    _require(c.save_total_limit is None or c.save_total_limit > 0,
-             f"save_total_limit must be > 0, got {c.save_total_limit}")
-    _require(c.ddp_timeout > 0, f"ddp_timeout must be > 0, got {c.ddp_timeout}")
-    _require(c.kd_chunk_size >= 0, f"kd_chunk_size must be >= 0 (0 = unchunked), got {c.kd_chunk_size}")
-    _require(c.teacher_topk > 0, f"teacher_topk must be > 0, got {c.teacher_topk}")
-    _require(c.num_layers is None or c.num_layers > 0, f"num_layers must be > 0, got {c.num_layers}")
-    _require(c.num_fewshot is None or c.num_fewshot >= 0, f"num_fewshot must be >= 0, got {c.num_fewshot}")
-    _require(c.eval_limit is None or c.eval_limit > 0, f"eval_limit must be > 0, got {c.eval_limit}")
-    trackers = report_to(c)
-    unknown = [t for t in trackers if t not in TRACKERS and t != "all"]
+    unknown = [t for t in report_to(c) if t not in TRACKERS and t != "all"]
     _require(not unknown, f"report_to: unknown tracker '{unknown[0] if unknown else ''}'; use none, all or a comma "
              f"list of {', '.join(TRACKERS)}")
 
@@ -495,16 +382,6 @@ def report_to(c: Config) -> list[str]:
     return [t for t in names if t != "none"]
 
 
-def help_text() -> str:
-    """Every key with its default and meaning, for --help."""
-    lines = []
-    for name, f in FIELDS.items():
-        default = f.default
-        shown = "null" if default is None else str(default).lower() if isinstance(default, bool) else default
-        lines.append(f"  {name} (default: {shown})\n      {f.metadata['help']}")
-    return "\n".join(lines)
-
-
 def to_dict(config: Config) -> dict[str, Any]:
     return dataclasses.asdict(config)
 
@@ -513,28 +390,3 @@ def input_paths(config: "Config") -> dict[str, str | None]:
     """The paths a command reads, so an output folder can refuse to overwrite them."""
     return {key: getattr(config, key) for key in ("model_name_or_path", "adapter_name_or_path",
                                                    "teacher_model_name_or_path", "teacher_cache", "dataset")}
-
-
-def require_path(value: str | None, key: str, what: str) -> str:
-    if not value:
-        raise LlmneoError(f"{key} is not set; give {what}, e.g. {key}=path/to/dir")
-    return value
-
-
-def reference_markdown() -> str:
-    """docs/config.md: every key, its type, default and meaning (kept in sync by a test)."""
-    rows = ["# Config reference", "",
-            "Generated from `llmneo.config.Config` (`python -m llmneo.config > docs/config.md`). Every key can",
-            "be set in the YAML file or as `key=value` on the command line (later wins).", "",
-            "| key | type | default | meaning |", "| --- | --- | --- | --- |"]
-    for name, f in FIELDS.items():
-        kind = _base_type(name).__name__ + (" or null" if _optional(name) else "")
-        default = "null" if f.default is None else str(f.default).lower() if isinstance(f.default, bool) else f.default
-        rows.append(f"| `{name}` | {kind} | `{default}` | {f.metadata['help'].replace('|', '&#124;')} |")
-    rows += ["", "Accepted for LLaMA-Factory compatibility and ignored (with one warning listing them):", "",
-             ", ".join(f"`{k}`" for k in sorted(IGNORED_KEYS)), ""]
-    return "\n".join(rows)
-
-
-if __name__ == "__main__":
-    print(reference_markdown(), end="")

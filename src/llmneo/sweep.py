@@ -38,7 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from llmneo import config as config_mod
-from llmneo import evaluate, plot, preemption, run_dir, train
+from llmneo import evaluate, llamafactory, plot, preemption, run_dir, train
 from llmneo.config import Config
 from llmneo.errors import LlmneoError
 
@@ -107,9 +107,9 @@ def _check_not_semicolon_list(key: str, value: str) -> None:
 
 def _check_axis(axis: Axis, value: str) -> None:
     key = axis.key
-    config_mod.check_supported({key: None})
+    llamafactory.check_supported({key: None})
     if key not in config_mod.FIELDS:
-        if key in config_mod.IGNORED_KEYS:
+        if key in llamafactory.IGNORED_KEYS:
             raise LlmneoError(f"llmneo ignores '{key}' (accepted for LLaMA-Factory compatibility), "
                               f"so sweeping it changes nothing; drop {key}={value}")
         close = difflib.get_close_matches(key, list(config_mod.FIELDS), n=1, cutoff=0.5)
