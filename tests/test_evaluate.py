@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -18,13 +19,8 @@ def _examples(student_dir, alpaca_file):
     return data.build(cfg, tokenizer).train, tokenizer
 
 
-def test_perplexity_is_exp_mean_response_ce(student_dir, alpaca_file):
-    from transformers import AutoModelForCausalLM
-
-    examples, tokenizer = _examples(student_dir, alpaca_file)
-    model = AutoModelForCausalLM.from_pretrained(student_dir, dtype=torch.float32).eval()
-    got = evaluate.response_metrics(model, examples, tokenizer.pad_token_id, len(tokenizer), batch_size=3)
-    # Independently: HF's own shifted loss, one unpadded example at a time, weighted by its token count.
+def _hf_mean_ce(model, examples) -> tuple[float, int]:
+    """HF's own shifted loss, one unpadded example at a time, weighted by its token count."""
     total, count = 0.0, 0
     with torch.no_grad():
         for ex in examples:
@@ -32,19 +28,55 @@ def test_perplexity_is_exp_mean_response_ce(student_dir, alpaca_file):
             n = int((labels[:, 1:] != -100).sum())
             total += float(model(torch.tensor([ex["input_ids"]]), labels=labels).loss) * n
             count += n
+    return total / count, count
+
+
+@pytest.mark.parametrize("chunk_size", [0, 5, 256])
+def test_perplexity_is_exp_mean_response_ce(student_dir, alpaca_file, chunk_size):
+    from transformers import AutoModelForCausalLM
+
+    examples, tokenizer = _examples(student_dir, alpaca_file)
+    model = AutoModelForCausalLM.from_pretrained(student_dir, dtype=torch.float32).eval()
+    got = evaluate.held_out(model, None, examples, pad_token_id=tokenizer.pad_token_id, vocab_size=len(tokenizer),
+                            batch_size=3, chunk_size=chunk_size)
+    ce, count = _hf_mean_ce(model, examples)
     assert got["tokens"] == count
-    assert got["perplexity"] == pytest.approx(math.exp(total / count), rel=1e-5)
+    assert got["ce_loss"] == pytest.approx(ce, rel=1e-5)
+    assert got["perplexity"] == pytest.approx(math.exp(ce), rel=1e-5)
+    assert got["kl_to_teacher"] is got["top1_agreement"] is got["kd_loss"] is None  # nothing to compare with
 
 
-def test_kl_and_agreement_by_hand(student_dir, teacher_dir, alpaca_file):
+def _hand_jsd(p: torch.Tensor, q: torch.Tensor, beta: float) -> float:
+    """GKD's generalised JSD: beta*KL(p || m) + (1-beta)*KL(q || m), m = beta*p + (1-beta)*q, in float64."""
+    m = beta * p + (1 - beta) * q
+    return float(beta * (p * (p / m).log()).sum() + (1 - beta) * (q * (q / m).log()).sum())
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:  # any object with these four attributes will do, as will a dict
+    kind: str
+    temperature: float
+    beta: float
+    skew: float
+
+
+@pytest.mark.parametrize("chunk_size, as_object", [(0, False), (3, True), (256, False)])
+def test_kl_agreement_and_kd_loss_by_hand(student_dir, teacher_dir, alpaca_file, chunk_size, as_object):
+    """Every metric against float64 sums over full logits, for each chunking (and full logits, chunk 0).
+
+    kd_loss is the configured divergence (here jsd, beta 0.3, T 2, scaled by T^2); kl_to_teacher stays
+    forward KL at T = 1 whatever the run's divergence.
+    """
     from transformers import AutoModelForCausalLM
 
     examples, tokenizer = _examples(student_dir, alpaca_file)
     student = AutoModelForCausalLM.from_pretrained(student_dir, dtype=torch.float32).eval()
     teacher = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=torch.float32).eval()
     vocab = len(tokenizer)
-    got = evaluate.response_metrics(student, examples, tokenizer.pad_token_id, vocab, teacher=teacher, batch_size=4)
-    kl, agree, n = 0.0, 0, 0
+    kd = {"kind": "jsd", "temperature": 2.0, "beta": 0.3, "skew": 0.1}
+    got = evaluate.held_out(student, teacher, examples, pad_token_id=tokenizer.pad_token_id, vocab_size=vocab,
+                            kd=Settings(**kd) if as_object else kd, batch_size=4, chunk_size=chunk_size)
+    kl, jsd, agree, n = 0.0, 0.0, 0, 0
     with torch.no_grad():
         for ex in examples:
             ids = torch.tensor([ex["input_ids"]])
@@ -56,11 +88,38 @@ def test_kl_and_agreement_by_hand(student_dir, teacher_dir, alpaca_file):
                 p = torch.exp(t_logits[t] - torch.logsumexp(t_logits[t], 0))
                 q = torch.exp(s_logits[t] - torch.logsumexp(s_logits[t], 0))
                 kl += float((p * (p.log() - q.log())).sum())
+                p2, q2 = torch.softmax(t_logits[t] / 2.0, 0), torch.softmax(s_logits[t] / 2.0, 0)
+                jsd += 4.0 * _hand_jsd(p2, q2, 0.3)
                 agree += int(s_logits[t].argmax() == t_logits[t].argmax())
                 n += 1
+    assert got["tokens"] == n
     assert got["kl_to_teacher"] == pytest.approx(kl / n, rel=1e-4)
+    assert got["kd_loss"] == pytest.approx(jsd / n, rel=1e-4)
     assert got["top1_agreement"] == pytest.approx(agree / n)
     assert got["kl_to_teacher"] > 0.1  # the fixture teacher is peaked: a real difference to measure
+    assert got["ce_loss"] == pytest.approx(_hf_mean_ce(student, examples)[0], rel=1e-5)
+
+
+def test_held_out_leaves_each_model_in_its_own_mode(student_dir, teacher_dir, alpaca_file):
+    """Scored in eval mode (a model in training mode would apply dropout), then handed back as it came."""
+    from transformers import AutoModelForCausalLM
+
+    examples, tokenizer = _examples(student_dir, alpaca_file)
+    student = AutoModelForCausalLM.from_pretrained(student_dir, dtype=torch.float32, attention_dropout=0.5)
+    teacher = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=torch.float32).eval()
+    student.train()
+    kwargs = {"pad_token_id": tokenizer.pad_token_id, "vocab_size": len(tokenizer)}
+    first = evaluate.held_out(student, teacher, examples, **kwargs)
+    assert student.training and not teacher.training
+    assert evaluate.held_out(student, teacher, examples, **kwargs) == first  # no dropout drew a different mask
+    assert first["ce_loss"] == pytest.approx(_hf_mean_ce(student.eval(), examples)[0], rel=1e-5)
+
+
+def test_perplexity_has_one_overflow_rule():
+    assert evaluate.perplexity(60.0) == pytest.approx(math.exp(60.0))  # no cap at exp(50)
+    assert evaluate.perplexity(709.0) == pytest.approx(math.exp(709.0))
+    assert evaluate.perplexity(710.0) == math.inf  # exp overflows a float: infinite, not an error
+    assert math.isnan(evaluate.perplexity(math.nan))
 
 
 def test_eval_cli_on_an_adapter_dir(tmp_path, base_overrides, teacher_dir, alpaca_file, capsys):

@@ -1,14 +1,19 @@
-"""Evaluate a student: perplexity over response tokens, KL to the teacher, top-1 agreement; lm-eval bridge.
+"""Evaluate a student on held-out data: CE and perplexity, KL to the teacher, top-1 agreement, the KD
+objective; and the lm-eval bridge.
 
-All metrics are over the same response positions training scores (the next-token shift): perplexity
-is exp of the mean CE per response token; `kl_to_teacher` is the mean forward KL(p_T ‖ p_S) per
-response token over the real vocabulary; `top1_agreement` is the fraction of those positions where the
-student's argmax equals the teacher's. `tasks=...` hands the same in-memory model to
+`held_out` is the one held-out evaluator: `llmneo train` (val_size / eval_dataset), `llmneo eval` and
+`llmneo sweep` (through train's results) all score with it. Every metric is over the response positions
+training scores (the next-token shift): `ce_loss` is the mean CE per response token and `perplexity` its
+exp (inf where that overflows a float); with a teacher, `kl_to_teacher` is the mean forward KL(p_T ‖ p_S)
+at T = 1 over the real vocabulary, `top1_agreement` the fraction of positions where the two argmaxes
+agree, and `kd_loss` the mean of the run's configured divergence (kd_loss, kd_temperature, ...), so
+training's KD objective is reported on held-out rows too. `tasks=...` hands the same in-memory model to
 lm-evaluation-harness through its HF wrapper.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 from pathlib import Path
 
@@ -20,41 +25,117 @@ from llmneo.config import Config
 from llmneo.errors import LlmneoError
 from llmneo.losses import response_positions, token_cross_entropy, token_divergence
 
+KD_SETTING_NAMES = ("kind", "temperature", "beta", "skew")
+
+
+def perplexity(ce_loss: float) -> float:
+    """exp(mean CE): inf where exp overflows a float (CE above ~709.78), NaN for a NaN CE."""
+    try:
+        return math.exp(ce_loss)
+    except OverflowError:
+        return math.inf
+
+
+def kd_settings(kd) -> dict | None:
+    """The divergence's keyword arguments from KD settings: an object with .kind/.temperature/.beta/.skew,
+    or a dict with those keys; None stays None."""
+    if kd is None:
+        return None
+    if isinstance(kd, dict):
+        return {name: kd[name] for name in KD_SETTING_NAMES}
+    return {name: getattr(kd, name) for name in KD_SETTING_NAMES}
+
+
+def _response_logits(model, batch: dict, positions: torch.Tensor, vocab_size: int, full_logits: bool):
+    """A function rows (a slice of the N response positions) → logits (C, V) over the real vocabulary.
+
+    By default the model's final hidden states are kept at the response positions and projected through its
+    own head one slice at a time (heads.py), so a large vocabulary never needs [B, T, V] logits. With
+    `full_logits`, the logits come from the model's forward (the reference path, and what sharded engines
+    need: their head exists whole only inside forward).
+    """
+    if full_logits:
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+        logits = logits[positions][:, :vocab_size]  # (N, V): padded vocab rows dropped
+        return lambda rows: logits[rows]
+    hidden = heads.final_hidden_states(model, batch["input_ids"], batch["attention_mask"])[positions]  # (N, H)
+    head, _ = heads.output_head(model)
+    return lambda rows: head(hidden[rows])[:, :vocab_size]  # (C, V)
+
+
+@contextlib.contextmanager
+def _eval_mode(*modules):
+    """Eval mode (no dropout, LoRA dropout included) for the duration; each module's own mode restored after."""
+    modules = [m for m in modules if m is not None]
+    was_training = [m.training for m in modules]
+    for m in modules:
+        m.eval()
+    try:
+        yield
+    finally:
+        for m, training in zip(modules, was_training):
+            m.train(training)
+
 
 @torch.no_grad()
-def response_metrics(model, examples: list[dict], pad_token_id: int, vocab_size: int, *, teacher=None,
-                     batch_size: int = 8, device: torch.device | str = "cpu", chunk_size: int = 256) -> dict:
-    """Perplexity (and, with a teacher, KL and top-1 agreement) over the response tokens of `examples`.
+def held_out(model, teacher, examples: list[dict], *, pad_token_id: int, vocab_size: int, kd=None,
+             batch_size: int = 8, chunk_size: int = 256, device: torch.device | str = "cpu",
+             autocast=contextlib.nullcontext) -> dict:
+    """ce_loss, perplexity and tokens over the response tokens of `examples`; with a `teacher` model also
+    kl_to_teacher, top1_agreement and (given `kd` settings) kd_loss under the run's divergence. Metrics
+    not measured are None.
 
-    Like training, it projects only the response positions, `chunk_size` at a time, through each
-    model's own head, so a 128k vocabulary never needs [batch, seq, V] logits.
+    `chunk_size` response positions at a time go through each model's own head, as in training's fused
+    loss; 0 takes full logits from each forward (the reference path; sharded engines). `autocast` is a
+    context factory for the forwards (e.g. accelerator.autocast, so mixed precision matches training).
+    `kd`: an object with .kind/.temperature/.beta/.skew or a dict with those keys.
     """
     if not examples:
         raise LlmneoError("nothing to evaluate: the dataset has no example with a response token")
-    student_head, _ = heads.output_head(model)
-    teacher_head = heads.output_head(teacher)[0] if teacher is not None else None
-    ce_sum, kl_sum, agree, tokens = 0.0, 0.0, 0, 0
-    for start in range(0, len(examples), batch_size):
-        batch = data.collate(examples[start:start + batch_size], pad_token_id)
-        batch = {k: v.to(device) for k, v in batch.items()}
-        positions, targets = response_positions(batch["labels"])
-        hidden = heads.final_hidden_states(model, batch["input_ids"], batch["attention_mask"])[positions]
-        if teacher is not None:
-            teacher_hidden = heads.final_hidden_states(teacher, batch["input_ids"], batch["attention_mask"])[positions]
-        for first in range(0, len(targets), chunk_size):
-            rows = slice(first, first + chunk_size)
-            student = student_head(hidden[rows])[:, :vocab_size]  # (C, V)
-            ce_sum += float(token_cross_entropy(student, targets[rows]).sum())
-            if teacher is not None:
-                reference = teacher_head(teacher_hidden[rows])[:, :vocab_size]  # (C, V)
-                kl_sum += float(token_divergence(student, reference, "fkl").sum())
-                agree += int((student.argmax(-1) == reference.argmax(-1)).sum())
-        tokens += targets.numel()
-    ce = ce_sum / tokens
-    out = {"perplexity": math.exp(ce) if ce < 700 else math.inf, "ce_loss": ce, "tokens": tokens}
-    if teacher is not None:
-        out.update(kl_to_teacher=kl_sum / tokens, top1_agreement=agree / tokens)
-    return out
+    settings = kd_settings(kd) if teacher is not None else None
+    # ce, kl, kd, agreeing positions; summed on the device and read once at the end
+    sums = torch.zeros(4, dtype=torch.float64, device=device)
+    tokens = 0
+    with _eval_mode(model, teacher):
+        for start in range(0, len(examples), batch_size):
+            batch = data.collate(examples[start:start + batch_size], pad_token_id)
+            batch = {k: v.to(device) for k, v in batch.items()}
+            positions, targets = response_positions(batch["labels"])
+            step = chunk_size if chunk_size > 0 else max(targets.numel(), 1)
+            with autocast():
+                student = _response_logits(model, batch, positions, vocab_size, chunk_size <= 0)
+                reference = None if teacher is None else _response_logits(teacher, batch, positions, vocab_size,
+                                                                          chunk_size <= 0)
+                for first in range(0, targets.numel(), step):
+                    rows = slice(first, first + step)
+                    logits = student(rows)  # (C, V)
+                    sums[0] += token_cross_entropy(logits, targets[rows]).sum()
+                    if reference is None:
+                        continue
+                    teacher_logits = reference(rows)  # (C, V)
+                    sums[1] += token_divergence(logits, teacher_logits, "fkl").sum()
+                    if settings is not None:
+                        sums[2] += token_divergence(logits, teacher_logits, **settings).sum()
+                    sums[3] += (logits.argmax(-1) == teacher_logits.argmax(-1)).sum()
+            tokens += targets.numel()
+    if tokens == 0:
+        raise LlmneoError("nothing to evaluate: the dataset has no example with a response token")
+    ce, kl, kd_sum, agree = (float(x) for x in sums.cpu())
+    return {
+        "ce_loss": ce / tokens,
+        "perplexity": perplexity(ce / tokens),
+        "tokens": tokens,
+        "kl_to_teacher": None if teacher is None else kl / tokens,
+        "top1_agreement": None if teacher is None else agree / tokens,
+        "kd_loss": None if settings is None else kd_sum / tokens,
+    }
+
+
+def response_metrics(model, examples: list[dict], pad_token_id: int, vocab_size: int, *, teacher=None,
+                     batch_size: int = 8, device: torch.device | str = "cpu", chunk_size: int = 256) -> dict:
+    """`held_out` without KD settings, under the signature the demo calls."""
+    return held_out(model, teacher, examples, pad_token_id=pad_token_id, vocab_size=vocab_size,
+                    batch_size=batch_size, chunk_size=chunk_size, device=device)
 
 
 def _task_names(spec: str) -> tuple[list[str], list[str]]:
@@ -175,14 +256,17 @@ def run(config: Config) -> dict:
         if config.teacher_model_name_or_path:
             teacher = models.load_teacher(config, tokenizer, dtype).to(device)
         splits = data.build(config, tokenizer)
-        held_out = config.val_size > 0 or bool(config.eval_dataset)
-        if held_out and not splits.eval:
+        split_off = config.val_size > 0 or bool(config.eval_dataset)
+        if split_off and not splits.eval:
             given = f"eval_dataset={config.eval_dataset}" if config.eval_dataset else f"val_size={config.val_size}"
             raise LlmneoError(f"{given} but no held-out example has a response token within "
                               f"cutoff_len={config.cutoff_len}; raise cutoff_len or check the held-out data")
-        examples = splits.eval if held_out else splits.train
-        results.update(response_metrics(model, examples, tokenizer.pad_token_id, len(tokenizer), teacher=teacher,
-                                        batch_size=config.per_device_eval_batch_size, device=device))
+        examples = splits.eval if split_off else splits.train
+        kd = {"kind": config.kd_loss, "temperature": config.kd_temperature, "beta": config.kd_beta,
+              "skew": config.kd_skew}
+        results.update(held_out(model, teacher, examples, pad_token_id=tokenizer.pad_token_id,
+                                vocab_size=len(tokenizer), kd=kd, batch_size=config.per_device_eval_batch_size,
+                                chunk_size=config.kd_chunk_size, device=device))
     if config.tasks:
         results["lm_eval"] = lm_eval_tasks(model, tokenizer, config.tasks, num_fewshot=config.num_fewshot,
                                            limit=config.eval_limit, batch_size=config.per_device_eval_batch_size,
