@@ -108,6 +108,7 @@ def test_13_all_labels_masked(tmp_path, capsys, base_overrides):
     assert "no trainable tokens" in _run(tmp_path, capsys, {**base_overrides, "cutoff_len": 3})
 
 
+@pytest.mark.slow
 def test_14_stale_teacher_cache(tmp_path, capsys, base_overrides):
     cache_dir = tmp_path / "cache"
     values = {**base_overrides, "teacher_cache": str(cache_dir), "teacher_topk": 8}
@@ -125,6 +126,7 @@ def test_15_non_empty_output_dir(tmp_path, capsys, base_overrides):
     assert (Path(base_overrides["output_dir"]) / "notes.txt").read_text() == "mine"
 
 
+@pytest.mark.slow
 def test_16_corrupt_or_incompatible_checkpoint(tmp_path, capsys, base_overrides):
     out = Path(base_overrides["output_dir"])
     values = {**base_overrides, "max_steps": 1}
@@ -157,6 +159,7 @@ def test_17_read_only_output_dir(tmp_path, capsys, base_overrides):
         _umount(mount)
 
 
+@pytest.mark.slow
 def test_17_disk_full_during_training(tmp_path, capsys, base_overrides):
     mount = tmp_path / "full"
     if not _mount_tmpfs(mount, "size=48k"):
@@ -172,6 +175,7 @@ def test_17_disk_full_during_training(tmp_path, capsys, base_overrides):
         _umount(mount)
 
 
+@pytest.mark.slow
 def test_18_kd_ratio_without_teacher(tmp_path, capsys, base_overrides):
     """Behaviour: a warning, then CE-only training (the LoRA/SFT arm), not an error."""
     values = {**base_overrides, "teacher_model_name_or_path": None, "kd_ratio": 0.7}

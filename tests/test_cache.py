@@ -29,6 +29,7 @@ def cached(tmp_path, base_overrides, tokenizer):
     return cache_dir, values
 
 
+@pytest.mark.slow
 def test_cache_files_and_report(tmp_path, base_overrides, capsys):
     cache_dir = tmp_path / "c64"
     values = {**base_overrides, "teacher_cache": str(cache_dir), "teacher_topk": 16}
@@ -49,6 +50,7 @@ def test_cache_files_and_report(tmp_path, base_overrides, capsys):
     assert "not empty" in capsys.readouterr().err and (cache_dir / "index.json").is_file()
 
 
+@pytest.mark.slow
 def test_training_from_cache_with_full_k_equals_live(tmp_path, cached, base_overrides, capsys):
     cache_dir, values = cached
     live_out, cached_out = tmp_path / "live", tmp_path / "from_cache"
@@ -68,6 +70,7 @@ def test_training_from_cache_with_full_k_equals_live(tmp_path, cached, base_over
     assert json.loads((cached_out / "train_results.json").read_text())["method"] == "neo"
 
 
+@pytest.mark.slow
 def test_stale_cache_names_the_part_that_differs(tmp_path, cached, base_overrides, alien_teacher_dir, capsys):
     cache_dir, _ = cached
     other_data = write_jsonl(tmp_path / "other.jsonl", ALPACA_ROWS[:5])
@@ -92,6 +95,7 @@ def test_stale_cache_names_the_part_that_differs(tmp_path, cached, base_override
     assert "truncated" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_cache_tokenizes_like_the_student(tmp_path, base_overrides, teacher_dir, tokenizer):
     """Same vocabulary, different chat template on the teacher side: the cache must use the student's
     rendering, or training from it would be refused (or, worse, misaligned)."""
@@ -113,6 +117,7 @@ def test_cache_tokenizes_like_the_student(tmp_path, base_overrides, teacher_dir,
     assert cli.main(["train", _yaml(tmp_path, "t.yaml", run)]) == 0
 
 
+@pytest.mark.slow
 def test_mismatch_names_the_setting_not_the_rows_it_changed(tmp_path, cached, base_overrides, capsys):
     """cutoff_len (and stage / packing) change the tokenized rows too; the message must name the setting."""
     cache_dir, _ = cached  # built with cutoff_len=64; 40 truncates some of the fixture's rows (up to 48 tokens)
@@ -126,6 +131,7 @@ def test_mismatch_names_the_setting_not_the_rows_it_changed(tmp_path, cached, ba
     assert "the packing differs (cache False, run True)" in err and "dataset rows" not in err
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("shard_rows, batch", [(1, 1), (7, 3)], ids=["shard-per-example", "boundaries-mid-batch"])
 def test_multi_shard_cache_reads_the_same_rows_as_one_shard(tmp_path, base_overrides, tokenizer, monkeypatch,
                                                               shard_rows, batch):

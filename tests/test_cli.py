@@ -42,6 +42,7 @@ def test_missing_config_file_is_one_line_exit_2(tmp_path):
     assert result.stderr.strip() == f"llmneo: error: config file not found: {tmp_path / 'missing.yaml'}; check the path"
 
 
+@pytest.mark.slow
 def test_train_end_to_end_in_a_subprocess(tmp_path, base_overrides):
     """The real process: progress bar on stderr, a one-line summary, outputs on disk."""
     path = tmp_path / "neo.yaml"

@@ -64,6 +64,7 @@ def test_sweep_axis_of_an_unsupported_key(capsys):
     assert "config key 'pref_beta' is for preference" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_lm_eval_task_without_its_data_is_one_line(tmp_path, student_dir):
     """arc_easy's data set lives on the Hub; offline and with an empty cache it cannot load."""
     pytest.importorskip("lm_eval")

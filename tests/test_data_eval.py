@@ -63,6 +63,7 @@ def test_a_missing_eval_dataset_is_named(data_dir, tokenizer):
     assert str(info.value).startswith("eval_dataset 'nope.jsonl' not found")
 
 
+@pytest.mark.slow
 def test_llmneo_train_with_eval_dataset_reports_eval_metrics(tmp_path, data_dir, base_overrides, tokenizer):
     overrides = {**base_overrides, "dataset": "train.jsonl", "eval_dataset": "held_out",
                  "dataset_dir": str(data_dir), "max_steps": 1}

@@ -113,6 +113,7 @@ def test_sft_packing_puts_whole_examples_with_their_labels_into_blocks(tmp_path,
         assert any(any(block[i:i + len(example)] == example for i in range(len(block))) for block in blocks)
 
 
+@pytest.mark.slow
 def test_llmneo_train_stage_pt_on_a_registered_c4_dataset_with_a_teacher(tmp_path, base_overrides, tokenizer,
                                                                            capsys):
     cutoff = 24

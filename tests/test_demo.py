@@ -13,6 +13,7 @@ SHORT = ["max_steps=3", "teacher_steps=4", "teacher_rows=64", "train_rows=24", "
          "hidden_size=32", "towns=6"]
 
 
+@pytest.mark.slow
 def test_short_demo_writes_report_and_reuses_teacher(tmp_path, capsys):
     out = tmp_path / "demo"
     assert cli.main(["demo", f"output_dir={out}", *SHORT]) == 0

@@ -58,6 +58,7 @@ def _torchrun(config: Path, *overrides: str) -> subprocess.CompletedProcess:
     return subprocess.run(command, capture_output=True, text=True, timeout=300, env=_env())
 
 
+@pytest.mark.slow
 def test_two_processes_equal_one_with_accumulation(tmp_path, ddp_config):
     ddp, single = tmp_path / "ddp", tmp_path / "single"
     done = _torchrun(ddp_config, f"output_dir={ddp}")
@@ -77,6 +78,7 @@ def test_two_processes_equal_one_with_accumulation(tmp_path, ddp_config):
     _same(ddp, cut, tol=1e-6)
 
 
+@pytest.mark.slow
 def test_accelerate_launch(tmp_path, ddp_config):
     """`accelerate launch -m llmneo` runs (on CPU accelerate starts one process unless MPI is set up;
     multi-process CPU runs use torchrun, as above; on GPUs `accelerate launch --num_processes N`)."""

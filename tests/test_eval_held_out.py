@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from llmneo import cli, sweep
 
 from conftest import write_jsonl
@@ -21,6 +23,7 @@ def _eval(out: Path, *args: str) -> dict:
     return json.loads((out / "eval_results.json").read_text())
 
 
+@pytest.mark.slow
 def test_eval_scores_eval_dataset_not_dataset(tmp_path, student_dir, alpaca_file):
     held_out = write_jsonl(tmp_path / "held_out.jsonl", HELD_OUT)
     model = f"model_name_or_path={student_dir}"

@@ -122,6 +122,7 @@ def test_perplexity_has_one_overflow_rule():
     assert math.isnan(evaluate.perplexity(math.nan))
 
 
+@pytest.mark.slow
 def test_eval_cli_on_an_adapter_dir(tmp_path, base_overrides, teacher_dir, alpaca_file, capsys):
     import yaml
 
@@ -139,6 +140,7 @@ def test_eval_cli_on_an_adapter_dir(tmp_path, base_overrides, teacher_dir, alpac
     assert 0.0 <= results["top1_agreement"] <= 1.0 and results["perplexity"] > 1.0
 
 
+@pytest.mark.slow
 def test_eval_with_val_size_scores_the_held_out_rows(tmp_path, student_dir):
     """`llmneo eval val_size=...` scores the held-out split, not the training split.
 
@@ -214,6 +216,7 @@ DOCS = [
 ]
 
 
+@pytest.mark.slow
 def test_lm_eval_bridge_on_a_local_task(tmp_path, student_dir):
     pytest.importorskip("lm_eval")
     from transformers import AutoModelForCausalLM
@@ -243,6 +246,7 @@ def test_lm_eval_bridge_on_a_local_task(tmp_path, student_dir):
     assert acc == pytest.approx(correct / len(DOCS))
 
 
+@pytest.mark.slow
 def test_unknown_lm_eval_task(student_dir, capsys):
     pytest.importorskip("lm_eval")
     assert cli.main(["eval", f"model_name_or_path={student_dir}", "tasks=no_such_task_xyz"]) == 2

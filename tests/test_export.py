@@ -26,6 +26,7 @@ def trained_adapter(tmp_path_factory, student_dir, teacher_dir, alpaca_file) -> 
     return out
 
 
+@pytest.mark.slow
 def test_export_round_trip(tmp_path, trained_adapter, student_dir):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -55,6 +56,7 @@ def test_export_errors(tmp_path, student_dir, capsys):
     assert "is a full model, not an adapter" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_export_keeps_the_base_dtype(tmp_path, tokenizer, alpaca_file):
     """A bf16 base is merged in fp32 for precision but saved in bf16, like the base."""
     from transformers import AutoModelForCausalLM

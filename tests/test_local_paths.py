@@ -30,6 +30,7 @@ def relative_run(tmp_path_factory, student_dir, alpaca_file) -> Path:
     return work / "run"
 
 
+@pytest.mark.slow
 def test_adapters_record_the_absolute_base(relative_run):
     base = str(relative_run.parent / "models" / "student")
     for folder in (relative_run, relative_run / "checkpoint-1", relative_run / "checkpoint-2"):
@@ -37,6 +38,7 @@ def test_adapters_record_the_absolute_base(relative_run):
         assert recorded == base, folder
 
 
+@pytest.mark.slow
 def test_export_and_eval_from_another_directory(relative_run, tmp_path, monkeypatch, alpaca_file):
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
@@ -63,6 +65,7 @@ def _adapter_recording(tmp_path: Path, relative_run: Path, base: str) -> Path:
     return adapter
 
 
+@pytest.mark.slow
 def test_missing_absolute_base_is_one_line(tmp_path, relative_run):
     missing = str(tmp_path / "gone" / "student")
     adapter = _adapter_recording(tmp_path, relative_run, missing)
@@ -74,6 +77,7 @@ def test_missing_absolute_base_is_one_line(tmp_path, relative_run):
     assert "Traceback" not in result.stderr and not (tmp_path / "merged").exists()
 
 
+@pytest.mark.slow
 def test_missing_relative_base_under_a_local_folder_is_not_looked_up(tmp_path, relative_run):
     """`models/student` next to a `models/` folder is a local path: missing, it is an error, not a Hub id."""
     (tmp_path / "models").mkdir()

@@ -51,6 +51,7 @@ def resumable(base_overrides, tmp_path):
             "save_steps": 2, "learning_rate": 5e-3, "lora_dropout": 0.1}
 
 
+@pytest.mark.slow
 def test_resume_mid_epoch_is_exact(tmp_path, resumable):
     full = tmp_path / "full"
     assert cli.main(["train", _yaml(tmp_path, "full.yaml", {**resumable, "output_dir": str(full)})]) == 0
@@ -72,6 +73,7 @@ def test_resume_mid_epoch_is_exact(tmp_path, resumable):
     assert results["resumed_from"].endswith("checkpoint-2") and results["global_step"] == 6
 
 
+@pytest.mark.slow
 def test_save_total_limit_keeps_newest(tmp_path, resumable):
     out = tmp_path / "out"
     values = {**resumable, "output_dir": str(out), "save_steps": 1, "save_total_limit": 2}
@@ -98,6 +100,7 @@ def _rows(out: Path) -> int:
     return len(path.read_text().splitlines()) if path.is_file() else 0
 
 
+@pytest.mark.slow
 def test_sigterm_checkpoints_and_resume_matches(tmp_path, base_overrides):
     values = {**base_overrides, "per_device_train_batch_size": 2, "max_steps": 150, "save_steps": 1000,
               "learning_rate": 1e-3}
@@ -118,6 +121,7 @@ def test_sigterm_checkpoints_and_resume_matches(tmp_path, base_overrides):
     _assert_same_run(reference, out)
 
 
+@pytest.mark.slow
 def test_kill_9_during_saves_never_breaks_the_last_checkpoint(tmp_path, base_overrides):
     values = {**base_overrides, "per_device_train_batch_size": 2, "max_steps": 60, "save_steps": 1,
               "save_total_limit": 2, "learning_rate": 1e-3, "output_dir": str(tmp_path / "out"),
@@ -143,6 +147,7 @@ def test_kill_9_during_saves_never_breaks_the_last_checkpoint(tmp_path, base_ove
     assert (out / "train_results.json").is_file()
 
 
+@pytest.mark.slow
 def test_nan_stops_with_the_step_and_keeps_the_last_checkpoint(tmp_path, base_overrides, capsys):
     out = tmp_path / "out"
     values = {**base_overrides, "learning_rate": 1e30, "warmup_ratio": 0.0, "max_grad_norm": 0.0, "save_steps": 1,
@@ -156,6 +161,7 @@ def test_nan_stops_with_the_step_and_keeps_the_last_checkpoint(tmp_path, base_ov
     assert not (out / "train_results.json").exists()
 
 
+@pytest.mark.slow
 def test_broken_and_incompatible_checkpoints(tmp_path, resumable, capsys):
     out = tmp_path / "out"
     values = {**resumable, "output_dir": str(out), "max_steps": 2}
@@ -176,6 +182,7 @@ def test_broken_and_incompatible_checkpoints(tmp_path, resumable, capsys):
     assert "is not a directory" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_resume_restores_the_logging_window(tmp_path, resumable):
     """logging_steps > save_steps: checkpoint-2 is saved with steps 1-2 still in the logging window, and the
     resumed run's step-3 row must average steps 1-3 exactly as the uninterrupted run's does."""

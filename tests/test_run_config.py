@@ -36,6 +36,7 @@ def _eval(tmp_path: Path, name: str, *args: str) -> dict:
     return json.loads((out / "eval_results.json").read_text())
 
 
+@pytest.mark.slow
 def test_train_without_a_yaml_saves_every_key(alpaca_run, plain_student, alpaca_file):
     saved = alpaca_run / config.SAVED_CONFIG
     assert (alpaca_run / "train_results.json").is_file() and saved.is_file()
@@ -49,6 +50,7 @@ def test_train_without_a_yaml_saves_every_key(alpaca_run, plain_student, alpaca_
     assert again.template == "alpaca" and again.learning_rate == 1e-2
 
 
+@pytest.mark.slow
 def test_eval_of_a_trained_dir_uses_its_template_and_cutoff(tmp_path, alpaca_run, alpaca_file):
     data = f"dataset={alpaca_file}"
     inherited = _eval(tmp_path, "inherited", f"model_name_or_path={alpaca_run}", data)
@@ -74,6 +76,7 @@ def test_eval_of_a_trained_dir_uses_its_template_and_cutoff(tmp_path, alpaca_run
     assert checkpoint["perplexity"] == pytest.approx(inherited["perplexity"], rel=1e-6)
 
 
+@pytest.mark.slow
 def test_trained_run_defaults_only_fill_unset_keys(alpaca_run):
     c = config.load(overrides=[f"model_name_or_path={alpaca_run}"], from_trained_run=True)
     assert (c.template, c.cutoff_len, c.stage) == ("alpaca", 130, "sft")
@@ -82,6 +85,7 @@ def test_trained_run_defaults_only_fill_unset_keys(alpaca_run):
     assert config.load(overrides=[f"model_name_or_path={alpaca_run}"]).template is None  # train: no defaults
 
 
+@pytest.mark.slow
 def test_export_carries_the_training_template(tmp_path, alpaca_run):
     from transformers import AutoTokenizer
 
@@ -102,6 +106,7 @@ def test_commands_that_need_settings_say_so_in_one_line(capsys):
         assert err.startswith(f"llmneo: error: llmneo {command} needs a config") and "\n" not in err
 
 
+@pytest.mark.slow
 def test_cache_runs_without_a_yaml(tmp_path, teacher_dir, student_dir, alpaca_file):
     out = tmp_path / "cache"
     assert cli.main(["cache", f"teacher_model_name_or_path={teacher_dir}", f"model_name_or_path={student_dir}",

@@ -32,6 +32,7 @@ def sweep_cli(yaml_path: Path, *args: str) -> int:
     return cli.main(["sweep", str(yaml_path), *args])
 
 
+@pytest.mark.slow
 def test_two_by_two_grid_end_to_end(sweep_yaml, tmp_path, capsys):
     assert sweep_cli(sweep_yaml, "lora_rank=2,4", "learning_rate=1e-3,1e-2") == 0
     out = capsys.readouterr().out
@@ -63,6 +64,7 @@ def test_two_by_two_grid_end_to_end(sweep_yaml, tmp_path, capsys):
     assert float(printed.group(1)) == pytest.approx(float(best["perplexity"]), rel=1e-3)
 
 
+@pytest.mark.slow
 def test_failed_cell_is_recorded_and_retried_while_finished_cells_are_skipped(sweep_yaml, tmp_path, capsys):
     args = ("lora_target=q_proj;no_such_module",)
     assert sweep_cli(sweep_yaml, *args) == 0
@@ -88,6 +90,7 @@ def test_failed_cell_is_recorded_and_retried_while_finished_cells_are_skipped(sw
     assert "best perplexity" in again and "lora_target=q_proj" in again.splitlines()[-1]
 
 
+@pytest.mark.slow
 def test_changed_config_retrains_a_finished_cell(sweep_yaml, tmp_path, capsys):
     assert sweep_cli(sweep_yaml, "lora_rank=2,4", "max_steps=1") == 0
     capsys.readouterr()
@@ -100,6 +103,7 @@ def test_changed_config_retrains_a_finished_cell(sweep_yaml, tmp_path, capsys):
     assert results["global_step"] == 2
 
 
+@pytest.mark.slow
 def test_every_cell_failing_exits_1(sweep_yaml, tmp_path, capsys):
     assert sweep_cli(sweep_yaml, "lora_target=no_such_module;nor_this") == 1
     out = capsys.readouterr().out

@@ -41,6 +41,7 @@ def _assert_same_rows(scalars: dict, rows: list[dict]) -> None:
             assert value == pytest.approx(want, rel=1e-6), (key, step)  # event files hold float32
 
 
+@pytest.mark.slow
 def test_tensorboard_holds_the_metrics_rows(base_overrides):
     """Default place: output_dir/runs/<output_dir's name>; every row of metrics.jsonl, per step."""
     pytest.importorskip("tensorboard")
@@ -53,6 +54,7 @@ def test_tensorboard_holds_the_metrics_rows(base_overrides):
     assert "step" not in scalars  # the step is the axis, not a series
 
 
+@pytest.mark.slow
 def test_tensorboard_survives_a_resume(base_overrides, tmp_path):
     """A run resumed from checkpoint-2 re-logs steps 3 and 4 into the same run (the default run_name, so
     the same folder): each step once, equal to metrics.jsonl; logging_dir places the files."""
@@ -76,6 +78,7 @@ def test_tensorboard_survives_a_resume(base_overrides, tmp_path):
     assert not (out / "runs").exists()
 
 
+@pytest.mark.slow
 def test_held_out_results_reach_the_tracker(base_overrides):
     pytest.importorskip("tensorboard")
     out = Path(base_overrides["output_dir"])

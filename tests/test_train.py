@@ -28,6 +28,7 @@ def read_metrics(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arm, extra", [
     ("neo", {}),
     ("kd", {"finetuning_type": "full"}),
@@ -68,6 +69,7 @@ def test_four_arms_end_to_end(tmp_path, base_overrides, student_dir, arm, extra)
     assert torch.isfinite(logits).all()
 
 
+@pytest.mark.slow
 def test_kd_loss_falls_on_a_fixed_batch(tmp_path, base_overrides):
     # The tiny random student's logits are near zero; adapting lm_head lets it sharpen them quickly.
     overrides = {**base_overrides, "max_samples": 4, "max_steps": 20, "learning_rate": 1e-2,
@@ -110,6 +112,7 @@ def test_gradient_accumulation_matches_one_big_batch(base_overrides):
     assert len(set(lengths)) > 1, "test data must have unequal response lengths per micro-batch"
 
 
+@pytest.mark.slow
 def test_accumulation_end_to_end_same_first_step(tmp_path, base_overrides):
     """Batch 8 × 1 and batch 2 × accumulation 4 see the same rows in step 1: same loss and grad norm."""
     a = {**base_overrides, "per_device_train_batch_size": 8, "max_steps": 1, "output_dir": str(tmp_path / "a")}
@@ -195,6 +198,7 @@ def test_non_empty_output_dir_refused(tmp_path, base_overrides, capsys):
     assert (out / "precious.txt").read_text() == "keep me"
 
 
+@pytest.mark.slow
 def test_kd_ratio_without_teacher_trains_ce_only(tmp_path, base_overrides, capsys):
     """Behaviour: kd_ratio > 0 with no teacher warns and trains on CE alone (weight 1, not 1 - kd_ratio)."""
     overrides = {**base_overrides, "teacher_model_name_or_path": None, "kd_ratio": 0.5}
@@ -204,6 +208,7 @@ def test_kd_ratio_without_teacher_trains_ce_only(tmp_path, base_overrides, capsy
     assert row["kd_loss"] is None and row["loss"] == pytest.approx(row["ce_loss"])
 
 
+@pytest.mark.slow
 def test_official_llmneo_yaml_runs(tmp_path, student_dir, teacher_dir, monkeypatch):
     """The official LLM-Neo example, unchanged apart from model/dataset/output paths."""
     monkeypatch.chdir(tmp_path)
@@ -226,6 +231,7 @@ def test_official_llmneo_yaml_runs(tmp_path, student_dir, teacher_dir, monkeypat
     assert "lm_head" not in str(adapter_cfg["target_modules"])
 
 
+@pytest.mark.slow
 def test_epoch_based_length_counts_accumulation(tmp_path, base_overrides, tokenizer):
     """No max_steps: the run length comes from num_train_epochs, in optimizer steps of `accum` micro-batches.
 

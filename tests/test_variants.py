@@ -45,6 +45,7 @@ def _trained_in_place(values: dict, out: Path) -> torch.Tensor:
     return _logits(model)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_variant_trains_saves_loads_and_exports(tmp_path, base_overrides, student_dir, variant):
     from peft import PeftModel
@@ -69,6 +70,7 @@ def test_variant_trains_saves_loads_and_exports(tmp_path, base_overrides, studen
     torch.testing.assert_close(_logits(merged), reference, rtol=0, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_moslora_mixer_trains_and_folds_exactly(tmp_path, base_overrides):
     out, values = _train(tmp_path, base_overrides, lora_variant="moslora")
     final = max(out.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
@@ -87,6 +89,7 @@ def test_moslora_mixer_trains_and_folds_exactly(tmp_path, base_overrides):
     assert any(n.endswith(".mixer") for n in trainable)
 
 
+@pytest.mark.slow
 def test_llamafactory_booleans_select_variants(tmp_path, base_overrides):
     assert config.load(overrides={"use_dora": True}).variant == "dora"
     assert config.load(overrides={"use_rslora": True}).variant == "rslora"
