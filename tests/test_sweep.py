@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from llmneo import cli, sweep
+from llmneo import cli, sweep, sweep_report
 from llmneo.errors import LlmneoError
 
 
@@ -175,14 +175,14 @@ ROWS = [
 
 
 def test_best_is_min_for_perplexity_and_max_for_agreement():
-    assert sweep.best(ROWS, "perplexity")["cell_dir"] == "c"
-    assert sweep.best(ROWS, "top1_agreement")["cell_dir"] == "d"
-    assert sweep.best([ROWS[1]], "perplexity") is None
+    assert sweep_report.best(ROWS, "perplexity")["cell_dir"] == "c"
+    assert sweep_report.best(ROWS, "top1_agreement")["cell_dir"] == "d"
+    assert sweep_report.best([ROWS[1]], "perplexity") is None
 
 
 def test_heatmap_with_a_failed_cell(tmp_path):
     axes = [sweep.Axis("rank", ["2", "4"]), sweep.Axis("lr", ["1", "2"])]
-    assert sweep.write_heatmap(tmp_path / "h.png", axes, ROWS, "perplexity")
+    assert sweep_report.write_heatmap(tmp_path / "h.png", axes, ROWS, "perplexity")
     assert (tmp_path / "h.png").stat().st_size > 5000
 
 
