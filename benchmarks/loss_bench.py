@@ -9,8 +9,10 @@ Variants, each in --runs fresh processes:
 Memory, above the state once the inputs and weights exist (CUDA: max allocated above the baseline):
   tensor peak  peak of live tensor bytes (torch's allocator, from the profiler's memory events): the same
                in every run; `buffers` = tensor peak / (chunk * V * 4), the count of chunk x V fp32 buffers
-  RSS          peak RSS, with MALLOC_ARENA_MAX=1 in each child unless set already (several glibc arenas
-               make it move by +-50 % from run to run at V = 32k, chunk 256)
+  RSS          peak RSS, with MALLOC_ARENA_MAX=1 in each child unless set already. It still moves from run
+               to run where a chunk x V buffer is under glibc's 32 MiB ceiling for mmap (V = 32k, chunk 256):
+               freed blocks stay in the heap. MALLOC_MMAP_THRESHOLD_=131072 (passed on to the children)
+               makes every such block mmapped and returned at free, and RSS then equals the tensor peak.
 Each figure is the median over the runs, with the min-max spread; time is the median of the runs' medians.
 
     python benchmarks/loss_bench.py [--tokens 4096] [--hidden 512] [--vocab 32000 128256] [--chunks 256 1024 4096]
@@ -157,8 +159,9 @@ def main() -> None:
                     row["runs"].append(result)
                 print(json.dumps({k: v for k, v in row.items() if k != "runs"} | result), file=sys.stderr, flush=True)
             rows.append(row)
+    malloc = " ".join(f"{k}={v}" for k, v in sorted({**os.environ, **child_env}.items()) if k.startswith("MALLOC_"))
     print(f"\nN = {args.tokens} tokens, H = {args.hidden}, fp32, device {args.device}, fwd + bwd per step; "
-          f"{args.runs} fresh processes per row, median (min–max); MALLOC_ARENA_MAX={child_env['MALLOC_ARENA_MAX']}\n")
+          f"{args.runs} fresh processes per row, median (min–max); {malloc}\n")
     print_table(rows, args.vocab)
 
 

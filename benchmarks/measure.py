@@ -1,9 +1,11 @@
 """Shared helpers for the benchmarks: peak RSS and peak live tensor bytes above a baseline, timing, fresh processes.
 
 Two memory measures, because they answer different questions:
-- peak RSS (`measure`) is what the OS sees. For buffers of tens of MiB it also measures glibc: freed
-  blocks below its mmap threshold stay in the heap, and with several arenas (one per thread that
-  allocates) the figure moves from run to run. Set `MALLOC_ARENA_MAX=1` in the child to make it repeat.
+- peak RSS (`measure`) is what the OS sees. For buffers under 32 MiB it also measures glibc: its mmap
+  threshold rises to the size of each mmapped block freed (up to 32 MiB), after which such blocks come
+  from the heap, where freed space is kept and reused in an order that varies from run to run, more so
+  with several arenas. `MALLOC_ARENA_MAX=1` narrows the spread; a fixed `MALLOC_MMAP_THRESHOLD_=131072`
+  removes it (every block of 128 KiB or more is mmapped and returned at free).
 - peak live tensor bytes (`tensor_peak`) counts every allocation and free of torch's CPU allocator,
   autograd's saved tensors and kernels' temporaries included, and nothing of malloc's caching. It is the
   same in every run, and can be checked by hand against the code. (On CUDA, `measure_cuda`'s
