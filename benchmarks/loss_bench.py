@@ -55,9 +55,10 @@ def one(variant: str, tokens: int, hidden: int, vocab: int, chunk: int, device: 
             (0.5 * ce + 0.5 * kl).backward()
     elif variant == "llmneo":
         from llmneo.chunked import fused_loss
-        from llmneo.teacher import DenseRows
+        from llmneo.losses import KDSettings
+        from llmneo.rows import DenseRows
 
-        settings = {"kind": "fkl", "temperature": 1.0, "beta": 0.5, "skew": 0.1}
+        settings = KDSettings("fkl", temperature=1.0, beta=0.5, skew=0.1)
 
         def step():
             student_h.grad = None

@@ -71,7 +71,7 @@ def one(arm: str, device: str, dtype_name: str, sizes: dict, repeats: int = 5) -
     import torch
     from accelerate import Accelerator
 
-    from llmneo import adapters, config, train
+    from llmneo import adapters, config, models, train
     from llmneo.losses import response_positions
     from llmneo.teacher import LiveTeacher
 
@@ -88,8 +88,8 @@ def one(arm: str, device: str, dtype_name: str, sizes: dict, repeats: int = 5) -
     cfg = config.load(overrides={"finetuning_type": finetuning, "kd_chunk_size": 256, "lora_rank": sizes["lora_rank"]})
     teacher = None
     if arm != "lora_sft":
-        teacher = LiveTeacher(_model(sizes["teacher_hidden"], sizes["teacher_layers"], vocab, seq, 1, dtype).to(dev),
-                              vocab)
+        teacher_model = _model(sizes["teacher_hidden"], sizes["teacher_layers"], vocab, seq, 1, dtype).to(dev)
+        teacher = LiveTeacher(models.freeze(teacher_model), vocab)
     scratch = tempfile.TemporaryDirectory(prefix="llmneo-step-bench-")
     if arm == "neo_cache":  # the cache is written before the timed steps; every step reads it from disk
         teacher = _cached_teacher(teacher, batch, vocab, Path(scratch.name), dev)

@@ -71,7 +71,8 @@ def test_chunked_forward_kl_stays_within_the_documented_buffers_per_chunk():
     # docs/benchmarks.md counts the chunked loss's peak as at most six chunk x V fp32 buffers plus the
     # (N, H) gradient of the hidden states; a seventh buffer per chunk would break the README's 0.10 budget.
     from llmneo.chunked import fused_loss
-    from llmneo.teacher import DenseRows
+    from llmneo.losses import KDSettings
+    from llmneo.rows import DenseRows
 
     torch.manual_seed(0)
     tokens, hidden_size, vocab, chunk = 512, 32, 4000, 64
@@ -80,7 +81,7 @@ def test_chunked_forward_kl_stays_within_the_documented_buffers_per_chunk():
     teacher_hidden = torch.randn(tokens, hidden_size)
     teacher_head = torch.randn(vocab, hidden_size) / hidden_size**0.5
     labels = torch.randint(0, vocab, (tokens,))
-    settings = {"kind": "fkl", "temperature": 1.0, "beta": 0.5, "skew": 0.1}
+    settings = KDSettings("fkl", temperature=1.0, beta=0.5, skew=0.1)
 
     def step():
         hidden.grad = None

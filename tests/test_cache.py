@@ -43,8 +43,9 @@ def test_cache_files_and_report(tmp_path, base_overrides, capsys):
     mass = shard["logprobs"].exp().sum(-1) + shard["tail"].exp()
     assert (mass - 1).abs().max() < 1e-4
     assert (shard["logprobs"][:, :-1] >= shard["logprobs"][:, 1:]).all()  # sorted top-k
+    # k is recorded beside the fingerprint, not inside it: any k trains, so it is never compared
     assert list(index["fingerprint"]) == ["teacher", "tokenizer vocabulary", "template", "stage", "packing",
-                                          "cutoff_len", "dataset rows", "k"]
+                                          "cutoff_len", "dataset rows"]
     # refuses to overwrite, leaves the cache as it was
     assert cli.main(["cache", _yaml(tmp_path, "c.yaml", values)]) == 2
     assert "not empty" in capsys.readouterr().err and (cache_dir / "index.json").is_file()
@@ -74,6 +75,8 @@ def test_training_from_cache_with_full_k_equals_live(tmp_path, cached, base_over
 def test_stale_cache_names_the_part_that_differs(tmp_path, cached, base_overrides, alien_teacher_dir, capsys):
     cache_dir, _ = cached
     other_data = write_jsonl(tmp_path / "other.jsonl", ALPACA_ROWS[:5])
+    # each refused run has already written its llmneo_config.yaml into output_dir, so the next one overwrites
+    base_overrides = {**base_overrides, "overwrite_output_dir": True}
     run = {**base_overrides, "teacher_cache": str(cache_dir), "teacher_model_name_or_path": None,
            "dataset": str(other_data)}
     assert cli.main(["train", _yaml(tmp_path, "a.yaml", run)]) == 2
@@ -159,7 +162,9 @@ def test_multi_shard_cache_reads_the_same_rows_as_one_shard(tmp_path, base_overr
     examples = data.build(cfg, tokenizer).train
     for i, example in enumerate(examples):
         example["index"] = i
-    expected = cache.fingerprint(cfg, tokenizer, examples, k=0)
+    expected = cache.fingerprint(cfg, tokenizer, examples)
+    legacy = json.loads((one_dir / "index.json").read_text())  # caches written when k sat in the fingerprint
+    (one_dir / "index.json").write_text(json.dumps({**legacy, "fingerprint": {**legacy["fingerprint"], "k": 3}}))
     one = cache.CachedTeacher(str(one_dir), expected, torch.device("cpu"))
     many = cache.CachedTeacher(str(many_dir), expected, torch.device("cpu"))
     assert len(many.handles) == len(many_index["shards"])
@@ -191,9 +196,9 @@ def test_closed_form_sparse_loss_equals_autograd_on_every_kind_of_tail(kd_ratio)
     underflowing in fp32 (below 1e-38: recomputed in log space), or masked with -inf together with the teacher."""
     import torch
 
-    from llmneo import chunked, losses
+    from llmneo import closed_form, losses
     from llmneo.cache import topk_rows
-    from llmneo.teacher import SparseRows
+    from llmneo.rows import SparseRows
 
     gen = torch.Generator().manual_seed(0)
     C, V, k = 6, 300, 8
@@ -209,7 +214,7 @@ def test_closed_form_sparse_loss_equals_autograd_on_every_kind_of_tail(kd_ratio)
     targets = torch.randint(0, V, (C,), generator=gen)
     targets[5] = rows.ids[5, 0]  # a target the masking student can score
 
-    ce, kd, grad = chunked._sparse_fkl_grad(student.float(), targets, rows, kd_ratio)
+    ce, kd, grad = closed_form.sparse_fkl_grad(student.float(), targets, rows, kd_ratio)
 
     reference = student.clone().requires_grad_(True)
     ce_ref = losses.token_cross_entropy(reference, targets).sum()

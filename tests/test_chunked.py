@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from llmneo import adapters, config, data, heads, losses, models, tiny, train
-from llmneo.teacher import LiveTeacher, SparseRows
+from llmneo.rows import SparseRows
+from llmneo.teacher import LiveTeacher
 
 ALL_LORA = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj,lm_head"
 
@@ -128,7 +129,7 @@ def test_chunked_loss_with_sparse_rows_matches_reference(base_overrides):
     cfg, loaded, model, teacher, batch = _setup(base_overrides)
     positions, _ = losses.response_positions(batch["labels"])
     dense = teacher.rows(batch, positions)
-    sparse = topk_rows(dense[0:len(dense)], k=8)
+    sparse = topk_rows(dense[0:len(dense)].logits, k=8)
 
     class Fixed:
         def rows(self, batch, positions):

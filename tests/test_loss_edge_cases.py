@@ -13,7 +13,8 @@ from llmneo import losses
 from llmneo.cache import topk_rows
 from llmneo.chunked import fused_loss, kd_values
 from llmneo.errors import LlmneoError
-from llmneo.teacher import DenseRows, LogitRows, SparseRows
+from llmneo.losses import KDSettings
+from llmneo.rows import DenseRows, LogitRows, SparseRows
 
 N, H, V, PAD = 9, 8, 13, 3  # 9 positions in chunks of 4, 4, 1; V real tokens and PAD padded vocab rows
 KD_RATIO = 0.5
@@ -48,8 +49,6 @@ def _teacher(masked: list[int], rows: str):
         return dense, DenseRows(hidden, head, V)
     if rows == "logit_rows":
         return dense, LogitRows(dense)
-    if rows == "tensor":
-        return dense, dense
     # k = V - 1 exceeds the support of the rows masking two tokens, so their top-k stores -inf log-probs
     sparse = topk_rows(dense, k=V - 1)
     assert torch.isneginf(sparse.logprobs).any(), "the test must exercise -inf top-k log-probs"
@@ -60,7 +59,7 @@ def _fused(head, hidden, targets, teacher_rows, settings):
     hidden = hidden.clone().requires_grad_(True)
     head.zero_grad(set_to_none=True)
     total, ce, kd = fused_loss(hidden, targets, head, list(head.parameters()), teacher_rows, vocab_size=V,
-                               kd_ratio=KD_RATIO, settings=settings, chunk_size=4)
+                               kd_ratio=KD_RATIO, settings=KDSettings(**settings), chunk_size=4)
     total.backward()
     return total.detach(), kd, hidden.grad, head.linear.weight.grad
 
@@ -76,7 +75,7 @@ def _reference(head, hidden, targets, teacher_dense, settings):
     return total.detach(), kd_mean.detach() * N, hidden.grad, head.linear.weight.grad
 
 
-ROWS = ["logit_rows", "dense_rows", "tensor", "sparse"]
+ROWS = ["logit_rows", "dense_rows", "sparse"]
 
 
 @pytest.mark.parametrize("rows", ROWS)
@@ -97,7 +96,7 @@ def test_masked_vocabulary_fused_equals_dense_divergence(kind, temperature, rows
         if rows == "sparse":
             teacher_rows = topk_rows(teacher_dense, k=V - 1)
         elif rows != "dense_rows":
-            teacher_rows = teacher_dense if rows == "tensor" else LogitRows(teacher_dense)
+            teacher_rows = LogitRows(teacher_dense)
     head = MaskedHead(masked if student_masks else [], seed=0)
     hidden = torch.randn(N, H, generator=torch.Generator().manual_seed(3))
     targets = torch.tensor([0, 1, 2, 4, 5, 6, 8, 9, 10])  # never a masked token: CE stays finite
@@ -172,7 +171,7 @@ def test_fused_loss_refuses_a_bad_temperature(kind, temperature, rows):
     for n in (N, 0):  # with no response position too: the settings are wrong whatever the batch
         with pytest.raises(LlmneoError, match="temperature must be a finite number > 0"):
             fused_loss(torch.randn(n, H), torch.zeros(n, dtype=torch.long), head, list(head.parameters()),
-                       teacher_rows if n else teacher_rows[0:0], vocab_size=V, kd_ratio=KD_RATIO, settings=settings, chunk_size=4)
+                       teacher_rows if n else teacher_rows[0:0], vocab_size=V, kd_ratio=KD_RATIO, settings=KDSettings(**settings), chunk_size=4)
 
 
 # --- B3: a teacher over another vocabulary ----------------------------------------------------------------------
@@ -184,8 +183,6 @@ def _misfit_rows(case: str):
         return LogitRows(logits)
     if case == "logit_rows_narrower":
         return LogitRows(logits[:, : V - 1])
-    if case == "tensor_wider":
-        return logits
     if case == "dense_rows_wider":  # DenseRows slices to its own vocab_size, which here exceeds the student's
         return DenseRows(torch.randn(N, H), torch.nn.Linear(H, V + 2, bias=False), V + 2)
     sparse = topk_rows(logits[:, :V], k=4)
@@ -194,7 +191,7 @@ def _misfit_rows(case: str):
     return SparseRows(ids, sparse.logprobs, sparse.tail)
 
 
-MISFITS = ["logit_rows_wider", "logit_rows_narrower", "tensor_wider", "dense_rows_wider", "sparse_id_too_large",
+MISFITS = ["logit_rows_wider", "logit_rows_narrower", "dense_rows_wider", "sparse_id_too_large",
            "sparse_id_negative"]
 
 
@@ -208,9 +205,9 @@ def test_teacher_over_another_vocabulary_is_refused(kind, case):
     match = "top-k ids span" if case.startswith("sparse") else f"vocabulary columns but the student's vocabulary has {V}"
     with pytest.raises(LlmneoError, match=match):
         fused_loss(torch.randn(N, H), torch.zeros(N, dtype=torch.long), head, list(head.parameters()), rows,
-                   vocab_size=V, kd_ratio=KD_RATIO, settings=settings, chunk_size=4)
+                   vocab_size=V, kd_ratio=KD_RATIO, settings=KDSettings(**settings), chunk_size=4)
     with pytest.raises(LlmneoError, match=match):  # the unfused reference path (kd_chunk_size: 0) too
-        kd_values(head(torch.randn(N, H))[:, :V], rows[0:N], settings)
+        kd_values(head(torch.randn(N, H))[:, :V], rows[0:N], KDSettings(**settings))
 
 
 def test_dense_rows_whose_head_is_as_wide_as_the_student_fit():
@@ -221,7 +218,7 @@ def test_dense_rows_whose_head_is_as_wide_as_the_student_fit():
     settings = {"kind": "fkl", "temperature": 1.0, "beta": 0.5, "skew": 0.1}
     _, _, kd = fused_loss(hidden, torch.zeros(N, dtype=torch.long), head, list(head.parameters()),
                           DenseRows(teacher_hidden, teacher_head, V + 5), vocab_size=V, kd_ratio=KD_RATIO,
-                          settings=settings, chunk_size=4)
+                          settings=KDSettings(**settings), chunk_size=4)
     with torch.no_grad():
         want = losses.divergence(head(hidden), teacher_head(teacher_hidden)) * N
     torch.testing.assert_close(kd, want, rtol=1e-5, atol=1e-5)
@@ -236,7 +233,7 @@ def test_no_response_position_gives_an_attached_zero(kind, rows):
     settings = {"kind": kind, "temperature": 2.0, "beta": 0.3, "skew": 0.2}
     hidden = torch.randn(0, H, requires_grad=True)
     total, ce, kd = fused_loss(hidden, torch.zeros(0, dtype=torch.long), head, list(head.parameters()),
-                               teacher_rows[0:0], vocab_size=V, kd_ratio=KD_RATIO, settings=settings, chunk_size=4)
+                               teacher_rows[0:0], vocab_size=V, kd_ratio=KD_RATIO, settings=KDSettings(**settings), chunk_size=4)
     assert float(total.detach()) == 0.0 and float(ce) == 0.0 and float(kd) == 0.0
     total.backward()
     assert hidden.grad is not None and hidden.grad.shape == (0, H)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
@@ -31,8 +33,44 @@ def test_teacher_frozen_in_configured_dtype(student_dir, teacher_dir):
 def test_full_student_keeps_fp32_master_weights(student_dir):
     cfg = config.load(overrides={"model_name_or_path": str(student_dir), "finetuning_type": "full"})
     precision = models.Precision("bf16", torch.bfloat16)  # as on a bf16 GPU
-    assert models.weight_dtype(cfg, precision, "student") == torch.float32
-    assert models.weight_dtype(cfg, precision, "teacher") == torch.bfloat16
+    assert models.weight_dtype(cfg, "student", precision) == torch.float32
+    assert models.weight_dtype(cfg, "teacher", precision) == torch.bfloat16
+
+
+@pytest.mark.parametrize("bf16_gpu", [False, True])
+def test_every_command_resolves_dtypes_in_one_function(monkeypatch, bf16_gpu):
+    """train (student, teacher), cache (teacher), eval, export (merge) and prune ask models.weight_dtype;
+    auto keeps each command's own choice, and torch_dtype wins everywhere."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: bf16_gpu)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: bf16_gpu)
+    lora = config.load(overrides={"bf16": "true"})
+    full = config.load(overrides={"bf16": "true", "finetuning_type": "full"})
+    compute = torch.bfloat16 if bf16_gpu else torch.float32
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the bf16 fallback warning on a machine without a bf16 GPU
+        assert models.weight_dtype(lora, "student") == compute
+        assert models.weight_dtype(full, "student") == torch.float32  # fp32 master weights
+        assert models.weight_dtype(lora, "teacher") == compute
+        assert models.weight_dtype(config.load(overrides={}), "teacher") == torch.float32  # bf16 not asked for
+    assert models.weight_dtype(config.load(overrides={}), "eval") == compute  # eval: bf16 GPU whatever bf16 says
+    assert models.weight_dtype(lora, "merge") == torch.float32
+    assert models.weight_dtype(lora, "prune") == torch.float32
+    fixed = config.load(overrides={"torch_dtype": "float16", "finetuning_type": "full"})
+    for role in models.ROLES:
+        assert models.weight_dtype(fixed, role) == torch.float16
+
+
+def test_teacher_freezing_has_one_owner(student_dir, teacher_dir):
+    """models.freeze is the one place a teacher is frozen: the live teacher signal relies on it and does not
+    change a model it is given."""
+    from llmneo.teacher import LiveTeacher
+
+    cfg = config.load(overrides={"model_name_or_path": str(student_dir)})
+    model = models.load(cfg, models.resolve_precision(cfg), with_teacher=False).student.train()
+    LiveTeacher(model, 10)
+    assert model.training and all(p.requires_grad for p in model.parameters())
+    assert models.freeze(model) is model and not model.training
+    assert not any(p.requires_grad for p in model.parameters())
 
 
 def test_padded_vocab_is_accepted_and_real_size_reported(student_dir, teacher_dir, tokenizer):

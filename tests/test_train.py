@@ -146,7 +146,7 @@ def test_padded_vocab_teacher_scores_real_tokens_only(base_overrides, tokenizer)
     batch = data.collate(data.build(cfg, loaded.tokenizer).train[:2], tokenizer.pad_token_id)
     positions, _ = losses.response_positions(batch["labels"])
     rows = teacher.rows(batch, positions)
-    signal = rows[0:len(rows)]
+    signal = rows[0:len(rows)].logits
     assert signal.shape == (int(positions.sum()), len(tokenizer))
     full = loaded.teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     assert full.shape[-1] == rows_count(loaded.teacher) > len(tokenizer)

@@ -10,8 +10,9 @@ Training opens the shards lazily (safetensors `safe_open`) and reads each batch'
 larger than RAM works, and DDP ranks do not each hold a full copy.
 
 The fingerprint ties the cache to the teacher (its config and weight files), the tokenizer vocabulary,
-the chat template, stage, packing, cutoff_len, the tokenized dataset rows and k; training refuses a cache
-whose fingerprint differs from the run's and names the part that differs (settings before rows).
+the chat template, stage, packing, cutoff_len and the tokenized dataset rows; training refuses a cache
+whose fingerprint differs from the run's and names the part that differs (settings before rows). k is
+recorded beside it in index.json: any k trains, so it is not compared.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from llmneo import data, heads, models, run_dir
 from llmneo.config import Config, input_paths
 from llmneo.errors import LlmneoError
 from llmneo.losses import response_positions
-from llmneo.teacher import SparseRows
+from llmneo.rows import SparseRows
 
 FORMAT = "llmneo-teacher-topk-v1"
 SHARD_ROWS = 1 << 18  # rows per shard file: 256k positions, ~130 MB at k = 64
@@ -53,8 +54,8 @@ def teacher_identity(path: str) -> str:
     return _sha(b"\n".join(parts))
 
 
-def fingerprint(config: Config, tokenizer, examples: list[dict], k: int) -> dict:
-    """What a cache's rows depend on, config-level parts first.
+def fingerprint(config: Config, tokenizer, examples: list[dict]) -> dict:
+    """What a cache's rows depend on that training compares, config-level parts first (k is not one).
 
     The order is the order of comparison: a changed setting that changes tokenization (cutoff_len, stage,
     packing, template) also changes the tokenized rows, so the settings are compared, and named, before the
@@ -73,7 +74,6 @@ def fingerprint(config: Config, tokenizer, examples: list[dict], k: int) -> dict
         "packing": config.effective_packing,
         "cutoff_len": config.cutoff_len,
         "dataset rows": rows.hexdigest()[:16],
-        "k": k,
     }
 
 
@@ -104,7 +104,6 @@ def write(config: Config) -> dict:
                               f"or new directory")
     run_dir.refuse_inputs_inside(target, {k: v for k, v in input_paths(config).items() if k != "teacher_cache"},
                                  key="teacher_cache")
-    precision = models.resolve_precision(config)
     # Tokenize exactly as training will: with the student's tokenizer when there is one (its chat template
     # may differ from the teacher's even when the vocabulary is the same).
     source, key = ((config.model_name_or_path, "model_name_or_path") if config.model_name_or_path
@@ -116,7 +115,7 @@ def write(config: Config) -> dict:
         raise LlmneoError(f"teacher_topk={k} is larger than the vocabulary ({vocab}); use at most {vocab}")
     examples = data.build(config, tokenizer).train
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    teacher = models.load_teacher(config, tokenizer, models.weight_dtype(config, precision, "teacher")).to(device)
+    teacher = models.load_teacher(config, tokenizer, models.weight_dtype(config, "teacher")).to(device)
     chunk = config.kd_chunk_size or 1024
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -125,7 +124,7 @@ def write(config: Config) -> dict:
         raise LlmneoError(f"cannot write teacher_cache '{target}': {exc.strerror or exc}") from None
     try:
         index = write_examples(staging, teacher, examples, tokenizer.pad_token_id, vocab, k,
-                               fingerprint(config, tokenizer, examples, k), chunk=chunk,
+                               fingerprint(config, tokenizer, examples), chunk=chunk,
                                batch_size=config.per_device_eval_batch_size, device=device)
         if target.exists():
             shutil.rmtree(target)
@@ -216,8 +215,6 @@ class CachedTeacher:
         for part, value in expected.items():  # in fingerprint order: named settings before the dataset rows
             if part == "teacher" and (value is None or found.get(part) is None):
                 continue  # no teacher named in this run: nothing to compare
-            if part == "k":
-                continue  # any k is fine for training; it comes from the cache
             if part not in found:
                 continue  # a cache written before this part was recorded; the dataset rows still guard it
             if found.get(part) != value:

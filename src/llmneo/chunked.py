@@ -11,178 +11,36 @@ This is the approach of Liger's fused linear losses, written over any head modul
 
 from __future__ import annotations
 
-import math
-
 import torch
 
-from llmneo.errors import LlmneoError
-from llmneo.losses import (check_settings, masked_logsumexp, sparse_token_divergence, token_cross_entropy,
-                           token_divergence)
-from llmneo.teacher import SparseRows
+from llmneo import closed_form
+from llmneo.losses import KDSettings, token_cross_entropy
 
 
-def check_teacher_vocab(teacher_part, vocab_size: int) -> None:
-    """Refuse a teacher that does not index exactly the student's `vocab_size` tokens.
-
-    A dense part (a tensor: what DenseRows, LogitRows or a raw tensor yields, after DenseRows' own slice to
-    its `vocab_size`) must have exactly `vocab_size` columns; a sparse part's top-k ids must lie in
-    [0, vocab_size). Either way the two distributions would otherwise be over different token sets.
-    """
-    if isinstance(teacher_part, SparseRows):
-        if teacher_part.ids.numel() == 0:
-            return
-        low, high = (int(x) for x in torch.aminmax(teacher_part.ids))  # one host sync per call, not per chunk
-        if low < 0 or high >= vocab_size:
-            raise LlmneoError(f"the teacher's top-k ids span {low}..{high} but the student's vocabulary has "
-                              f"{vocab_size} tokens (ids 0..{vocab_size - 1}); rebuild the teacher cache with "
-                              f"a teacher that shares the student's tokenizer")
-    elif teacher_part.shape[-1] != vocab_size:
-        raise LlmneoError(f"the teacher's logits have {teacher_part.shape[-1]} vocabulary columns but the student's "
-                          f"vocabulary has {vocab_size}; slice the teacher's logits to the shared vocabulary")
+def kd_values(student_logits: torch.Tensor, teacher_rows, settings: KDSettings) -> torch.Tensor:
+    """Per-position divergence of `student_logits` (C, V) from teacher rows (rows.py) for the same positions."""
+    teacher_rows.check_vocab(student_logits.shape[-1])
+    return teacher_rows.divergence(student_logits, settings)
 
 
-def kd_values(student_logits: torch.Tensor, teacher_part, settings: dict) -> torch.Tensor:
-    """Per-position divergence of `student_logits` (C, V) from a dense (C, V) or sparse teacher part."""
-    check_teacher_vocab(teacher_part, student_logits.shape[-1])
-    if isinstance(teacher_part, SparseRows):
-        return sparse_token_divergence(student_logits, teacher_part.ids, teacher_part.logprobs, teacher_part.tail,
-                                       **settings)
-    return token_divergence(student_logits, teacher_part, **settings)
-
-
-_LOG_SMALLEST_NORMAL = math.log(torch.finfo(torch.float32).tiny)
-
-
-def _fkl_grad(logits: torch.Tensor, targets: torch.Tensor, teacher_logits, kd_ratio: float, temperature: float):
-    """CE and forward-KL sums and their gradient w.r.t. `logits` (C, V), in closed form.
-
-    d CE / ds = softmax(s) - onehot(y);  d [T² KL(p_T‖softmax(s/T))] / ds = T·(softmax(s/T) - p_T).
-    Four (C, V) fp32 buffers at most, where autograd through log_softmax would keep about ten.
-    """
-    s = logits.float()
-    rows = torch.arange(s.shape[0], device=s.device)
-    lse = torch.logsumexp(s, dim=-1)  # (C,)
-    ce = (lse - s[rows, targets]).sum()
-    grad = torch.softmax(s, dim=-1)  # (C, V): p_S, becomes the gradient in place
-    if teacher_logits is None:
-        grad[rows, targets] -= 1.0
-        return ce, None, grad
-    t = teacher_logits.float() / temperature
-    logp_teacher = torch.log_softmax(t, dim=-1)  # (C, V)
-    p_teacher = logp_teacher.exp()  # (C, V)
-    scaled = s / temperature if temperature != 1.0 else s
-    # KL = Σ p_T·(log p_T − s/T) + logsumexp(s/T), with 0·log 0 = 0: a token the teacher masks (logit -inf)
-    # adds nothing. Everything happens in logp_teacher's own buffer, because this path is memory-critical and a
-    # mask or a torch.where would cost one more (C, V) buffer. First log p_T → -inf wherever p_T underflowed to
-    # 0 (below log of the smallest normal float, changing p_T by < 1e-38), so that log p_T is finite exactly
-    # where p_T > 0. Then the ratio is -inf, or NaN where the student masks the token too, only where p_T = 0:
-    # zero it there, as a dot product would make 0·(-inf) = NaN. A +inf is p_T > 0 against a student that
-    # rules the token out, a truly infinite KL, and stays.
-    log_ratio = torch.nn.functional.threshold_(logp_teacher, _LOG_SMALLEST_NORMAL, -math.inf)
-    log_ratio.sub_(scaled).nan_to_num_(nan=0.0, neginf=0.0, posinf=math.inf)  # (C, V)
-    lse_scaled = lse if temperature == 1.0 else torch.logsumexp(scaled, dim=-1)
-    kl = torch.bmm(p_teacher.unsqueeze(1), log_ratio.unsqueeze(2)).view(-1) + lse_scaled  # (C,)
-    kd = (kl * temperature**2).sum()
-    del logp_teacher, log_ratio
-    if temperature == 1.0:  # (1-r)(p_S - onehot) + r(p_S - p_T) = p_S - (1-r)·onehot - r·p_T
-        grad[rows, targets] -= 1.0 - kd_ratio
-        grad.sub_(p_teacher, alpha=kd_ratio)
-    else:  # (1-r)(p_S - onehot) + r·T·(p_S^T - p_T)
-        grad.mul_(1.0 - kd_ratio)
-        grad[rows, targets] -= 1.0 - kd_ratio
-        grad.add_(p_teacher.sub_(torch.softmax(scaled, dim=-1)), alpha=-kd_ratio * temperature)
-    return ce, kd, grad
-
-
-_TAIL_SUM_EXACT_ABOVE = 1e-25  # a tail mass summed from p_S is exact to fp32 rounding above this (see below)
-
-
-def _student_tail_logmass(s: torch.Tensor, lse: torch.Tensor, ids: torch.Tensor, tail_probs: torch.Tensor):
-    """(log Σ_{v ∉ top-k} p_S(v) per row of logits `s` (C, V), the rows done in log space or None).
-
-    `tail_probs` is p_S with the top-k zeroed. Summing it is exact to rounding while the tail mass is far
-    above fp32's smallest normal number (1.2e-38): even V = 256k tokens below that add < 3e-33, a relative
-    3e-8 of 1e-25. Rows under that bound (a tail that underflows, none at all with k = V, or a student that
-    masks its tail with -inf) are rare, and recomputed in log space over the tail tokens, as
-    masked_logsumexp would do for every row at the cost of a (C, V) mask and several passes.
-    """
-    mass = tail_probs.sum(-1)  # (C,)
-    tail = mass.log()
-    small = mass < _TAIL_SUM_EXACT_ABOVE
-    if not bool(small.any()):
-        return tail, None
-    few = small.nonzero().squeeze(-1)
-    in_tail = torch.ones((few.numel(), s.shape[-1]), dtype=torch.bool, device=s.device)
-    in_tail.scatter_(-1, ids[few], False)  # (c, V), c = the rows under the bound
-    tail[few] = masked_logsumexp(s[few], in_tail) - lse[few]
-    return tail, few
-
-
-def _tail_grad_in_log_space(s, lse, tail_student, teacher_tail, kd_ratio: float) -> torch.Tensor:
-    """The tail tokens' gradient p_S(v) - r·p_T(tail)·p_S(v)/p_S(tail), for rows whose tail underflows.
-
-    The factored form p_S(v)·(1 - r·p_T(tail)/p_S(tail)) overflows there (0·inf); here the ratio is taken
-    in log space, where it is ≤ 0 for tail tokens. Top-k entries come out meaningless and are overwritten.
-    """
-    share = s - (lse + tail_student).unsqueeze(-1)  # (c, V): log p_S(v) / p_S(tail)
-    pull = (share + teacher_tail.unsqueeze(-1)).exp()  # (c, V): p_T(tail) · p_S(v) / p_S(tail)
-    pull = torch.where(teacher_tail.unsqueeze(-1) > -math.inf, pull, 0.0)  # no teacher tail: nothing to pull
-    return (s - lse.unsqueeze(-1)).exp() - kd_ratio * pull
-
-
-def _sparse_fkl_grad(logits: torch.Tensor, targets: torch.Tensor, teacher: SparseRows, kd_ratio: float):
-    """CE and sparse forward-KL (T = 1) sums and their gradient w.r.t. `logits` (C, V), in closed form.
-
-    Over the k+1 buckets (top-k tokens, tail), d KL / ds_v is p_S(v) - p_T(v) for a top-k token and
-    p_S(v)·(1 - p_T(tail) / p_S(tail)) for any other token.
-    """
-    s = logits.float()
-    rows = torch.arange(s.shape[0], device=s.device)
-    lse = torch.logsumexp(s, dim=-1)  # (C,)
-    ce = (lse - s[rows, targets]).sum()
-    logp_topk = s.gather(-1, teacher.ids) - lse.unsqueeze(-1)  # (C, k)
-    # p_S with the top-k zeroed: summed, it is the student's tail mass; it then becomes the gradient in place
-    # (its top-k entries are overwritten below), so the tail costs one reduction, not a (C, V) mask.
-    grad = torch.softmax(s, dim=-1).scatter_(-1, teacher.ids, 0.0)  # (C, V)
-    tail_student, underflowed = _student_tail_logmass(s, lse, teacher.ids, grad)  # (C,)
-    teacher_logp = teacher.logprobs.float()
-    teacher_tail = teacher.tail.float()
-    p_teacher = teacher_logp.exp()  # (C, k)
-    # A top-k larger than the teacher's support stores log-probs of -inf (p_T = 0): 0·log 0 = 0, not NaN.
-    kd_terms = (p_teacher * torch.where(p_teacher > 0, teacher_logp - logp_topk, 0.0)).sum(-1)
-    tail_mass = teacher_tail.exp()
-    kd_terms = kd_terms + torch.where(tail_mass > 0, tail_mass * (teacher_tail - tail_student), 0.0)
-    kd = kd_terms.sum()
-    p_student_topk = logp_topk.exp()  # (C, k)
-    tail_factor = 1.0 - torch.where(tail_mass > 0, (teacher_tail - tail_student).exp(), 0.0)  # (C,)
-    grad.mul_((1.0 - kd_ratio) + kd_ratio * tail_factor.unsqueeze(-1))  # every token as if in the tail
-    if underflowed is not None:
-        grad[underflowed] = _tail_grad_in_log_space(s[underflowed], lse[underflowed], tail_student[underflowed],
-                                                    teacher_tail[underflowed], kd_ratio)
-    grad.scatter_(-1, teacher.ids, p_student_topk - kd_ratio * p_teacher)  # top-k: p_S - r·p_T
-    grad[rows, targets] -= 1.0 - kd_ratio
-    return ce, kd, grad
-
-
-def _chunk_grads(head, piece, targets, teacher_part, vocab_size, kd_ratio, settings, params):
+def _chunk_grads(head, piece, targets, teacher_part, vocab_size, kd_ratio, settings: KDSettings, params):
     """(ce, kd | None, grads for [piece, *params]) for one chunk of positions."""
     with torch.enable_grad():
         logits = head(piece)[:, :vocab_size]  # (C, V): padded vocab rows dropped
-    sparse = isinstance(teacher_part, SparseRows)
-    if teacher_part is not None and not sparse:  # sparse ids are checked once per call, in fused_loss
-        check_teacher_vocab(teacher_part, vocab_size)
-    if settings["kind"] == "fkl" and not sparse:
-        ce, kd, grad_logits = _fkl_grad(logits.detach(), targets, teacher_part, kd_ratio, settings["temperature"])
-    elif settings["kind"] == "fkl" and settings["temperature"] == 1.0:
-        ce, kd, grad_logits = _sparse_fkl_grad(logits.detach(), targets, teacher_part, kd_ratio)
-    else:  # other divergences and sparse teachers: autograd on the chunk's logits
+    if teacher_part is None:
+        found = closed_form.fkl_grad(logits.detach(), targets, None, kd_ratio, 1.0)  # CE alone
+    else:
+        found = teacher_part.closed_form(logits.detach(), targets, kd_ratio, settings)
+    if found is not None:
+        ce, kd, grad_logits = found
+    else:  # a divergence without a closed form here: autograd on the chunk's logits
         student = logits.detach().float().requires_grad_(True)
         with torch.enable_grad():
             ce = token_cross_entropy(student, targets).sum()
-            kd = None if teacher_part is None else kd_values(student, teacher_part, settings).sum()
-            loss = ce if kd is None else (1.0 - kd_ratio) * ce + kd_ratio * kd
+            kd = teacher_part.divergence(student, settings).sum()
+            loss = (1.0 - kd_ratio) * ce + kd_ratio * kd
         grad_logits, = torch.autograd.grad(loss, student)
-        ce, kd = ce.detach(), None if kd is None else kd.detach()
+        ce, kd = ce.detach(), kd.detach()
     grads = torch.autograd.grad(logits, [piece, *params], grad_outputs=grad_logits.to(logits.dtype),
                                 allow_unused=True)
     return ce, kd, grads
@@ -221,16 +79,15 @@ class _FusedChunkedLoss(torch.autograd.Function):
 
 
 def fused_loss(hidden: torch.Tensor, targets: torch.Tensor, head, head_params: list, teacher_rows, *,
-               vocab_size: int, kd_ratio: float, settings: dict, chunk_size: int):
+               vocab_size: int, kd_ratio: float, settings: KDSettings, chunk_size: int):
     """(loss_sum, ce_sum, kd_sum | None) over N positions; `hidden` (N, H), `targets` (N,).
 
-    `loss_sum` = (1 - kd_ratio)·CE_sum + kd_ratio·KD_sum (CE_sum alone without a teacher) and carries
-    the gradient; the two parts are detached, for logging.
+    `teacher_rows`: rows.py's DenseRows, LogitRows or SparseRows for the same N positions, or None (CE
+    alone). `loss_sum` = (1 - kd_ratio)·CE_sum + kd_ratio·KD_sum (CE_sum alone without a teacher) and
+    carries the gradient; the two parts are detached, for logging.
     """
     if teacher_rows is not None:
-        check_settings(**settings)  # the closed-form fkl never reaches the divergences' own check
-        if isinstance(teacher_rows, SparseRows):
-            check_teacher_vocab(teacher_rows, vocab_size)
+        teacher_rows.check_vocab(vocab_size)  # once per call: a sparse check costs a host sync
     if hidden.shape[0] == 0:
         zero = hidden.sum() * 0.0
         return zero, zero.detach(), None if teacher_rows is None else zero.detach()

@@ -44,7 +44,7 @@ def run(config: Config) -> Path:
         base_path = base_model_of(adapter)
     inputs = {**input_paths(config), "model_name_or_path": base_path, "adapter_name_or_path": adapter}
     out = run_dir.prepare(config.export_dir, config.overwrite_output_dir, key="export_dir", inputs=inputs)
-    dtype = torch.float32 if config.torch_dtype == "auto" else models.DTYPES[config.torch_dtype]
+    dtype = models.weight_dtype(config, "merge")
     tokenizer_source = adapter if Path(adapter, "tokenizer_config.json").is_file() else base_path
     tokenizer = models.load_tokenizer(tokenizer_source, "model_name_or_path", config.trust_remote_code)
     if config.template and not getattr(tokenizer, "chat_template", None):

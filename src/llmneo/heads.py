@@ -8,6 +8,8 @@ after it in `forward`: Cohere's `logit_scale`, Gemma 2/3's final logit soft-capp
 
 from __future__ import annotations
 
+import functools
+import inspect
 from collections.abc import Callable
 
 import torch
@@ -48,25 +50,38 @@ def output_head(model: torch.nn.Module) -> tuple[Callable[[torch.Tensor], torch.
     return head, [p for p in lm_head.parameters() if p.requires_grad]
 
 
+def accepts_logits_to_keep(model: torch.nn.Module) -> bool:
+    """Whether the causal LM under `model`'s wrappers names `logits_to_keep` in its forward.
+
+    Decided from the HF model's own signature: DDP and PEFT forwards take **kwargs and pass them on, so the
+    wrappers say nothing; a model's own **kwargs (attention kwargs) does not mean it keeps logits.
+    """
+    return _names_logits_to_keep(type(unwrap(model)))
+
+
+@functools.cache
+def _names_logits_to_keep(model_class: type) -> bool:
+    return "logits_to_keep" in inspect.signature(model_class.forward).parameters
+
+
 def final_hidden_states(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """(B, T, H) hidden states entering the head, from a forward through the (possibly wrapped) model.
+    """(B, T, H) hidden states entering the head, from one forward through the (possibly wrapped) model.
 
     The forward goes through the outermost wrapper so DDP / accelerate autocast hooks run; a forward
-    hook on the decoder catches its output, and `logits_to_keep=1` keeps the head's own work to one
-    position per row.
+    hook on the decoder catches its output, and `logits_to_keep=1` (where the model's forward takes it)
+    keeps the head's own work to one position per row.
     """
     captured: dict[str, torch.Tensor] = {}
 
     def catch(module, args, output):
         captured["hidden"] = output[0] if isinstance(output, tuple) else output.last_hidden_state
 
+    kwargs = {"input_ids": input_ids, "attention_mask": attention_mask, "use_cache": False}
+    if accepts_logits_to_keep(model):
+        kwargs["logits_to_keep"] = 1
     handle = decoder(model).register_forward_hook(catch)
     try:
-        kwargs = {"input_ids": input_ids, "attention_mask": attention_mask, "use_cache": False}
-        try:
-            model(**kwargs, logits_to_keep=1)
-        except TypeError:  # architectures without logits_to_keep
-            model(**kwargs)
+        model(**kwargs)
     finally:
         handle.remove()
     return captured["hidden"]

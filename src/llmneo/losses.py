@@ -17,15 +17,35 @@ teacher rules out (-inf), or `fkl` the other way round.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
+from llmneo.config import KD_LOSSES as KINDS  # the one list of divergence kinds (config validates kd_loss by it)
 from llmneo.errors import LlmneoError
+from llmneo.templates import IGNORE_INDEX  # the label of prompt and padding positions, as in HF
 
-KINDS = ("fkl", "rkl", "jsd", "skew_fkl", "skew_rkl", "tvd")
 
-IGNORE_INDEX = -100  # the label of prompt and padding positions, as in HF
+@dataclass(frozen=True)
+class KDSettings:
+    """Which divergence KD uses and its parameters, validated once when built (see `token_divergence`)."""
+
+    kind: str = "fkl"
+    temperature: float = 1.0
+    beta: float = 0.5
+    skew: float = 0.1
+
+    def __post_init__(self):
+        check_settings(self.kind, self.temperature, self.beta, self.skew)
+
+    @classmethod
+    def from_config(cls, config) -> "KDSettings":
+        return cls(config.kd_loss, config.kd_temperature, config.kd_beta, config.kd_skew)
+
+    def keywords(self) -> dict:
+        """The divergence functions' keyword arguments."""
+        return {"kind": self.kind, "temperature": self.temperature, "beta": self.beta, "skew": self.skew}
 
 
 def divergence(
@@ -246,6 +266,6 @@ def response_positions(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     labels[t+1] is a response token.
     """
     positions = torch.zeros_like(labels, dtype=torch.bool)  # (B, T)
-    positions[:, :-1] = labels[:, 1:] != -100
-    targets = labels[:, 1:][labels[:, 1:] != -100]  # (N,)
+    positions[:, :-1] = labels[:, 1:] != IGNORE_INDEX
+    targets = labels[:, 1:][labels[:, 1:] != IGNORE_INDEX]  # (N,)
     return positions, targets

@@ -41,13 +41,31 @@ def resolve_precision(config: Config) -> Precision:
     return Precision("no", torch.float32)
 
 
-def weight_dtype(config: Config, precision: Precision, role: str) -> torch.dtype:
-    """dtype to load weights in. A fully trained student keeps fp32 master weights."""
+ROLES = ("student", "teacher", "eval", "merge", "prune")
+
+
+def weight_dtype(config: Config, role: str, precision: Precision | None = None) -> torch.dtype:
+    """The dtype `role`'s weights load in: every command asks here. `torch_dtype` wins when it is set.
+
+    With torch_dtype auto:
+      student  training: fp32 master weights when fully trained, else the run's compute dtype
+      teacher  training and `llmneo cache`: the run's compute dtype (bf16 with bf16: true on a bf16 GPU)
+      eval     `llmneo eval`: bf16 on a bf16-capable GPU (an 8B teacher in fp32 would double the memory),
+               else fp32, whatever the bf16 key says
+      merge    `llmneo export`: fp32, so adapters merge at full precision (the result is saved in the
+               base's own dtype, see export.py)
+      prune    `llmneo prune`: fp32 (block importance is measured, and the model saved, at full precision)
+    `precision` is training's (resolve_precision); it is resolved here when not given.
+    """
+    if role not in ROLES:
+        raise ValueError(f"unknown weight role {role!r}; one of {ROLES}")
     if config.torch_dtype != "auto":
         return DTYPES[config.torch_dtype]
-    if role == "student" and config.finetuning_type == "full":
+    if role in ("merge", "prune") or (role == "student" and config.finetuning_type == "full"):
         return torch.float32
-    return precision.compute_dtype
+    if role == "eval":
+        return torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
+    return (precision or resolve_precision(config)).compute_dtype
 
 
 def _check_exists(path: str, key: str) -> None:
@@ -147,8 +165,8 @@ def load(config: Config, precision: Precision, *, with_teacher: bool) -> Loaded:
     remote = config.trust_remote_code
     tokenizer = load_tokenizer(config.adapter_name_or_path if _has_tokenizer(config.adapter_name_or_path)
                                else student_path, "model_name_or_path", remote)
-    teacher = load_teacher(config, tokenizer, weight_dtype(config, precision, "teacher")) if with_teacher else None
-    student = load_model(student_path, "model_name_or_path", weight_dtype(config, precision, "student"), remote)
+    teacher = load_teacher(config, tokenizer, weight_dtype(config, "teacher", precision)) if with_teacher else None
+    student = load_model(student_path, "model_name_or_path", weight_dtype(config, "student", precision), remote)
     check_vocab(tokenizer, student, "model_name_or_path", student_path)
     return Loaded(student, teacher, tokenizer, len(tokenizer))
 
@@ -163,6 +181,12 @@ def load_teacher(config: Config, tokenizer, dtype: torch.dtype):
     check_same_tokenizer(tokenizer, teacher_tok, config.model_name_or_path or path, path)
     teacher = load_model(path, "teacher_model_name_or_path", dtype, remote)
     check_vocab(tokenizer, teacher, "teacher_model_name_or_path", path)
+    return freeze(teacher)
+
+
+def freeze(teacher: torch.nn.Module) -> torch.nn.Module:
+    """Eval mode and no gradients: the one place a teacher is frozen (load_teacher calls it; the teacher
+    signal, the evaluator and engines.place_teacher rely on it)."""
     return teacher.eval().requires_grad_(False)
 
 

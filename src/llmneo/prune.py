@@ -112,7 +112,7 @@ def run(config: Config) -> dict:
                           "(with a calibration dataset, to pick layers by block importance)")
     out = run_dir.prepare(config.output_dir, config.overwrite_output_dir, inputs=input_paths(config))
     tokenizer = models.load_tokenizer(config.model_name_or_path, "model_name_or_path", config.trust_remote_code)
-    dtype = torch.float32 if config.torch_dtype == "auto" else models.DTYPES[config.torch_dtype]
+    dtype = models.weight_dtype(config, "prune")
     model = models.load_model(config.model_name_or_path, "model_name_or_path", dtype, config.trust_remote_code)
     total = len(decoder_layers(model))
     importance = None

@@ -8,42 +8,143 @@ present. Per optimizer step:
 where both terms are *sums* over response tokens divided by the number of response tokens in the
 whole optimizer step, across gradient-accumulation micro-batches and data-parallel ranks. So one
 batch of 8 and four accumulated batches of 2 give the same gradient.
+
+`run` reads top to bottom: set up (training_setup.py), one `optimizer_step` per step (its micro-batches
+from the step source, the teacher's rows through the aligner into the fused loss), logging and
+checkpoints between steps, then `finish` (held-out scores, the final model, results).
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import json
 import math
 import time
-import warnings
-from datetime import timedelta
-from functools import partial
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
-from llmneo import adapters, cache, checkpoint, data, engines, heads, memory, models, plot, preemption, run_dir
-from llmneo import tracking
+from llmneo import adapters, checkpoint, engines, heads, memory, plot, preemption, run_dir, tracking, training_setup
+from llmneo.alignment import IdentityAligner
 from llmneo.chunked import fused_loss, kd_values
-from llmneo.config import SAVED_CONFIG, Config, input_paths, to_yaml
+from llmneo.config import Config
 from llmneo.errors import LlmneoError
-from llmneo.losses import response_positions, token_cross_entropy
-from llmneo.teacher import LiveTeacher
+from llmneo.losses import IGNORE_INDEX, KDSettings, response_positions, token_cross_entropy
+from llmneo.training_setup import TrainingSetup, writable
 
 
-def micro_batch_sums(model, teacher, batch: dict, config: Config, vocab_size: int, kd_ratio: float):
+def run(config: Config) -> dict:
+    """Train as configured; return (and write) train_results."""
+    setup = training_setup.prepare(config)
+    progress, config = setup.progress, setup.config
+    bar = tqdm(total=setup.total_steps, initial=progress.step, desc=f"llmneo {config.method}",
+               disable=not setup.main, dynamic_ncols=True)
+    clock = Clock()
+    setup.model.train()
+    last: dict = {}
+    try:
+        with preemption.StopRequests() as stop:
+            for step in range(progress.step + 1, setup.total_steps + 1):
+                last = optimizer_step(setup, step)
+                bar.update(1)
+                if step % config.logging_steps == 0 or step == setup.total_steps:
+                    log_window(setup, step, last["grad_norm"], clock, bar)
+                stopping = preemption.stop_agreed(setup.accelerator, stop.signal_name is not None)
+                if step % config.save_steps == 0 or step == setup.total_steps or stopping:
+                    saved = save_checkpoint(setup, clock)
+                if stopping:
+                    raise preemption.Preempted(stop.signal_name or "SIGTERM", step, saved)
+    finally:
+        bar.close()  # ends the bar's line, so an error message starts on its own
+    progress.runtime += clock.lap()
+    return finish(setup, last)
+
+
+class Clock:
+    """Wall time since the last checkpoint (the run's runtime) and since the last logged row (throughput)."""
+
+    def __init__(self):
+        self.started = self.window_start = time.perf_counter()
+
+    def lap(self) -> float:
+        now = time.perf_counter()
+        elapsed, self.started = now - self.started, now
+        return elapsed
+
+    def window(self) -> float:
+        now = time.perf_counter()
+        elapsed, self.window_start = now - self.window_start, now
+        return elapsed
+
+
+class NonFiniteLoss(Exception):
+    """The step's loss is not finite; raised before the update (see `accumulate`)."""
+
+    def __init__(self, loss: float):
+        super().__init__(loss)
+        self.loss = loss
+
+
+def optimizer_step(setup: TrainingSetup, step: int) -> dict:
+    """One optimizer step: the step's micro-batches from the step source, forward and backward over them,
+    clipping, the non-finite guard, the update. Returns the step's loss, ce, kd and grad_norm."""
+    accelerator = setup.accelerator
+    try:
+        ce_sum, kd_sum, seen, n_global = accumulate(
+            accelerator, setup.model, setup.teacher, setup.steps.next_step(), setup.config, setup.vocab_size,
+            setup.kd_ratio, settings=setup.settings, aligner=setup.aligner,
+            check_before_boundary=setup.steps_in_backward and setup.guards_non_finite)
+    except NonFiniteLoss as exc:
+        raise _non_finite(setup.out, step, exc.loss, float("nan")) from None
+    norm = accelerator.clip_grad_norm_(setup.params, setup.config.max_grad_norm or float("inf"))
+    grad_norm = float(norm) if norm is not None else float("nan")  # DeepSpeed clips inside its engine
+    totals = accelerator.reduce(torch.stack([ce_sum, kd_sum, seen.float()]), "sum")
+    step_ce, step_kd, step_loss = step_losses(totals, n_global, setup.kd_ratio, setup.teacher is not None)
+    finite = math.isfinite(step_loss) and (norm is None or math.isfinite(grad_norm))
+    if not finite and setup.guards_non_finite:
+        raise _non_finite(setup.out, step, step_loss, grad_norm)
+    setup.optimizer.step()
+    setup.scheduler.step()
+    setup.optimizer.zero_grad(set_to_none=True)
+
+    progress = setup.progress
+    progress.step, progress.micro_seen = step, progress.micro_seen + setup.config.gradient_accumulation_steps
+    window = progress.window
+    window["ce"] += float(totals[0])
+    window["kd"] += float(totals[1])
+    window["tokens"] += n_global
+    window["seen"] += int(totals[2])
+    progress.train_tokens += int(totals[2])
+    return {"loss": step_loss, "ce": step_ce, "kd": step_kd, "grad_norm": grad_norm}
+
+
+def step_losses(totals: torch.Tensor, n_global: int, kd_ratio: float, has_teacher: bool):
+    """(ce, kd | None, loss) per response token of the step, from the step's global (ce_sum, kd_sum, ...)."""
+    step_ce = float(totals[0]) / max(n_global, 1)
+    step_kd = float(totals[1]) / max(n_global, 1) if has_teacher else None
+    return step_ce, step_kd, step_ce if step_kd is None else (1 - kd_ratio) * step_ce + kd_ratio * step_kd
+
+
+def _non_finite(out: Path, step: int, loss: float, grad_norm: float) -> LlmneoError:
+    kept = run_dir.checkpoints(out)
+    return LlmneoError(f"non-finite loss or gradient at step {step} (loss={loss}, grad_norm={grad_norm}); "
+                       f"lower learning_rate or use bf16 instead of fp16"
+                       + (f"; the last good checkpoint is {kept[-1][1]}" if kept else ""))
+
+
+def micro_batch_sums(model, teacher, batch: dict, config: Config, vocab_size: int, kd_ratio: float, *,
+                     settings: KDSettings | None = None, aligner=None):
     """(loss_sum, ce_sum, kd_sum | None, n_tokens) for one micro-batch; loss_sum carries the gradient.
 
     With kd_chunk_size > 0 (the default) the fused chunked loss projects only the response positions,
     chunk by chunk; with 0, full logits are materialised (the reference path, kept for checking).
+    `settings` default to the config's; `aligner` to the identity.
     """
+    settings = settings or (KDSettings.from_config(config) if teacher is not None else KDSettings())
     positions, targets = response_positions(batch["labels"])
-    teacher_rows = teacher.rows(batch, positions) if teacher is not None else None
-    settings = {"kind": config.kd_loss, "temperature": config.kd_temperature, "beta": config.kd_beta,
-                "skew": config.kd_skew}
+    teacher_rows = None
+    if teacher is not None:
+        teacher_rows = (aligner or IdentityAligner()).align(teacher.rows(batch, positions), batch, positions)
     if config.kd_chunk_size > 0:
         hidden = heads.final_hidden_states(model, batch["input_ids"], batch["attention_mask"])[positions]  # (N, H)
         head, head_params = heads.output_head(model)
@@ -53,7 +154,7 @@ def micro_batch_sums(model, teacher, batch: dict, config: Config, vocab_size: in
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
     student = logits[positions][:, :vocab_size]  # (N, V): padded vocab rows dropped
     ce = token_cross_entropy(student, targets).sum()
-    kd = None if teacher_rows is None else kd_values(student, teacher_rows[0:len(teacher_rows)], settings).sum()
+    kd = None if teacher_rows is None else kd_values(student, teacher_rows, settings).sum()
     return combine(ce, kd, kd_ratio), ce, kd, targets.numel()
 
 
@@ -61,12 +162,16 @@ def combine(ce: torch.Tensor, kd: torch.Tensor | None, kd_ratio: float) -> torch
     return ce if kd is None else (1.0 - kd_ratio) * ce + kd_ratio * kd
 
 
-def accumulate(accelerator, model, teacher, micro: list[dict], config: Config, vocab_size: int, kd_ratio: float):
+def accumulate(accelerator, model, teacher, micro: list[dict], config: Config, vocab_size: int, kd_ratio: float, *,
+               settings: KDSettings | None = None, aligner=None, check_before_boundary: bool = False):
     """Forward and backward over one optimizer step's micro-batches; gradients are left in `.grad`.
 
     Returns the step's local (ce_sum, kd_sum, non-pad tokens) and the global response-token count.
+    `check_before_boundary`: the engine updates the weights inside the last micro-batch's backward
+    (DeepSpeed), so the step's loss sums are all-reduced after that micro-batch's forward and a non-finite
+    loss raises NonFiniteLoss before the backward, and so before the update.
     """
-    local_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro)
+    local_tokens = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro)
     n_global = int(accelerator.reduce(torch.tensor(local_tokens, device=accelerator.device), "sum"))
     # DDP averages gradients over ranks; multiplying by the world size turns that mean back into
     # the sum over ranks, so the step's loss is a mean over the *global* response tokens.
@@ -80,242 +185,82 @@ def accumulate(accelerator, model, teacher, micro: list[dict], config: Config, v
         if deepspeed:  # accelerate's DeepSpeed backward steps the engine unless told this is not a boundary
             accelerator.gradient_state._set_sync_gradients(sync)
         with contextlib.nullcontext() if sync else accelerator.no_sync(model):
-            loss, ce, kd, _ = micro_batch_sums(model, teacher, batch, config, vocab_size, kd_ratio)
+            loss, ce, kd, _ = micro_batch_sums(model, teacher, batch, config, vocab_size, kd_ratio,
+                                               settings=settings, aligner=aligner)
+            ce_sum += ce.detach()
+            kd_sum += kd.detach() if kd is not None else 0.0
+            if sync and check_before_boundary:
+                totals = accelerator.reduce(torch.stack([ce_sum, kd_sum]), "sum")
+                step_loss = step_losses(totals, n_global, kd_ratio, kd is not None)[2]
+                if not math.isfinite(step_loss):
+                    raise NonFiniteLoss(step_loss)
             accelerator.backward(loss * scale)
-        ce_sum += ce.detach()
-        kd_sum += kd.detach() if kd is not None else 0.0
         seen += batch["attention_mask"].sum()
     return ce_sum, kd_sum, seen, n_global
 
 
-def _optimizer(model: torch.nn.Module, config: Config) -> torch.optim.Optimizer:
-    params = adapters.trainable_parameters(model)
-    # No weight decay on biases and norm gains (1-D tensors), as in HF Trainer.
-    decay = [p for p in params if p.ndim >= 2]
-    no_decay = [p for p in params if p.ndim < 2]
-    groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=config.effective_learning_rate,
-                             betas=(config.adam_beta1, config.adam_beta2), eps=config.adam_epsilon)
+def log_window(setup: TrainingSetup, step: int, grad_norm: float, clock: Clock, bar) -> None:
+    """The logging window's row: into metrics.jsonl, the progress bar and report_to's trackers; then a new window."""
+    progress = setup.progress
+    row = _log_row(step, progress.micro_seen / len(setup.loader), progress.window, setup.kd_ratio,
+                   setup.teacher is not None, setup.scheduler.get_last_lr()[0], grad_norm, clock.window())
+    progress.history.append(row)
+    if setup.main:
+        with writable(setup.out / "metrics.jsonl"):
+            run_dir.append_jsonl(setup.out / "metrics.jsonl", row)
+        bar.set_postfix(loss=f"{row['loss']:.4f}", ce=f"{row['ce_loss']:.4f}",
+                        kd="-" if row["kd_loss"] is None else f"{row['kd_loss']:.4f}",
+                        lr=f"{row['learning_rate']:.2e}", tok_s=f"{row['tokens_per_second']:.0f}")
+    tracking.log(setup.accelerator, row, step)  # the same row to report_to's trackers
+    progress.window = {"ce": 0.0, "kd": 0.0, "tokens": 0, "seen": 0}
 
 
-def _warn_about_teacher(config: Config) -> None:
-    if config.has_teacher and config.kd_ratio == 0:
-        warnings.warn(f"kd_ratio is 0: the teacher is not loaded and this is plain {config.method} training")
-    elif not config.has_teacher:
-        warnings.warn(f"no teacher_model_name_or_path: training on CE alone ({config.method}); "
-                      f"kd_ratio={config.kd_ratio} is ignored. Set a teacher for Neo/KD")
+def save_checkpoint(setup: TrainingSetup, clock: Clock) -> Path:
+    setup.progress.runtime += clock.lap()
+    return checkpoint.save(setup.accelerator, setup.model, setup.loaded.tokenizer, setup.optimizer, setup.scheduler,
+                           setup.out, setup.progress, setup.config)
 
 
-INITIAL_ADAPTER = "initial_adapter"  # PiSSA / OLoRA only
-
-
-@contextlib.contextmanager
-def _writable(what):
-    """Turn a failed write of the run's results (disk full, read-only) into a one-line user error."""
-    try:
-        yield
-    except Exception as exc:
-        reason = run_dir.write_failure(exc)
-        if reason is None:
-            raise
-        raise checkpoint.unwritable(what, reason) from None
-
-
-def run(config: Config) -> dict:
-    """Train as configured; return (and write) train_results."""
-    from accelerate import Accelerator
-    from accelerate.utils import InitProcessGroupKwargs, set_seed
-
-    precision = models.resolve_precision(config)
-    accelerator = Accelerator(
-        mixed_precision=precision.mixed_precision, cpu=not torch.cuda.is_available(),
-        kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=config.ddp_timeout))],
-        **tracking.accelerator_kwargs(config),
-    )
-    main = accelerator.is_main_process
-    if main:
-        _warn_about_teacher(config)
-    if not config.output_dir:
-        raise LlmneoError("output_dir is not set; give a directory for the results, e.g. output_dir=out/run1")
-    resume_from = checkpoint.resolve(config)
-    out = Path(config.output_dir)
-    if main:
-        # Resuming continues in the run's own output_dir: no overwrite flag needed, nothing cleared.
-        overwrite = config.overwrite_output_dir or config.resume_from_checkpoint == "auto"
-        if resume_from is None:
-            run_dir.prepare(config.output_dir, overwrite, inputs=input_paths(config))
-        else:
-            with _writable(out):
-                out.mkdir(parents=True, exist_ok=True)
-        with _writable(out / SAVED_CONFIG):  # every key of this run; eval and export read its template, cutoff
-            run_dir.write_text(out / SAVED_CONFIG, to_yaml(config))
-    accelerator.wait_for_everyone()
-    set_seed(config.seed)
-    memory.reset_peak(accelerator.device)
-
-    cached = config.uses_kd and config.teacher_cache is not None
-    loaded = models.load(config, precision, with_teacher=config.uses_kd and not cached)
-    splits = data.build(config, loaded.tokenizer)
-    for i, example in enumerate(splits.train):
-        example["index"] = i  # lets a teacher cache find the example's rows
-    model = adapters.apply(loaded.student, config)
-    for adapter_config in getattr(model, "peft_config", {}).values():
-        # The base as loaded (absolute for a local path): adapters saved here then merge from any directory.
-        adapter_config.base_model_name_or_path = loaded.student.name_or_path
-    if adapters.rewrites_base(config) and main:
-        # PiSSA / OLoRA: keep the initial adapter, to convert the final one into a LoRA on the original base.
-        with _writable(out / INITIAL_ADAPTER):
-            model.save_pretrained(out / INITIAL_ADAPTER, safe_serialization=True)
-    trainable, total = adapters.count_params(model)
-    collate = partial(data.collate, pad_token_id=loaded.tokenizer.pad_token_id)
-    # The loader's own generator: creating an iterator (each epoch, or on resume) must not draw from the
-    # global RNG that dropout uses, or a resumed run would drift from an uninterrupted one.
-    loader = torch.utils.data.DataLoader(splits.train, batch_size=config.per_device_train_batch_size,
-                                         sampler=data.EpochSampler(len(splits.train), config.seed), collate_fn=collate,
-                                         generator=torch.Generator().manual_seed(config.seed))
-    optimizer = _optimizer(model, config)
-    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
-    if cached:
-        expected = cache.fingerprint(config, loaded.tokenizer, splits.train, k=0)
-        teacher = cache.CachedTeacher(config.teacher_cache, expected, accelerator.device)
-    elif loaded.teacher is not None:
-        teacher = LiveTeacher(engines.place_teacher(loaded.teacher, accelerator), loaded.vocab_size,
-                              full_logits=engines.sharded(accelerator))
-    else:
-        teacher = None
-    if engines.sharded(accelerator) and config.kd_chunk_size:
-        if main:
-            warnings.warn("FSDP / ZeRO-3 shard the output head outside forward: using full logits at the response "
-                          "positions (kd_chunk_size=0) under this engine")
-        config = dataclasses.replace(config, kd_chunk_size=0)
-
-    accum = config.gradient_accumulation_steps
-    if config.max_steps > 0:
-        total_steps = config.max_steps
-    else:
-        total_steps = max(1, math.ceil(config.num_train_epochs * len(loader) / accum))
-    warmup = config.warmup_steps or math.ceil(config.warmup_ratio * total_steps)
-    from transformers import get_scheduler
-
-    scheduler = get_scheduler(config.lr_scheduler_type, optimizer, num_warmup_steps=warmup,
-                              num_training_steps=total_steps)
-    progress = checkpoint.Progress()
-    if resume_from is not None:
-        progress = checkpoint.load(resume_from, accelerator, model, optimizer, scheduler, config)
-        if main:
-            with _writable(out / "metrics.jsonl"):  # the steps after the checkpoint will be logged again
-                (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in progress.history))
-            print(f"llmneo: resuming from {resume_from} (step {progress.step} of {total_steps})", flush=True)
-    tracking.start(accelerator, config, resumed_step=progress.step)
-    if main:
-        _announce(config, trainable, total, len(splits.train), cached)
-    params = [p for p in model.parameters() if p.requires_grad]
-    kd_ratio = config.kd_ratio if teacher is not None else 0.0
-    stream = data.micro_batches(loader, accelerator, start=progress.micro_seen)
-    window_start = started = time.perf_counter()
-    bar = tqdm(total=total_steps, initial=progress.step, desc=f"llmneo {config.method}", disable=not main,
-               dynamic_ncols=True)
-    model.train()
-    last: dict = {}
-    try:
-        with preemption.StopRequests() as stop:
-            for step in range(progress.step + 1, total_steps + 1):
-                micro = [next(stream) for _ in range(accum)]
-                ce_sum, kd_sum, seen, n_global = accumulate(accelerator, model, teacher, micro, config,
-                                                            loaded.vocab_size, kd_ratio)
-                norm = accelerator.clip_grad_norm_(params, config.max_grad_norm or float("inf"))
-                grad_norm = float(norm) if norm is not None else float("nan")  # DeepSpeed clips inside its engine
-                totals = accelerator.reduce(torch.stack([ce_sum, kd_sum, seen.float()]), "sum")
-                step_ce = float(totals[0]) / max(n_global, 1)
-                step_kd = float(totals[1]) / max(n_global, 1) if teacher is not None else None
-                step_loss = step_ce if step_kd is None else (1 - kd_ratio) * step_ce + kd_ratio * step_kd
-                finite = math.isfinite(step_loss) and (norm is None or math.isfinite(grad_norm))
-                if not finite and precision.mixed_precision != "fp16":
-                    kept = run_dir.checkpoints(out)
-                    raise LlmneoError(
-                        f"non-finite loss or gradient at step {step} (loss={step_loss}, grad_norm={grad_norm}); "
-                        f"lower learning_rate or use bf16 instead of fp16"
-                        + (f"; the last good checkpoint is {kept[-1][1]}" if kept else ""))
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-
-                progress.step, progress.micro_seen = step, progress.micro_seen + accum
-                window = progress.window
-                window["ce"] += float(totals[0])
-                window["kd"] += float(totals[1])
-                window["tokens"] += n_global
-                window["seen"] += int(totals[2])
-                progress.train_tokens += int(totals[2])
-                last = {"loss": step_loss, "ce": step_ce, "kd": step_kd}
-                bar.update(1)
-                if step % config.logging_steps == 0 or step == total_steps:
-                    row = _log_row(step, progress.micro_seen / len(loader), window, kd_ratio, teacher is not None,
-                                   scheduler.get_last_lr()[0], grad_norm, time.perf_counter() - window_start)
-                    progress.history.append(row)
-                    if main:
-                        with _writable(out / "metrics.jsonl"):
-                            run_dir.append_jsonl(out / "metrics.jsonl", row)
-                        bar.set_postfix(loss=f"{row['loss']:.4f}", ce=f"{row['ce_loss']:.4f}",
-                                        kd="-" if row["kd_loss"] is None else f"{row['kd_loss']:.4f}",
-                                        lr=f"{row['learning_rate']:.2e}", tok_s=f"{row['tokens_per_second']:.0f}")
-                    tracking.log(accelerator, row, step)  # the same row to report_to's trackers
-                    progress.window = {"ce": 0.0, "kd": 0.0, "tokens": 0, "seen": 0}
-                    window_start = time.perf_counter()
-                stopping = preemption.stop_agreed(accelerator, stop.signal_name is not None)
-                if step % config.save_steps == 0 or step == total_steps or stopping:
-                    progress.runtime += time.perf_counter() - started
-                    started = time.perf_counter()
-                    saved = checkpoint.save(accelerator, model, loaded.tokenizer, optimizer, scheduler, out, progress,
-                                            config)
-                if stopping:
-                    raise preemption.Preempted(stop.signal_name or "SIGTERM", step, saved)
-    finally:
-        bar.close()  # ends the bar's line, so an error message starts on its own
-    progress.runtime += time.perf_counter() - started
+def finish(setup: TrainingSetup, last: dict) -> dict:
+    """Held-out scores, the final adapter or model, the loss plot and train_results.json; end the trackers."""
+    config, progress, accelerator, out = setup.config, setup.progress, setup.accelerator, setup.out
     runtime = progress.runtime
-
     results = {
         "method": config.method,
         "train_runtime": runtime,
         "train_tokens": progress.train_tokens,
         "tokens_per_second": progress.train_tokens / runtime if runtime > 0 else 0.0,
-        "trainable_params": trainable,
-        "total_params": total,
+        "trainable_params": setup.trainable,
+        "total_params": setup.total,
         "peak_memory_bytes": memory.peak_bytes(accelerator.device),
         "final_loss": last.get("loss", progress.history[-1]["loss"] if progress.history else None),
         "final_ce_loss": last.get("ce"),
         "final_kd_loss": last.get("kd"),
-        "global_step": total_steps,
-        "epoch": progress.micro_seen / len(loader),
-        "kd_ratio": kd_ratio,
-        "kd_loss_kind": config.kd_loss if teacher is not None else None,
-        "resumed_from": str(resume_from) if resume_from is not None else None,
+        "global_step": setup.total_steps,
+        "epoch": progress.micro_seen / len(setup.loader),
+        "kd_ratio": setup.kd_ratio,
+        "kd_loss_kind": config.kd_loss if setup.teacher is not None else None,
+        "resumed_from": str(setup.resume_from) if setup.resume_from is not None else None,
     }
-    if splits.eval:
+    if setup.splits.eval:
         # A cache holds the training split only, so held-out KD needs a live teacher.
-        eval_teacher = None if cached else teacher
-        results.update(evaluate_split(model, eval_teacher, splits.eval, collate, config, loaded.vocab_size,
-                                      accelerator))
-        tracking.log(accelerator, {k: v for k, v in results.items() if k.startswith("eval_")}, total_steps)
+        from llmneo.teacher import uses_cache
+
+        eval_teacher = None if uses_cache(config) else setup.teacher
+        results.update(evaluate_split(setup.model, eval_teacher, setup.splits.eval, setup.collate, config,
+                                      setup.vocab_size, accelerator))
+        tracking.log(accelerator, {k: v for k, v in results.items() if k.startswith("eval_")}, setup.total_steps)
     accelerator.wait_for_everyone()
-    state_dict = engines.state_dict_for_saving(accelerator, model)  # every rank takes part when sharded
-    if main:
-        with _writable(out):
-            _save_model(accelerator, model, loaded.tokenizer, out, config, state_dict)
+    state_dict = engines.state_dict_for_saving(accelerator, setup.model)  # every rank takes part when sharded
+    if setup.main:
+        with writable(out):
+            _save_model(accelerator, setup.model, setup.loaded.tokenizer, out, config, state_dict)
             if config.plot_loss:
                 plot.training_loss(progress.history, out / "training_loss.png", title=f"llmneo {config.method}")
             run_dir.write_json(out / "train_results.json", results)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return results
-
-
-def _announce(config: Config, trainable: int, total: int, examples: int, cached: bool) -> None:
-    source = ("teacher cache " + str(config.teacher_cache)) if cached else (
-        "teacher " + str(config.teacher_model_name_or_path) if config.uses_kd else "no teacher")
-    print(f"llmneo: {config.method} | trainable {trainable:,} of {total:,} parameters "
-          f"({100 * trainable / max(total, 1):.2f}%) | {source} | {examples} training examples", flush=True)
 
 
 def _log_row(step, epoch, window, kd_ratio, has_teacher, lr, grad_norm, elapsed) -> dict:
@@ -366,6 +311,6 @@ def _save_model(accelerator, model, tokenizer, directory: Path, config: Config, 
     if folded is not None:
         extra["state_dict"] = folded
     if adapters.rewrites_base(config):
-        extra["path_initial_model_for_weight_conversion"] = str(directory / INITIAL_ADAPTER)
+        extra["path_initial_model_for_weight_conversion"] = str(directory / training_setup.INITIAL_ADAPTER)
     unwrapped.save_pretrained(directory, safe_serialization=True, **extra)
     tokenizer.save_pretrained(directory)

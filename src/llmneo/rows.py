@@ -1,0 +1,121 @@
+"""Teacher rows: the teacher's signal at a batch's N response positions, as the loss consumes it.
+
+Teachers produce rows (teacher.py, cache.py) and the loss consumes them (chunked.py); each row type
+knows how to compute its own divergence against a chunk of student logits, so the loss never asks
+which kind it holds. Every type supports `len`, slicing by a position range (`rows[a:b]`, chunk by
+chunk), and:
+
+    check_vocab(vocab_size)                       refuse a teacher over another vocabulary (one line)
+    divergence(student_logits, settings) -> (C,)  per position, T² included, differentiable
+    closed_form(logits, targets, kd_ratio, settings) -> (ce_sum, kd_sum, grad) | None
+                                                  CE + KD and d/d logits without autograd, where one exists
+
+- `DenseRows`: a live teacher's final hidden states and its output head; a slice is projected then
+  (never [B, T, V] logits) and becomes `LogitRows`.
+- `LogitRows`: teacher logits already computed (sharded engines, where the head is whole only inside
+  forward; or any dense logits).
+- `SparseRows`: an offline top-k cache: top-k ids and log-probs (T = 1) and the log of the tail mass.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from llmneo import closed_form
+from llmneo.errors import LlmneoError
+from llmneo.losses import KDSettings, sparse_token_divergence, token_divergence
+
+
+@dataclass
+class LogitRows:
+    """Teacher logits for the response positions, (N, V) over the real vocabulary."""
+
+    logits: torch.Tensor  # (N, V)
+
+    def __len__(self) -> int:
+        return self.logits.shape[0]
+
+    def __getitem__(self, rows: slice) -> "LogitRows":
+        return LogitRows(self.logits[rows])
+
+    def check_vocab(self, vocab_size: int) -> None:
+        if self.logits.shape[-1] != vocab_size:
+            raise LlmneoError(f"the teacher's logits have {self.logits.shape[-1]} vocabulary columns but the "
+                              f"student's vocabulary has {vocab_size}; slice the teacher's logits to the shared "
+                              f"vocabulary")
+
+    def divergence(self, student_logits: torch.Tensor, settings: KDSettings) -> torch.Tensor:
+        self.check_vocab(student_logits.shape[-1])
+        return token_divergence(student_logits, self.logits, **settings.keywords())
+
+    def closed_form(self, logits, targets, kd_ratio: float, settings: KDSettings):
+        self.check_vocab(logits.shape[-1])
+        if settings.kind != "fkl":
+            return None
+        return closed_form.fkl_grad(logits, targets, self.logits, kd_ratio, settings.temperature)
+
+
+@dataclass
+class DenseRows:
+    """A live teacher's hidden states at the response positions; logits are computed per slice."""
+
+    hidden: torch.Tensor  # (N, H_teacher)
+    head: object  # hidden → logits (N, V_padded)
+    vocab_size: int  # the real vocabulary: padded head rows are dropped
+
+    def __len__(self) -> int:
+        return self.hidden.shape[0]
+
+    @torch.no_grad()
+    def __getitem__(self, rows: slice) -> LogitRows:
+        return LogitRows(self.head(self.hidden[rows])[:, : self.vocab_size])  # (C, V)
+
+    def check_vocab(self, vocab_size: int) -> None:
+        """Nothing to check before projecting: each projected slice (LogitRows) checks its own columns."""
+
+    def divergence(self, student_logits: torch.Tensor, settings: KDSettings) -> torch.Tensor:
+        return self[0:len(self)].divergence(student_logits, settings)
+
+    def closed_form(self, logits, targets, kd_ratio: float, settings: KDSettings):
+        return self[0:len(self)].closed_form(logits, targets, kd_ratio, settings)
+
+
+@dataclass
+class SparseRows:
+    """A sparse teacher distribution per position: top-k ids and log-probs plus the tail's log-mass."""
+
+    ids: torch.Tensor  # (N, k) int64
+    logprobs: torch.Tensor  # (N, k)
+    tail: torch.Tensor  # (N,)
+
+    def __len__(self) -> int:
+        return self.ids.shape[0]
+
+    def __getitem__(self, rows: slice) -> "SparseRows":
+        return SparseRows(self.ids[rows], self.logprobs[rows], self.tail[rows])
+
+    def to(self, device: torch.device) -> "SparseRows":
+        return SparseRows(self.ids.to(device), self.logprobs.to(device), self.tail.to(device))
+
+    def check_vocab(self, vocab_size: int) -> None:
+        """The top-k ids must lie in [0, vocab_size): one host sync, so the loss calls it once, not per chunk."""
+        if self.ids.numel() == 0:
+            return
+        low, high = (int(x) for x in torch.aminmax(self.ids))
+        if low < 0 or high >= vocab_size:
+            raise LlmneoError(f"the teacher's top-k ids span {low}..{high} but the student's vocabulary has "
+                              f"{vocab_size} tokens (ids 0..{vocab_size - 1}); rebuild the teacher cache with "
+                              f"a teacher that shares the student's tokenizer")
+
+    def divergence(self, student_logits: torch.Tensor, settings: KDSettings) -> torch.Tensor:
+        return sparse_token_divergence(student_logits, self.ids, self.logprobs, self.tail, **settings.keywords())
+
+    def closed_form(self, logits, targets, kd_ratio: float, settings: KDSettings):
+        if settings.kind != "fkl" or settings.temperature != 1.0:
+            return None
+        return closed_form.sparse_fkl_grad(logits, targets, self, kd_ratio)
+
+
+TeacherRows = DenseRows | LogitRows | SparseRows

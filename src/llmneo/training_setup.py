@@ -1,0 +1,212 @@
+"""Everything a training run sets up before its first optimizer step, in one object.
+
+`prepare(config)` builds the accelerator, the output directory (and its llmneo_config.yaml), the student
+with its adapters, the data and loader, the optimizer and schedule, the progress (resumed from a
+checkpoint when asked), and the three seams of the loop, each chosen once from the config:
+  - `steps`: where each step's micro-batches come from (step_source.py);
+  - `teacher`: where the teacher signal comes from (teacher.choose: live model, cache, or None);
+  - `aligner`: how teacher positions meet student positions (alignment.py).
+train.py then runs one function per optimizer step over this object, and finishes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import warnings
+from datetime import timedelta
+from functools import partial
+from pathlib import Path
+
+import torch
+
+from llmneo import adapters, alignment, checkpoint, data, engines, memory, models, run_dir, step_source, teacher
+from llmneo import tracking
+from llmneo.config import SAVED_CONFIG, Config, input_paths, to_yaml
+from llmneo.errors import LlmneoError
+from llmneo.losses import KDSettings
+
+INITIAL_ADAPTER = "initial_adapter"  # PiSSA / OLoRA only
+
+
+@dataclasses.dataclass
+class TrainingSetup:
+    config: Config  # as run: kd_chunk_size is 0 under a sharded engine
+    accelerator: object
+    precision: models.Precision
+    out: Path
+    resume_from: Path | None
+    loaded: models.Loaded  # tokenizer and vocab_size; the student as loaded, before adapters
+    splits: data.Splits
+    collate: object
+    model: torch.nn.Module  # the prepared (wrapped) student
+    loader: object
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    progress: checkpoint.Progress
+    total_steps: int
+    trainable: int
+    total: int
+    steps: step_source.StepSource
+    teacher: object  # teacher.LiveTeacher | cache.CachedTeacher | None
+    aligner: alignment.Aligner
+    settings: KDSettings
+    kd_ratio: float  # 0 without a teacher signal
+    params: list  # what the optimizer trains, for clipping
+
+    @property
+    def main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    @property
+    def vocab_size(self) -> int:
+        return self.loaded.vocab_size
+
+    @property
+    def guards_non_finite(self) -> bool:
+        """fp16 has its loss scaler skip steps with non-finite gradients; every other precision stops."""
+        return self.precision.mixed_precision != "fp16"
+
+    @property
+    def steps_in_backward(self) -> bool:
+        """accelerate's DeepSpeed backward also steps the engine on the step's last micro-batch."""
+        return self.accelerator.distributed_type == "DEEPSPEED"
+
+
+@contextlib.contextmanager
+def writable(what):
+    """Turn a failed write of the run's results (disk full, read-only) into a one-line user error."""
+    try:
+        yield
+    except Exception as exc:
+        reason = run_dir.write_failure(exc)
+        if reason is None:
+            raise
+        raise checkpoint.unwritable(what, reason) from None
+
+
+def prepare(config: Config) -> TrainingSetup:
+    """Set up the run `config` describes, up to its first optimizer step."""
+    from accelerate import Accelerator
+    from accelerate.utils import InitProcessGroupKwargs, set_seed
+
+    precision = models.resolve_precision(config)
+    accelerator = Accelerator(
+        mixed_precision=precision.mixed_precision, cpu=not torch.cuda.is_available(),
+        kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=config.ddp_timeout))],
+        **tracking.accelerator_kwargs(config),
+    )
+    main = accelerator.is_main_process
+    if main:
+        _warn_about_teacher(config)
+    out, resume_from = _output_dir(config, main)
+    accelerator.wait_for_everyone()
+    set_seed(config.seed)
+    memory.reset_peak(accelerator.device)
+
+    loaded = models.load(config, precision, with_teacher=config.uses_kd and not teacher.uses_cache(config))
+    splits = data.build(config, loaded.tokenizer)
+    for i, example in enumerate(splits.train):
+        example["index"] = i  # lets a teacher cache find the example's rows
+    model = _student(config, loaded, out, main)
+    trainable, total = adapters.count_params(model)
+    collate = partial(data.collate, pad_token_id=loaded.tokenizer.pad_token_id)
+    # The loader's own generator: creating an iterator (each epoch, or on resume) must not draw from the
+    # global RNG that dropout uses, or a resumed run would drift from an uninterrupted one.
+    loader = torch.utils.data.DataLoader(splits.train, batch_size=config.per_device_train_batch_size,
+                                         sampler=data.EpochSampler(len(splits.train), config.seed), collate_fn=collate,
+                                         generator=torch.Generator().manual_seed(config.seed))
+    optimizer = _optimizer(model, config)
+    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    signal = teacher.choose(config, loaded, splits.train, accelerator)
+    if engines.sharded(accelerator) and config.kd_chunk_size:
+        if main:
+            warnings.warn("FSDP / ZeRO-3 shard the output head outside forward: using full logits at the response "
+                          "positions (kd_chunk_size=0) under this engine")
+        config = dataclasses.replace(config, kd_chunk_size=0)
+
+    total_steps = config.max_steps if config.max_steps > 0 else max(
+        1, math.ceil(config.num_train_epochs * len(loader) / config.gradient_accumulation_steps))
+    from transformers import get_scheduler
+
+    warmup = config.warmup_steps or math.ceil(config.warmup_ratio * total_steps)
+    scheduler = get_scheduler(config.lr_scheduler_type, optimizer, num_warmup_steps=warmup,
+                              num_training_steps=total_steps)
+    progress = checkpoint.Progress()
+    if resume_from is not None:
+        progress = checkpoint.load(resume_from, accelerator, model, optimizer, scheduler, config)
+        if main:
+            with writable(out / "metrics.jsonl"):  # the steps after the checkpoint will be logged again
+                (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in progress.history))
+            print(f"llmneo: resuming from {resume_from} (step {progress.step} of {total_steps})", flush=True)
+    tracking.start(accelerator, config, resumed_step=progress.step)
+    if main:
+        _announce(config, trainable, total, len(splits.train), teacher.uses_cache(config))
+    return TrainingSetup(
+        config=config, accelerator=accelerator, precision=precision, out=out, resume_from=resume_from,
+        loaded=loaded, splits=splits, collate=collate, model=model, loader=loader, optimizer=optimizer,
+        scheduler=scheduler, progress=progress, total_steps=total_steps, trainable=trainable, total=total,
+        steps=step_source.choose(config, loader, accelerator, progress.micro_seen), teacher=signal,
+        aligner=alignment.choose(config),
+        settings=KDSettings.from_config(config) if signal is not None else KDSettings(),
+        kd_ratio=config.kd_ratio if signal is not None else 0.0,
+        params=[p for p in model.parameters() if p.requires_grad])
+
+
+def _output_dir(config: Config, main: bool) -> tuple[Path, Path | None]:
+    """The output directory, ready (with this run's llmneo_config.yaml), and the checkpoint to resume from."""
+    if not config.output_dir:
+        raise LlmneoError("output_dir is not set; give a directory for the results, e.g. output_dir=out/run1")
+    resume_from = checkpoint.resolve(config)
+    out = Path(config.output_dir)
+    if main:
+        # Resuming continues in the run's own output_dir: no overwrite flag needed, nothing cleared.
+        overwrite = config.overwrite_output_dir or config.resume_from_checkpoint == "auto"
+        if resume_from is None:
+            run_dir.prepare(config.output_dir, overwrite, inputs=input_paths(config))
+        else:
+            with writable(out):
+                out.mkdir(parents=True, exist_ok=True)
+        with writable(out / SAVED_CONFIG):  # every key of this run; eval and export read its template, cutoff
+            run_dir.write_text(out / SAVED_CONFIG, to_yaml(config))
+    return out, resume_from
+
+
+def _student(config: Config, loaded: models.Loaded, out: Path, main: bool) -> torch.nn.Module:
+    """The student with its adapters (or every weight) trainable."""
+    model = adapters.apply(loaded.student, config)
+    for adapter_config in getattr(model, "peft_config", {}).values():
+        # The base as loaded (absolute for a local path): adapters saved here then merge from any directory.
+        adapter_config.base_model_name_or_path = loaded.student.name_or_path
+    if adapters.rewrites_base(config) and main:
+        # PiSSA / OLoRA: keep the initial adapter, to convert the final one into a LoRA on the original base.
+        with writable(out / INITIAL_ADAPTER):
+            model.save_pretrained(out / INITIAL_ADAPTER, safe_serialization=True)
+    return model
+
+
+def _optimizer(model: torch.nn.Module, config: Config) -> torch.optim.Optimizer:
+    params = adapters.trainable_parameters(model)
+    # No weight decay on biases and norm gains (1-D tensors), as in HF Trainer.
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=config.effective_learning_rate,
+                             betas=(config.adam_beta1, config.adam_beta2), eps=config.adam_epsilon)
+
+
+def _warn_about_teacher(config: Config) -> None:
+    if config.has_teacher and config.kd_ratio == 0:
+        warnings.warn(f"kd_ratio is 0: the teacher is not loaded and this is plain {config.method} training")
+    elif not config.has_teacher:
+        warnings.warn(f"no teacher_model_name_or_path: training on CE alone ({config.method}); "
+                      f"kd_ratio={config.kd_ratio} is ignored. Set a teacher for Neo/KD")
+
+
+def _announce(config: Config, trainable: int, total: int, examples: int, cached: bool) -> None:
+    source = ("teacher cache " + str(config.teacher_cache)) if cached else (
+        "teacher " + str(config.teacher_model_name_or_path) if config.uses_kd else "no teacher")
+    print(f"llmneo: {config.method} | trainable {trainable:,} of {total:,} parameters "
+          f"({100 * trainable / max(total, 1):.2f}%) | {source} | {examples} training examples", flush=True)
