@@ -48,16 +48,9 @@ class KDSettings:
         return {"kind": self.kind, "temperature": self.temperature, "beta": self.beta, "skew": self.skew}
 
 
-def divergence(
-    student_logits: torch.Tensor,
-    teacher_logits: torch.Tensor,
-    kind: str = "fkl",
-    *,
-    temperature: float = 1.0,
-    beta: float = 0.5,
-    skew: float = 0.1,
-    mask: torch.Tensor | None = None,
-) -> torch.Tensor:
+def divergence(student_logits: torch.Tensor, teacher_logits: torch.Tensor, kind: str = "fkl", *,
+               temperature: float = 1.0, beta: float = 0.5, skew: float = 0.1,
+               mask: torch.Tensor | None = None) -> torch.Tensor:
     """Mean divergence of the student from the teacher over the positions where `mask` is true (all if None).
 
     `mask` is a bool tensor shaped like the logits without their last dimension. With no selected position
@@ -80,15 +73,8 @@ def divergence(
     return per_position.mean()
 
 
-def token_divergence(
-    student_logits: torch.Tensor,
-    teacher_logits: torch.Tensor,
-    kind: str = "fkl",
-    *,
-    temperature: float = 1.0,
-    beta: float = 0.5,
-    skew: float = 0.1,
-) -> torch.Tensor:
+def token_divergence(student_logits: torch.Tensor, teacher_logits: torch.Tensor, kind: str = "fkl", *,
+                     temperature: float = 1.0, beta: float = 0.5, skew: float = 0.1) -> torch.Tensor:
     """Per-position divergence `[...]` (float32, or float64 for float64 input), already multiplied by T².
 
     With p_T = softmax(teacher / T) and p_S = softmax(student / T):
