@@ -10,8 +10,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
-
 from llmneo import models, run_dir, templates
 from llmneo.config import Config, input_paths
 from llmneo.errors import LlmneoError
@@ -61,16 +59,9 @@ def run(config: Config) -> Path:
         merged = peft_model.merge_and_unload(safe_merge=True)
     except ValueError as exc:
         raise LlmneoError(f"merging '{adapter}' produced non-finite weights: {exc}") from None
-    if config.torch_dtype == "auto":
-        # Merged in fp32 for precision, saved in the base model's own dtype (a bf16 base stays bf16).
-        from transformers import AutoConfig
-
-        original = AutoConfig.from_pretrained(base_path, trust_remote_code=config.trust_remote_code)
-        saved_dtype = getattr(original, "dtype", None) or getattr(original, "torch_dtype", None)
-        if isinstance(saved_dtype, str):
-            saved_dtype = models.DTYPES.get(saved_dtype)
-        if isinstance(saved_dtype, torch.dtype) and saved_dtype != torch.float32:
-            merged = merged.to(saved_dtype)
+    saved_dtype = models.saved_dtype(config, base_path)
+    if saved_dtype is not None:
+        merged = merged.to(saved_dtype)
     merged.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
     return out

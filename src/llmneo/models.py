@@ -68,6 +68,20 @@ def weight_dtype(config: Config, role: str, precision: Precision | None = None) 
     return (precision or resolve_precision(config)).compute_dtype
 
 
+def saved_dtype(config: Config, base_path: str) -> torch.dtype | None:
+    """The dtype `llmneo export` saves a merged model in, when it differs from the merge dtype: under auto
+    the base model's own recorded dtype (a bf16 base stays bf16, after merging in fp32); None: keep it."""
+    if config.torch_dtype != "auto":
+        return None  # merged in torch_dtype already
+    from transformers import AutoConfig
+
+    original = AutoConfig.from_pretrained(base_path, trust_remote_code=config.trust_remote_code)
+    recorded = getattr(original, "dtype", None) or getattr(original, "torch_dtype", None)
+    if isinstance(recorded, str):
+        recorded = DTYPES.get(recorded)
+    return recorded if isinstance(recorded, torch.dtype) and recorded != torch.float32 else None
+
+
 def _check_exists(path: str, key: str) -> None:
     if os.path.exists(path):
         return
