@@ -32,9 +32,26 @@ def sweep_cli(yaml_path: Path, *args: str) -> int:
     return cli.main(["sweep", str(yaml_path), *args])
 
 
+def _counting(monkeypatch, module, name: str) -> list:
+    """Wrap module.name so that each call is recorded and then made as usual."""
+    calls, real = [], getattr(module, name)
+
+    def counted(*args, **kwargs):
+        calls.append(args)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, counted)
+    return calls
+
+
 @pytest.mark.slow
-def test_two_by_two_grid_end_to_end(sweep_yaml, tmp_path, capsys):
+def test_two_by_two_grid_end_to_end(sweep_yaml, tmp_path, capsys, monkeypatch):
+    from llmneo import models
+
+    loads = {name: _counting(monkeypatch, models, name) for name in ("load", "load_teacher", "load_trained")}
     assert sweep_cli(sweep_yaml, "lora_rank=2,4", "learning_rate=1e-3,1e-2") == 0
+    # Each cell loads its student and teacher once, for training; the held-out scores come from training.
+    assert [len(loads[name]) for name in ("load", "load_teacher", "load_trained")] == [4, 4, 0]
     out = capsys.readouterr().out
     folder = tmp_path / "sweep"
     rows = read_csv(folder / "sweep.csv")
@@ -45,8 +62,9 @@ def test_two_by_two_grid_end_to_end(sweep_yaml, tmp_path, capsys):
         cell = folder / f"lora_rank={r['lora_rank']}_learning_rate={r['learning_rate']}"
         assert Path(r["cell_dir"]) == cell
         assert (cell / "train_results.json").is_file() and (cell / "adapter_config.json").is_file()
-        scored = json.loads((cell / "eval_results.json").read_text())
-        assert float(r["perplexity"]) == pytest.approx(scored["perplexity"])
+        trained = json.loads((cell / "train_results.json").read_text())
+        for metric in ("perplexity", "kl_to_teacher", "top1_agreement"):
+            assert float(r[metric]) == pytest.approx(trained[f"eval_{metric}"])
         assert 0.0 <= float(r["top1_agreement"]) <= 1.0 and float(r["kl_to_teacher"]) > 0
         assert json.loads((cell / "sweep_cell.json").read_text())["config"]["learning_rate"] == float(
             r["learning_rate"])

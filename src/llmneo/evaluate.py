@@ -23,7 +23,7 @@ import yaml
 from llmneo import data, heads, models, run_dir
 from llmneo.config import Config
 from llmneo.errors import LlmneoError
-from llmneo.losses import response_positions, token_cross_entropy, token_divergence
+from llmneo.losses import KDSettings, response_positions, token_cross_entropy, token_divergence
 
 KD_SETTING_NAMES = ("kind", "temperature", "beta", "skew")
 
@@ -37,8 +37,8 @@ def perplexity(ce_loss: float) -> float:
 
 
 def kd_settings(kd) -> dict | None:
-    """The divergence's keyword arguments from KD settings: an object with .kind/.temperature/.beta/.skew,
-    or a dict with those keys; None stays None."""
+    """The divergence's keyword arguments from KD settings: a losses.KDSettings (or any object with
+    .kind/.temperature/.beta/.skew), or a dict with those keys; None stays None."""
     if kd is None:
         return None
     if isinstance(kd, dict):
@@ -244,10 +244,7 @@ def run(config: Config) -> dict:
     if not config.dataset and not config.tasks:
         raise LlmneoError("nothing to evaluate: set dataset=... (perplexity, KL, agreement) and/or tasks=...")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    # auto: bf16 where a GPU supports it (an 8B teacher in fp32 would double the memory), else fp32.
-    bf16_gpu = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-    auto = torch.bfloat16 if bf16_gpu else torch.float32
-    dtype = auto if config.torch_dtype == "auto" else models.DTYPES[config.torch_dtype]
+    dtype = models.weight_dtype(config, "eval")  # bf16 on a bf16 GPU under auto (models.py says why)
     model, tokenizer = models.load_trained(config, dtype)
     model.to(device)
     results: dict = {"model": config.model_name_or_path}
@@ -262,11 +259,10 @@ def run(config: Config) -> dict:
             raise LlmneoError(f"{given} but no held-out example has a response token within "
                               f"cutoff_len={config.cutoff_len}; raise cutoff_len or check the held-out data")
         examples = splits.eval if split_off else splits.train
-        kd = {"kind": config.kd_loss, "temperature": config.kd_temperature, "beta": config.kd_beta,
-              "skew": config.kd_skew}
         results.update(held_out(model, teacher, examples, pad_token_id=tokenizer.pad_token_id,
-                                vocab_size=len(tokenizer), kd=kd, batch_size=config.per_device_eval_batch_size,
-                                chunk_size=config.kd_chunk_size, device=device))
+                                vocab_size=len(tokenizer), kd=KDSettings.from_config(config),
+                                batch_size=config.per_device_eval_batch_size, chunk_size=config.kd_chunk_size,
+                                device=device))
     if config.tasks:
         results["lm_eval"] = lm_eval_tasks(model, tokenizer, config.tasks, num_fewshot=config.num_fewshot,
                                            limit=config.eval_limit, batch_size=config.per_device_eval_batch_size,

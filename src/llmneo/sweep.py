@@ -8,12 +8,13 @@ nature (`lora_target`, `dataset`, `tasks`, `keep_layers`), which use `;`:
 
 The grid is the cartesian product of the axes, in the order given. Every cell's config is built and
 validated before anything trains. Each cell trains in-process, one after another, in its own folder
-`output_dir/<key>=<value>_<key2>=<value2>`, and is then scored on the held-out split (`val_size`
-> 0 or `eval_dataset`) with `llmneo eval`'s metrics against the same teacher, so every cell sees the
-same rows.
+`output_dir/<key>=<value>_<key2>=<value2>`. Training itself scores the cell on the held-out split
+(`val_size` > 0 or `eval_dataset`) with the one held-out evaluator (evaluate.held_out) against its
+teacher, while both models are still loaded: train_results.json's eval_* keys. Every cell sees the same
+rows, and no cell loads a model twice.
 
 A failing cell is recorded (status `failed`, the error's first line) and the sweep goes on. Running
-the same command again skips finished cells (train_results.json and eval_results.json present, and
+the same command again skips finished cells (train_results.json with held-out scores present, and
 the config unchanged) and retries the rest. The sweep folder (`output_dir`) gets sweep.csv (rewritten
 after every cell, so a crash leaves a useful table), sweep.md and, for two axes, heatmap.png of
 `sweep_metric`. lm-eval `tasks` are not run per cell: evaluate the best cell with `llmneo eval`.
@@ -34,10 +35,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from llmneo import config as config_mod
-from llmneo import evaluate, llamafactory, preemption, run_dir, train
-from llmneo.sweep_report import METRICS, RESULT_COLUMNS, best, describe, write_csv, write_heatmap, write_markdown
+from llmneo import llamafactory, preemption, run_dir, train
 from llmneo.config import Config
 from llmneo.errors import LlmneoError
+from llmneo.sweep_report import METRICS, RESULT_COLUMNS, best, describe, write_csv, write_heatmap, write_markdown
 
 LIST_KEYS = ("lora_target", "dataset", "tasks", "keep_layers")  # comma lists by nature: ';' separates values
 SEPARATORS = "values are separated by ',' (by ';' for lora_target, dataset, tasks, keep_layers)"
@@ -188,8 +189,8 @@ def _fingerprint(cfg: Config) -> dict:
 
 
 def finished(cell: Cell) -> tuple[bool, str | None]:
-    """(done, why not reused): done when both result files exist and the cell's config is unchanged."""
-    if not ((cell.dir / "train_results.json").is_file() and (cell.dir / "eval_results.json").is_file()):
+    """(done, why not reused): done when the cell's results hold its held-out scores and its config is unchanged."""
+    if "eval_perplexity" not in _read_json(cell.dir / "train_results.json"):
         return False, None
     stored = _read_json(cell.dir / CELL_FILE).get("config")
     if stored is None:  # no record of the config it ran with: trust the results
@@ -200,17 +201,12 @@ def finished(cell: Cell) -> tuple[bool, str | None]:
 
 
 def train_and_score(cell: Cell) -> None:
-    """Train the cell, then evaluate its adapter/model on the held-out split; results land in cell.dir."""
+    """Train the cell; training scores it on the held-out split (train_results.json in cell.dir)."""
     cell.dir.mkdir(parents=True, exist_ok=True)
-    for name in ("train_results.json", "eval_results.json"):  # never pair new results with stale ones
-        (cell.dir / name).unlink(missing_ok=True)
+    (cell.dir / "train_results.json").unlink(missing_ok=True)  # a failed retry must not look finished
     run_dir.write_json(cell.dir / CELL_FILE, {"settings": cell.settings, "config": _fingerprint(cell.config)})
     try:
         train.run(cell.config)
-        # The trained folder as the model: an adapter dir loads onto its base. Same dataset, val_size and
-        # seed, so the held-out rows are the ones training left out.
-        evaluate.run(dataclasses.replace(cell.config, model_name_or_path=str(cell.dir), adapter_name_or_path=None,
-                                         tasks=None))
     finally:
         _release()
 
@@ -230,8 +226,8 @@ def row(cell: Cell, status: str, error: str = "") -> dict:
     """The cell's CSV row: its axis values, status, held-out metrics and training summary."""
     out = {**cell.settings, "status": status, "cell_dir": str(cell.dir), "error": error}
     if status == "ok":
-        trained, scored = _read_json(cell.dir / "train_results.json"), _read_json(cell.dir / "eval_results.json")
-        out.update({k: scored.get(k) for k in METRICS})
+        trained = _read_json(cell.dir / "train_results.json")
+        out.update({k: trained.get(f"eval_{k}") for k in METRICS})
         out.update({k: trained.get(k) for k in ("final_loss", "train_runtime", "trainable_params")})
     return out
 

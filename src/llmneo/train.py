@@ -24,7 +24,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from llmneo import adapters, checkpoint, engines, heads, memory, plot, preemption, run_dir, tracking, training_setup
+from llmneo import adapters, checkpoint, engines, evaluate, heads, memory, plot, preemption, run_dir, tracking
+from llmneo import training_setup
 from llmneo.alignment import IdentityAligner
 from llmneo.chunked import fused_loss, kd_values
 from llmneo.config import Config
@@ -247,8 +248,13 @@ def finish(setup: TrainingSetup, last: dict) -> dict:
         from llmneo.teacher import uses_cache
 
         eval_teacher = None if uses_cache(config) else setup.teacher
-        results.update(evaluate_split(setup.model, eval_teacher, setup.splits.eval, setup.collate, config,
-                                      setup.vocab_size, accelerator))
+        # The one held-out evaluator (llmneo eval's), while both models are loaded: sweep reads these scores.
+        scores = evaluate.held_out(setup.model, getattr(eval_teacher, "model", None), setup.splits.eval,
+                                   pad_token_id=setup.loaded.tokenizer.pad_token_id, vocab_size=setup.vocab_size,
+                                   kd=KDSettings.from_config(config), batch_size=config.per_device_eval_batch_size,
+                                   chunk_size=config.kd_chunk_size, device=accelerator.device,
+                                   autocast=accelerator.autocast)
+        results.update({f"eval_{k}": v for k, v in scores.items()})
         tracking.log(accelerator, {k: v for k, v in results.items() if k.startswith("eval_")}, setup.total_steps)
     accelerator.wait_for_everyone()
     state_dict = engines.state_dict_for_saving(accelerator, setup.model)  # every rank takes part when sharded
@@ -277,26 +283,6 @@ def _log_row(step, epoch, window, kd_ratio, has_teacher, lr, grad_norm, elapsed)
         "grad_norm": grad_norm,
         "tokens_per_second": window["seen"] / elapsed if elapsed > 0 else 0.0,
     }
-
-
-@torch.no_grad()
-def evaluate_split(model, teacher, examples, collate, config: Config, vocab_size: int, accelerator) -> dict:
-    """Held-out CE (and KD) per response token, the same objective as training."""
-    model.eval()
-    ce_total, kd_total, n_total = 0.0, 0.0, 0
-    for start in range(0, len(examples), config.per_device_eval_batch_size):
-        batch = collate(examples[start:start + config.per_device_eval_batch_size])
-        batch = {k: v.to(accelerator.device) for k, v in batch.items()}
-        with accelerator.autocast():
-            _, ce, kd, n = micro_batch_sums(model, teacher, batch, config, vocab_size, config.kd_ratio)
-        ce_total += float(ce)
-        kd_total += float(kd) if kd is not None else 0.0
-        n_total += n
-    model.train()
-    out = {"eval_ce_loss": ce_total / max(n_total, 1), "eval_tokens": n_total}
-    out["eval_kd_loss"] = kd_total / max(n_total, 1) if teacher is not None else None
-    out["eval_perplexity"] = math.exp(min(out["eval_ce_loss"], 50.0))
-    return out
 
 
 def _save_model(accelerator, model, tokenizer, directory: Path, config: Config, state_dict: dict | None = None) -> None:
