@@ -164,6 +164,8 @@ def test_cells_are_the_product_in_order_with_safe_distinct_folders(sweep_yaml, t
     (["kd_ratio=0.5"], "at least one axis"),
     (["lora_rank=2,4", "val_size=0"], "set e.g. val_size=0.1"),
     (["lora_rank=2,4", "sweep_metric=kl_to_teacher", "teacher_model_name_or_path=null"], "teacher"),
+    (["kd_ratio=0,0.5", "sweep_metric=top1_agreement"], "kd_ratio=0 has kd_ratio=0.0; use sweep_metric=perplexity"),
+    (["lora_rank=2,4", "sweep_metric=kl_to_teacher", "teacher_cache=cache"], "trains from teacher_cache"),
 ])
 def test_bad_sweeps_fail_in_one_line_before_anything_runs(sweep_yaml, tmp_path, capsys, args, needle):
     assert sweep_cli(sweep_yaml, *args) == 2

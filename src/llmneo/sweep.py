@@ -11,7 +11,9 @@ validated before anything trains. Each cell trains in-process, one after another
 `output_dir/<key>=<value>_<key2>=<value2>`. Training itself scores the cell on the held-out split
 (`val_size` > 0 or `eval_dataset`) with the one held-out evaluator (evaluate.held_out) against its
 teacher, while both models are still loaded: train_results.json's eval_* keys. Every cell sees the same
-rows, and no cell loads a model twice.
+rows, and no cell loads a model twice. A cell that does not distil from a live teacher (kd_ratio 0, or a
+teacher_cache) has no teacher to compare with: its KL and agreement stay empty, so sweep_metric must
+then be perplexity.
 
 A failing cell is recorded (status `failed`, the error's first line) and the sweep goes on. Running
 the same command again skips finished cells (train_results.json with held-out scores present, and
@@ -39,6 +41,7 @@ from llmneo import llamafactory, preemption, run_dir, train
 from llmneo.config import Config
 from llmneo.errors import LlmneoError
 from llmneo.sweep_report import METRICS, RESULT_COLUMNS, best, describe, write_csv, write_heatmap, write_markdown
+from llmneo.teacher import uses_cache
 
 LIST_KEYS = ("lora_target", "dataset", "tasks", "keep_layers")  # comma lists by nature: ';' separates values
 SEPARATORS = "values are separated by ',' (by ';' for lora_target, dataset, tasks, keep_layers)"
@@ -162,6 +165,13 @@ def _check_cell(cfg: Config, cell: dict[str, str]) -> None:
         raise LlmneoError(f"sweep_metric={cfg.sweep_metric} compares the student with a teacher, but "
                           f"teacher_model_name_or_path is not set (cell {where}); set it or use "
                           f"sweep_metric=perplexity")
+    if cfg.sweep_metric != "perplexity" and (not cfg.uses_kd or uses_cache(cfg)):
+        # Training scores the held-out rows against the teacher model it distils from; without one loaded
+        # there is nothing to compare with (a cache holds the training rows only).
+        reason = "trains from teacher_cache" if uses_cache(cfg) else f"has kd_ratio={cfg.kd_ratio}"
+        raise LlmneoError(f"sweep_metric={cfg.sweep_metric} compares each cell with the teacher it distils from "
+                          f"live, but cell {where} {reason}; use sweep_metric=perplexity, then score the cells you "
+                          f"pick with llmneo eval teacher_model_name_or_path=...")
 
 
 def cell_names(settings: list[dict[str, str]]) -> list[str]:
