@@ -16,7 +16,7 @@ Memory, above the state once the inputs and weights exist (CUDA: max allocated a
 Each figure is the median over the runs, with the min-max spread; time is the median of the runs' medians.
 
     python benchmarks/loss_bench.py [--tokens 4096] [--hidden 512] [--vocab 32000 128256] [--chunks 256 1024 4096]
-                                    [--runs 3]
+                                    [--runs 3] [--variants official llmneo liger]
 """
 
 from __future__ import annotations
@@ -29,6 +29,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 from measure import in_fresh_process, measure, measure_cuda, tensor_peak  # noqa: E402
+
+
+VARIANTS = ("official", "llmneo", "liger")
 
 
 def one(variant: str, tokens: int, hidden: int, vocab: int, chunk: int, device: str) -> dict:
@@ -106,7 +109,7 @@ def print_table(rows: list[dict], vocabs: list[int]) -> None:
           "RSS, 1 arena (MiB) | vs official (RSS) | vs official (time) |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for vocab in vocabs:
-        base = next(r for r in rows if r["vocab"] == vocab and r["variant"] == "official")
+        base = next((r for r in rows if r["vocab"] == vocab and r["variant"] == "official"), None)
         for r in (r for r in rows if r["vocab"] == vocab):
             if r["errors"]:
                 print(f"| {vocab} | {r['variant']} | {r['chunk']} | - | {r['errors'][0]} | - | - | - | - | - |")
@@ -116,7 +119,7 @@ def print_table(rows: list[dict], vocabs: list[int]) -> None:
             seconds = _spread([run["seconds"] for run in r["runs"]])[0]
             buffers = f"{_spread(tensor)[0] / (r['chunk'] * vocab * 4):.2f}" if r["chunk"] != "-" else "-"
             vs_tensor = vs_rss = vs_time = "-"
-            if not base["errors"]:
+            if base is not None and not base["errors"]:
                 vs_tensor = _ratio(tensor, [run["tensor_peak_bytes"] for run in base["runs"]])
                 vs_rss = _ratio(rss, [run["peak_above_baseline_bytes"] for run in base["runs"]])
                 vs_time = f"{seconds / _spread([run['seconds'] for run in base['runs']])[0]:.2f}"
@@ -131,6 +134,8 @@ def main() -> None:
     parser.add_argument("--vocab", type=int, nargs="+", default=[32000, 128256])
     parser.add_argument("--chunks", type=int, nargs="+", default=[256, 1024, 4096])
     parser.add_argument("--runs", type=int, default=3, help="fresh processes per variant (median and spread)")
+    parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS),
+                        help="a subset, e.g. to run the large official one on its own (ratios need it)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--one", nargs=2, metavar=("VARIANT", "VOCAB"))
     parser.add_argument("--chunk", type=int, default=1024)
@@ -148,6 +153,7 @@ def main() -> None:
     rows = []
     for vocab in args.vocab:
         variants = [("official", 0)] + [("llmneo", c) for c in args.chunks] + ([("liger", 1024)] if have_liger else [])
+        variants = [(variant, chunk) for variant, chunk in variants if variant in args.variants]
         for variant, chunk in variants:
             row = {"vocab": vocab, "variant": variant, "chunk": chunk or "-", "runs": [], "errors": []}
             for _ in range(args.runs):  # one variant's runs back to back; never two big processes at once
