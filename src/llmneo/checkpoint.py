@@ -157,7 +157,7 @@ def load(path: Path, accelerator, model, optimizer, scheduler, config: Config) -
                           f"{accelerator.num_processes}; resume with the same number of processes")
     try:
         tensors = load_file(str(weights))
-        _load_weights(accelerator.unwrap_model(model), tensors, config)
+        _load_weights(accelerator, accelerator.unwrap_model(model), tensors, config)
         optimizer.load_state_dict(torch.load(optimizer_file, map_location="cpu", weights_only=True))
         scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
         set_rng_state(torch.load(rng_file, weights_only=True))
@@ -172,7 +172,7 @@ def load(path: Path, accelerator, model, optimizer, scheduler, config: Config) -
     return Progress(**{k: state[k] for k in ("step", "micro_seen", "train_tokens", "runtime", "history", "window")})
 
 
-def _load_weights(model, tensors: dict, config: Config) -> None:
+def _load_weights(accelerator, model, tensors: dict, config: Config) -> None:
     if config.finetuning_type == "lora":
         from peft import set_peft_model_state_dict
 
@@ -181,7 +181,7 @@ def _load_weights(model, tensors: dict, config: Config) -> None:
         if unexpected:
             raise ValueError(f"unexpected adapter weights {unexpected[:3]}")
         return
-    missing, unexpected = model.load_state_dict(tensors, strict=False)
+    missing, unexpected = engines.load_state_dict(accelerator, model, tensors)
     tied = set(getattr(model, "_tied_weights_keys", None) or [])
     missing = [k for k in missing if k not in tied and not k.endswith("lm_head.weight")]
     if missing or unexpected:

@@ -8,14 +8,67 @@
   run inside their forwards, so llmneo falls back to full logits at the response positions
   (`kd_chunk_size: 0` behaviour) and gathers the full state dict when saving.
 
-The sharded paths need GPUs and were not exercised by this repository's tests (see docs/distributed.md).
+accelerate only builds an FSDP state on accelerators; on CPU it runs a launch that asked for FSDP as
+plain data parallel. `create_accelerator` turns such a launch (FSDP2, several processes) into an FSDP
+run over gloo, so the FSDP2 path is the one a GPU user gets and tests exercise it on CPU
+(docs/distributed.md says what ran and what did not).
 """
 
 from __future__ import annotations
 
 import copy
+import os
 
 import torch
+
+from llmneo.errors import LlmneoError
+
+
+def create_accelerator(**kwargs):
+    """The run's Accelerator: on the GPUs when there are any, else on CPU; sharded when launched for FSDP."""
+    from accelerate import Accelerator
+
+    on_cpu = not torch.cuda.is_available()
+    plugin = _cpu_fsdp_plugin() if on_cpu and _fsdp_requested() else None
+    accelerator = Accelerator(cpu=on_cpu, **kwargs)
+    if plugin is not None:
+        _shard_on_cpu(accelerator, plugin)
+    return accelerator
+
+
+def _fsdp_requested() -> bool:
+    # What `accelerate launch` exports for `distributed_type: FSDP` (or `--use_fsdp`).
+    return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true", "yes")
+
+
+def _cpu_fsdp_plugin():
+    from accelerate.utils import FullyShardedDataParallelPlugin
+
+    plugin = FullyShardedDataParallelPlugin()  # every setting from the launcher's FSDP_* variables
+    if plugin.fsdp_version != 2:
+        raise LlmneoError("FSDP on CPU needs FSDP2: set fsdp_version: 2 in the accelerate config (FSDP1 runs on "
+                          "GPUs only), or launch without FSDP")
+    return plugin
+
+
+def _shard_on_cpu(accelerator, plugin) -> None:
+    """Make accelerate's CPU data-parallel state (gloo) the FSDP2 state it builds on GPUs.
+
+    accelerate (1.x) decides FSDP only for accelerator devices, and runs the same launch on CPU as DDP
+    without a word. Setting the state afterwards sends `prepare`, `no_sync`, `clip_grad_norm_` and
+    `get_state_dict` down their FSDP2 paths, which are device-agnostic.
+    """
+    from accelerate.state import PartialState
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type != DistributedType.MULTI_CPU:
+        return  # a single process without a process group: nothing to shard over
+    state = accelerator.state
+    if state.mixed_precision != "no":
+        plugin.set_mixed_precision(state.mixed_precision)
+    state.fsdp_plugin = plugin
+    state.distributed_type = DistributedType.FSDP
+    PartialState._shared_state["distributed_type"] = DistributedType.FSDP  # read by barriers and reductions
 
 
 def sharded(accelerator) -> bool:
@@ -59,20 +112,36 @@ def _deepspeed_inference(teacher, accelerator):
 
 def _fsdp_inference(teacher, accelerator):
     plugin = accelerator.state.fsdp_plugin
-    if getattr(plugin, "fsdp_version", 1) == 2:
-        from torch.distributed.fsdp import fully_shard
-
-        teacher.to(accelerator.device)
-        for layer in getattr(getattr(teacher, "model", teacher), "layers", []):
-            fully_shard(layer)
-        fully_shard(teacher)
-        return teacher.eval()
+    if plugin.fsdp_version == 2:
+        return _fsdp2_inference(teacher, accelerator)
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
     plugin.set_auto_wrap_policy(teacher)
     wrapped = FSDP(teacher, auto_wrap_policy=plugin.auto_wrap_policy, sharding_strategy=plugin.sharding_strategy,
-                   device_id=accelerator.device, use_orig_params=True, limit_all_gathers=True)
+                   device_id=accelerator.device, use_orig_params=True, limit_all_gathers=True,
+                   sync_module_states=plugin.sync_module_states)
     return wrapped.eval()
+
+
+def _fsdp2_inference(teacher, accelerator):
+    """Shard the teacher exactly as accelerate shards the student (decoder layers, embeddings and head, root).
+
+    accelerate's own preparation also fills in the weights that `cpu_ram_efficient_loading` left unloaded
+    on ranks other than 0 (it broadcasts rank 0's). The wrap classes are the teacher's own: the plugin
+    remembers the student's, which another architecture does not contain.
+    """
+    from accelerate.utils.fsdp_utils import fsdp2_prepare_model
+
+    plugin = accelerator.state.fsdp_plugin
+    for_teacher = copy.copy(plugin)
+    if not os.environ.get("FSDP_TRANSFORMER_CLS_TO_WRAP"):
+        for_teacher.transformer_cls_names_to_wrap = None
+    accelerator.state.fsdp_plugin = for_teacher
+    try:
+        teacher = fsdp2_prepare_model(accelerator, teacher)
+    finally:
+        accelerator.state.fsdp_plugin = plugin
+    return teacher.eval()
 
 
 def state_dict_for_saving(accelerator, model) -> dict | None:
@@ -80,3 +149,18 @@ def state_dict_for_saving(accelerator, model) -> dict | None:
     if not sharded(accelerator):
         return None
     return accelerator.get_state_dict(model)
+
+
+def load_state_dict(accelerator, model, tensors: dict):
+    """Copy whole tensors (a checkpoint's model) into `model`, sharded or not; returns (missing, unexpected).
+
+    FSDP2's parameters are DTensors, which refuse a plain `load_state_dict` of whole tensors: torch's
+    state-dict API shards each tensor the way its parameter is sharded.
+    """
+    if sharded(accelerator) and accelerator.is_fsdp2:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        result = set_model_state_dict(model, tensors, options=StateDictOptions(full_state_dict=True, strict=False))
+    else:
+        result = model.load_state_dict(tensors, strict=False)
+    return result.missing_keys, result.unexpected_keys

@@ -89,12 +89,11 @@ def writable(what):
 
 def prepare(config: Config) -> TrainingSetup:
     """Set up the run `config` describes, up to its first optimizer step."""
-    from accelerate import Accelerator
     from accelerate.utils import InitProcessGroupKwargs, set_seed
 
     precision = models.resolve_precision(config)
-    accelerator = Accelerator(
-        mixed_precision=precision.mixed_precision, cpu=not torch.cuda.is_available(),
+    accelerator = engines.create_accelerator(  # CPU when there is no GPU; FSDP2 when launched for it, also on CPU
+        mixed_precision=precision.mixed_precision,
         kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=config.ddp_timeout))],
         **tracking.accelerator_kwargs(config),
     )
