@@ -1,8 +1,12 @@
-"""The embedded demo: a shortened run writes its report; the teacher is cached; the verdict is honest."""
+"""The embedded demo: a shortened run writes its report; the teacher is cached; the verdict is honest;
+the figures do not depend on the machine's thread count or CPU kernels (the README's determinism claim)."""
 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 
@@ -60,3 +64,59 @@ def test_verdict_says_what_happened_either_way():
     assert "does not beat LoRA" in bad and "is not closer to" in bad and "recovers 67%" in bad
     none = demo.verdict(_rows(1.6, 0.4, 1.5, 0.3, 1.2))
     assert "no KD gain to compare with" in none
+
+
+def _demo_in_fresh_process(out, env_overrides: dict) -> dict:
+    env = {**os.environ, **env_overrides}
+    done = subprocess.run([sys.executable, "-m", "llmneo", "demo", f"output_dir={out}", *SHORT],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return json.loads((out / "results.json").read_text())
+
+
+@pytest.mark.slow
+def test_figures_are_the_same_under_thread_counts_and_kernels_that_otherwise_differ(tmp_path):
+    """Each environment alone changes the last bits of an unpinned run (thread count splits reductions
+    differently, ATen's and MKL's ISA change rounding), which 600 teacher steps make visible in the table.
+    The demo pins them before torch loads, so two fresh processes must agree exactly."""
+    first = _demo_in_fresh_process(tmp_path / "a", {"OMP_NUM_THREADS": "2", "MKL_NUM_THREADS": "2",
+                                                    "ATEN_CPU_CAPABILITY": "default", "MKL_CBWR": "COMPATIBLE"})
+    second = _demo_in_fresh_process(tmp_path / "b", {"OMP_NUM_THREADS": "3", "ATEN_CPU_CAPABILITY": "avx512",
+                                                     "MKL_CBWR": "AUTO"})
+    figures = [{(r["model"], key): r[key] for r in results["rows"]
+                for key in ("perplexity", "kl_to_teacher", "top1_agreement")} for results in (first, second)]
+    assert figures[0] == figures[1]  # exact: the claim is bit for bit, not within a tolerance
+    for results in (first, second):
+        assert results["numerics"]["missed"] == []
+        assert results["numerics"]["threads"] == 1 and results["numerics"]["aten_cpu_capability"] == "AVX2"
+
+
+def test_loading_the_demo_does_not_load_torch():
+    """The pins must be in the environment before torch loads; the CLI's demo path must not load it earlier."""
+    probe = ("import sys; from llmneo import cli, demo; cli._quiet_libraries(); demo.parse(None, ['max_steps=3']); "
+             "print('torch' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "False"
+
+
+def test_pinned_numerics_restores_the_callers_settings(monkeypatch):
+    import torch
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    monkeypatch.delenv("MKL_CBWR", raising=False)
+    threads = torch.get_num_threads()
+    with demo.pinned_numerics() as numerics:
+        assert torch.get_num_threads() == 1 and os.environ["MKL_CBWR"] == "AVX2"
+        assert os.environ["CUDA_VISIBLE_DEVICES"] == ""
+        # torch was loaded before the pins here (by this test process), which the demo must say
+        assert any("loaded before" in reason for reason in numerics["missed"])
+    assert torch.get_num_threads() == threads
+    assert os.environ["OMP_NUM_THREADS"] == "2" and "MKL_CBWR" not in os.environ
+
+
+def test_fingerprint_separates_teachers_trained_under_other_numerics():
+    settings = demo.DemoSettings()
+    pinned = {"threads": 1, "aten_cpu_capability": "AVX2", "mkl_cbwr": "AVX2", "device": "cpu"}
+    assert demo._fingerprint(settings, pinned) == demo._fingerprint(settings, dict(pinned))
+    assert demo._fingerprint(settings, pinned) != demo._fingerprint(settings, pinned | {"aten_cpu_capability": "AVX512"})

@@ -14,23 +14,44 @@
 
 `llmneo demo key=value ...` overrides the settings below (e.g. max_steps=1000 seed=1
 output_dir=demo_big); any other config key (kd_loss=jsd, lora_rank=32, ...) applies to all four arms.
+
+Reproducibility: float rounding depends on which kernels run, and without pins that differs between
+machines of one kind: the thread count changes how reductions are split, ATen picks AVX2 or AVX-512
+kernels by CPU, and MKL picks its GEMM branch by CPU vendor and ISA. 600 teacher steps amplify those
+last-bit differences into the third decimal of the table. So the demo pins all three (PINNED_ENV) before
+torch is loaded, and records in the report the numerics it actually ran with.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
+import os
+import sys
 import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
+# Only torch-free modules here: the numerics below must be in the environment before torch is loaded,
+# so torch and the modules that import it are imported inside the functions that run the demo.
 from llmneo import config as config_mod
-from llmneo import data, evaluate, models, plot, prune, run_dir, tiny, train, world
+from llmneo import world
 from llmneo.errors import LlmneoError
+
+# One thread, ATen's AVX2 kernels and MKL's AVX2 GEMM branch: every x86-64 CPU of the last decade (Intel
+# or AMD, with or without AVX-512, any core count) runs the same arithmetic under these, so the table is
+# the same bit for bit. One thread also keeps the demo fast on a CPU shared with other work, where two
+# OpenMP threads wait on each other. The GPU is hidden: the table is the CPU's.
+PINNED_ENV = {
+    "OMP_NUM_THREADS": "1",
+    "MKL_NUM_THREADS": "1",
+    "ATEN_CPU_CAPABILITY": "avx2",
+    "MKL_CBWR": "AVX2",
+    "CUDA_VISIBLE_DEVICES": "",
+}
 
 ARMS = (("sft", "full", False), ("lora", "lora", False), ("kd", "full", True), ("neo", "lora", True))
 
@@ -85,15 +106,67 @@ def _say(message: str) -> None:
     print(f"[llmneo demo] {message}", flush=True)
 
 
-def _fingerprint(demo: DemoSettings) -> str:
+def numerics_in_effect() -> dict:
+    """The settings that decide the demo's float rounding, as torch reports them now."""
+    import torch
+
+    return {"threads": torch.get_num_threads(), "aten_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "mkl_cbwr": os.environ.get("MKL_CBWR") if torch.backends.mkl.is_available() else "no MKL",
+            "device": "cuda" if torch.cuda.is_available() else "cpu", "torch": torch.__version__}
+
+
+def _pins_missed(numerics: dict, torch_was_loaded: bool) -> list[str]:
+    """Why this run's figures may differ from another machine's pinned run (empty when they should not)."""
+    missed = []
+    if torch_was_loaded:
+        missed.append("torch was loaded before the demo pinned its numerics (kernels may be chosen already)")
+    if numerics["threads"] != int(PINNED_ENV["OMP_NUM_THREADS"]):
+        missed.append(f"{numerics['threads']} threads")
+    if numerics["aten_cpu_capability"] != PINNED_ENV["ATEN_CPU_CAPABILITY"].upper():
+        missed.append(f"ATen runs {numerics['aten_cpu_capability']} kernels, not AVX2")
+    if numerics["mkl_cbwr"] != PINNED_ENV["MKL_CBWR"]:
+        missed.append(f"MKL branch {numerics['mkl_cbwr']}")
+    if numerics["device"] != "cpu":
+        missed.append("a GPU is in use")
+    return missed
+
+
+@contextlib.contextmanager
+def pinned_numerics():
+    """Pin threads and kernel ISAs (PINNED_ENV) for the demo; restore the caller's settings after it."""
+    torch_was_loaded = "torch" in sys.modules
+    saved = {key: os.environ.get(key) for key in PINNED_ENV}
+    os.environ.update(PINNED_ENV)
+    import torch  # ATen and MKL read the pins from the environment when their first kernel runs
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(int(PINNED_ENV["OMP_NUM_THREADS"]))  # also when torch was loaded with other settings
+    try:
+        numerics = numerics_in_effect()
+        numerics["missed"] = _pins_missed(numerics, torch_was_loaded)
+        yield numerics
+    finally:
+        torch.set_num_threads(threads)
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def _fingerprint(demo: DemoSettings, numerics: dict) -> str:
     keys = ("seed", "towns", "teacher_rows", "teacher_steps", "teacher_learning_rate", "hidden_size",
             "teacher_layers", "vocab_size")
-    blob = json.dumps({k: getattr(demo, k) for k in keys} | {"world": 1}, sort_keys=True)
+    # A teacher trained under other numerics is another teacher (it differs in the last bits and so downstream).
+    arithmetic = {k: numerics[k] for k in ("threads", "aten_cpu_capability", "mkl_cbwr", "device")}
+    blob = json.dumps({k: getattr(demo, k) for k in keys} | {"world": 1, "numerics": arithmetic}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
-def _teacher(demo: DemoSettings, files: dict, out: Path, tokenizer) -> tuple[Path, dict]:
-    cached = out / "cache" / f"teacher-{_fingerprint(demo)}"
+def _teacher(demo: DemoSettings, numerics: dict, files: dict, out: Path, tokenizer) -> tuple[Path, dict]:
+    from llmneo import tiny, train
+
+    cached = out / "cache" / f"teacher-{_fingerprint(demo, numerics)}"
     if (cached / "train_results.json").is_file():
         _say(f"teacher: reusing the cached teacher in {cached}")
         return cached, json.loads((cached / "train_results.json").read_text())
@@ -112,6 +185,10 @@ def _teacher(demo: DemoSettings, files: dict, out: Path, tokenizer) -> tuple[Pat
 
 
 def _metrics(path: Path, teacher, examples, tokenizer) -> dict:
+    import torch
+
+    from llmneo import evaluate, models
+
     model, _ = models.load_trained(config_mod.load(overrides={"model_name_or_path": str(path)}), torch.float32)
     return evaluate.response_metrics(model, examples, tokenizer.pad_token_id, len(tokenizer), teacher=teacher,
                                      batch_size=64)
@@ -119,6 +196,18 @@ def _metrics(path: Path, teacher, examples, tokenizer) -> dict:
 
 def run(path: str | None, overrides: list[str]) -> dict:
     demo, shared = parse(path, overrides)
+    with pinned_numerics() as numerics:
+        if numerics["missed"]:
+            _say("numerics not as pinned, so figures may differ from a pinned run in the last digits: "
+                 + "; ".join(numerics["missed"]))
+        return _run(demo, shared, numerics)
+
+
+def _run(demo: DemoSettings, shared: dict, numerics: dict) -> dict:
+    import torch
+
+    from llmneo import data, models, prune, tiny, train
+
     torch.manual_seed(demo.seed)
     started = time.perf_counter()
     out = Path(demo.output_dir)
@@ -132,7 +221,7 @@ def run(path: str | None, overrides: list[str]) -> dict:
     files = {name: world.write_jsonl(out / "data" / f"{name}.jsonl", world.rows(towns, size, demo.seed + 1 + i))
              for i, (name, size) in enumerate(sizes.items())}
     tokenizer = tiny.build_tokenizer(corpus=world.corpus(towns), vocab_size=demo.vocab_size)
-    teacher_dir, teacher_results = _teacher(demo, files, out, tokenizer)
+    teacher_dir, teacher_results = _teacher(demo, numerics, files, out, tokenizer)
 
     _say(f"student: pruning the teacher from {demo.teacher_layers} to {demo.student_layers} layers by block influence")
     pruned_at = time.perf_counter()
@@ -171,7 +260,7 @@ def run(path: str | None, overrides: list[str]) -> dict:
         rows.append({"model": arm, **_metrics(arm_dir, teacher_model, heldout, tokenizer),
                      "trainable_params": results["trainable_params"],
                      "peak_memory_bytes": results["peak_memory_bytes"], "wall_time": results["train_runtime"]})
-    return _report(demo, shared, rows, curves, out, time.perf_counter() - started)
+    return _report(demo, shared, numerics, rows, curves, out, time.perf_counter() - started)
 
 
 def verdict(rows: list[dict]) -> str:
@@ -197,7 +286,18 @@ def verdict(rows: list[dict]) -> str:
     return " ".join(lines)
 
 
-def _report(demo, shared, rows, curves, out: Path, runtime: float) -> dict:
+def describe_numerics(numerics: dict) -> str:
+    threads = f"{numerics['threads']} thread{'s' if numerics['threads'] != 1 else ''}"
+    text = (f"{threads}, ATen {numerics['aten_cpu_capability']} kernels, MKL branch {numerics['mkl_cbwr']}, "
+            f"{numerics['device']}, torch {numerics['torch']}")
+    if numerics["missed"]:
+        return text + " (not as pinned: " + "; ".join(numerics["missed"]) + ")"
+    return text + " (as pinned)"
+
+
+def _report(demo, shared, numerics, rows, curves, out: Path, runtime: float) -> dict:
+    from llmneo import evaluate, plot, run_dir
+
     for row in rows:
         mem = row.get("peak_memory_bytes")
         row["peak_memory_mb"] = None if mem is None else mem / 2**20
@@ -218,10 +318,11 @@ def _report(demo, shared, rows, curves, out: Path, runtime: float) -> dict:
         f"**Verdict.** {statement}", "",
         "Held-out metrics are over response tokens of unseen samples of the world. Peak RSS is the process's "
         "resident-set high-water mark during that run (CPU); at this size it is mostly the torch runtime.",
+        f"Numerics: {describe_numerics(numerics)}.",
         f"Total demo time: {runtime:.0f} s. Curves: curves.png.", ""])
     (out / "report.md").write_text(text)
     run_dir.write_json(out / "results.json", {"rows": rows, "verdict": statement, "settings": dataclasses.asdict(demo),
-                                              "shared": shared, "runtime": runtime})
+                                              "shared": shared, "numerics": numerics, "runtime": runtime})
     print()
     print(table)
     print()
