@@ -56,6 +56,9 @@ def _same_run(a: Path, b: Path, weights: str, tol: float) -> None:
         for key in ("loss", "ce_loss", "kd_loss", "grad_norm"):
             assert rb[key] == pytest.approx(ra[key], abs=tol), (ra["step"], key)
     _same_weights(a / weights, b / weights, tol)
+    results_a, results_b = (json.loads((d / "train_results.json").read_text()) for d in (a, b))
+    for key in ("eval_ce_loss", "eval_kd_loss"):  # the held-out split, scored by every rank's sharded models
+        assert results_b[key] == pytest.approx(results_a[key], abs=tol), key
 
 
 def _same_weights(a: Path, b: Path, tol: float) -> None:
@@ -73,13 +76,14 @@ def neo_config(tmp_path, student_dir, teacher_dir) -> Path:
     path.write_text(yaml.safe_dump({
         "model_name_or_path": str(student_dir), "teacher_model_name_or_path": str(teacher_dir),
         "dataset": str(data), "lora_rank": 4, "per_device_train_batch_size": 2, "max_steps": 6, "logging_steps": 1,
-        "save_steps": 3, "cutoff_len": 64, "learning_rate": 5e-3, "seed": 3}))
+        "save_steps": 3, "cutoff_len": 64, "learning_rate": 5e-3, "seed": 3, "val_size": 4}))
     return path
 
 
 @pytest.mark.slow
 def test_fsdp_equals_ddp_and_resumes(tmp_path, neo_config):
-    """Neo (LoRA + live teacher): FSDP2 per-step losses, gradient norms and adapter equal DDP's; resumed equals whole."""
+    """Neo (LoRA + live teacher): FSDP2 per-step losses, gradient norms, held-out scores and adapter equal DDP's;
+    a run resumed from its checkpoint equals the uninterrupted one."""
     ddp, fsdp = tmp_path / "ddp", tmp_path / "fsdp"
     _ok(_torchrun("-m", "llmneo", "train", str(neo_config), f"output_dir={ddp}"))
     done = _accelerate_fsdp("-m", "llmneo", "train", str(neo_config), f"output_dir={fsdp}")
