@@ -75,8 +75,7 @@ def test_training_from_cache_with_full_k_equals_live(tmp_path, cached, base_over
 def test_stale_cache_names_the_part_that_differs(tmp_path, cached, base_overrides, alien_teacher_dir, capsys):
     cache_dir, _ = cached
     other_data = write_jsonl(tmp_path / "other.jsonl", ALPACA_ROWS[:5])
-    # each refused run has already written its llmneo_config.yaml into output_dir, so the next one overwrites
-    base_overrides = {**base_overrides, "overwrite_output_dir": True}
+    # No overwrite flag: a run refused during set-up must leave output_dir usable for the corrected command.
     run = {**base_overrides, "teacher_cache": str(cache_dir), "teacher_model_name_or_path": None,
            "dataset": str(other_data)}
     assert cli.main(["train", _yaml(tmp_path, "a.yaml", run)]) == 2

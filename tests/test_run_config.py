@@ -112,3 +112,21 @@ def test_cache_runs_without_a_yaml(tmp_path, teacher_dir, student_dir, alpaca_fi
     assert cli.main(["cache", f"teacher_model_name_or_path={teacher_dir}", f"model_name_or_path={student_dir}",
                      f"dataset={alpaca_file}", f"teacher_cache={out}", "cutoff_len=64", "teacher_topk=4"]) == 0
     assert any(out.iterdir())
+
+
+def test_a_run_refused_during_set_up_leaves_output_dir_usable(tmp_path, student_dir, alpaca_file, capsys):
+    """The saved config is written before the data is read; a run refused there (here a missing dataset) must
+    not make the corrected command fail with "output_dir is not empty"."""
+    out = tmp_path / "out"
+    args = [f"model_name_or_path={student_dir}", f"output_dir={out}", "lora_rank=2", "max_steps=1",
+            "per_device_train_batch_size=4", "cutoff_len=64"]
+    assert cli.main(["train", *args, f"dataset={tmp_path / 'missing.jsonl'}"]) == 2
+    assert "not found" in capsys.readouterr().err
+    assert cli.main(["train", *args, f"dataset={alpaca_file}"]) == 0
+    assert (out / "train_results.json").is_file()
+    # A user's own file is still protected without the overwrite flag.
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("mine")
+    assert cli.main(["train", *args, f"dataset={alpaca_file}", f"output_dir={other}"]) == 2
+    assert "is not empty" in capsys.readouterr().err

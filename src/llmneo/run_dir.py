@@ -23,6 +23,9 @@ OWN_FILES = ("metrics.jsonl", "train_results.json", "training_loss.png", "eval_r
              "model.safetensors.index.json", "generation_config.json", "prune_results.json", SAVED_CONFIG)
 OWN_DIRS = ("initial_adapter", "runs")  # runs: the trackers' default logging_dir
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+# What a training run writes before its set-up is done. A run refused during set-up (a stale cache, a bad
+# dataset) leaves only these, and the corrected command must not then fail with "not empty".
+SETUP_LEFTOVERS = (SAVED_CONFIG, "initial_adapter")
 
 
 def refuse_inputs_inside(out: Path, inputs: dict[str, str | None], key: str = "output_dir") -> None:
@@ -47,7 +50,7 @@ def prepare(path: str | None, overwrite: bool, key: str = "output_dir",
     refuse_inputs_inside(out, inputs or {}, key)
     if out.exists() and not out.is_dir():
         raise LlmneoError(f"{key} '{out}' is a file, not a directory; choose another {key}")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
+    if out.is_dir() and not overwrite and any(child.name not in SETUP_LEFTOVERS for child in out.iterdir()):
         raise LlmneoError(f"{key} '{out}' is not empty; set overwrite_output_dir=true or choose another {key}")
     try:
         out.mkdir(parents=True, exist_ok=True)
