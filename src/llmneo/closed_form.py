@@ -22,7 +22,8 @@ def fkl_grad(logits: torch.Tensor, targets: torch.Tensor, teacher_logits, kd_rat
     """CE and forward-KL sums and their gradient w.r.t. `logits` (C, V), in closed form.
 
     d CE / ds = softmax(s) - onehot(y);  d [T² KL(p_T‖softmax(s/T))] / ds = T·(softmax(s/T) - p_T).
-    Four (C, V) fp32 buffers at most, where autograd through log_softmax would keep about ten.
+    At T = 1 it allocates three (C, V) fp32 buffers (p_S turned into the gradient, log p_T, p_T) next to the
+    two logits it is given: five live at its peak, where autograd through log_softmax would keep about ten.
     """
     s = logits.float()
     rows = torch.arange(s.shape[0], device=s.device)
@@ -32,7 +33,9 @@ def fkl_grad(logits: torch.Tensor, targets: torch.Tensor, teacher_logits, kd_rat
     if teacher_logits is None:
         grad[rows, targets] -= 1.0
         return ce, None, grad
-    t = teacher_logits.float() / temperature
+    t = teacher_logits.float()  # no copy of fp32 logits: a (C, V) buffer, a sixth at the peak
+    if temperature != 1.0:
+        t = t / temperature
     logp_teacher = torch.log_softmax(t, dim=-1)  # (C, V)
     p_teacher = logp_teacher.exp()  # (C, V)
     scaled = s / temperature if temperature != 1.0 else s
