@@ -16,7 +16,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from llmneo import engines
+from llmneo import engines, tiny
 from llmneo.errors import LlmneoError
 
 BIN = Path(sys.executable).parent
@@ -94,8 +94,8 @@ def test_fsdp_equals_ddp_and_resumes(tmp_path, neo_config):
     assert not list((ddp / "checkpoint-3").glob("optimizer_*.pt"))
     # DDP used the chunked loss, FSDP the full logits: the same numbers all the same.
     _same_run(ddp, fsdp, "adapter_model.safetensors", tol=1e-5)
-    _same_weights(ddp / "checkpoint-3" / "adapter_model.safetensors", fsdp / "checkpoint-3" / "adapter_model.safetensors",
-                  tol=1e-5)
+    adapter = Path("checkpoint-3") / "adapter_model.safetensors"
+    _same_weights(ddp / adapter, fsdp / adapter, tol=1e-5)
 
     cut = tmp_path / "cut"
     cut.mkdir()
@@ -111,13 +111,17 @@ PROBE = '''
 import json, sys
 from pathlib import Path
 import torch
+from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 from llmneo import cli, engines, models
 
-teacher_dir, out, neo_config, *full = sys.argv[1:]
+student_dir, teacher_dir, out, neo_config, *full = sys.argv[1:]
 out = Path(out)
 accelerator = engines.create_accelerator(mixed_precision="no")
 rank = accelerator.process_index
+# The Llama student first, as in a run: its preparation leaves its layer class in accelerate's plugin.
+student = models.load_model(student_dir, "model_name_or_path", torch.float32, False)
+student, _ = accelerator.prepare(student, torch.optim.AdamW(student.parameters()))
 teacher = models.load_model(teacher_dir, "teacher_model_name_or_path", torch.float32, False)
 if rank == 1:  # cpu_ram_efficient_loading: only rank 0's weights count; the others receive theirs from it
     with torch.no_grad():
@@ -125,7 +129,8 @@ if rank == 1:  # cpu_ram_efficient_loading: only rank 0's weights count; the oth
             param.zero_()
 placed = engines.place_teacher(teacher, accelerator)
 params = list(placed.parameters())
-facts = {"distributed_type": accelerator.distributed_type.value,
+facts = {"distributed_type": accelerator.distributed_type.value, "teacher": type(placed).__name__,
+         "layers_sharded": all(isinstance(layer, FSDPModule) for layer in placed.model.layers),
          "all_dtensor": all(isinstance(p, DTensor) for p in params),
          "local_fraction": sum(p.to_local().numel() for p in params) / sum(p.numel() for p in params),
          "training": placed.training, "requires_grad": any(p.requires_grad for p in params)}
@@ -138,13 +143,16 @@ assert cli.main(["train", neo_config, f"output_dir={out / 'full'}", *full]) == 0
 
 
 @pytest.mark.slow
-def test_fsdp_shards_the_teacher_and_resumes_full_finetuning(tmp_path, neo_config, teacher_dir):
-    """The teacher sharded for inference gives the whole teacher's logits on every rank; a full fine-tune
-    (every weight a DTensor) resumes from its checkpoint to the same model."""
+def test_fsdp_shards_the_teacher_and_resumes_full_finetuning(tmp_path, neo_config, student_dir, tokenizer):
+    """A teacher of another architecture than the student's (Qwen2 for a Llama) is sharded per decoder layer
+    for inference and gives the whole teacher's logits on every rank; a full fine-tune (every weight a
+    DTensor) resumes from its checkpoint to the same model."""
+    teacher_dir = tiny.save_pair(tiny.build_model(tokenizer, family="qwen2", hidden_size=48, num_layers=3, seed=4),
+                                 tokenizer, tmp_path / "qwen2_teacher")
     probe = tmp_path / "probe.py"
     probe.write_text(PROBE)
     full = ["finetuning_type=full", "max_steps=4", "save_steps=2", "learning_rate=1e-3"]
-    _ok(_accelerate_fsdp(str(probe), str(teacher_dir), str(tmp_path), str(neo_config), *full))
+    _ok(_accelerate_fsdp(str(probe), str(student_dir), str(teacher_dir), str(tmp_path), str(neo_config), *full))
 
     from transformers import AutoModelForCausalLM
 
@@ -153,7 +161,8 @@ def test_fsdp_shards_the_teacher_and_resumes_full_finetuning(tmp_path, neo_confi
         expected = whole(input_ids=torch.arange(3, 23).reshape(2, 10)).logits
     for rank in (0, 1):
         facts = json.loads((tmp_path / f"facts_{rank}.json").read_text())
-        assert facts["distributed_type"] == "FSDP"
+        assert facts["distributed_type"] == "FSDP" and facts["teacher"] == "FSDPQwen2ForCausalLM"
+        assert facts["layers_sharded"]
         assert facts["all_dtensor"] and facts["local_fraction"] == pytest.approx(0.5, abs=0.05)
         assert not facts["training"] and not facts["requires_grad"]
         logits = torch.load(tmp_path / f"logits_{rank}.pt")

@@ -118,17 +118,16 @@ def _fsdp_inference(teacher, accelerator):
 
     plugin.set_auto_wrap_policy(teacher)
     wrapped = FSDP(teacher, auto_wrap_policy=plugin.auto_wrap_policy, sharding_strategy=plugin.sharding_strategy,
-                   device_id=accelerator.device, use_orig_params=True, limit_all_gathers=True,
-                   sync_module_states=plugin.sync_module_states)
+                   device_id=accelerator.device, use_orig_params=True, limit_all_gathers=True)
     return wrapped.eval()
 
 
 def _fsdp2_inference(teacher, accelerator):
     """Shard the teacher exactly as accelerate shards the student (decoder layers, embeddings and head, root).
 
-    accelerate's own preparation also fills in the weights that `cpu_ram_efficient_loading` left unloaded
-    on ranks other than 0 (it broadcasts rank 0's). The wrap classes are the teacher's own: the plugin
-    remembers the student's, which another architecture does not contain.
+    With `cpu_ram_efficient_loading` it broadcasts rank 0's weights, so what the other ranks loaded does not
+    matter. The wrap classes are the teacher's own: the plugin remembers the student's, which a teacher of
+    another architecture does not contain.
     """
     from accelerate.utils.fsdp_utils import fsdp2_prepare_model
 
