@@ -15,12 +15,15 @@ the steady state; the whole-run figure from train_results.json (every step, plus
 save) is reported next to it. Per pair, the ratio is cached Neo's time per token ÷ LoRA-SFT's; the
 table gives the median of the pairs and their spread (min–max).
 
-The process CPU time (user + sys, from the OS) of each run is reported too: on a shared machine it moves
-less than the wall time.
+Next to wall time, the script reads each process's CPU time (/proc) whenever a metrics.jsonl row appears,
+which gives the CPU seconds of the steps after the warm-up. On a shared, busy machine that figure moves far
+less than wall time, above all with `--threads 1` (no OpenMP threads spinning or waiting on a descheduled
+sibling); on a quiet machine the wall-time ratio is the one that counts.
 
     python benchmarks/cache_bench.py                # 3 pairs of 20-step runs
     python benchmarks/cache_bench.py --quick        # 2 pairs of 8-step runs, a smoke test
     python benchmarks/cache_bench.py --compare-src /path/to/old/src   # and an older llmneo, interleaved
+    python benchmarks/cache_bench.py --threads 1    # one thread per process: CPU time measures the work
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ import json
 import os
 import random
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -68,25 +72,54 @@ def build_inputs(root: Path, examples: int, seq: int, seed: int = 0) -> dict:
     return paths
 
 
-def _llmneo(args: list[str], log: Path, src: str | None = None) -> tuple[float, float]:
-    """Run the llmneo CLI (same interpreter; llmneo from `src` if given): (wall s, CPU s). Output goes to `log`."""
+def _cpu_seconds(pid: int) -> float | None:
+    """User + system CPU time of a running process (all its threads), from /proc."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
+
+
+def _llmneo(args: list[str], log: Path, src: str | None = None, threads: int | None = None,
+            watch: Path | None = None) -> dict:
+    """Run the llmneo CLI (same interpreter; llmneo from `src` if given); output goes to `log`.
+
+    Returns its wall and CPU seconds, and with `watch` (a metrics.jsonl) the process's CPU time at the
+    moment each row appeared: per-step CPU time, which a busy machine disturbs far less than wall time.
+    """
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    if threads:
+        env["OMP_NUM_THREADS"] = str(threads)
     if src:
         env["PYTHONPATH"] = os.pathsep.join([src, *filter(None, [os.environ.get("PYTHONPATH")])])
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.perf_counter()
+    stamps: list[float] = []
     with log.open("w") as out:
-        done = subprocess.run([sys.executable, "-m", "llmneo", *args], stdout=out, stderr=subprocess.STDOUT, env=env)
+        child = subprocess.Popen([sys.executable, "-m", "llmneo", *args], stdout=out, stderr=subprocess.STDOUT,
+                                 env=env)
+        while child.poll() is None:
+            time.sleep(0.02)
+            if watch is not None and watch.is_file():
+                rows = watch.read_bytes().count(b"\n")
+                if rows > len(stamps):
+                    cpu = _cpu_seconds(child.pid)
+                    if cpu is not None:
+                        stamps.extend([cpu] * (rows - len(stamps)))
     wall = time.perf_counter() - started
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    if done.returncode != 0:
-        raise SystemExit(f"llmneo {' '.join(args[:2])} failed (exit {done.returncode}); see {log}")
-    return wall, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    if child.returncode != 0:
+        raise SystemExit(f"llmneo {' '.join(args[:2])} failed (exit {child.returncode}); see {log}")
+    return {"wall": wall, "cpu": (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime),
+            "cpu_at_rows": stamps}
 
 
-def run_arm(arm: str, base: dict, warmup: int, out: Path, log: Path, src: str | None = None) -> dict:
+def run_arm(arm: str, base: dict, warmup: int, out: Path, log: Path, src: str | None = None,
+            threads: int | None = None) -> dict:
     import yaml
 
+    shutil.rmtree(out, ignore_errors=True)  # no metrics.jsonl of an earlier run to be mistaken for this one's
     out.parent.mkdir(parents=True, exist_ok=True)
     values = {**base, "output_dir": str(out), "overwrite_output_dir": True}
     if arm == "lora_sft":
@@ -94,14 +127,17 @@ def run_arm(arm: str, base: dict, warmup: int, out: Path, log: Path, src: str | 
         values["kd_ratio"] = 0.0
     config = out.parent / f"{out.name}.yaml"
     config.write_text(yaml.safe_dump(values))
-    wall, cpu = _llmneo(["train", str(config)], log, src)
+    process = _llmneo(["train", str(config)], log, src, threads, watch=out / "metrics.jsonl")
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     results = json.loads((out / "train_results.json").read_text())
     per_step_tokens = results["train_tokens"] / results["global_step"]
     steady = rows[warmup:]
-    return {"arm": arm, "wall_seconds": wall, "cpu_seconds": cpu,
+    stamps = process["cpu_at_rows"]
+    steady_cpu = (stamps[-1] - stamps[warmup - 1]) if len(stamps) == len(rows) and warmup >= 1 else float("nan")
+    return {"arm": arm, "wall_seconds": process["wall"], "cpu_seconds": process["cpu"],
             "steady_tokens_per_second": len(steady) * per_step_tokens / sum(per_step_tokens / r["tokens_per_second"]
                                                                             for r in steady),
+            "steady_tokens_per_cpu_second": len(steady) * per_step_tokens / steady_cpu,
             "run_tokens_per_second": results["tokens_per_second"],
             "step_tokens_per_second": [round(r["tokens_per_second"], 1) for r in rows],
             "final_loss": results["final_loss"]}
@@ -125,6 +161,9 @@ def main() -> None:
     parser.add_argument("--compare-src", metavar="DIR",
                         help="also run cached Neo with llmneo imported from DIR (e.g. an older checkout's src/), "
                              "interleaved with the other arms, to measure a change")
+    parser.add_argument("--threads", type=int,
+                        help="OMP_NUM_THREADS for the llmneo processes (default: torch's own choice); 1 makes the "
+                             "process CPU time a measure of work that a busy machine disturbs little")
     args = parser.parse_args()
     if args.quick:
         args.steps, args.pairs = 8, 2
@@ -147,7 +186,7 @@ def main() -> None:
                                               "teacher_topk": args.topk, "output_dir": str(root / "unused"),
                                               "overwrite_output_dir": True}))
         if not reuse:
-            seconds, _ = _llmneo(["cache", str(cache_yaml)], root / "cache.log")
+            seconds = _llmneo(["cache", str(cache_yaml)], root / "cache.log")["wall"]
             print(f"llmneo cache: {seconds:.1f}s", file=sys.stderr, flush=True)
             built.write_text(json.dumps({"sizes": sizes, "paths": {k: str(v) for k, v in paths.items()}}))
         arms = {arm: None for arm in ARMS}
@@ -157,7 +196,7 @@ def main() -> None:
         for pair in range(args.pairs):
             for arm, src in arms.items():
                 run = run_arm(arm.removesuffix("_compared"), base, args.warmup, root / "runs" / f"{arm}-{pair}",
-                              root / "runs" / f"{arm}-{pair}.log", src)
+                              root / "runs" / f"{arm}-{pair}.log", src, args.threads)
                 results[arm].append(run)
                 print(json.dumps(run), file=sys.stderr, flush=True)
         _report(args, results)
@@ -168,22 +207,26 @@ def _report(args, results: dict[str, list[dict]]) -> None:
         "pairs (LoRA-SFT, cached Neo)"
     print(f"\ncache benchmark: {args.pairs} {rounds} of {args.steps}-step `llmneo train` runs, "
           f"{args.batch} x {args.seq} tokens per step, LoRA rank {args.lora_rank}, top-{args.topk} cache, "
-          f"V = {VOCAB}; median (min–max) over the runs\n")
-    print(f"| arm | tokens/s after {args.warmup} warm-up steps | tokens/s, whole run | process wall (s) | "
-          f"process CPU (s) |")
-    print("|---|---|---|---|---|")
+          f"V = {VOCAB}" + (f", OMP_NUM_THREADS={args.threads}" if args.threads else "")
+          + "; median (min–max) over the runs\n")
+    print(f"| arm | tokens/s after {args.warmup} warm-up steps | tokens/s, whole run | tokens per CPU second "
+          f"after warm-up | process wall (s) | process CPU (s) |")
+    print("|---|---|---|---|---|---|")
     for arm, runs in results.items():
         print(f"| {arm} | {_spread([r['steady_tokens_per_second'] for r in runs], 1)} | "
               f"{_spread([r['run_tokens_per_second'] for r in runs], 1)} | "
+              f"{_spread([r['steady_tokens_per_cpu_second'] for r in runs], 1)} | "
               f"{_spread([r['wall_seconds'] for r in runs], 1)} | {_spread([r['cpu_seconds'] for r in runs], 1)} |")
-    print(f"\n| time ÷ LoRA-SFT's, per pair (run next to each other) | after {args.warmup} warm-up steps | "
-          f"whole run (train_results.json) | target |")
-    print("|---|---|---|---|")
+    print(f"\n| time ÷ LoRA-SFT's, per pair (run next to each other) | wall, after {args.warmup} warm-up steps | "
+          f"wall, whole run (train_results.json) | CPU, after warm-up | target |")
+    print("|---|---|---|---|---|")
     sft = results["lora_sft"]
     for arm in [a for a in results if a != "lora_sft"]:
-        steady = [s["steady_tokens_per_second"] / n["steady_tokens_per_second"] for s, n in zip(sft, results[arm])]
-        whole = [s["run_tokens_per_second"] / n["run_tokens_per_second"] for s, n in zip(sft, results[arm])]
-        print(f"| {arm} | {_spread(steady)} | {_spread(whole)} | <= 1.10 |")
+        pairs = list(zip(sft, results[arm]))
+        steady = [s["steady_tokens_per_second"] / n["steady_tokens_per_second"] for s, n in pairs]
+        whole = [s["run_tokens_per_second"] / n["run_tokens_per_second"] for s, n in pairs]
+        cpu = [s["steady_tokens_per_cpu_second"] / n["steady_tokens_per_cpu_second"] for s, n in pairs]
+        print(f"| {arm} | {_spread(steady)} | {_spread(whole)} | {_spread(cpu)} | <= 1.10 (wall) |")
 
 
 if __name__ == "__main__":
