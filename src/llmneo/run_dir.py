@@ -135,10 +135,20 @@ def staging_dir(out: Path, step: int) -> Path:
 def commit_checkpoint(out: Path, staged: Path, step: int, keep: int | None) -> Path:
     """Rename a fully written staging folder into place, then drop the oldest beyond `keep`."""
     final = out / f"checkpoint-{step}"
+    for stray in out.glob(".trash-*"):  # left by a kill during an earlier removal
+        shutil.rmtree(stray, ignore_errors=True)
     if final.exists():
-        shutil.rmtree(final)
+        _remove(final)
     os.replace(staged, final)
     if keep is not None:
         for _, old in checkpoints(out)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
+            _remove(old)
     return final
+
+
+def _remove(checkpoint_dir: Path) -> None:
+    """Rename first (atomic), then delete: a kill -9 mid-delete never leaves a half-empty checkpoint-STEP."""
+    trash = checkpoint_dir.with_name(f".trash-{checkpoint_dir.name}")
+    shutil.rmtree(trash, ignore_errors=True)
+    os.replace(checkpoint_dir, trash)
+    shutil.rmtree(trash, ignore_errors=True)
