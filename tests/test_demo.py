@@ -79,7 +79,7 @@ def test_figures_are_the_same_under_thread_counts_and_kernels_that_otherwise_dif
     """Each environment alone changes the last bits of an unpinned run (thread count splits reductions
     differently, ATen's and MKL's ISA change rounding), which 600 teacher steps make visible in the table.
     The demo pins them before torch loads, so two fresh processes must agree exactly."""
-    first = _demo_in_fresh_process(tmp_path / "a", {"OMP_NUM_THREADS": "2", "MKL_NUM_THREADS": "2",
+    first = _demo_in_fresh_process(tmp_path / "a", {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
                                                     "ATEN_CPU_CAPABILITY": "default", "MKL_CBWR": "COMPATIBLE"})
     second = _demo_in_fresh_process(tmp_path / "b", {"OMP_NUM_THREADS": "3", "ATEN_CPU_CAPABILITY": "avx512",
                                                      "MKL_CBWR": "AUTO"})
@@ -88,7 +88,7 @@ def test_figures_are_the_same_under_thread_counts_and_kernels_that_otherwise_dif
     assert figures[0] == figures[1]  # exact: the claim is bit for bit, not within a tolerance
     for results in (first, second):
         assert results["numerics"]["missed"] == []
-        assert results["numerics"]["threads"] == 1 and results["numerics"]["aten_cpu_capability"] == "AVX2"
+        assert results["numerics"]["threads"] == 2 and results["numerics"]["aten_cpu_capability"] == "AVX2"
 
 
 def test_loading_the_demo_does_not_load_torch():
@@ -103,20 +103,24 @@ def test_loading_the_demo_does_not_load_torch():
 def test_pinned_numerics_restores_the_callers_settings(monkeypatch):
     import torch
 
-    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
     monkeypatch.delenv("MKL_CBWR", raising=False)
     threads = torch.get_num_threads()
-    with demo.pinned_numerics() as numerics:
-        assert torch.get_num_threads() == 1 and os.environ["MKL_CBWR"] == "AVX2"
-        assert os.environ["CUDA_VISIBLE_DEVICES"] == ""
-        # torch was loaded before the pins here (by this test process), which the demo must say
-        assert any("loaded before" in reason for reason in numerics["missed"])
-    assert torch.get_num_threads() == threads
-    assert os.environ["OMP_NUM_THREADS"] == "2" and "MKL_CBWR" not in os.environ
+    torch.set_num_threads(1)
+    try:
+        with demo.pinned_numerics() as numerics:
+            assert torch.get_num_threads() == 2 and os.environ["MKL_CBWR"] == "AVX2"
+            assert os.environ["CUDA_VISIBLE_DEVICES"] == ""
+            # torch was loaded before the pins here (by this test process), which the demo must say
+            assert any("loaded before" in reason for reason in numerics["missed"])
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(threads)
+    assert os.environ["OMP_NUM_THREADS"] == "1" and "MKL_CBWR" not in os.environ
 
 
 def test_fingerprint_separates_teachers_trained_under_other_numerics():
     settings = demo.DemoSettings()
-    pinned = {"threads": 1, "aten_cpu_capability": "AVX2", "mkl_cbwr": "AVX2", "device": "cpu"}
+    pinned = {"threads": 2, "aten_cpu_capability": "AVX2", "mkl_cbwr": "AVX2", "device": "cpu"}
     assert demo._fingerprint(settings, pinned) == demo._fingerprint(settings, dict(pinned))
     assert demo._fingerprint(settings, pinned) != demo._fingerprint(settings, pinned | {"aten_cpu_capability": "AVX512"})
