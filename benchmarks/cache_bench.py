@@ -1,6 +1,6 @@
 """Cached Neo against LoRA-SFT through the real CLI: `llmneo cache`, then `llmneo train` per arm.
 
-Builds a Llama-style pair with `llmneo.tiny` (vocabulary 32,000 from a byte-level BPE trained on
+Builds a Llama-style pair with `llmneo.demo.tiny` (vocabulary 32,000 from a byte-level BPE trained on
 synthetic words): a 58M teacher (hidden 512, 8 layers) and a 45M student (hidden 512, 4 layers), writes
 an alpaca dataset whose examples fill `--seq` tokens, writes a top-`--topk` cache with `llmneo cache`, and
 then runs `llmneo train` as a subprocess for each arm, alternating them (A B A B ...):
@@ -49,7 +49,7 @@ def build_inputs(root: Path, examples: int, seq: int, seed: int = 0) -> dict:
     """Tokenizer, teacher, student and dataset under `root`; returns their paths."""
     import torch
 
-    from llmneo import tiny
+    from llmneo.demo import tiny
 
     rng = random.Random(seed)
     letters = "abcdefghijklmnopqrstuvwxyz"

@@ -13,7 +13,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
-from llmneo import tiny  # noqa: E402
+from llmneo.demo import tiny  # noqa: E402
 
 ALPACA_ROWS = [
     {"instruction": "Say hello.", "input": "", "output": "Hello there!"},

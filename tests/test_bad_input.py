@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from llmneo import cli, tiny
+from llmneo import cli
+from llmneo.demo import tiny
 from conftest import ALPACA_ROWS, write_jsonl
 
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from llmneo import adapters, config, data, heads, losses, models, tiny, train
+from llmneo import adapters, config, data, heads, losses, models, train
+from llmneo.demo import tiny
 from llmneo.rows import SparseRows
 from llmneo.teacher import LiveTeacher
 

@@ -8,7 +8,8 @@ import warnings
 import pytest
 import torch
 
-from llmneo import data, formats, templates, tiny
+from llmneo import data, formats, templates
+from llmneo.demo import tiny
 from llmneo.config import Config, load
 from llmneo.errors import LlmneoError
 

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from llmneo import templates, tiny
+from llmneo import templates
+from llmneo.demo import tiny
 
 IGNORE = -100
 

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from llmneo import cli, data, templates, tiny
+from llmneo import cli, data, templates
+from llmneo.demo import tiny
 from llmneo.config import Config
 from llmneo.errors import LlmneoError
 

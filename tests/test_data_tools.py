@@ -7,7 +7,8 @@ import warnings
 
 import pytest
 
-from llmneo import data, tiny
+from llmneo import data
+from llmneo.demo import tiny
 from llmneo.config import Config
 from llmneo.errors import LlmneoError
 

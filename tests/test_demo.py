@@ -7,12 +7,16 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
+import yaml
 
-from llmneo import cli, demo
+from llmneo import cli
+from llmneo.demo import runner as demo
 from llmneo.errors import LlmneoError
 
+EXAMPLES = Path(__file__).parent.parent / "examples" / "sweep"
 SHORT = ["max_steps=3", "teacher_steps=4", "teacher_rows=64", "train_rows=24", "heldout_rows=16",
          "hidden_size=32", "towns=6"]
 
@@ -36,6 +40,17 @@ def test_short_demo_writes_report_and_reuses_teacher(tmp_path, capsys):
     assert "reusing" not in capsys.readouterr().out
     assert cli.main(["demo", f"output_dir={out}", *SHORT]) == 0
     assert "reusing the cached teacher" in capsys.readouterr().out
+    # examples/sweep name the demo's outputs by stable paths: each must exist after a demo run
+    teacher = (out / "teacher").resolve()
+    assert teacher.parent == (out / "cache").resolve() and teacher.name.startswith("teacher-")
+    assert (teacher / "config.json").is_file()
+    for example in ("demo_neo.yaml", "demo_lora.yaml"):
+        settings = yaml.safe_load((EXAMPLES / example).read_text())
+        for key in ("model_name_or_path", "teacher_model_name_or_path", "dataset"):
+            for path in str(settings.get(key) or "").split(","):
+                if path:
+                    assert path.startswith("demo_out/"), (example, key, path)
+                    assert (out / path.removeprefix("demo_out/")).exists(), (example, key, path)
 
 
 def test_demo_settings_are_validated(capsys):
@@ -93,7 +108,7 @@ def test_figures_are_the_same_under_thread_counts_and_kernels_that_otherwise_dif
 
 def test_loading_the_demo_does_not_load_torch():
     """The pins must be in the environment before torch loads; the CLI's demo path must not load it earlier."""
-    probe = ("import sys; from llmneo import cli, demo; cli._quiet_libraries(); demo.parse(None, ['max_steps=3']); "
+    probe = ("import sys; from llmneo import cli; from llmneo.demo import runner as demo; cli._quiet_libraries(); demo.parse(None, ['max_steps=3']); "
              "print('torch' in sys.modules)")
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
@@ -124,3 +139,23 @@ def test_fingerprint_separates_teachers_trained_under_other_numerics():
     pinned = {"threads": 2, "aten_cpu_capability": "AVX2", "mkl_cbwr": "AVX2", "device": "cpu"}
     assert demo._fingerprint(settings, pinned) == demo._fingerprint(settings, dict(pinned))
     assert demo._fingerprint(settings, pinned) != demo._fingerprint(settings, pinned | {"aten_cpu_capability": "AVX512"})
+
+
+def test_the_library_does_not_import_the_demo():
+    """llmneo/demo/ holds the demo and its fixtures; the library's modules (bar the CLI's `demo` command)
+    must not import them."""
+    import ast
+
+    package = Path(demo.__file__).parent.parent
+    offenders = []
+    for module in sorted(package.glob("*.py")):
+        for node in ast.walk(ast.parse(module.read_text())):
+            names = []
+            if isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+            elif isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            if any(n == "llmneo.demo" or n.startswith("llmneo.demo.") for n in names) and module.name != "cli.py":
+                offenders.append(module.name)
+    assert offenders == []
+    assert not (package / "tiny.py").exists() and not (package / "world.py").exists()

@@ -61,7 +61,7 @@ def test_export_keeps_the_base_dtype(tmp_path, tokenizer, alpaca_file):
     """A bf16 base is merged in fp32 for precision but saved in bf16, like the base."""
     from transformers import AutoModelForCausalLM
 
-    from llmneo import tiny
+    from llmneo.demo import tiny
 
     base_dir = tiny.save_pair(tiny.build_model(tokenizer, seed=4).to(torch.bfloat16), tokenizer, tmp_path / "bf16")
     out = tmp_path / "neo"

@@ -16,7 +16,8 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from llmneo import engines, tiny
+from llmneo import engines
+from llmneo.demo import tiny
 from llmneo.errors import LlmneoError
 
 BIN = Path(sys.executable).parent

@@ -7,7 +7,8 @@ import warnings
 import pytest
 import torch
 
-from llmneo import config, models, tiny
+from llmneo import config, models
+from llmneo.demo import tiny
 from llmneo.errors import LlmneoError
 
 

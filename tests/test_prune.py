@@ -7,7 +7,8 @@ import json
 import pytest
 import torch
 
-from llmneo import cli, prune, tiny
+from llmneo import cli, prune
+from llmneo.demo import tiny
 from llmneo.errors import LlmneoError
 
 

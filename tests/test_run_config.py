@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from llmneo import cli, config, tiny
+from llmneo import cli, config
+from llmneo.demo import tiny
 
 
 @pytest.fixture(scope="module")

@@ -82,7 +82,7 @@ def dispatch(command: str, args: list[str]) -> int:
         raise LlmneoError(f"llmneo {command} needs a config: a YAML file and/or key=value settings, e.g. llmneo "
                           f"{command} config.yaml, or llmneo {command} model_name_or_path=... dataset=... output_dir=...")
     if command == "demo":
-        from llmneo import demo
+        from llmneo.demo import runner as demo
 
         demo.run(path, overrides)
         return 0

@@ -131,13 +131,6 @@ def held_out(model, teacher, examples: list[dict], *, pad_token_id: int, vocab_s
     }
 
 
-def response_metrics(model, examples: list[dict], pad_token_id: int, vocab_size: int, *, teacher=None,
-                     batch_size: int = 8, device: torch.device | str = "cpu", chunk_size: int = 256) -> dict:
-    """`held_out` without KD settings, under the signature the demo calls."""
-    return held_out(model, teacher, examples, pad_token_id=pad_token_id, vocab_size=vocab_size,
-                    batch_size=batch_size, chunk_size=chunk_size, device=device)
-
-
 def _task_names(spec: str) -> tuple[list[str], list[str]]:
     """Split `tasks` into task names and include paths (local task YAML files or folders)."""
     names, include = [], []

@@ -1,9 +1,9 @@
 """`llmneo demo`: the paper's four-arm experiment in miniature, on CPU, from nothing.
 
-1. Generate the toy world (`llmneo.world`) and its data: a large teacher corpus, a small student
+1. Generate the toy world (`llmneo.demo.world`) and its data: a large teacher corpus, a small student
    fine-tuning set, a held-out set, and a tokenizer trained on the world's text.
 2. Pretrain a Llama-style teacher on the world with llmneo's own loop (full training), cached by a
-   fingerprint of everything that shapes it, so a second run reuses it.
+   fingerprint of everything that shapes it, so a second run reuses it; `<output_dir>/teacher` links to it.
 3. Derive the student with `llmneo prune` (block influence on the fine-tuning set).
 4. Train the four arms (SFT, LoRA, KD, Neo) from that student on the same data, steps and batch size
    (the same token budget), each with the paper's defaults: guideline learning rates 2e-5 (full) and
@@ -38,7 +38,7 @@ from pathlib import Path
 # Only torch-free modules here: the numerics below must be in the environment before torch is loaded,
 # so torch and the modules that import it are imported inside the functions that run the demo.
 from llmneo import config as config_mod
-from llmneo import world
+from llmneo.demo import world
 from llmneo.errors import LlmneoError
 
 # Two threads whatever the core count (reductions are split by thread count; MKL_DYNAMIC off so that MKL
@@ -169,7 +169,8 @@ def _fingerprint(demo: DemoSettings, numerics: dict) -> str:
 
 
 def _teacher(demo: DemoSettings, numerics: dict, files: dict, out: Path, tokenizer) -> tuple[Path, dict]:
-    from llmneo import tiny, train
+    from llmneo import train
+    from llmneo.demo import tiny
 
     cached = out / "cache" / f"teacher-{_fingerprint(demo, numerics)}"
     if (cached / "train_results.json").is_file():
@@ -189,14 +190,23 @@ def _teacher(demo: DemoSettings, numerics: dict, files: dict, out: Path, tokeniz
     return cached, train.run(cfg)
 
 
+def _link(link: Path, target: Path) -> None:
+    """`demo_out/teacher` names the teacher this run used, whatever its cache fingerprint (examples/sweep use it)."""
+    if link.is_symlink() or link.is_file():
+        link.unlink()
+    elif link.exists():
+        raise LlmneoError(f"{link} exists and is not the demo's link to its teacher; move it away and rerun")
+    link.symlink_to(target.relative_to(link.parent), target_is_directory=True)
+
+
 def _metrics(path: Path, teacher, examples, tokenizer) -> dict:
     import torch
 
     from llmneo import evaluate, models
 
     model, _ = models.load_trained(config_mod.load(overrides={"model_name_or_path": str(path)}), torch.float32)
-    return evaluate.response_metrics(model, examples, tokenizer.pad_token_id, len(tokenizer), teacher=teacher,
-                                     batch_size=64)
+    return evaluate.held_out(model, teacher, examples, pad_token_id=tokenizer.pad_token_id, vocab_size=len(tokenizer),
+                             batch_size=64)
 
 
 def run(path: str | None, overrides: list[str]) -> dict:
@@ -211,7 +221,9 @@ def run(path: str | None, overrides: list[str]) -> dict:
 def _run(demo: DemoSettings, shared: dict, numerics: dict) -> dict:
     import torch
 
-    from llmneo import data, models, prune, tiny, train
+    from llmneo import data, models, prune, train
+
+    from llmneo.demo import tiny
 
     torch.manual_seed(demo.seed)
     started = time.perf_counter()
@@ -227,6 +239,7 @@ def _run(demo: DemoSettings, shared: dict, numerics: dict) -> dict:
              for i, (name, size) in enumerate(sizes.items())}
     tokenizer = tiny.build_tokenizer(corpus=world.corpus(towns), vocab_size=demo.vocab_size)
     teacher_dir, teacher_results = _teacher(demo, numerics, files, out, tokenizer)
+    _link(out / "teacher", teacher_dir)
 
     _say(f"student: pruning the teacher from {demo.teacher_layers} to {demo.student_layers} layers by block influence")
     pruned_at = time.perf_counter()
