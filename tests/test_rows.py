@@ -86,7 +86,7 @@ def test_kd_settings_are_validated_once_when_built(bad):
 
 
 def test_one_list_of_kinds_and_one_ignore_index():
-    assert losses.KINDS is config.KD_LOSSES
+    assert losses.KINDS is config.DIVERGENCES
     assert losses.IGNORE_INDEX is templates.IGNORE_INDEX and data.IGNORE_INDEX is templates.IGNORE_INDEX
 
 

@@ -21,7 +21,7 @@ class Replay:
 
     def next_step(self):
         self.calls += 1
-        return self.micro
+        return step_source.Step(self.micro)
 
 
 class CountingAligner(alignment.IdentityAligner):
@@ -42,7 +42,7 @@ def test_each_step_takes_its_batches_from_the_step_source_and_rows_through_the_a
         assert isinstance(setup.steps, step_source.DatasetSteps)
         assert isinstance(setup.aligner, alignment.IdentityAligner) and setup.aligner.unaligned == 0
         assert isinstance(setup.teacher, LiveTeacher)
-        micro = setup.steps.next_step()
+        micro = setup.steps.next_step().micro
         assert len(micro) == 2 and all(b["input_ids"].shape[0] == 2 for b in micro)
         setup.steps, setup.aligner = Replay(micro), CountingAligner()
         result = train.optimizer_step(setup, 1)

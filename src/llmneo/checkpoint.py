@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from llmneo import engines, run_dir
+from llmneo.config import FIELDS as CONFIG_FIELDS
 from llmneo.config import Config
 from llmneo.errors import LlmneoError
 
@@ -33,7 +34,8 @@ MUST_MATCH = ("model_name_or_path", "finetuning_type", "lora_rank", "lora_alpha"
               "use_dora", "use_rslora", "pissa_init", "lora_dropout", "dataset", "cutoff_len", "max_samples",
               "val_size", "seed", "per_device_train_batch_size", "gradient_accumulation_steps", "template",
               "teacher_model_name_or_path", "teacher_cache", "kd_ratio", "kd_loss", "kd_temperature", "kd_beta",
-              "kd_skew", "learning_rate", "lr_scheduler_type", "weight_decay")
+              "kd_skew", "learning_rate", "lr_scheduler_type", "weight_decay", "lmbda", "seq_kd", "max_new_tokens",
+              "temperature", "top_p")
 
 
 @dataclass
@@ -45,7 +47,14 @@ class Progress:
     train_tokens: int = 0
     runtime: float = 0.0
     history: list = field(default_factory=list)
-    window: dict = field(default_factory=lambda: {"ce": 0.0, "kd": 0.0, "tokens": 0, "seen": 0})
+    window: dict = field(default_factory=lambda: dict(EMPTY_WINDOW))
+    # steps whose replies were generated, by writer: student (on-policy) and teacher (seq_kd)
+    generated_steps: dict = field(default_factory=lambda: {"student": 0, "teacher": 0})
+
+
+# The logging window's sums. ce/kd/tokens: the steps on dataset or teacher-written replies; op_*: the
+# on-policy steps (KD alone, over the student's own tokens); seen: every non-pad token; steps: all steps.
+EMPTY_WINDOW = {"ce": 0.0, "kd": 0.0, "tokens": 0, "seen": 0, "op_kd": 0.0, "op_tokens": 0, "op_steps": 0, "steps": 0}
 
 
 def rng_state() -> dict:
@@ -148,7 +157,8 @@ def load(path: Path, accelerator, model, optimizer, scheduler, config: Config) -
         raise LlmneoError(f"checkpoint '{path}' is corrupt: {STATE} is not valid JSON; resume from another "
                           f"checkpoint-STEP") from None
     for key in MUST_MATCH:
-        saved = state.get("config", {}).get(key)
+        # a key newer than the checkpoint was written with its default then
+        saved = state.get("config", {}).get(key, CONFIG_FIELDS[key].default)
         if saved != getattr(config, key):
             raise LlmneoError(f"checkpoint '{path}' is incompatible with this run: it was written with "
                               f"{key}={saved!r}, this run has {key}={getattr(config, key)!r}; use the same settings")
@@ -169,7 +179,10 @@ def load(path: Path, accelerator, model, optimizer, scheduler, config: Config) -
     if missing:
         raise LlmneoError(f"checkpoint '{path}' is corrupt: {STATE} lacks {', '.join(missing)}; resume from "
                           f"another checkpoint-STEP")
-    return Progress(**{k: state[k] for k in ("step", "micro_seen", "train_tokens", "runtime", "history", "window")})
+    progress = Progress(**{k: state[k] for k in ("step", "micro_seen", "train_tokens", "runtime", "history")})
+    progress.window = {**EMPTY_WINDOW, **state["window"]}
+    progress.generated_steps = {**progress.generated_steps, **state.get("generated_steps", {})}
+    return progress
 
 
 def _load_weights(accelerator, model, tensors: dict, config: Config) -> None:

@@ -23,11 +23,9 @@ from llmneo import config_values
 from llmneo.errors import LlmneoError
 from llmneo.llamafactory import IGNORED_KEYS, check_supported
 
-LORA_VARIANTS = ("lora", "dora", "rslora", "pissa", "olora", "moslora")
-KD_LOSSES = ("fkl", "rkl", "jsd", "skew_fkl", "skew_rkl", "tvd")
-SCHEDULERS = ("cosine", "linear", "constant", "constant_with_warmup", "cosine_with_restarts", "polynomial")
-STAGES = ("sft", "pt")
-DTYPES = ("auto", "float32", "bfloat16", "float16")
+from llmneo.config_checks import (  # noqa: F401  (the choices are part of config's API)
+    DIVERGENCES, DTYPES, KD_LOSSES, LORA_VARIANTS, SAMPLED_KD_LOSSES, SCHEDULERS, STAGES, TRACKERS, report_to,
+    validate)
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 
@@ -47,9 +45,6 @@ def looks_local(name: str) -> bool:
         return True
     return os.path.isdir(name.split("/", 1)[0])
 
-
-# The trackers accelerate can log to (accelerate.utils.LoggerType), besides "none" and "all".
-TRACKERS = ("tensorboard", "wandb", "mlflow", "comet_ml", "aim", "clearml", "dvclive", "swanlab", "trackio")
 
 # What `llmneo train` saves in output_dir: every key, loadable again with `llmneo train llmneo_config.yaml`.
 SAVED_CONFIG = "llmneo_config.yaml"
@@ -83,7 +78,10 @@ class Config:
     kd_ratio: float = _f(
         0.5, "Weight of the KD term: loss = (1 - kd_ratio)*CE + kd_ratio*KD. 0 = plain SFT/LoRA. "
         "Ignored (with a warning) when no teacher is given.")
-    kd_loss: str = _f("fkl", "Divergence for KD: " + "|".join(KD_LOSSES) + ". fkl = KL(p_teacher || p_student).")
+    kd_loss: str = _f(
+        "fkl", "Divergence for KD: " + "|".join(KD_LOSSES) + ". fkl = KL(p_teacher || p_student). sampled_rkl "
+        "(on-policy only, lmbda: 1): the reverse KL estimated from the student's sampled tokens, "
+        "-sg[logp_T(x) - logp_S(x)] * logp_S(x) per token (needs only the teacher's log-prob of each token).")
     kd_temperature: float = _f(1.0, "Softmax temperature T for KD; the divergence is scaled by T^2.")
     kd_beta: float = _f(0.5, "Mixture weight beta of jsd: m = beta*p_T + (1-beta)*p_S (0 = fkl, 1 = rkl).")
     kd_skew: float = _f(0.1, "Skew alpha of skew_fkl / skew_rkl (DistiLLM).")
@@ -94,6 +92,17 @@ class Config:
         None, "Offline teacher top-k cache dir. `llmneo cache` writes it; `llmneo train` reads it instead of "
         "loading the teacher.")
     teacher_topk: int = _f(64, "llmneo cache: how many top tokens per position to keep (plus a tail bucket).")
+    # --- on-policy distillation (TRL GKD's names) -------------------------------------------------
+    lmbda: float = _f(
+        0.0, "On-policy fraction: each optimizer step, with this probability (drawn from the seed and the step "
+        "number, so a resumed run is exact) the student generates the replies to the step's prompts and learns "
+        "the KD term alone on them, scored by the teacher. 0 = the dataset's replies (off-policy).")
+    seq_kd: bool = _f(
+        False, "Sequence-level KD: on the steps that are not on-policy, the teacher generates the replies and "
+        "they are the targets (CE + KD as usual).")
+    max_new_tokens: int = _f(128, "On-policy / seq_kd: the most tokens generated per reply.")
+    temperature: float = _f(1.0, "On-policy / seq_kd: the sampling temperature; 0 = greedy.")
+    top_p: float = _f(1.0, "On-policy / seq_kd: nucleus sampling's top-p (1 = off).")
     # --- LoRA -------------------------------------------------------------------------------
     lora_rank: int = _f(128, "LoRA rank r (paper: large ranks such as 128 work best).")
     lora_alpha: int | None = _f(None, "LoRA alpha. Default: 2 * lora_rank.")
@@ -185,6 +194,11 @@ class Config:
     @property
     def uses_kd(self) -> bool:
         return self.has_teacher and self.kd_ratio > 0
+
+    @property
+    def generates(self) -> bool:
+        """Some steps train on generated replies (on-policy, or the teacher's under seq_kd)."""
+        return self.lmbda > 0 or self.seq_kd
 
     @property
     def method(self) -> str:
@@ -326,60 +340,6 @@ def to_yaml(config: Config) -> str:
     """Every key of `config` as YAML, in field order: what `llmneo train` saves as llmneo_config.yaml."""
     header = "# Written by llmneo train: every key of this run; `llmneo train llmneo_config.yaml` loads it.\n"
     return header + yaml.safe_dump(to_dict(config), sort_keys=False)
-
-
-# Range rules: key -> (the check on a set value, how the error names the range). Null values pass.
-_RANGES = {
-    **dict.fromkeys(("kd_temperature", "lora_rank", "lora_alpha", "cutoff_len", "max_samples", "learning_rate",
-                     "per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
-                     "logging_steps", "save_steps", "save_total_limit", "ddp_timeout", "teacher_topk", "num_layers",
-                     "eval_limit"), (lambda v: v > 0, "> 0")),
-    **dict.fromkeys(("warmup_steps", "weight_decay", "max_grad_norm", "num_fewshot"), (lambda v: v >= 0, ">= 0")),
-    "kd_chunk_size": (lambda v: v >= 0, ">= 0 (0 = unchunked)"),
-    **dict.fromkeys(("kd_ratio", "kd_beta", "kd_skew"), (lambda v: 0.0 <= v <= 1.0, "in [0, 1]")),
-    **dict.fromkeys(("lora_dropout", "warmup_ratio"), (lambda v: 0.0 <= v < 1.0, "in [0, 1)")),
-}
-_CHOICES = {"kd_loss": KD_LOSSES, "lora_variant": LORA_VARIANTS, "lr_scheduler_type": SCHEDULERS, "torch_dtype": DTYPES}
-
-
-def _require(ok: bool, message: str) -> None:
-    if not ok:
-        raise LlmneoError(message)
-
-
-def validate(c: Config) -> None:
-    """Range and choice checks that do not touch the disk."""
-    _require(c.stage in STAGES, f"stage '{c.stage}' is not supported; llmneo trains stage: sft (supervised "
-             f"distillation) or pt (raw text)")
-    _require(c.finetuning_type in ("lora", "full"),
-             f"finetuning_type must be lora or full, got '{c.finetuning_type}'")
-    for name, choices in _CHOICES.items():
-        value = getattr(c, name)
-        _require(value in choices, f"{name} must be one of {', '.join(choices)}, got '{value}'")
-    for name, (within, allowed) in _RANGES.items():
-        value = getattr(c, name)
-        _require(value is None or within(value), f"{name} must be {allowed}, got {value}")
-    flags = [name for name, on in (("dora", c.use_dora), ("rslora", c.use_rslora), ("pissa", c.pissa_init)) if on]
-    _require(len(flags) <= 1, f"use_dora, use_rslora and pissa_init pick one variant each; got {', '.join(flags)}")
-    _require(not flags or c.lora_variant in ("lora", flags[0]),
-             f"lora_variant={c.lora_variant} contradicts the {flags[0] if flags else ''} flag; set one of them")
-    _require(c.sweep_metric in ("perplexity", "kl_to_teacher", "top1_agreement"),
-             f"sweep_metric must be perplexity, kl_to_teacher or top1_agreement, got '{c.sweep_metric}'")
-    _require(c.val_size >= 0 and (c.val_size < 1 or float(c.val_size).is_integer()),
-             f"val_size must be a fraction in [0, 1) or a whole row count, got {c.val_size}")
-    _require(not (c.eval_dataset and c.val_size),
-             "eval_dataset and val_size are both set; hold out data one way: eval_dataset=NAME or val_size=0.05")
-    _require(c.num_train_epochs > 0 or c.max_steps > 0, "set num_train_epochs > 0 or max_steps > 0")
-    _require(not (c.bf16 and c.fp16), "bf16 and fp16 are both true; pick one")
-    unknown = [t for t in report_to(c) if t not in TRACKERS and t != "all"]
-    _require(not unknown, f"report_to: unknown tracker '{unknown[0] if unknown else ''}'; use none, all or a comma "
-             f"list of {', '.join(TRACKERS)}")
-
-
-def report_to(c: Config) -> list[str]:
-    """The trackers named by report_to ([] for none)."""
-    names = [t.strip().lower() for t in (c.report_to or "").split(",") if t.strip()]
-    return [t for t in names if t != "none"]
 
 
 def to_dict(config: Config) -> dict[str, Any]:

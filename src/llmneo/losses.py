@@ -22,7 +22,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from llmneo.config import KD_LOSSES as KINDS  # the one list of divergence kinds (config validates kd_loss by it)
+from llmneo.config_checks import DIVERGENCES as KINDS  # divergences over the teacher's whole distribution
+from llmneo.config_checks import SAMPLED_KD_LOSSES as SAMPLED_KINDS  # estimators scored on sampled tokens
 from llmneo.errors import LlmneoError
 from llmneo.templates import IGNORE_INDEX  # the label of prompt and padding positions, as in HF
 
@@ -37,7 +38,7 @@ class KDSettings:
     skew: float = 0.1
 
     def __post_init__(self):
-        check_settings(self.kind, self.temperature, self.beta, self.skew)
+        check_settings(self.kind, self.temperature, self.beta, self.skew, sampled=True)
 
     @classmethod
     def from_config(cls, config) -> "KDSettings":
@@ -227,9 +228,27 @@ def _upcast(logits: torch.Tensor) -> torch.Tensor:
     return logits if logits.dtype == torch.float64 else logits.float()
 
 
-def check_settings(kind: str, temperature: float, beta: float, skew: float) -> None:
-    """The argument checks shared by the dense and the sparse divergences and the fused loss."""
-    _check_kind(kind)
+def sampled_reverse_kl(student_logits: torch.Tensor, tokens: torch.Tensor,
+                       teacher_logprobs: torch.Tensor) -> torch.Tensor:
+    """Per position (N,): reverse KL(p_S || p_T) estimated from one token x ~ p_S sampled at that position.
+
+    The value is the estimate logp_S(x) - logp_T(x); the gradient is that of the score-function surrogate
+    -sg[logp_T(x) - logp_S(x)] · logp_S(x) (REINFORCE with the per-token reward logp_T - logp_S, as in
+    Tinker's on-policy distillation). Over x ~ p_S both are unbiased for the exact reverse KL and its
+    gradient, from the teacher's log-prob of the sampled token alone. `student_logits` (N, V), `tokens`
+    (N,), `teacher_logprobs` (N,) at temperature 1.
+    """
+    logp = torch.log_softmax(_upcast(student_logits), dim=-1).gather(-1, tokens[:, None]).squeeze(-1)  # (N,)
+    teacher_logprobs = teacher_logprobs.to(logp.dtype)
+    surrogate = -(teacher_logprobs - logp).detach() * logp
+    return (logp - teacher_logprobs).detach() + (surrogate - surrogate.detach())
+
+
+def check_settings(kind: str, temperature: float, beta: float, skew: float, *, sampled: bool = False) -> None:
+    """The argument checks shared by the dense and the sparse divergences and the fused loss (`sampled`:
+    also the estimators scored on sampled tokens, SAMPLED_KINDS)."""
+    if not (sampled and kind in SAMPLED_KINDS):
+        _check_kind(kind)
     # Written so that NaN fails too; an infinite T would make every distribution uniform and the T² factor
     # turn the divergence into inf·0 = NaN.
     if not (temperature > 0 and math.isfinite(temperature)):
@@ -241,6 +260,9 @@ def check_settings(kind: str, temperature: float, beta: float, skew: float) -> N
 
 
 def _check_kind(kind: str) -> None:
+    if kind in SAMPLED_KINDS:
+        raise LlmneoError(f"{kind} is scored on sampled tokens only (on-policy steps, rows.SampledRows), not "
+                          f"against a teacher distribution; use rkl for the exact reverse KL")
     if kind not in KINDS:
         raise LlmneoError(f"unknown divergence kind {kind!r}; choose one of: {', '.join(KINDS)}")
 

@@ -15,6 +15,9 @@ chunk), and:
 - `LogitRows`: teacher logits already computed (sharded engines, where the head is whole only inside
   forward; or any dense logits).
 - `SparseRows`: an offline top-k cache: top-k ids and log-probs (T = 1) and the log of the tail mass.
+- `SampledRows`: the teacher's log-prob of one sampled token per position, all that `kd_loss:
+  sampled_rkl` needs (on-policy steps; what a served teacher returns). Dense and logit rows give them with
+  `sampled(tokens)`, one slice at a time.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ import torch
 
 from llmneo import closed_form
 from llmneo.errors import LlmneoError
-from llmneo.losses import KDSettings, sparse_token_divergence, token_divergence
+from llmneo.losses import KDSettings, sampled_reverse_kl, sparse_token_divergence, token_divergence
 
 
 @dataclass
@@ -56,6 +59,11 @@ class LogitRows:
             return None
         return closed_form.fkl_grad(logits, targets, self.logits, kd_ratio, settings.temperature)
 
+    def sampled(self, tokens: torch.Tensor) -> "SampledRows":
+        """The teacher's log-prob (T = 1) of `tokens` (N,), one per position."""
+        logprobs = torch.log_softmax(self.logits.float(), dim=-1).gather(-1, tokens[:, None]).squeeze(-1)
+        return SampledRows(tokens, logprobs)
+
 
 @dataclass
 class DenseRows:
@@ -80,6 +88,13 @@ class DenseRows:
 
     def closed_form(self, logits, targets, kd_ratio: float, settings: KDSettings):
         return self[0:len(self)].closed_form(logits, targets, kd_ratio, settings)
+
+    @torch.no_grad()
+    def sampled(self, tokens: torch.Tensor, chunk_size: int = 256) -> "SampledRows":
+        """The teacher's log-prob of `tokens` (N,), projecting `chunk_size` positions at a time."""
+        parts = [self[a:a + chunk_size].sampled(tokens[a:a + chunk_size]).logprobs
+                 for a in range(0, len(self), chunk_size)]
+        return SampledRows(tokens, torch.cat(parts) if parts else tokens.new_zeros(0, dtype=torch.float32))
 
 
 @dataclass
@@ -117,5 +132,37 @@ class SparseRows:
             return None
         return closed_form.sparse_fkl_grad(logits, targets, self, kd_ratio)
 
+    def sampled(self, tokens: torch.Tensor) -> "SampledRows":
+        raise LlmneoError("a teacher cache holds no log-prob for newly sampled tokens; sampled_rkl needs a live "
+                          "teacher (teacher_model_name_or_path)")
 
-TeacherRows = DenseRows | LogitRows | SparseRows
+
+@dataclass
+class SampledRows:
+    """The teacher's log-prob (T = 1) of one sampled token per position: `kd_loss: sampled_rkl`'s signal."""
+
+    ids: torch.Tensor  # (N,) the sampled tokens, the student's targets at these positions
+    logprobs: torch.Tensor  # (N,) float
+
+    def __len__(self) -> int:
+        return self.ids.shape[0]
+
+    def __getitem__(self, rows: slice) -> "SampledRows":
+        return SampledRows(self.ids[rows], self.logprobs[rows])
+
+    def check_vocab(self, vocab_size: int) -> None:
+        if self.ids.numel() and int(self.ids.max()) >= vocab_size:
+            raise LlmneoError(f"a sampled token id ({int(self.ids.max())}) lies outside the student's vocabulary of "
+                              f"{vocab_size}; teacher and student must share the tokenizer")
+
+    def divergence(self, student_logits: torch.Tensor, settings: KDSettings) -> torch.Tensor:
+        if settings.kind != "sampled_rkl":
+            raise LlmneoError(f"kd_loss: {settings.kind} needs the teacher's whole distribution, but these rows hold "
+                              f"only the log-prob of each sampled token; use kd_loss: sampled_rkl")
+        return sampled_reverse_kl(student_logits, self.ids, self.logprobs)
+
+    def closed_form(self, logits, targets, kd_ratio: float, settings: KDSettings):
+        return None  # autograd on the chunk's logits: the estimator is cheap per position
+
+
+TeacherRows = DenseRows | LogitRows | SparseRows | SampledRows

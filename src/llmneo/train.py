@@ -30,7 +30,7 @@ from llmneo.alignment import IdentityAligner
 from llmneo.chunked import fused_loss, kd_values
 from llmneo.config import Config
 from llmneo.errors import LlmneoError
-from llmneo.losses import IGNORE_INDEX, KDSettings, response_positions, token_cross_entropy
+from llmneo.losses import IGNORE_INDEX, SAMPLED_KINDS, KDSettings, response_positions, token_cross_entropy
 from llmneo.training_setup import TrainingSetup, writable
 
 
@@ -90,17 +90,20 @@ def optimizer_step(setup: TrainingSetup, step: int) -> dict:
     """One optimizer step: the step's micro-batches from the step source, forward and backward over them,
     clipping, the non-finite guard, the update. Returns the step's loss, ce, kd and grad_norm."""
     accelerator = setup.accelerator
+    batches = setup.steps.next_step()
+    # On the student's own replies there are no labels to learn: the step's loss is the KD term alone (GKD).
+    kd_ratio = 1.0 if batches.on_policy else setup.kd_ratio
     try:
         ce_sum, kd_sum, seen, n_global = accumulate(
-            accelerator, setup.model, setup.teacher, setup.steps.next_step(), setup.config, setup.vocab_size,
-            setup.kd_ratio, settings=setup.settings, aligner=setup.aligner,
+            accelerator, setup.model, setup.teacher, batches.micro, setup.config, setup.vocab_size,
+            kd_ratio, settings=setup.settings, aligner=setup.aligner,
             check_before_boundary=setup.steps_in_backward and setup.guards_non_finite)
     except NonFiniteLoss as exc:
         raise _non_finite(setup.out, step, exc.loss, float("nan")) from None
     norm = accelerator.clip_grad_norm_(setup.params, setup.config.max_grad_norm or float("inf"))
     grad_norm = float(norm) if norm is not None else float("nan")  # DeepSpeed clips inside its engine
     totals = accelerator.reduce(torch.stack([ce_sum, kd_sum, seen.float()]), "sum")
-    step_ce, step_kd, step_loss = step_losses(totals, n_global, setup.kd_ratio, setup.teacher is not None)
+    step_ce, step_kd, step_loss = step_losses(totals, n_global, kd_ratio, setup.teacher is not None)
     finite = math.isfinite(step_loss) and (norm is None or math.isfinite(grad_norm))
     if not finite and setup.guards_non_finite:
         raise _non_finite(setup.out, step, step_loss, grad_norm)
@@ -111,12 +114,21 @@ def optimizer_step(setup: TrainingSetup, step: int) -> dict:
     progress = setup.progress
     progress.step, progress.micro_seen = step, progress.micro_seen + setup.config.gradient_accumulation_steps
     window = progress.window
-    window["ce"] += float(totals[0])
-    window["kd"] += float(totals[1])
-    window["tokens"] += n_global
+    if batches.on_policy:
+        window["op_kd"] += float(totals[1])
+        window["op_tokens"] += n_global
+        window["op_steps"] += 1
+    else:
+        window["ce"] += float(totals[0])
+        window["kd"] += float(totals[1])
+        window["tokens"] += n_global
+    window["steps"] += 1
     window["seen"] += int(totals[2])
     progress.train_tokens += int(totals[2])
-    return {"loss": step_loss, "ce": step_ce, "kd": step_kd, "grad_norm": grad_norm}
+    if batches.replies != "dataset":
+        progress.generated_steps[batches.replies] += 1
+    return {"loss": step_loss, "ce": None if batches.on_policy else step_ce, "kd": step_kd, "grad_norm": grad_norm,
+            "replies": batches.replies}
 
 
 def step_losses(totals: torch.Tensor, n_global: int, kd_ratio: float, has_teacher: bool):
@@ -146,6 +158,8 @@ def micro_batch_sums(model, teacher, batch: dict, config: Config, vocab_size: in
     teacher_rows = None
     if teacher is not None:
         teacher_rows = (aligner or IdentityAligner()).align(teacher.rows(batch, positions), batch, positions)
+        if settings.kind in SAMPLED_KINDS:  # the teacher's log-prob of each sampled token is all it needs
+            teacher_rows = teacher_rows.sampled(targets)
     if config.kd_chunk_size > 0:
         hidden = heads.final_hidden_states(model, batch["input_ids"], batch["attention_mask"])[positions]  # (N, H)
         head, head_params = heads.output_head(model)
@@ -204,16 +218,17 @@ def log_window(setup: TrainingSetup, step: int, grad_norm: float, clock: Clock, 
     """The logging window's row: into metrics.jsonl, the progress bar and report_to's trackers; then a new window."""
     progress = setup.progress
     row = _log_row(step, progress.micro_seen / len(setup.loader), progress.window, setup.kd_ratio,
-                   setup.teacher is not None, setup.scheduler.get_last_lr()[0], grad_norm, clock.window())
+                   setup.teacher is not None, setup.scheduler.get_last_lr()[0], grad_norm, clock.window(),
+                   generates=setup.config.generates)
     progress.history.append(row)
     if setup.main:
         with writable(setup.out / "metrics.jsonl"):
             run_dir.append_jsonl(setup.out / "metrics.jsonl", row)
-        bar.set_postfix(loss=f"{row['loss']:.4f}", ce=f"{row['ce_loss']:.4f}",
+        bar.set_postfix(loss=f"{row['loss']:.4f}", ce="-" if row["ce_loss"] is None else f"{row['ce_loss']:.4f}",
                         kd="-" if row["kd_loss"] is None else f"{row['kd_loss']:.4f}",
                         lr=f"{row['learning_rate']:.2e}", tok_s=f"{row['tokens_per_second']:.0f}")
     tracking.log(setup.accelerator, row, step)  # the same row to report_to's trackers
-    progress.window = {"ce": 0.0, "kd": 0.0, "tokens": 0, "seen": 0}
+    progress.window = dict(checkpoint.EMPTY_WINDOW)
 
 
 def save_checkpoint(setup: TrainingSetup, clock: Clock) -> Path:
@@ -243,6 +258,10 @@ def finish(setup: TrainingSetup, last: dict) -> dict:
         "kd_loss_kind": config.kd_loss if setup.teacher is not None else None,
         "resumed_from": str(setup.resume_from) if setup.resume_from is not None else None,
     }
+    if config.generates:  # the fraction of steps trained on the student's (on-policy) or teacher's replies
+        done = max(progress.step, 1)
+        results["on_policy_fraction"] = progress.generated_steps["student"] / done
+        results["seq_kd_fraction"] = progress.generated_steps["teacher"] / done
     if setup.splits.eval:
         # A cache holds the training split only, so held-out KD needs a live teacher.
         from llmneo.teacher import uses_cache
@@ -269,11 +288,14 @@ def finish(setup: TrainingSetup, last: dict) -> dict:
     return results
 
 
-def _log_row(step, epoch, window, kd_ratio, has_teacher, lr, grad_norm, elapsed) -> dict:
+def _log_row(step, epoch, window, kd_ratio, has_teacher, lr, grad_norm, elapsed, generates: bool = False) -> dict:
+    """The window's means per response token. With generated replies the row also says how many of its steps
+    were on-policy (`on_policy`: all of them); their tokens count in kd_loss and loss (as KD alone), not in
+    ce_loss (None when every step was on-policy)."""
     tokens = max(window["tokens"], 1)
     ce = window["ce"] / tokens
     kd = window["kd"] / tokens if has_teacher else None
-    return {
+    row = {
         "step": step,
         "epoch": round(epoch, 4),
         "loss": ce if kd is None else (1 - kd_ratio) * ce + kd_ratio * kd,
@@ -283,6 +305,15 @@ def _log_row(step, epoch, window, kd_ratio, has_teacher, lr, grad_norm, elapsed)
         "grad_norm": grad_norm,
         "tokens_per_second": window["seen"] / elapsed if elapsed > 0 else 0.0,
     }
+    if generates:
+        if window["op_tokens"]:
+            both = window["tokens"] + window["op_tokens"]
+            row["loss"] = ((1 - kd_ratio) * window["ce"] + kd_ratio * window["kd"] + window["op_kd"]) / both
+            row["kd_loss"] = (window["kd"] + window["op_kd"]) / both
+            row["ce_loss"] = ce if window["tokens"] else None
+        row["on_policy"] = window["op_steps"] == window["steps"] > 0
+        row["on_policy_steps"] = window["op_steps"]
+    return row
 
 
 def _save_model(accelerator, model, tokenizer, directory: Path, config: Config, state_dict: dict | None = None) -> None:

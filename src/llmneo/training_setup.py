@@ -22,7 +22,8 @@ from pathlib import Path
 
 import torch
 
-from llmneo import adapters, alignment, checkpoint, data, engines, memory, models, run_dir, step_source, teacher
+from llmneo import adapters, alignment, checkpoint, data, engines, memory, models, rollout, run_dir, step_source
+from llmneo import teacher
 from llmneo import tracking
 from llmneo.config import SAVED_CONFIG, Config, input_paths, to_yaml
 from llmneo.errors import LlmneoError
@@ -107,6 +108,8 @@ def prepare(config: Config) -> TrainingSetup:
 
     loaded = models.load(config, precision, with_teacher=config.uses_kd and not teacher.uses_cache(config))
     splits = data.build(config, loaded.tokenizer)
+    if config.generates:
+        rollout.check_prompts(splits.train)
     for i, example in enumerate(splits.train):
         example["index"] = i  # lets a teacher cache find the example's rows
     model = _student(config, loaded, out, main)
@@ -147,7 +150,9 @@ def prepare(config: Config) -> TrainingSetup:
         config=config, accelerator=accelerator, precision=precision, out=out, resume_from=resume_from,
         loaded=loaded, splits=splits, collate=collate, model=model, loader=loader, optimizer=optimizer,
         scheduler=scheduler, progress=progress, total_steps=total_steps, trainable=trainable, total=total,
-        steps=step_source.choose(config, loader, accelerator, progress.micro_seen), teacher=signal,
+        steps=step_source.choose(config, loader, accelerator, progress.micro_seen, model=model, teacher=signal,
+                                 tokenizer=loaded.tokenizer, step=progress.step),
+        teacher=signal,
         aligner=alignment.choose(config),
         settings=KDSettings.from_config(config) if signal is not None else KDSettings(),
         kd_ratio=config.kd_ratio if signal is not None else 0.0,
@@ -197,6 +202,10 @@ def _optimizer(model: torch.nn.Module, config: Config) -> torch.optim.Optimizer:
 
 
 def _warn_about_teacher(config: Config) -> None:
+    if config.kd_loss == "sampled_rkl" and (config.temperature != 1 or config.top_p != 1):
+        warnings.warn(f"kd_loss: sampled_rkl estimates KL(p_S || p_T) from samples of p_S itself; sampling at "
+                      f"temperature={config.temperature}, top_p={config.top_p} draws from another distribution, so "
+                      f"the estimate is biased (temperature: 1 and top_p: 1 make it unbiased)")
     if config.has_teacher and config.kd_ratio == 0:
         warnings.warn(f"kd_ratio is 0: the teacher is not loaded and this is plain {config.method} training")
     elif not config.has_teacher:

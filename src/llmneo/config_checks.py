@@ -1,0 +1,95 @@
+"""The checks on a built Config that do not touch the disk (ranges, choices, keys that contradict each
+other), and the choices themselves. `config.load` runs `validate` on every config it builds."""
+
+from __future__ import annotations
+
+import math
+
+from llmneo.errors import LlmneoError
+
+LORA_VARIANTS = ("lora", "dora", "rslora", "pissa", "olora", "moslora")
+# Divergences over the teacher's whole distribution (losses.py), and estimators scored on sampled tokens only.
+DIVERGENCES = ("fkl", "rkl", "jsd", "skew_fkl", "skew_rkl", "tvd")
+SAMPLED_KD_LOSSES = ("sampled_rkl",)
+KD_LOSSES = DIVERGENCES + SAMPLED_KD_LOSSES
+SCHEDULERS = ("cosine", "linear", "constant", "constant_with_warmup", "cosine_with_restarts", "polynomial")
+STAGES = ("sft", "pt")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+# The trackers accelerate can log to (accelerate.utils.LoggerType), besides "none" and "all".
+TRACKERS = ("tensorboard", "wandb", "mlflow", "comet_ml", "aim", "clearml", "dvclive", "swanlab", "trackio")
+
+
+# Range rules: key -> (the check on a set value, how the error names the range). Null values pass.
+_RANGES = {
+    **dict.fromkeys(("kd_temperature", "lora_rank", "lora_alpha", "cutoff_len", "max_samples", "learning_rate",
+                     "per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
+                     "logging_steps", "save_steps", "save_total_limit", "ddp_timeout", "teacher_topk", "num_layers",
+                     "eval_limit", "max_new_tokens"), (lambda v: v > 0, "> 0")),
+    **dict.fromkeys(("warmup_steps", "weight_decay", "max_grad_norm", "num_fewshot"), (lambda v: v >= 0, ">= 0")),
+    "kd_chunk_size": (lambda v: v >= 0, ">= 0 (0 = unchunked)"),
+    **dict.fromkeys(("kd_ratio", "kd_beta", "kd_skew", "lmbda"), (lambda v: 0.0 <= v <= 1.0, "in [0, 1]")),
+    "temperature": (lambda v: 0.0 <= v < math.inf, ">= 0 and finite (0 = greedy)"),
+    "top_p": (lambda v: 0.0 < v <= 1.0, "in (0, 1]"),
+    **dict.fromkeys(("lora_dropout", "warmup_ratio"), (lambda v: 0.0 <= v < 1.0, "in [0, 1)")),
+}
+_CHOICES = {"kd_loss": KD_LOSSES, "lora_variant": LORA_VARIANTS, "lr_scheduler_type": SCHEDULERS, "torch_dtype": DTYPES}
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise LlmneoError(message)
+
+
+def validate(c) -> None:
+    """Range and choice checks that do not touch the disk."""
+    _require(c.stage in STAGES, f"stage '{c.stage}' is not supported; llmneo trains stage: sft (supervised "
+             f"distillation) or pt (raw text)")
+    _require(c.finetuning_type in ("lora", "full"),
+             f"finetuning_type must be lora or full, got '{c.finetuning_type}'")
+    for name, choices in _CHOICES.items():
+        value = getattr(c, name)
+        _require(value in choices, f"{name} must be one of {', '.join(choices)}, got '{value}'")
+    for name, (within, allowed) in _RANGES.items():
+        value = getattr(c, name)
+        _require(value is None or within(value), f"{name} must be {allowed}, got {value}")
+    flags = [name for name, on in (("dora", c.use_dora), ("rslora", c.use_rslora), ("pissa", c.pissa_init)) if on]
+    _require(len(flags) <= 1, f"use_dora, use_rslora and pissa_init pick one variant each; got {', '.join(flags)}")
+    _require(not flags or c.lora_variant in ("lora", flags[0]),
+             f"lora_variant={c.lora_variant} contradicts the {flags[0] if flags else ''} flag; set one of them")
+    _require(c.sweep_metric in ("perplexity", "kl_to_teacher", "top1_agreement"),
+             f"sweep_metric must be perplexity, kl_to_teacher or top1_agreement, got '{c.sweep_metric}'")
+    _require(c.val_size >= 0 and (c.val_size < 1 or float(c.val_size).is_integer()),
+             f"val_size must be a fraction in [0, 1) or a whole row count, got {c.val_size}")
+    _require(not (c.eval_dataset and c.val_size),
+             "eval_dataset and val_size are both set; hold out data one way: eval_dataset=NAME or val_size=0.05")
+    _require(c.num_train_epochs > 0 or c.max_steps > 0, "set num_train_epochs > 0 or max_steps > 0")
+    _require(not (c.bf16 and c.fp16), "bf16 and fp16 are both true; pick one")
+    _check_generation(c)
+    unknown = [t for t in report_to(c) if t not in TRACKERS and t != "all"]
+    _require(not unknown, f"report_to: unknown tracker '{unknown[0] if unknown else ''}'; use none, all or a comma "
+             f"list of {', '.join(TRACKERS)}")
+
+
+def report_to(c) -> list[str]:
+    """The trackers named by report_to ([] for none)."""
+    names = [t.strip().lower() for t in (c.report_to or "").split(",") if t.strip()]
+    return [t for t in names if t != "none"]
+
+
+def _check_generation(c) -> None:
+    """On-policy distillation and seq_kd: what they need, and sampled_rkl's place."""
+    if c.kd_loss in SAMPLED_KD_LOSSES:
+        _require(c.lmbda == 1, f"kd_loss: {c.kd_loss} is scored on the student's own samples, so every step must "
+                 f"be on-policy; set lmbda: 1 (got {c.lmbda}), or use kd_loss: rkl for the exact reverse KL")
+        _require(c.kd_temperature == 1, f"kd_loss: {c.kd_loss} uses the sampled tokens' log-probs at temperature 1; "
+                 f"set kd_temperature: 1 (got {c.kd_temperature})")
+    if not c.generates:
+        return
+    what = "lmbda > 0 (on-policy distillation)" if c.lmbda > 0 else "seq_kd"
+    _require(c.stage == "sft", f"{what} needs prompts to continue, but stage: pt trains on raw text; use "
+             f"conversation data with stage: sft, or lmbda: 0 and seq_kd: false")
+    _require(c.teacher_cache is None, f"{what} trains on newly generated tokens, which a teacher cache cannot "
+             f"score; set teacher_model_name_or_path instead of teacher_cache, or lmbda: 0 and seq_kd: false")
+    _require(c.teacher_model_name_or_path is not None and c.kd_ratio > 0,
+             f"{what} needs a teacher to score (or write) the generated replies; set teacher_model_name_or_path "
+             f"and kd_ratio > 0")
