@@ -1,0 +1,316 @@
+"""On-policy distillation (lmbda, seq_kd, sampled_rkl): the step's replies, its loss, its accounting.
+
+- lmbda = 0 is today's off-policy run, and off-policy steps of a generating run are untouched by it;
+- greedy on-policy step 1 equals an independent computation (own greedy loop, both models' full logits);
+- sampled_rkl's mean gradient over samples approaches the exact reverse-KL gradient;
+- resume is exact and 2 processes equal 1 with lmbda > 0;
+- the generator: prompts of multi-turn rows, EOS cut, merged shadow LoRA weights (same tokens, weights
+  untouched), a padded head never sampled;
+- what cannot work is one line and exit 2.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from llmneo import cli, config, data, losses, rollout, step_source, training_setup
+from llmneo.chunked import fused_loss
+from llmneo.rows import SampledRows
+from llmneo.templates import IGNORE_INDEX
+
+BIN = Path(sys.executable).parent
+
+
+def _yaml(tmp_path: Path, name: str, values: dict) -> str:
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(values))
+    return str(path)
+
+
+def _metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def _same_run(a: Path, b: Path, tol: float) -> None:
+    rows_a, rows_b = _metrics(a), _metrics(b)
+    assert len(rows_a) == len(rows_b) > 0
+    for ra, rb in zip(rows_a, rows_b):
+        assert ra["step"] == rb["step"] and ra.get("on_policy") == rb.get("on_policy")
+        for key in ("loss", "ce_loss", "kd_loss", "grad_norm"):
+            if ra[key] is None or rb[key] is None:
+                assert ra[key] is rb[key] is None, (ra["step"], key)
+            else:
+                assert rb[key] == pytest.approx(ra[key], abs=tol, rel=0), (ra["step"], key)
+    wa, wb = load_file(str(a / "adapter_model.safetensors")), load_file(str(b / "adapter_model.safetensors"))
+    assert wa.keys() == wb.keys()
+    for name in wa:
+        assert (wa[name] - wb[name]).abs().max() <= tol, name
+
+
+# --- off-policy stays as it was ------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_lmbda_zero_is_the_off_policy_run_and_off_policy_steps_are_untouched(tmp_path, base_overrides):
+    plain, zero, never = tmp_path / "plain", tmp_path / "zero", tmp_path / "never"
+    assert cli.main(["train", _yaml(tmp_path, "a.yaml", {**base_overrides, "output_dir": str(plain)})]) == 0
+    assert cli.main(["train", _yaml(tmp_path, "b.yaml", {**base_overrides, "output_dir": str(zero), "lmbda": 0})]) == 0
+    # a generating run whose draws all fall off-policy (lmbda tiny): its steps are the dataset's, bit for bit
+    assert not any(step_source.on_policy_draw(0, s, 1e-9) for s in range(1, 4))
+    assert cli.main(["train", _yaml(tmp_path, "c.yaml", {**base_overrides, "output_dir": str(never),
+                                                         "lmbda": 1e-9})]) == 0
+    rows = [_metrics(p) for p in (plain, zero, never)]
+    strip = lambda r: {k: v for k, v in r.items() if k != "tokens_per_second"}  # noqa: E731
+    assert [strip(r) for r in rows[0]] == [strip(r) for r in rows[1]]  # identical, keys included
+    assert all("on_policy" not in r for r in rows[1])
+    for ra, rc in zip(rows[0], rows[2]):
+        assert {k: rc[k] for k in ra if k != "tokens_per_second"} == strip(ra)
+        assert rc["on_policy"] is False and rc["on_policy_steps"] == 0
+    results = json.loads((never / "train_results.json").read_text())
+    assert results["on_policy_fraction"] == 0.0 and "on_policy_fraction" not in json.loads(
+        (zero / "train_results.json").read_text())
+
+
+# --- greedy on-policy step 1, computed independently --------------------------------------------------
+
+def _greedy(model, prompt: list[int], steps: int, vocab: int, eos: set[int]) -> list[int]:
+    """The plainest greedy decoder: the whole sequence through the model for each new token."""
+    ids = list(prompt)
+    with torch.no_grad():
+        for _ in range(steps):
+            nxt = int(model(input_ids=torch.tensor([ids])).logits[0, -1, :vocab].argmax())
+            ids.append(nxt)
+            if nxt in eos:
+                break
+    return ids[len(prompt):]
+
+
+@pytest.mark.slow
+def test_greedy_on_policy_step_one_equals_an_independent_computation(tmp_path, base_overrides, tokenizer):
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "op"
+    values = {**base_overrides, "output_dir": str(out), "lmbda": 1, "temperature": 0, "max_new_tokens": 6,
+              "max_steps": 1, "per_device_train_batch_size": 8, "kd_loss": "fkl"}
+    assert cli.main(["train", _yaml(tmp_path, "op.yaml", values)]) == 0
+    row = _metrics(out)[0]
+    assert row["on_policy"] is True and row["ce_loss"] is None and row["loss"] == row["kd_loss"]
+
+    cfg = config.load(overrides=values)
+    examples = data.build(cfg, tokenizer).train
+    student = AutoModelForCausalLM.from_pretrained(base_overrides["model_name_or_path"]).eval()  # LoRA B = 0
+    teacher = AutoModelForCausalLM.from_pretrained(base_overrides["teacher_model_name_or_path"]).eval()
+    vocab = len(tokenizer)
+    eos = {tokenizer.eos_token_id} | set([student.generation_config.eos_token_id or tokenizer.eos_token_id])
+    kl_sum, tokens = 0.0, 0
+    for example in examples:
+        first = next(i for i, label in enumerate(example["labels"]) if label != IGNORE_INDEX)
+        prompt = example["input_ids"][:first]
+        reply = _greedy(student, prompt, 6, vocab, eos)
+        sequence = torch.tensor([prompt + reply])
+        with torch.no_grad():
+            s = student(input_ids=sequence).logits[0, len(prompt) - 1:-1, :vocab].double()
+            t = teacher(input_ids=sequence).logits[0, len(prompt) - 1:-1, :vocab].double()
+        p_t = t.softmax(-1)
+        kl_sum += float((p_t * (t.log_softmax(-1) - s.log_softmax(-1))).sum())
+        tokens += len(reply)
+    assert tokens > len(examples)  # replies of several tokens
+    assert row["kd_loss"] == pytest.approx(kl_sum / tokens, rel=1e-4)
+
+
+def test_seq_kd_trains_on_the_teachers_greedy_replies(tmp_path, base_overrides, tokenizer):
+    from transformers import AutoModelForCausalLM
+
+    cfg = config.load(overrides={**base_overrides, "seq_kd": True, "temperature": 0, "max_new_tokens": 5,
+                                 "per_device_train_batch_size": 2})
+    setup = training_setup.prepare(cfg)
+    try:
+        assert isinstance(setup.steps, step_source.RolloutSteps)
+        step = setup.steps.next_step()
+        assert step.replies == "teacher" and not step.on_policy
+        teacher = AutoModelForCausalLM.from_pretrained(base_overrides["teacher_model_name_or_path"]).eval()
+        eos = {tokenizer.eos_token_id}
+        for ids, labels, mask in zip(step.micro[0]["input_ids"], step.micro[0]["labels"],
+                                     step.micro[0]["attention_mask"]):
+            n = int(mask.sum())
+            start = int((labels[:n] != IGNORE_INDEX).nonzero()[0])
+            expected = _greedy(teacher, ids[:start].tolist(), 5, len(tokenizer), eos)
+            assert ids[start:n].tolist() == expected and labels[start:n].tolist() == expected
+            assert (labels[n:] == IGNORE_INDEX).all()
+    finally:
+        setup.accelerator.end_training()
+
+
+# --- sampled_rkl ---------------------------------------------------------------------------------------
+
+def test_sampled_rkl_mean_gradient_approaches_the_exact_reverse_kl_gradient():
+    """Tolerance: 4 standard errors of the sample mean, per logit (the estimator is unbiased)."""
+    generator = torch.Generator().manual_seed(0)
+    vocab, n = 6, 40000
+    student = torch.randn(vocab, generator=generator, dtype=torch.float64)
+    teacher = 2 * torch.randn(vocab, generator=generator, dtype=torch.float64)
+    exact_z = student.clone().requires_grad_(True)
+    exact = losses.token_divergence(exact_z[None], teacher[None], "rkl")[0]
+    exact.backward()
+
+    samples = torch.multinomial(student.softmax(-1), n, replacement=True, generator=generator)
+    z = student.expand(n, vocab).clone().requires_grad_(True)
+    teacher_logprobs = teacher.log_softmax(-1)[samples]
+    values = losses.sampled_reverse_kl(z, samples, teacher_logprobs)
+    values.sum().backward()  # row i's gradient is sample i's
+    per_sample = z.grad  # (n, V)
+    error = 4 * per_sample.std(0) / n ** 0.5
+    assert ((per_sample.mean(0) - exact_z.grad).abs() <= error).all(), (per_sample.mean(0), exact_z.grad, error)
+    assert float(values.mean()) == pytest.approx(float(exact), abs=4 * float(values.std()) / n ** 0.5)
+    # a single sample's gradient is not the exact one: the test above is about the mean
+    assert not torch.allclose(per_sample[0], exact_z.grad, atol=1e-3)
+
+    # the fused chunked loss over SampledRows gives the same KD sum and gradient as the function itself
+    hidden = torch.eye(vocab, dtype=torch.float64)[samples[:50]].clone().requires_grad_(True)  # logits = hidden @ W
+    weight = torch.randn(vocab, vocab, generator=generator, dtype=torch.float64)
+    head = lambda h: h @ weight.T  # noqa: E731
+    rows = SampledRows(samples[:50], teacher_logprobs[:50])
+    loss, _, kd = fused_loss(hidden, samples[:50], head, [], rows, vocab_size=vocab, kd_ratio=1.0,
+                             settings=losses.KDSettings("sampled_rkl"), chunk_size=7)
+    loss.backward()
+    direct_h = hidden.detach().clone().requires_grad_(True)
+    direct = losses.sampled_reverse_kl(head(direct_h), samples[:50], teacher_logprobs[:50]).sum()
+    direct.backward()
+    assert float(kd) == pytest.approx(float(direct), rel=1e-6)
+    assert torch.allclose(hidden.grad, direct_h.grad, atol=1e-6)
+
+
+def test_a_full_distribution_divergence_refuses_sampled_rkl():
+    with pytest.raises(Exception, match="sampled tokens only"):
+        losses.token_divergence(torch.zeros(2, 4), torch.zeros(2, 4), "sampled_rkl")
+
+
+# --- resume and data parallelism ------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_resume_with_sampled_on_policy_steps_is_exact(tmp_path, base_overrides):
+    values = {**base_overrides, "per_device_train_batch_size": 2, "gradient_accumulation_steps": 3, "max_steps": 6,
+              "save_steps": 2, "learning_rate": 5e-3, "lora_dropout": 0.1, "lmbda": 0.5, "temperature": 1.0,
+              "max_new_tokens": 6, "seed": 1}
+    draws = [step_source.on_policy_draw(values["seed"], s, 0.5) for s in range(3, 7)]
+    assert any(draws) and not all(draws)  # the resumed part has both kinds of step
+    full = tmp_path / "full"
+    assert cli.main(["train", _yaml(tmp_path, "full.yaml", {**values, "output_dir": str(full)})]) == 0
+    cut = tmp_path / "cut"
+    cut.mkdir()
+    shutil.copytree(full / "checkpoint-2", cut / "checkpoint-2")
+    assert cli.main(["train", _yaml(tmp_path, "cut.yaml", {**values, "output_dir": str(cut),
+                                                           "resume_from_checkpoint": "auto"})]) == 0
+    _same_run(full, cut, tol=1e-6)
+    assert [r["on_policy"] for r in _metrics(full)] == [step_source.on_policy_draw(values["seed"], s, 0.5)
+                                                        for s in range(1, 7)]
+    a, b = (json.loads((p / "train_results.json").read_text()) for p in (full, cut))
+    assert a["on_policy_fraction"] == b["on_policy_fraction"] == sum(r["on_policy"] for r in _metrics(full)) / 6
+
+
+@pytest.mark.slow
+def test_two_processes_equal_one_with_on_policy_steps(tmp_path, student_dir, teacher_dir):
+    rows = [{"instruction": f"Question {i} about the fox?", "input": "", "output": "Answer " * (1 + i % 4) + "done."}
+            for i in range(8)]
+    data_file = tmp_path / "rows.jsonl"
+    data_file.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    values = {"model_name_or_path": str(student_dir), "teacher_model_name_or_path": str(teacher_dir),
+              "dataset": str(data_file), "lora_rank": 4, "per_device_train_batch_size": 2, "max_steps": 4,
+              "logging_steps": 1, "cutoff_len": 64, "learning_rate": 5e-3, "seed": 3, "lmbda": 0.5,
+              "temperature": 0, "max_new_tokens": 5}
+    assert {step_source.on_policy_draw(3, s, 0.5) for s in range(1, 5)} == {True, False}
+    path = _yaml(tmp_path, "ddp.yaml", values)
+    ddp, single = tmp_path / "ddp", tmp_path / "single"
+    done = subprocess.run([str(BIN / "torchrun"), "--standalone", "--nproc_per_node", "2", "-m", "llmneo", "train",
+                           path, f"output_dir={ddp}"], capture_output=True, text=True, timeout=300,
+                          env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert cli.main(["train", path, f"output_dir={single}", "gradient_accumulation_steps=2"]) == 0
+    _same_run(single, ddp, tol=1e-5)
+
+
+# --- the generator -----------------------------------------------------------------------------------------
+
+def test_prompts_are_cut_before_the_last_reply_and_replies_are_labelled_up_to_eos():
+    # a two-turn row: prompt 1..3, reply 4 5, user 6 7, reply 8 9; and a one-turn row
+    examples = [{"input_ids": [1, 2, 3, 4, 5, 6, 7, 8, 9], "labels": [-100, -100, -100, 4, 5, -100, -100, 8, 9]},
+                {"input_ids": [1, 2, 7, 8], "labels": [-100, -100, 7, 8]}]
+    batch = data.collate(examples, pad_token_id=0)
+    prompts = rollout.prompts(batch)
+    assert [p.tolist() for p in prompts] == [[1, 2, 3, 4, 5, 6, 7], [1, 2]]
+    replies = [rollout.cut_at_eos(torch.tensor([11, 12, 2, 13, 14]), {2}), rollout.cut_at_eos(torch.tensor([15]), {2})]
+    assert [r.tolist() for r in replies] == [[11, 12, 2], [15]]
+    rebuilt = rollout.with_replies(prompts, replies, 0, torch.device("cpu"))
+    assert rebuilt["input_ids"].tolist() == [[1, 2, 3, 4, 5, 6, 7, 11, 12, 2], [1, 2, 15, 0, 0, 0, 0, 0, 0, 0]]
+    assert rebuilt["labels"].tolist() == [[-100] * 7 + [11, 12, 2], [-100, -100, 15] + [-100] * 7]
+    assert rebuilt["attention_mask"].sum(1).tolist() == [10, 3]
+
+
+@pytest.mark.parametrize("variant", ["lora", "moslora", "dora"])
+def test_merged_shadow_weights_generate_the_same_tokens_and_leave_the_weights_untouched(
+        student_dir, tokenizer, variant):
+    from llmneo import adapters, models
+
+    cfg = config.load(overrides={"model_name_or_path": str(student_dir), "lora_rank": 4, "lora_variant": variant})
+    model = adapters.apply(models.load(cfg, models.resolve_precision(cfg), with_teacher=False).student, cfg)
+    with torch.no_grad():  # a trained-looking adapter: B != 0
+        for name, p in model.named_parameters():
+            if p.requires_grad:
+                p.add_(0.3 * torch.randn_like(p))
+    before = {n: (p.data_ptr(), p.detach().clone()) for n, p in model.named_parameters()}
+    prompts = [torch.tensor([1, 5, 9, 11]), torch.tensor([1, 7])]
+    sampling = rollout.Sampling(max_new_tokens=8, temperature=0)
+    merged = rollout.HFGenerator(model, tokenizer, sampling).generate(prompts)
+    unmerged = rollout.HFGenerator(model, tokenizer, sampling, merge_lora=False).generate(prompts)
+    assert [m.tolist() for m in merged] == [u.tolist() for u in unmerged]
+    assert bool(rollout._foldable_layers(model)) == (variant != "dora")  # DoRA generates unmerged
+    for name, p in model.named_parameters():
+        pointer, value = before[name]
+        assert p.data_ptr() == pointer and torch.equal(p.detach(), value), name
+    assert model.training  # back in the mode it was in
+
+
+def test_a_padded_teacher_head_never_emits_padding_ids(teacher_dir, tokenizer):
+    from transformers import AutoModelForCausalLM
+
+    teacher = AutoModelForCausalLM.from_pretrained(teacher_dir)
+    assert teacher.get_output_embeddings().weight.shape[0] > len(tokenizer)
+    torch.manual_seed(0)
+    replies = rollout.HFGenerator(teacher, tokenizer, rollout.Sampling(max_new_tokens=40, temperature=50.0)).generate(
+        [torch.tensor([1, 5, 9])] * 8)
+    generated = torch.cat(replies)
+    assert generated.numel() > 40 and int(generated.max()) < len(tokenizer)
+
+
+# --- what cannot work ----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("extra, message", [
+    ({"kd_loss": "sampled_rkl", "lmbda": 0.5}, "set lmbda: 1"),
+    ({"lmbda": 0.5, "teacher_cache": "somewhere"}, "teacher cache cannot score"),
+    ({"lmbda": 0.5, "stage": "pt"}, "stage: pt"),
+    ({"lmbda": 0.5, "kd_ratio": 0}, "needs a teacher"),
+    ({"seq_kd": True, "temperature": -1}, "temperature must be"),
+])
+def test_impossible_on_policy_configs_are_one_line_errors(tmp_path, base_overrides, capsys, extra, message):
+    assert cli.main(["train", _yaml(tmp_path, "bad.yaml", {**base_overrides, **extra})]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
+    assert not Path(base_overrides["output_dir"]).exists()
+
+
+def test_plain_text_rows_have_no_prompt_to_continue(tmp_path, base_overrides, capsys):
+    text = tmp_path / "text.jsonl"
+    text.write_text("".join(json.dumps({"text": f"some raw text number {i}"}) + "\n" for i in range(4)))
+    assert cli.main(["train", _yaml(tmp_path, "t.yaml", {**base_overrides, "dataset": str(text), "lmbda": 1})]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "plain text" in err and len(err.splitlines()) == 1
+    out = Path(base_overrides["output_dir"])
+    assert not (out / "adapter_model.safetensors").exists() and not (out / "metrics.jsonl").exists()
