@@ -314,3 +314,17 @@ def test_plain_text_rows_have_no_prompt_to_continue(tmp_path, base_overrides, ca
     assert "plain text" in err and len(err.splitlines()) == 1
     out = Path(base_overrides["output_dir"])
     assert not (out / "adapter_model.safetensors").exists() and not (out / "metrics.jsonl").exists()
+
+
+def test_a_sampled_rkl_run_scores_held_out_data_by_the_exact_reverse_kl(tmp_path, base_overrides):
+    """Held-out rows have no sampled tokens: eval_kd_loss is the rkl that sampled_rkl estimates."""
+    from llmneo import evaluate
+
+    out = tmp_path / "srkl"
+    values = {**base_overrides, "output_dir": str(out), "lmbda": 1, "kd_loss": "sampled_rkl", "val_size": 2,
+              "max_steps": 2, "max_new_tokens": 4}
+    assert cli.main(["train", _yaml(tmp_path, "s.yaml", values)]) == 0
+    results = json.loads((out / "train_results.json").read_text())
+    assert results["on_policy_fraction"] == 1.0 and results["kd_loss_kind"] == "sampled_rkl"
+    assert results["eval_kd_loss"] is not None and results["eval_kd_loss"] > 0
+    assert evaluate.kd_settings(losses.KDSettings("sampled_rkl"))["kind"] == "rkl"

@@ -9,6 +9,10 @@ at T = 1 over the real vocabulary, `top1_agreement` the fraction of positions wh
 agree, and `kd_loss` the mean of the run's configured divergence (kd_loss, kd_temperature, ...), so
 training's KD objective is reported on held-out rows too. `tasks=...` hands the same in-memory model to
 lm-evaluation-harness through its HF wrapper.
+
+`greedy_teacher_logprob` scores what a model *writes* rather than how it predicts the references: it
+continues each held-out prompt greedily and reports the teacher's mean log-prob per token of those replies,
+the measure that fits on-policy distillation (which trains on the student's own replies).
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from llmneo import data, heads, models, run_dir
+from llmneo import data, heads, models, rollout, run_dir
 from llmneo.config import Config
 from llmneo.errors import LlmneoError
 from llmneo.losses import KDSettings, response_positions, token_cross_entropy, token_divergence
@@ -38,12 +42,17 @@ def perplexity(ce_loss: float) -> float:
 
 def kd_settings(kd) -> dict | None:
     """The divergence's keyword arguments from KD settings: a losses.KDSettings (or any object with
-    .kind/.temperature/.beta/.skew), or a dict with those keys; None stays None."""
+    .kind/.temperature/.beta/.skew), or a dict with those keys; None stays None. Held-out data has no
+    sampled tokens, so `sampled_rkl` is scored as the exact reverse KL it estimates (`rkl`)."""
     if kd is None:
         return None
     if isinstance(kd, dict):
-        return {name: kd[name] for name in KD_SETTING_NAMES}
-    return {name: getattr(kd, name) for name in KD_SETTING_NAMES}
+        settings = {name: kd[name] for name in KD_SETTING_NAMES}
+    else:
+        settings = {name: getattr(kd, name) for name in KD_SETTING_NAMES}
+    if settings["kind"] == "sampled_rkl":
+        settings["kind"] = "rkl"
+    return settings
 
 
 def _response_logits(model, batch: dict, positions: torch.Tensor, vocab_size: int, full_logits: bool):
@@ -129,6 +138,42 @@ def held_out(model, teacher, examples: list[dict], *, pad_token_id: int, vocab_s
         "top1_agreement": None if teacher is None else agree / tokens,
         "kd_loss": None if settings is None else kd_sum / tokens,
     }
+
+
+@torch.no_grad()
+def greedy_teacher_logprob(model, teacher, examples: list[dict], tokenizer, *, max_new_tokens: int,
+                           batch_size: int = 8, device: torch.device | str = "cpu") -> dict:
+    """The teacher's log-prob of `model`'s own greedy replies to the prompts of `examples`.
+
+    Each example's prompt (its tokens before its last reply, rollout.prompts) is continued greedily by
+    `model` (rollout.HFGenerator at temperature 0: up to `max_new_tokens`, cut after the first EOS of the
+    tokenizer or the model's generation_config), and the teacher scores prompt + reply under teacher forcing.
+    Returns `teacher_logprob`, the mean log p_T per generated token (EOS included, log-softmax over the
+    tokenizer's vocabulary), `generated_tokens`, and `replies_ended`, the fraction of replies that reached
+    an EOS within `max_new_tokens`. With `teacher` = `model`, it is the model scoring its own greedy answers.
+    """
+    if not examples:
+        raise LlmneoError("nothing to evaluate: no held-out example")
+    generator = rollout.HFGenerator(model, tokenizer, rollout.Sampling(max_new_tokens, temperature=0.0))
+    vocab_size = len(tokenizer)
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    tokens = ended = replies_seen = 0
+    with _eval_mode(model, teacher):
+        for start in range(0, len(examples), batch_size):
+            batch = data.collate(examples[start:start + batch_size], tokenizer.pad_token_id)
+            prompt_ids = rollout.prompts({k: v.to(device) for k, v in batch.items()})
+            replies = generator.generate(prompt_ids)
+            scored = rollout.with_replies(prompt_ids, replies, tokenizer.pad_token_id, device)
+            positions, targets = response_positions(scored["labels"])
+            logits = _response_logits(teacher, scored, positions, vocab_size, False)(slice(None))  # (N, V)
+            total += torch.log_softmax(logits.double(), dim=-1).gather(1, targets[:, None]).sum()
+            tokens += targets.numel()
+            ended += sum(1 for r in replies if len(r) and int(r[-1]) in generator.eos)
+            replies_seen += len(replies)
+    if tokens == 0:
+        raise LlmneoError("nothing to score: every greedy reply was empty (max_new_tokens must be > 0)")
+    return {"teacher_logprob": float(total) / tokens, "generated_tokens": tokens,
+            "replies_ended": ended / replies_seen}
 
 
 def _task_names(spec: str) -> tuple[list[str], list[str]]:
