@@ -54,7 +54,12 @@ def teacher_identity(path: str) -> str:
     return _sha(b"\n".join(parts))
 
 
-def fingerprint(config: Config, tokenizer, examples: list[dict]) -> dict:
+def served_identity(model: str) -> str:
+    """The fingerprint's teacher part for a served teacher: the served model's name."""
+    return f"endpoint-model:{model}"
+
+
+def fingerprint(config: Config, tokenizer, examples: list[dict], teacher: str | None = None) -> dict:
     """What a cache's rows depend on that training compares, config-level parts first (k is not one).
 
     The order is the order of comparison: a changed setting that changes tokenization (cutoff_len, stage,
@@ -66,8 +71,12 @@ def fingerprint(config: Config, tokenizer, examples: list[dict]) -> dict:
     rows = hashlib.sha256()
     for example in examples:
         rows.update(json.dumps([example["input_ids"], example["labels"]]).encode())
+    if teacher is None and config.teacher_model_name_or_path:
+        teacher = teacher_identity(config.teacher_model_name_or_path)
+    elif teacher is None and config.teacher_endpoint and config.teacher_endpoint_model:
+        teacher = served_identity(config.teacher_endpoint_model)
     return {
-        "teacher": teacher_identity(config.teacher_model_name_or_path) if config.teacher_model_name_or_path else None,
+        "teacher": teacher,  # None: not known to this run (then not compared)
         "tokenizer vocabulary": _sha(vocab),
         "template": _sha(template),
         "stage": config.stage,
@@ -89,8 +98,12 @@ def topk_rows(logits: torch.Tensor, k: int) -> SparseRows:
 
 def write(config: Config) -> dict:
     """`llmneo cache`: run the teacher over the training split and write the top-k cache."""
-    if not config.teacher_model_name_or_path:
-        raise LlmneoError("teacher_model_name_or_path is not set; llmneo cache runs the teacher to cache it")
+    if not config.teacher_model_name_or_path and not config.teacher_endpoint:
+        raise LlmneoError("teacher_model_name_or_path is not set; llmneo cache runs the teacher (or asks "
+                          "teacher_endpoint) to cache it")
+    if config.teacher_endpoint and not config.model_name_or_path:
+        raise LlmneoError("llmneo cache from teacher_endpoint tokenizes with the student's tokenizer; set "
+                          "model_name_or_path")
     if not config.teacher_cache:
         raise LlmneoError("teacher_cache is not set; give the cache directory, e.g. teacher_cache=cache/teacher")
     target = Path(config.teacher_cache)
@@ -114,6 +127,16 @@ def write(config: Config) -> dict:
     if k > vocab:
         raise LlmneoError(f"teacher_topk={k} is larger than the vocabulary ({vocab}); use at most {vocab}")
     examples = data.build(config, tokenizer).train
+    if config.teacher_endpoint:
+        from llmneo import cache_capture, served
+
+        endpoint = served.Endpoint(config.teacher_endpoint, config.teacher_endpoint_model, config.teacher_api_key_env)
+        served.check_endpoint(endpoint, tokenizer, k)
+        expected = fingerprint(config, tokenizer, examples, teacher=served_identity(endpoint.model))
+        index = cache_capture.capture(target, endpoint, examples, k, vocab, expected,
+                                 batch_size=config.per_device_eval_batch_size,
+                                 shard_size=config.cache_shard_size)
+        return _summary(target, index, k, len(examples))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     teacher = models.load_teacher(config, tokenizer, models.weight_dtype(config, "teacher")).to(device)
     chunk = config.kd_chunk_size or 1024
@@ -125,20 +148,26 @@ def write(config: Config) -> dict:
     try:
         index = write_examples(staging, teacher, examples, tokenizer.pad_token_id, vocab, k,
                                fingerprint(config, tokenizer, examples), chunk=chunk,
-                               batch_size=config.per_device_eval_batch_size, device=device)
+                               batch_size=config.per_device_eval_batch_size, device=device,
+                               shard_size=config.cache_shard_size)
         if target.exists():
             shutil.rmtree(target)
         os.replace(staging, target)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+    return _summary(target, index, k, len(examples))
+
+
+def _summary(target: Path, index: dict, k: int, examples: int) -> dict:
     size = sum(f.stat().st_size for f in target.iterdir())
     return {"dir": str(target), "tokens": index["rows"], "bytes": size,
-            "bytes_per_token": size / max(index["rows"], 1), "k": k, "examples": len(examples)}
+            "bytes_per_token": size / max(index["rows"], 1), "k": k, "examples": examples}
 
 
 def write_examples(directory: Path, teacher, examples: list[dict], pad_id: int, vocab: int, k: int, fingerprint: dict,
-                   *, chunk: int = 1024, batch_size: int = 8, device: torch.device | None = None) -> dict:
+                   *, chunk: int = 1024, batch_size: int = 8, device: torch.device | None = None,
+                   shard_size: int = SHARD_ROWS) -> dict:
     """Shards and index.json for tokenized `examples` (input_ids, labels) into an existing `directory`.
 
     The core of `llmneo cache` (which adds the config checks and the atomic rename); the step benchmark
@@ -146,14 +175,15 @@ def write_examples(directory: Path, teacher, examples: list[dict], pad_id: int, 
     """
     head, _ = heads.output_head(teacher)
     index = _write_shards(Path(directory), teacher, head, examples, pad_id, vocab, k, chunk, batch_size,
-                          device or torch.device("cpu"))
+                          device or torch.device("cpu"), shard_size)
     index.update(format=FORMAT, fingerprint=fingerprint)
     (Path(directory) / "index.json").write_text(json.dumps(index, indent=1))
     return index
 
 
 @torch.inference_mode()
-def _write_shards(staging: Path, teacher, head, examples, pad_id, vocab, k, chunk, batch_size, device) -> dict:
+def _write_shards(staging: Path, teacher, head, examples, pad_id, vocab, k, chunk, batch_size, device,
+                  shard_size: int) -> dict:
     from safetensors.torch import save_file
 
     offsets = [0]
@@ -185,7 +215,7 @@ def _write_shards(staging: Path, teacher, head, examples, pad_id, vocab, k, chun
             buffered += rows.ids.shape[0]
         for count in positions.sum(dim=1).tolist():
             offsets.append(offsets[-1] + count)
-        if buffered >= SHARD_ROWS:
+        if buffered >= shard_size:
             flush()
         bar.update(len(part))
         bar.set_postfix(tokens=offsets[-1])

@@ -91,7 +91,20 @@ class Config:
     teacher_cache: str | None = _f(
         None, "Offline teacher top-k cache dir. `llmneo cache` writes it; `llmneo train` reads it instead of "
         "loading the teacher.")
-    teacher_topk: int = _f(64, "llmneo cache: how many top tokens per position to keep (plus a tail bucket).")
+    teacher_topk: int = _f(
+        64, "How many top tokens per position a cache keeps (plus a tail bucket), or a served teacher returns "
+        "(vLLM allows up to its --max-logprobs, 20 by default).")
+    teacher_endpoint: str | None = _f(
+        None, "A teacher served by vLLM's OpenAI-compatible server, e.g. http://host:8000/v1: its top-k prompt "
+        "log-probs (teacher_topk) train the student online, or `llmneo cache` captures them.")
+    teacher_endpoint_model: str | None = _f(
+        None, "The served model's name at teacher_endpoint (default: the one model it serves).")
+    teacher_api_key_env: str | None = _f(
+        None, "The name of the environment variable holding teacher_endpoint's API key (the key never goes in a "
+        "config or a log).")
+    cache_shard_size: int = _f(
+        262144, "llmneo cache: response positions per shard file. Capture from an endpoint resumes shard by shard "
+        "after a crash, so smaller shards lose less.")
     # --- on-policy distillation (TRL GKD's names) -------------------------------------------------
     lmbda: float = _f(
         0.0, "On-policy fraction: each optimizer step, with this probability (drawn from the seed and the step "
@@ -189,7 +202,7 @@ class Config:
     @property
     def has_teacher(self) -> bool:
         """A teacher signal exists: a live teacher model or an offline cache."""
-        return self.teacher_model_name_or_path is not None or self.teacher_cache is not None
+        return any(v is not None for v in (self.teacher_model_name_or_path, self.teacher_cache, self.teacher_endpoint))
 
     @property
     def uses_kd(self) -> bool:

@@ -24,7 +24,7 @@ _RANGES = {
     **dict.fromkeys(("kd_temperature", "lora_rank", "lora_alpha", "cutoff_len", "max_samples", "learning_rate",
                      "per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
                      "logging_steps", "save_steps", "save_total_limit", "ddp_timeout", "teacher_topk", "num_layers",
-                     "eval_limit", "max_new_tokens"), (lambda v: v > 0, "> 0")),
+                     "eval_limit", "max_new_tokens", "cache_shard_size"), (lambda v: v > 0, "> 0")),
     **dict.fromkeys(("warmup_steps", "weight_decay", "max_grad_norm", "num_fewshot"), (lambda v: v >= 0, ">= 0")),
     "kd_chunk_size": (lambda v: v >= 0, ">= 0 (0 = unchunked)"),
     **dict.fromkeys(("kd_ratio", "kd_beta", "kd_skew", "lmbda"), (lambda v: 0.0 <= v <= 1.0, "in [0, 1]")),
@@ -64,6 +64,11 @@ def validate(c) -> None:
              "eval_dataset and val_size are both set; hold out data one way: eval_dataset=NAME or val_size=0.05")
     _require(c.num_train_epochs > 0 or c.max_steps > 0, "set num_train_epochs > 0 or max_steps > 0")
     _require(not (c.bf16 and c.fp16), "bf16 and fp16 are both true; pick one")
+    _require(not (c.teacher_endpoint and c.teacher_model_name_or_path),
+             "teacher_endpoint and teacher_model_name_or_path are both set; the teacher is either served or loaded here: "
+             "drop one of them")
+    _require(not c.teacher_endpoint or c.teacher_endpoint.startswith(("http://", "https://")),
+             f"teacher_endpoint must be an http(s) URL such as http://localhost:8000/v1, got '{c.teacher_endpoint}'")
     _check_generation(c)
     unknown = [t for t in report_to(c) if t not in TRACKERS and t != "all"]
     _require(not unknown, f"report_to: unknown tracker '{unknown[0] if unknown else ''}'; use none, all or a comma "
@@ -90,6 +95,8 @@ def _check_generation(c) -> None:
              f"conversation data with stage: sft, or lmbda: 0 and seq_kd: false")
     _require(c.teacher_cache is None, f"{what} trains on newly generated tokens, which a teacher cache cannot "
              f"score; set teacher_model_name_or_path instead of teacher_cache, or lmbda: 0 and seq_kd: false")
-    _require(c.teacher_model_name_or_path is not None and c.kd_ratio > 0,
+    _require((c.teacher_model_name_or_path or c.teacher_endpoint) and c.kd_ratio > 0,
              f"{what} needs a teacher to score (or write) the generated replies; set teacher_model_name_or_path "
-             f"and kd_ratio > 0")
+             f"(or teacher_endpoint) and kd_ratio > 0")
+    _require(not (c.seq_kd and c.teacher_endpoint), "seq_kd generates with the teacher model here; a served teacher "
+             "only scores (use teacher_model_name_or_path, or lmbda > 0 without seq_kd)")

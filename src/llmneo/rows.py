@@ -164,5 +164,11 @@ class SampledRows:
     def closed_form(self, logits, targets, kd_ratio: float, settings: KDSettings):
         return None  # autograd on the chunk's logits: the estimator is cheap per position
 
+    def sampled(self, tokens: torch.Tensor) -> "SampledRows":
+        """Already sampled rows (a served teacher's): they must be for `tokens`."""
+        if not torch.equal(self.ids, tokens.to(self.ids.device)):
+            raise LlmneoError("the teacher's sampled-token log-probs are for other tokens than the batch's targets")
+        return self
+
 
 TeacherRows = DenseRows | LogitRows | SparseRows | SampledRows

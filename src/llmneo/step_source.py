@@ -7,6 +7,7 @@ and, for dataset rows, `index`) as a `Step`, and the loss never knows where they
 
 - `DatasetSteps` (off-policy): the next `gradient_accumulation_steps` batches of the training split,
   across epochs, resumable from a checkpoint's micro-batch count.
+- `PrefetchSteps`: dataset steps for a served teacher, whose rows are requested a step ahead.
 - `RolloutSteps` (lmbda > 0 or seq_kd): the same dataset batches, whose replies are replaced, per step, by
   the student's own continuations of their prompts (with probability lmbda: on-policy) or else, under
   seq_kd, by the teacher's (rollout.py). The draw depends on the seed and the step number only, so every
@@ -81,13 +82,38 @@ class RolloutSteps:
         return Step(micro, replies)
 
 
+class PrefetchSteps:
+    """Dataset steps whose teacher rows are requested one step ahead (a served teacher's `prefetch`), so
+    the endpoint works on step s+1 while the student trains on step s. Steps past `last` are not requested."""
+
+    def __init__(self, source: StepSource, teacher, step: int, last: int):
+        self.source, self.teacher, self.step, self.last = source, teacher, step, last
+        self._ahead: Step | None = None
+
+    def _fetch(self) -> Step:
+        from llmneo.losses import response_positions
+
+        step = self.source.next_step()
+        for batch in step.micro:
+            self.teacher.prefetch(batch, response_positions(batch["labels"])[0])
+        return step
+
+    def next_step(self) -> Step:
+        self.step += 1
+        step = self._ahead if self._ahead is not None else self._fetch()
+        self._ahead = self._fetch() if self.step < self.last else None
+        return step
+
+
 def choose(config, loader, accelerator, micro_seen: int, *, model=None, teacher=None, tokenizer=None,
-           step: int = 0) -> StepSource:
+           step: int = 0, last: int = 0) -> StepSource:
     """The run's step source, chosen once from the config: dataset batches, or rollouts when the config
     generates (lmbda > 0 or seq_kd; then `model` is the student, `teacher` the live teacher, `step` the
     last completed step)."""
     dataset = DatasetSteps(loader, accelerator, config.gradient_accumulation_steps, start=micro_seen)
     if not config.generates:
+        if hasattr(teacher, "prefetch"):
+            return PrefetchSteps(dataset, teacher, step, last)
         return dataset
     from llmneo import engines
 

@@ -4,7 +4,8 @@ response positions of a batch.
 - `LiveTeacher`: a teacher model run under no_grad; `DenseRows` (its final hidden states and its head,
   projected one slice at a time, never [B, T, V] logits), or `LogitRows` from its own forward when its
   weights are sharded;
-- `cache.CachedTeacher`: an offline top-k cache (`llmneo cache`), `SparseRows`.
+- `cache.CachedTeacher`: an offline top-k cache (`llmneo cache`), `SparseRows`;
+- `served.ServedTeacher`: a teacher on an inference server (vLLM), `SparseRows` (or `SampledRows`).
 `choose` picks one of them (or none) from the config, once per run.
 """
 
@@ -46,6 +47,16 @@ def uses_cache(config) -> bool:
     return config.uses_kd and config.teacher_cache is not None
 
 
+def uses_endpoint(config) -> bool:
+    """KD online from a served teacher (teacher_endpoint): no teacher model is loaded."""
+    return config.uses_kd and config.teacher_endpoint is not None and config.teacher_cache is None
+
+
+def loads_model(config) -> bool:
+    """Whether the run loads a teacher model in-process."""
+    return config.uses_kd and not uses_cache(config) and not uses_endpoint(config)
+
+
 def choose(config, loaded, train_examples: list[dict], accelerator):
     """The run's teacher signal, chosen once: a cache (teacher_cache), the loaded teacher model, or None
     (CE alone). The live teacher is placed by the engine (replicated, or sharded with full logits)."""
@@ -54,6 +65,14 @@ def choose(config, loaded, train_examples: list[dict], accelerator):
     if uses_cache(config):
         expected = cache.fingerprint(config, loaded.tokenizer, train_examples)
         return cache.CachedTeacher(config.teacher_cache, expected, accelerator.device)
+    if uses_endpoint(config):
+        from llmneo import served
+        from llmneo.losses import SAMPLED_KINDS
+
+        endpoint = served.Endpoint(config.teacher_endpoint, config.teacher_endpoint_model, config.teacher_api_key_env)
+        served.check_endpoint(endpoint, loaded.tokenizer, config.teacher_topk)
+        return served.ServedTeacher(endpoint, config.teacher_topk, loaded.vocab_size,
+                                    sampled=config.kd_loss in SAMPLED_KINDS)
     if loaded.teacher is not None:
         return LiveTeacher(engines.place_teacher(loaded.teacher, accelerator), loaded.vocab_size,
                            full_logits=engines.sharded(accelerator))

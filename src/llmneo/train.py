@@ -285,6 +285,8 @@ def finish(setup: TrainingSetup, last: dict) -> dict:
             run_dir.write_json(out / "train_results.json", results)
     accelerator.wait_for_everyone()
     accelerator.end_training()
+    if hasattr(setup.teacher, "close"):  # a served teacher's request threads
+        setup.teacher.close()
     return results
 
 

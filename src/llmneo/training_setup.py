@@ -106,7 +106,7 @@ def prepare(config: Config) -> TrainingSetup:
     set_seed(config.seed)
     memory.reset_peak(accelerator.device)
 
-    loaded = models.load(config, precision, with_teacher=config.uses_kd and not teacher.uses_cache(config))
+    loaded = models.load(config, precision, with_teacher=teacher.loads_model(config))
     splits = data.build(config, loaded.tokenizer)
     if config.generates:
         rollout.check_prompts(splits.train)
@@ -151,7 +151,7 @@ def prepare(config: Config) -> TrainingSetup:
         loaded=loaded, splits=splits, collate=collate, model=model, loader=loader, optimizer=optimizer,
         scheduler=scheduler, progress=progress, total_steps=total_steps, trainable=trainable, total=total,
         steps=step_source.choose(config, loader, accelerator, progress.micro_seen, model=model, teacher=signal,
-                                 tokenizer=loaded.tokenizer, step=progress.step),
+                                 tokenizer=loaded.tokenizer, step=progress.step, last=total_steps),
         teacher=signal,
         aligner=alignment.choose(config),
         settings=KDSettings.from_config(config) if signal is not None else KDSettings(),
@@ -215,6 +215,7 @@ def _warn_about_teacher(config: Config) -> None:
 
 def _announce(config: Config, trainable: int, total: int, examples: int, cached: bool) -> None:
     source = ("teacher cache " + str(config.teacher_cache)) if cached else (
-        "teacher " + str(config.teacher_model_name_or_path) if config.uses_kd else "no teacher")
+        "teacher " + str(config.teacher_model_name_or_path or config.teacher_endpoint) if config.uses_kd
+        else "no teacher")
     print(f"llmneo: {config.method} | trainable {trainable:,} of {total:,} parameters "
           f"({100 * trainable / max(total, 1):.2f}%) | {source} | {examples} training examples", flush=True)
