@@ -148,9 +148,8 @@ def test_multi_shard_cache_reads_the_same_rows_as_one_shard(tmp_path, base_overr
     values = {**base_overrides, "teacher_topk": 8, "per_device_eval_batch_size": batch}
     one_dir, many_dir = tmp_path / "one", tmp_path / "many"
     assert cli.main(["cache", _yaml(tmp_path, "one.yaml", {**values, "teacher_cache": str(one_dir)})]) == 0
-    monkeypatch.setattr(cache, "SHARD_ROWS", shard_rows)
-    assert cli.main(["cache", _yaml(tmp_path, "many.yaml", {**values, "teacher_cache": str(many_dir)})]) == 0
-    monkeypatch.undo()
+    assert cli.main(["cache", _yaml(tmp_path, "many.yaml", {**values, "teacher_cache": str(many_dir),
+                                                           "cache_shard_size": shard_rows})]) == 0
     one_index = json.loads((one_dir / "index.json").read_text())
     many_index = json.loads((many_dir / "index.json").read_text())
     assert len(one_index["shards"]) == 1
