@@ -1,5 +1,6 @@
-"""The embedded demo: a shortened run writes its report; the teacher is cached; the verdict is honest;
-the figures do not depend on the machine's thread count or CPU kernels (the README's determinism claim)."""
+"""The embedded demo: a shortened run writes its report (five arms, on-policy Neo among them); the teacher is
+cached; the verdict is honest; the figures do not depend on the machine's thread count or CPU kernels (the
+README's determinism claim); the world's road walks depend on what was said before."""
 
 from __future__ import annotations
 
@@ -27,16 +28,24 @@ def test_short_demo_writes_report_and_reuses_teacher(tmp_path, capsys):
     assert cli.main(["demo", f"output_dir={out}", *SHORT]) == 0
     report = (out / "report.md").read_text()
     table = [line for line in report.splitlines() if line.startswith("| ")]
-    assert len(table) == 1 + 6  # header + teacher, pruned student, four arms
-    for name in ("teacher", "pruned student", "| sft", "| lora", "| kd", "| neo"):
+    assert len(table) == 1 + 7  # header + teacher, pruned student, five arms
+    for name in ("teacher", "pruned student", "| sft", "| lora", "| kd", "| neo |", "| neo on-policy |",
+                 "teacher log-prob of greedy answers"):
         assert name in report
-    assert "**Verdict.**" in report and "Neo" in report
+    assert "**Verdict.**" in report and "On-policy Neo" in report
     assert (out / "curves.png").stat().st_size > 5000
     results = json.loads((out / "results.json").read_text())
     rows = {r["model"]: r for r in results["rows"]}
     assert rows["neo"]["trainable_params"] < rows["kd"]["trainable_params"]
     assert rows["neo"]["trainable_params"] == rows["lora"]["trainable_params"]
+    assert rows["neo on-policy"]["trainable_params"] == rows["neo"]["trainable_params"]
     assert all(r["perplexity"] > 1.0 for r in results["rows"])
+    assert all(r["teacher_logprob"] < 0 and r["generated_tokens"] > 0 for r in results["rows"])
+    # on-policy Neo is Neo plus lmbda 0.5 and a reply budget from the world's answers; some steps were on-policy
+    assert results["on_policy"]["lmbda"] == 0.5 and results["on_policy"]["max_new_tokens"] > 0
+    assert rows["neo on-policy"]["on_policy_fraction"] > 0
+    on_policy = (out / "arms" / "neo-on-policy" / "llmneo_config.yaml").read_text()
+    assert "lmbda: 0.5" in on_policy and "lmbda: 0.0" in (out / "arms" / "neo" / "llmneo_config.yaml").read_text()
     assert "reusing" not in capsys.readouterr().out
     assert cli.main(["demo", f"output_dir={out}", *SHORT]) == 0
     assert "reusing the cached teacher" in capsys.readouterr().out
@@ -62,14 +71,47 @@ def test_demo_settings_are_validated(capsys):
         demo.parse(None, ["kd_ratio=3"])
     settings, shared = demo.parse(None, ["max_steps=7", "kd_loss=jsd"])
     assert settings.max_steps == 7 and shared == {"kd_loss": "jsd"}
+    # generation keys go to on-policy Neo alone, so lmbda needs no teacher in the arms that have none
+    _, shared = demo.parse(None, ["lmbda=1", "temperature=0.7", "kd_loss=jsd"])
+    assert demo.split_shared(shared) == ({"kd_loss": "jsd"}, {"lmbda": "1", "temperature": "0.7"})
+    with pytest.raises(LlmneoError, match="lmbda must be in"):
+        demo.parse(None, ["lmbda=2"])
 
 
-def _rows(neo_ppl, neo_kl, lora_ppl, lora_kl, kd_kl):
+def test_road_walks_follow_the_roads_of_the_town_said_before():
+    from llmneo.demo import world
+
+    towns = world.make_towns(0, 24)
+    by_name = {t.name: t for t in towns}
+    before = [(t.name, t.region, t.ruler, t.market) for t in towns]
+    assert all(len(t.roads) == world.ROADS_PER_TOWN and t.name not in dict(t.roads) for t in towns)
+    assert all(abs(sum(p for _, p in t.roads) - 1) < 1e-9 for t in towns)
+    walks = 0
+    for row in world.rows(towns, 400, 1):
+        question, answer = (m["content"] for m in row["messages"])
+        if "road" not in question:
+            continue
+        walks += 1
+        start = question.removeprefix("Where does the road from ").removesuffix(" lead?")
+        path = answer.removeprefix(f"From {start} to ").removesuffix(".").split(", then ")
+        assert len(path) == world.ROAD_HOPS
+        for here, there in zip([start, *path], path):
+            assert there in dict(by_name[here].roads)  # each town is one the town before leads to
+    assert 60 < walks < 140  # a quarter of the questions
+    # the roads come from a stream of their own: the towns' other facts are what they were without roads
+    assert [(t.name, t.region, t.ruler, t.market) for t in world.make_towns(0, 24)] == before
+
+
+def _rows(neo_ppl, neo_kl, lora_ppl, lora_kl, kd_kl, on_policy=(1.45, 0.25, -0.2)):
     base = {"model": "pruned", "perplexity": 3.0, "kl_to_teacher": 1.0}
-    return [{"model": "teacher"}, base,
+    op_ppl, op_kl, op_logprob = on_policy
+    return [{"model": "teacher", "teacher_logprob": -0.1}, base,
             {"model": "lora", "perplexity": lora_ppl, "kl_to_teacher": lora_kl, "trainable_params": 10},
             {"model": "kd", "perplexity": 1.5, "kl_to_teacher": kd_kl, "trainable_params": 100},
-            {"model": "neo", "perplexity": neo_ppl, "kl_to_teacher": neo_kl, "trainable_params": 10}]
+            {"model": "neo", "perplexity": neo_ppl, "kl_to_teacher": neo_kl, "trainable_params": 10,
+             "teacher_logprob": -0.3},
+            {"model": "neo on-policy", "perplexity": op_ppl, "kl_to_teacher": op_kl, "trainable_params": 10,
+             "teacher_logprob": op_logprob}]
 
 
 def test_verdict_says_what_happened_either_way():
@@ -79,6 +121,17 @@ def test_verdict_says_what_happened_either_way():
     assert "does not beat LoRA" in bad and "is not closer to" in bad and "recovers 67%" in bad
     none = demo.verdict(_rows(1.6, 0.4, 1.5, 0.3, 1.2))
     assert "no KD gain to compare with" in none
+    # on-policy Neo against (off-policy) Neo, whose row here has perplexity 1.4, KL 0.2, log-prob -0.3
+    wins = demo.verdict(_rows(1.4, 0.2, 1.5, 0.3, 0.1, on_policy=(1.3, 0.1, -0.2)))
+    assert ("On-policy Neo beats off-policy Neo" in wins and "(KL 0.1000 vs 0.2000)" in wins
+            and "answers score higher" in wins and "wins on all three" in wins and "-0.1000" in wins)
+    loses = demo.verdict(_rows(1.4, 0.2, 1.5, 0.3, 0.1, on_policy=(1.5, 0.3, -0.4)))
+    assert ("On-policy Neo does not beat off-policy Neo" in loses and "is not closer to the teacher (KL 0.3000" in loses
+            and "do not score higher" in loses and "wins on none of the three" in loses)
+    mixed = demo.verdict(_rows(1.4, 0.2, 1.5, 0.3, 0.1, on_policy=(1.5, 0.3, -0.2)))
+    assert "does not beat off-policy Neo" in mixed and "wins on teacher log-prob only" in mixed
+    tie = demo.verdict(_rows(1.4, 0.2, 1.5, 0.3, 0.1, on_policy=(1.4, 0.2, -0.3)))
+    assert "wins on none of the three" in tie  # a tie is not a win
 
 
 def _demo_in_fresh_process(out, env_overrides: dict) -> dict:

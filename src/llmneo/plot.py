@@ -48,11 +48,16 @@ def loss_figure(plt, rows: list[dict], title: str):
 
 
 def arm_comparison(curves: dict[str, list[dict]], rows: list[dict], path: Path) -> bool:
-    """The demo's figure: each arm's training loss, then held-out perplexity and KL to the teacher per model."""
+    """The demo's figure: each arm's training loss, then held-out perplexity, KL to the teacher and (when
+    measured) the teacher's log-prob of each model's greedy answers, per model."""
     plt = _pyplot()
     if plt is None:
         return False
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    bars = [("perplexity", "held-out perplexity (lower is better)"),
+            ("kl_to_teacher", "held-out KL to teacher (lower is better)")]
+    if any(r.get("teacher_logprob") is not None for r in rows):
+        bars.append(("teacher_logprob", "teacher log-prob of greedy answers\n(per token, higher is better)"))
+    fig, axes = plt.subplots(1, 1 + len(bars), figsize=(5 * (1 + len(bars)), 4.2))
     for arm, history in curves.items():
         axes[0].plot([r["step"] for r in history], [r["loss"] for r in history], label=arm)
     axes[0].set_xlabel("optimizer step")
@@ -61,14 +66,13 @@ def arm_comparison(curves: dict[str, list[dict]], rows: list[dict], path: Path) 
     axes[0].legend()
     axes[0].grid(alpha=0.3)
     names = [r["model"].split(" (")[0].replace(", untrained", "") for r in rows]
-    for ax, key, title in ((axes[1], "perplexity", "held-out perplexity (lower is better)"),
-                           (axes[2], "kl_to_teacher", "held-out KL to teacher (lower is better)")):
+    colours = ["#777777", "#bbbbbb"] + [f"C{i}" for i in range(len(rows) - 2)]  # arms coloured as their curves
+    for ax, (key, title) in zip(axes[1:], bars):
         values = [r.get(key) or 0.0 for r in rows]
-        colours = ["#777777", "#bbbbbb"] + ["C0", "C1", "C2", "C3"][: len(rows) - 2]
-        bars = ax.bar(range(len(rows)), values, color=colours)
-        ax.set_xticks(range(len(rows)), names, rotation=20)
+        drawn = ax.bar(range(len(rows)), values, color=colours[:len(rows)])
+        ax.set_xticks(range(len(rows)), names, rotation=30, ha="right")
         ax.set_title(title)
-        ax.bar_label(bars, fmt="%.3f", fontsize=8)
+        ax.bar_label(drawn, fmt="%.3f", fontsize=8)
         ax.grid(alpha=0.3, axis="y")
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -1,4 +1,4 @@
-"""`llmneo demo`: the paper's four-arm experiment in miniature, on CPU, from nothing.
+"""`llmneo demo`: the paper's four-arm experiment in miniature, on CPU, from nothing, plus on-policy Neo.
 
 1. Generate the toy world (`llmneo.demo.world`) and its data: a large teacher corpus, a small student
    fine-tuning set, a held-out set, and a tokenizer trained on the world's text.
@@ -8,12 +8,17 @@
 4. Train the four arms (SFT, LoRA, KD, Neo) from that student on the same data, steps and batch size
    (the same token budget), each with the paper's defaults: guideline learning rates 2e-5 (full) and
    2e-4 (LoRA), kd_ratio 0.5, cosine schedule with 10 % warmup. Only the LoRA rank is scaled to the
-   tiny width (hidden/8), the same for both LoRA arms.
-5. Evaluate every model on the held-out set against the teacher; write report.md, results.json and
-   curves.png, and say plainly how Neo compares with LoRA and KD.
+   tiny width (hidden/8), the same for all LoRA arms. A fifth arm, on-policy Neo, is Neo with lmbda 0.5
+   (TRL GKD's default): on about half of the steps the student writes the replies to the step's prompts
+   (temperature 1, up to max_new_tokens, which the world's longest answer sets) and learns the KD term alone
+   on them; the world's road walks are where its own earlier choices shape what it says next.
+5. Evaluate every model on the held-out set against the teacher (perplexity, KL, top-1 agreement, and
+   the teacher's log-prob of the model's own greedy answers); write report.md, results.json and
+   curves.png, and say plainly how Neo compares with LoRA and KD, and on-policy Neo with Neo.
 
 `llmneo demo key=value ...` overrides the settings below (e.g. max_steps=1000 seed=1
-output_dir=demo_big); any other config key (kd_loss=jsd, lora_rank=32, ...) applies to all four arms.
+output_dir=demo_big); any other config key (kd_loss=jsd, lora_rank=32, ...) applies to all arms, except
+the generation keys (lmbda, seq_kd, max_new_tokens, temperature, top_p), which apply to on-policy Neo only.
 
 Reproducibility: float rounding depends on which kernels run, and without pins that differs between
 machines of one kind: the thread count changes how reductions are split, ATen picks AVX2 or AVX-512
@@ -38,7 +43,8 @@ from pathlib import Path
 # Only torch-free modules here: the numerics below must be in the environment before torch is loaded,
 # so torch and the modules that import it are imported inside the functions that run the demo.
 from llmneo import config as config_mod
-from llmneo.demo import world
+from llmneo.demo import report, world
+from llmneo.demo.report import ON_POLICY, verdict  # noqa: F401  (verdict: the demo's API, tested here)
 from llmneo.errors import LlmneoError
 
 # Two threads whatever the core count (reductions are split by thread count; MKL_DYNAMIC off so that MKL
@@ -58,7 +64,26 @@ PINNED_ENV = {
     "CUDA_VISIBLE_DEVICES": "",
 }
 
-ARMS = (("sft", "full", False), ("lora", "lora", False), ("kd", "full", True), ("neo", "lora", True))
+
+@dataclass(frozen=True)
+class Arm:
+    name: str
+    finetuning_type: str
+    with_teacher: bool
+    on_policy: bool = False
+
+    @property
+    def directory(self) -> str:
+        return self.name.replace(" ", "-")
+
+
+ARMS = (Arm("sft", "full", False), Arm("lora", "lora", False), Arm("kd", "full", True), Arm("neo", "lora", True),
+        Arm(ON_POLICY, "lora", True, on_policy=True))
+# TRL GKD's default share of on-policy steps; nothing in the toy world suggests another value.
+LMBDA = 0.5
+# Config keys that only an arm that generates uses: `llmneo demo temperature=0.7` changes on-policy Neo alone.
+GENERATION_KEYS = ("lmbda", "seq_kd", "max_new_tokens", "temperature", "top_p")
+END_OF_TURN = "<|im_end|>"  # how tiny.CHATML_TEMPLATE ends every turn
 
 
 @dataclass
@@ -80,7 +105,7 @@ class DemoSettings:
 
 
 def parse(path: str | None, overrides: list[str]) -> tuple[DemoSettings, dict]:
-    """Split overrides into demo settings and config keys shared by the four arms."""
+    """Split overrides into demo settings and config keys shared by the arms (GENERATION_KEYS: on-policy Neo's)."""
     raw = config_mod.read_yaml(path) if path else {}
     raw.update(config_mod.parse_overrides(overrides))
     names = {f.name: f for f in dataclasses.fields(DemoSettings)}
@@ -103,8 +128,17 @@ def parse(path: str | None, overrides: list[str]) -> tuple[DemoSettings, dict]:
             raise LlmneoError(f"demo setting {key} must be > 0, got {getattr(demo, key)}")
     if demo.student_layers >= demo.teacher_layers:
         raise LlmneoError("student_layers must be smaller than teacher_layers (the student is a pruned teacher)")
-    config_mod.load(overrides=shared)  # validate the shared keys now, with the usual messages
+    # validate the keys now, with the usual messages, as each arm will get them
+    every_arm, generation = split_shared(shared)
+    config_mod.load(overrides=every_arm)
+    config_mod.load(overrides={**every_arm, "lmbda": LMBDA, **generation, "teacher_model_name_or_path": "teacher"})
     return demo, shared
+
+
+def split_shared(shared: dict) -> tuple[dict, dict]:
+    """(the keys every arm gets, the generation keys that on-policy Neo alone gets)."""
+    return ({k: v for k, v in shared.items() if k not in GENERATION_KEYS},
+            {k: v for k, v in shared.items() if k in GENERATION_KEYS})
 
 
 def _say(message: str) -> None:
@@ -164,7 +198,8 @@ def _fingerprint(demo: DemoSettings, numerics: dict) -> str:
             "teacher_layers", "vocab_size")
     # A teacher trained under other numerics is another teacher (it differs in the last bits and so downstream).
     arithmetic = {k: numerics[k] for k in ("threads", "aten_cpu_capability", "mkl_cbwr", "device")}
-    blob = json.dumps({k: getattr(demo, k) for k in keys} | {"world": 1, "numerics": arithmetic}, sort_keys=True)
+    # world 2: road walks joined the world, and its models stop generating at the end of a chat turn
+    blob = json.dumps({k: getattr(demo, k) for k in keys} | {"world": 2, "numerics": arithmetic}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
@@ -179,6 +214,10 @@ def _teacher(demo: DemoSettings, numerics: dict, files: dict, out: Path, tokeniz
     init = out / "cache" / "teacher-init"
     model = tiny.build_model(tokenizer, hidden_size=demo.hidden_size, num_layers=demo.teacher_layers,
                              num_heads=4, seed=demo.seed)
+    # The chat template ends a reply with <|im_end|>, not the tokenizer's EOS, so generation must stop there
+    # too, as real chat models' generation configs say; otherwise every reply runs on to max_new_tokens.
+    # The pruned student and every arm inherit this generation config.
+    model.generation_config.eos_token_id = [tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids(END_OF_TURN)]
     tiny.save_pair(model, tokenizer, init)
     _say(f"teacher: pretraining {sum(p.numel() for p in model.parameters()):,} parameters on "
          f"{demo.teacher_rows} world samples ({demo.teacher_steps} steps, full training)")
@@ -199,14 +238,25 @@ def _link(link: Path, target: Path) -> None:
     link.symlink_to(target.relative_to(link.parent), target_is_directory=True)
 
 
-def _metrics(path: Path, teacher, examples, tokenizer) -> dict:
+def reply_budget(tokenizer, data_rows: list[dict]) -> int:
+    """max_new_tokens for the world: its longest reply in tokens (with the end-of-turn token), and half as
+    much again, so that a model which runs on past a right answer is seen doing so."""
+    replies = [m["content"] for row in data_rows for m in row["messages"] if m["role"] == "assistant"]
+    longest = max(len(ids) for ids in tokenizer(replies)["input_ids"]) + 1
+    return longest + longest // 2
+
+
+def _metrics(path: Path, teacher, examples, tokenizer, max_new_tokens: int) -> dict:
     import torch
 
     from llmneo import evaluate, models
 
     model, _ = models.load_trained(config_mod.load(overrides={"model_name_or_path": str(path)}), torch.float32)
-    return evaluate.held_out(model, teacher, examples, pad_token_id=tokenizer.pad_token_id, vocab_size=len(tokenizer),
-                             batch_size=64)
+    scores = evaluate.held_out(model, teacher, examples, pad_token_id=tokenizer.pad_token_id,
+                               vocab_size=len(tokenizer), batch_size=64)
+    greedy = evaluate.greedy_teacher_logprob(model, teacher, examples, tokenizer, max_new_tokens=max_new_tokens,
+                                             batch_size=64)
+    return scores | greedy
 
 
 def run(path: str | None, overrides: list[str]) -> dict:
@@ -233,11 +283,14 @@ def _run(demo: DemoSettings, shared: dict, numerics: dict) -> dict:
 
     towns = world.make_towns(demo.seed, demo.towns)
     _say(f"world: {len(towns)} towns, {len(world.GOODS)} goods; market answers have an entropy of "
-         f"{world.market_entropy(towns):.2f} nats per sampled good")
+         f"{world.market_entropy(towns):.2f} nats per sampled good, road walks {world.road_entropy(towns):.2f} "
+         f"nats per step")
     sizes = {"teacher": demo.teacher_rows, "train": demo.train_rows, "heldout": demo.heldout_rows}
-    files = {name: world.write_jsonl(out / "data" / f"{name}.jsonl", world.rows(towns, size, demo.seed + 1 + i))
-             for i, (name, size) in enumerate(sizes.items())}
+    samples = {name: world.rows(towns, size, demo.seed + 1 + i) for i, (name, size) in enumerate(sizes.items())}
+    files = {name: world.write_jsonl(out / "data" / f"{name}.jsonl", rows) for name, rows in samples.items()}
     tokenizer = tiny.build_tokenizer(corpus=world.corpus(towns), vocab_size=demo.vocab_size)
+    every_arm, generation_overrides = split_shared(shared)
+    generation = {"lmbda": LMBDA, "max_new_tokens": reply_budget(tokenizer, samples["teacher"]), **generation_overrides}
     teacher_dir, teacher_results = _teacher(demo, numerics, files, out, tokenizer)
     _link(out / "teacher", teacher_dir)
 
@@ -254,101 +307,45 @@ def _run(demo: DemoSettings, shared: dict, numerics: dict) -> dict:
     teacher_cfg = config_mod.load(overrides={"model_name_or_path": str(teacher_dir)})
     teacher_model, _ = models.load_trained(teacher_cfg, torch.float32)
     plural = "s" if demo.student_layers > 1 else ""
+    max_new_tokens = int(generation["max_new_tokens"])
     rows = [{"model": f"teacher ({demo.teacher_layers} layers)",
-             **_metrics(teacher_dir, teacher_model, heldout, tokenizer),
+             **_metrics(teacher_dir, teacher_model, heldout, tokenizer, max_new_tokens),
              "trainable_params": teacher_results["trainable_params"],
              "peak_memory_bytes": teacher_results["peak_memory_bytes"], "wall_time": teacher_results["train_runtime"]},
             {"model": f"pruned student ({demo.student_layers} layer{plural}), untrained",
-             **_metrics(student_dir, teacher_model, heldout, tokenizer), "trainable_params": None,
+             **_metrics(student_dir, teacher_model, heldout, tokenizer, max_new_tokens), "trainable_params": None,
              "peak_memory_bytes": None, "wall_time": prune_time}]
     curves = {}
-    for arm, finetuning_type, with_teacher in ARMS:
-        _say(f"arm {arm}: {finetuning_type} fine-tuning{' + KD' if with_teacher else ''}, {demo.max_steps} steps")
-        arm_dir = out / "arms" / arm
+    for arm in ARMS:
+        how = (f"{arm.finetuning_type} fine-tuning{' + KD' if arm.with_teacher else ''}"
+               + (f", on-policy ({report.describe_settings(generation)})" if arm.on_policy else ""))
+        _say(f"arm {arm.name}: {how}, {demo.max_steps} steps")
+        arm_dir = out / "arms" / arm.directory
         cfg = config_mod.load(overrides={
             "lora_rank": max(4, demo.hidden_size // 8), "logging_steps": max(1, demo.max_steps // 40),
-            "cutoff_len": 64, "save_steps": 10**9, **shared,
-            "model_name_or_path": str(student_dir), "finetuning_type": finetuning_type,
-            "teacher_model_name_or_path": str(teacher_dir) if with_teacher else None,
+            "cutoff_len": 64, "save_steps": 10**9, **every_arm, **(generation if arm.on_policy else {}),
+            "model_name_or_path": str(student_dir), "finetuning_type": arm.finetuning_type,
+            "teacher_model_name_or_path": str(teacher_dir) if arm.with_teacher else None,
             "dataset": str(files["train"]), "output_dir": str(arm_dir), "overwrite_output_dir": True,
             "max_steps": demo.max_steps, "per_device_train_batch_size": demo.per_device_train_batch_size,
             "seed": demo.seed})
         results = train.run(cfg)
-        curves[arm] = [json.loads(line) for line in (arm_dir / "metrics.jsonl").read_text().splitlines()]
-        rows.append({"model": arm, **_metrics(arm_dir, teacher_model, heldout, tokenizer),
+        curves[arm.name] = [json.loads(line) for line in (arm_dir / "metrics.jsonl").read_text().splitlines()]
+        rows.append({"model": arm.name, **_metrics(arm_dir, teacher_model, heldout, tokenizer, max_new_tokens),
                      "trainable_params": results["trainable_params"],
-                     "peak_memory_bytes": results["peak_memory_bytes"], "wall_time": results["train_runtime"]})
-    return _report(demo, shared, numerics, rows, curves, out, time.perf_counter() - started)
+                     "peak_memory_bytes": results["peak_memory_bytes"], "wall_time": results["train_runtime"]}
+                    | ({"on_policy_fraction": results.get("on_policy_fraction")} if arm.on_policy else {}))
+    return _report(demo, shared, generation, numerics, rows, curves, out, time.perf_counter() - started)
 
 
-def verdict(rows: list[dict]) -> str:
-    """Plain statements on Neo vs LoRA and Neo vs KD, whatever the numbers say."""
-    by = {r["model"]: r for r in rows}
-    neo, lora, kd, base = by["neo"], by["lora"], by["kd"], rows[1]
-    lines = []
-    better = neo["perplexity"] < lora["perplexity"]
-    closer = neo["kl_to_teacher"] < lora["kl_to_teacher"]
-    lines.append(f"Neo {'beats' if better else 'does not beat'} LoRA on held-out perplexity "
-                 f"({neo['perplexity']:.4f} vs {lora['perplexity']:.4f}) and "
-                 f"{'is closer to' if closer else 'is not closer to'} the teacher "
-                 f"(KL {neo['kl_to_teacher']:.4f} vs {lora['kl_to_teacher']:.4f}).")
-    gain_kd = base["kl_to_teacher"] - kd["kl_to_teacher"]
-    gain_neo = base["kl_to_teacher"] - neo["kl_to_teacher"]
-    if gain_kd > 0:
-        lines.append(f"Neo recovers {100 * gain_neo / gain_kd:.0f}% of full KD's KL reduction from the pruned student "
-                     f"with {neo['trainable_params'] / kd['trainable_params']:.1%} of its trainable parameters "
-                     f"(held-out perplexity {neo['perplexity']:.4f} vs KD {kd['perplexity']:.4f}).")
-    else:
-        lines.append("Full KD did not reduce the KL to the teacher on this run, "
-                     "so there is no KD gain to compare with.")
-    return " ".join(lines)
-
-
-def describe_numerics(numerics: dict) -> str:
-    threads = f"{numerics['threads']} thread{'s' if numerics['threads'] != 1 else ''}"
-    text = (f"{threads}, ATen {numerics['aten_cpu_capability']} kernels, MKL branch {numerics['mkl_cbwr']}, "
-            f"{numerics['device']}, torch {numerics['torch']}")
-    if numerics["missed"]:
-        return text + " (not as pinned: " + "; ".join(numerics["missed"]) + ")"
-    return text + " (as pinned)"
-
-
-def _report(demo, shared, numerics, rows, curves, out: Path, runtime: float) -> dict:
-    from llmneo import evaluate, plot, run_dir
-
+def _report(demo, shared, generation, numerics, rows, curves, out: Path, runtime: float) -> dict:
     now = numerics_in_effect()  # a library that reset threads mid-run would void the pins: say so
     changed = [f"{key} became {now[key]}" for key in ("threads", "aten_cpu_capability", "device")
                if now[key] != numerics[key]]
     if changed:
         numerics["missed"].append("changed during the run: " + ", ".join(changed))
-    for row in rows:
-        mem = row.get("peak_memory_bytes")
-        row["peak_memory_mb"] = None if mem is None else mem / 2**20
-    columns = [("model", "model"), ("perplexity", "held-out ppl"), ("kl_to_teacher", "KL to teacher"),
-               ("top1_agreement", "top-1 agreement"), ("trainable_params", "trainable params"),
-               ("peak_memory_mb", "peak RSS (MB)"), ("wall_time", "wall time (s)")]
-    table = evaluate.format_table(rows, columns)
-    statement = verdict(rows)
     command = "llmneo demo " + " ".join(f"{k}={v}" for k, v in
                                         {**dataclasses.asdict(demo), **shared}.items()
                                         if k in shared or getattr(DemoSettings, k) != v)
-    plot.arm_comparison(curves, rows, out / "curves.png")
-    text = "\n".join([
-        "# llmneo demo: SFT, LoRA, KD and Neo on a toy world", "",
-        f"Command: `{command.strip()}` (settings: {json.dumps(dataclasses.asdict(demo))}"
-        + (f", shared: {json.dumps(shared)}" if shared else "") + ")", "",
-        table, "",
-        f"**Verdict.** {statement}", "",
-        "Held-out metrics are over response tokens of unseen samples of the world. Peak RSS is the process's "
-        "resident-set high-water mark during that run (CPU); at this size it is mostly the torch runtime.",
-        f"Numerics: {describe_numerics(numerics)}.",
-        f"Total demo time: {runtime:.0f} s. Curves: curves.png.", ""])
-    (out / "report.md").write_text(text)
-    run_dir.write_json(out / "results.json", {"rows": rows, "verdict": statement, "settings": dataclasses.asdict(demo),
-                                              "shared": shared, "numerics": numerics, "runtime": runtime})
-    print()
-    print(table)
-    print()
-    print(statement)
-    _say(f"report written to {out / 'report.md'} ({runtime:.0f} s)")
-    return {"rows": rows, "verdict": statement, "runtime": runtime}
+    return report.write(out, command=command.strip(), settings=dataclasses.asdict(demo), shared=shared,
+                        generation=generation, numerics=numerics, rows=rows, curves=curves, runtime=runtime)
