@@ -110,6 +110,7 @@ def test_greedy_on_policy_step_one_equals_an_independent_computation(tmp_path, b
     teacher = AutoModelForCausalLM.from_pretrained(base_overrides["teacher_model_name_or_path"]).eval()
     vocab = len(tokenizer)
     eos = {tokenizer.eos_token_id} | set([student.generation_config.eos_token_id or tokenizer.eos_token_id])
+    eos.add(tokenizer.convert_tokens_to_ids("<|im_end|>"))  # the chat template's end of turn ends the replies
     kl_sum, tokens = 0.0, 0
     for example in examples:
         first = next(i for i, label in enumerate(example["labels"]) if label != IGNORE_INDEX)
@@ -328,3 +329,27 @@ def test_a_sampled_rkl_run_scores_held_out_data_by_the_exact_reverse_kl(tmp_path
     assert results["on_policy_fraction"] == 1.0 and results["kd_loss_kind"] == "sampled_rkl"
     assert results["eval_kd_loss"] is not None and results["eval_kd_loss"] > 0
     assert evaluate.kd_settings(losses.KDSettings("sampled_rkl"))["kind"] == "rkl"
+
+
+def test_replies_stop_at_the_templates_end_of_turn_not_only_at_eos(tokenizer, student_dir, alpaca_file):
+    """The tiny tokenizer's EOS is </s> but its chat template ends each reply with <|im_end|>: generation must
+    stop there, as the labelled replies do."""
+    from transformers import AutoModelForCausalLM
+
+    cfg = config.load(overrides={"model_name_or_path": str(student_dir), "dataset": str(alpaca_file)})
+    examples = data.build(cfg, tokenizer).train
+    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert im_end != tokenizer.eos_token_id and all(im_end in e["labels"] for e in examples)
+    assert rollout.turn_end_ids(examples, tokenizer) == {im_end}
+    model = AutoModelForCausalLM.from_pretrained(student_dir)
+    with torch.no_grad():  # a student that always says <|im_end|> next
+        model.get_output_embeddings().weight[im_end] += 100.0
+    sampling = rollout.Sampling(max_new_tokens=6, temperature=0)
+    prompt = [torch.tensor(examples[0]["input_ids"][:5])]
+    stopped = rollout.HFGenerator(model, tokenizer, sampling, stop_ids={im_end}).generate(prompt)[0].tolist()
+    assert stopped[-1] == im_end and im_end not in stopped[:-1] and len(stopped) < 6
+    ran_on = rollout.HFGenerator(model, tokenizer, sampling).generate(prompt)[0].tolist()  # without: past the turn
+    assert len(ran_on) == 6 and ran_on[:len(stopped)] == stopped
+    # truncated replies (cut by cutoff_len mid-text) do not make an ordinary token a stop token
+    cut = [{"input_ids": e["input_ids"][:-3], "labels": e["labels"][:-3]} for e in examples]
+    assert rollout.turn_end_ids(cut, tokenizer) <= {im_end}

@@ -101,15 +101,36 @@ def eos_ids(model: torch.nn.Module, tokenizer) -> set[int]:
     return ids
 
 
-class HFGenerator:
-    """HF `generate` on `model` (DDP / accelerate / PEFT wrappers are looked through; PEFT's adapters stay on)."""
+def turn_end_ids(examples: list[dict], tokenizer) -> set[int]:
+    """The special tokens that end the labelled replies in `examples` (the chat template's end of turn, such as
+    <|im_end|>, <|eot_id|> or <end_of_turn>): generated replies must stop there too, or the student would
+    learn KD on text after its turn ended, which the data never has. A reply cut by cutoff_len ends on an
+    ordinary token, which is not special and so not taken."""
+    special = set(tokenizer.all_special_ids) | {int(i) for i in getattr(tokenizer, "added_tokens_decoder", {})}
+    ends = set()
+    for example in examples:
+        labels = example["labels"]
+        for i in range(len(labels) - 1, 0, -1):
+            if labels[i] != IGNORE_INDEX:
+                if labels[i] in special and (i + 1 == len(labels) or labels[i + 1] == IGNORE_INDEX):
+                    ends.add(int(labels[i]))
+                break
+    return ends
 
-    def __init__(self, model: torch.nn.Module, tokenizer, sampling: Sampling, merge_lora: bool = True):
+
+class HFGenerator:
+    """HF `generate` on `model` (DDP / accelerate / PEFT wrappers are looked through; PEFT's adapters stay on).
+    Replies stop at EOS, at the model's generation_config EOS ids and at `stop_ids` (turn_end_ids), and never
+    run past the model's max_position_embeddings."""
+
+    def __init__(self, model: torch.nn.Module, tokenizer, sampling: Sampling, merge_lora: bool = True,
+                 stop_ids: set[int] | None = None):
         self.model = _generating_module(model)
         self.sampling = sampling
         self.pad_token_id = tokenizer.pad_token_id
-        self.eos = eos_ids(self.model, tokenizer)
+        self.eos = eos_ids(self.model, tokenizer) | set(stop_ids or ())
         self.merge_lora = merge_lora
+        self.max_positions = getattr(heads.unwrap(self.model).config, "max_position_embeddings", None)
         # A head padded past the tokenizer (Qwen's 152064 rows for 151936 tokens) must never emit the padding.
         rows = heads.unwrap(self.model).get_output_embeddings().weight.shape[0]
         self.suppressed = list(range(len(tokenizer), rows))
@@ -126,7 +147,13 @@ class HFGenerator:
             input_ids[row, width - len(p):] = p
             attention[row, width - len(p):] = 1
         s = self.sampling
-        options = dict(max_new_tokens=s.max_new_tokens, do_sample=s.temperature > 0, use_cache=True,
+        new_tokens = s.max_new_tokens
+        if self.max_positions:
+            new_tokens = min(new_tokens, self.max_positions - width)
+            if new_tokens <= 0:
+                raise LlmneoError(f"a prompt of {width} tokens leaves no room to generate within the model's "
+                                  f"{self.max_positions} positions; lower cutoff_len")
+        options = dict(max_new_tokens=new_tokens, do_sample=s.temperature > 0, use_cache=True,
                        pad_token_id=self.pad_token_id, eos_token_id=sorted(self.eos) or None,
                        suppress_tokens=self.suppressed or None)
         if s.temperature > 0:

@@ -106,7 +106,7 @@ class PrefetchSteps:
 
 
 def choose(config, loader, accelerator, micro_seen: int, *, model=None, teacher=None, tokenizer=None,
-           step: int = 0, last: int = 0) -> StepSource:
+           step: int = 0, last: int = 0, stop_ids: set[int] | None = None) -> StepSource:
     """The run's step source, chosen once from the config: dataset batches, or rollouts when the config
     generates (lmbda > 0 or seq_kd; then `model` is the student, `teacher` the live teacher, `step` the
     last completed step)."""
@@ -121,7 +121,7 @@ def choose(config, loader, accelerator, micro_seen: int, *, model=None, teacher=
         raise LlmneoError("lmbda > 0 / seq_kd generate with the model's own generate, which FSDP and ZeRO-3 "
                           "shard; train on-policy under DDP (accelerate launch without an FSDP/DeepSpeed config)")
     sampling = rollout.Sampling.from_config(config)
-    student = rollout.HFGenerator(model, tokenizer, sampling)
-    writer = rollout.HFGenerator(teacher.model, tokenizer, sampling) if config.seq_kd else None
+    student = rollout.HFGenerator(model, tokenizer, sampling, stop_ids=stop_ids)
+    writer = rollout.HFGenerator(teacher.model, tokenizer, sampling, stop_ids=stop_ids) if config.seq_kd else None
     return RolloutSteps(dataset, student, writer, config.lmbda, config.seed, tokenizer.pad_token_id,
                         accelerator.device, step=step)

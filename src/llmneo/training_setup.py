@@ -151,7 +151,9 @@ def prepare(config: Config) -> TrainingSetup:
         loaded=loaded, splits=splits, collate=collate, model=model, loader=loader, optimizer=optimizer,
         scheduler=scheduler, progress=progress, total_steps=total_steps, trainable=trainable, total=total,
         steps=step_source.choose(config, loader, accelerator, progress.micro_seen, model=model, teacher=signal,
-                                 tokenizer=loaded.tokenizer, step=progress.step, last=total_steps),
+                                 tokenizer=loaded.tokenizer, step=progress.step, last=total_steps,
+                                 stop_ids=rollout.turn_end_ids(splits.train, loaded.tokenizer) if config.generates
+                                 else None),
         teacher=signal,
         aligner=alignment.choose(config),
         settings=KDSettings.from_config(config) if signal is not None else KDSettings(),
