@@ -198,9 +198,11 @@ def test_a_full_distribution_divergence_refuses_sampled_rkl():
 
 @pytest.mark.slow
 def test_resume_with_sampled_on_policy_steps_is_exact(tmp_path, base_overrides):
+    # logging every 3 steps, checkpoints every 2: the logging windows mix on- and off-policy steps, and the
+    # checkpoint at step 2 holds a window with both kinds in it
     values = {**base_overrides, "per_device_train_batch_size": 2, "gradient_accumulation_steps": 3, "max_steps": 6,
               "save_steps": 2, "learning_rate": 5e-3, "lora_dropout": 0.1, "lmbda": 0.5, "temperature": 1.0,
-              "max_new_tokens": 6, "seed": 1}
+              "max_new_tokens": 6, "seed": 1, "logging_steps": 3}
     draws = [step_source.on_policy_draw(values["seed"], s, 0.5) for s in range(3, 7)]
     assert any(draws) and not all(draws)  # the resumed part has both kinds of step
     full = tmp_path / "full"
@@ -211,10 +213,16 @@ def test_resume_with_sampled_on_policy_steps_is_exact(tmp_path, base_overrides):
     assert cli.main(["train", _yaml(tmp_path, "cut.yaml", {**values, "output_dir": str(cut),
                                                            "resume_from_checkpoint": "auto"})]) == 0
     _same_run(full, cut, tol=1e-6)
-    assert [r["on_policy"] for r in _metrics(full)] == [step_source.on_policy_draw(values["seed"], s, 0.5)
-                                                        for s in range(1, 7)]
+    draws = [step_source.on_policy_draw(values["seed"], s, 0.5) for s in range(1, 7)]
+    rows = _metrics(full)
+    assert [r["step"] for r in rows] == [3, 6]
+    assert [r["on_policy_steps"] for r in rows] == [sum(draws[:3]), sum(draws[3:])]
+    assert [r["on_policy"] for r in rows] == [all(draws[:3]), all(draws[3:])]
+    assert 0 < rows[0]["on_policy_steps"] < 3 and rows[0]["ce_loss"] is not None  # a mixed window
+    state = json.loads((full / "checkpoint-2" / "trainer_state.json").read_text())
+    assert state["window"]["steps"] == 2 and state["window"]["op_steps"] == sum(draws[:2])
     a, b = (json.loads((p / "train_results.json").read_text()) for p in (full, cut))
-    assert a["on_policy_fraction"] == b["on_policy_fraction"] == sum(r["on_policy"] for r in _metrics(full)) / 6
+    assert a["on_policy_fraction"] == b["on_policy_fraction"] == sum(draws) / 6
 
 
 @pytest.mark.slow
@@ -299,6 +307,7 @@ def test_a_padded_teacher_head_never_emits_padding_ids(teacher_dir, tokenizer):
     ({"lmbda": 0.5, "stage": "pt"}, "stage: pt"),
     ({"lmbda": 0.5, "kd_ratio": 0}, "needs a teacher"),
     ({"seq_kd": True, "temperature": -1}, "temperature must be"),
+    ({"lmbda": 0.5, "packing": True}, "packing: true"),
 ])
 def test_impossible_on_policy_configs_are_one_line_errors(tmp_path, base_overrides, capsys, extra, message):
     assert cli.main(["train", _yaml(tmp_path, "bad.yaml", {**base_overrides, **extra})]) == 2
@@ -353,3 +362,40 @@ def test_replies_stop_at_the_templates_end_of_turn_not_only_at_eos(tokenizer, st
     # truncated replies (cut by cutoff_len mid-text) do not make an ordinary token a stop token
     cut = [{"input_ids": e["input_ids"][:-3], "labels": e["labels"][:-3]} for e in examples]
     assert rollout.turn_end_ids(cut, tokenizer) <= {im_end}
+
+
+def test_a_logging_window_mixing_on_and_off_policy_steps():
+    """Off-policy steps: ce 10 and kd 4 summed over 5 tokens; on-policy: kd 6 over 3 tokens (KD alone)."""
+    from llmneo import train
+
+    window = {"ce": 10.0, "kd": 4.0, "tokens": 5, "seen": 20, "op_kd": 6.0, "op_tokens": 3, "op_steps": 1, "steps": 2}
+    row = train._log_row(4, 1.0, window, 0.5, True, 1e-4, 1.0, 2.0, generates=True)
+    assert row["loss"] == pytest.approx((0.5 * 10 + 0.5 * 4 + 6) / 8)
+    assert row["kd_loss"] == pytest.approx((4 + 6) / 8) and row["ce_loss"] == pytest.approx(10 / 5)
+    assert row["on_policy"] is False and row["on_policy_steps"] == 1 and row["tokens_per_second"] == 10
+    only_on = {**window, "ce": 0.0, "kd": 0.0, "tokens": 0, "op_steps": 2}
+    row = train._log_row(4, 1.0, only_on, 0.5, True, 1e-4, 1.0, 2.0, generates=True)
+    assert row["ce_loss"] is None and row["loss"] == row["kd_loss"] == pytest.approx(2.0) and row["on_policy"] is True
+    plain = train._log_row(4, 1.0, {**window, "op_kd": 0.0, "op_tokens": 0, "op_steps": 0}, 0.5, True, 1e-4, 1.0, 2.0)
+    assert "on_policy" not in plain and plain["loss"] == pytest.approx(0.5 * 2 + 0.5 * 0.8)
+
+
+def test_generation_ignores_the_models_own_generation_config(tokenizer, student_dir):
+    """A checkpoint's generation_config (repetition_penalty, no_repeat_ngram_size, min_new_tokens, ...) must not
+    change what is sampled: greedy replies must be the argmax continuation whatever it says."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(student_dir)
+    with torch.no_grad():  # a student that soon says EOS, so min_new_tokens would have to change its reply
+        model.get_output_embeddings().weight[tokenizer.eos_token_id] += 100.0
+    prompt = [torch.tensor([1, 5, 9, 11])]
+    sampling = rollout.Sampling(max_new_tokens=8, temperature=0)
+    plain = rollout.HFGenerator(model, tokenizer, sampling).generate(prompt)[0].tolist()
+    assert plain[-1] == tokenizer.eos_token_id and len(plain) < 8
+    model.generation_config.repetition_penalty = 5.0
+    model.generation_config.no_repeat_ngram_size = 1
+    model.generation_config.min_new_tokens = 8
+    assert rollout.HFGenerator(model, tokenizer, sampling).generate(prompt)[0].tolist() == plain
+    assert model.generation_config.min_new_tokens == 8  # the model's own settings are back afterwards
+    expected = _greedy(model, [1, 5, 9, 11], 8, len(tokenizer), {tokenizer.eos_token_id})
+    assert plain == expected

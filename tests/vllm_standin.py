@@ -12,7 +12,8 @@ vLLM's protocol llmneo uses, errors included:
   POST /tokenize {"model", "prompt", "add_special_tokens"} → {"count", "max_model_len", "tokens"}
   POST /detokenize {"model", "tokens"} → {"prompt"}
   GET  /v1/models → {"object": "list", "data": [{"id", "object": "model", "max_model_len"}]}
-Log-probs are over the tokenizer's real vocabulary (a padded head's extra rows are dropped, as vLLM does).
+Log-probs are normalised over all of the head's rows (config.vocab_size), padding included, as vLLM's
+LogitsProcessor does (it trims only tensor-parallel padding), so a padded head's extra rows can rank.
 Faults for the tests: `fail_every` (HTTP 503 on every n-th completion), `delay` (seconds per completion),
 `hang_for` (one completion sleeps this long: a timeout), `stop_after` (completions answered before the
 server starts refusing with 503, to kill a capture mid-way); `api_key` answers 401 (vLLM's {"error":
@@ -63,7 +64,7 @@ class StandIn:
 
     # --- the protocol ----------------------------------------------------------------------------------------
     def prompt_logprobs(self, ids: list[int], k: int) -> list:
-        vocab = len(self.tokenizer)
+        vocab = self.model.config.vocab_size  # vLLM normalises over all of the head's rows, padding included
         with torch.no_grad():
             logits = self.model(input_ids=torch.tensor([ids])).logits[0, :, :vocab].float()
         logp = torch.log_softmax(logits, dim=-1)  # row t: the distribution of token t + 1
@@ -98,7 +99,7 @@ class StandIn:
             with self.lock:
                 entries = self.prompt_logprobs(ids, k) if k is not None else None
                 with torch.no_grad():
-                    nxt = int(self.model(input_ids=torch.tensor([ids])).logits[0, -1, :len(self.tokenizer)].argmax())
+                    nxt = int(self.model(input_ids=torch.tensor([ids])).logits[0, -1].argmax())
             choices.append({"index": index, "text": self.tokenizer.decode([nxt]), "logprobs": None,
                             "finish_reason": "length", "stop_reason": None, "prompt_logprobs": entries})
         tokens = sum(len(p) for p in prompts)

@@ -4,6 +4,7 @@ other), and the choices themselves. `config.load` runs `validate` on every confi
 from __future__ import annotations
 
 import math
+import re
 
 from llmneo.errors import LlmneoError
 
@@ -67,6 +68,9 @@ def validate(c) -> None:
     _require(not (c.teacher_endpoint and c.teacher_model_name_or_path),
              "teacher_endpoint and teacher_model_name_or_path are both set; the teacher is either served or loaded here: "
              "drop one of them")
+    _require(not c.teacher_api_key_env or re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", c.teacher_api_key_env),
+             "teacher_api_key_env must be the NAME of an environment variable (letters, digits, _), not the key "
+             "itself; export TEACHER_API_KEY=... and set teacher_api_key_env: TEACHER_API_KEY")
     _require(not c.teacher_endpoint or c.teacher_endpoint.startswith(("http://", "https://")),
              f"teacher_endpoint must be an http(s) URL such as http://localhost:8000/v1, got '{c.teacher_endpoint}'")
     _check_generation(c)
@@ -93,6 +97,8 @@ def _check_generation(c) -> None:
     what = "lmbda > 0 (on-policy distillation)" if c.lmbda > 0 else "seq_kd"
     _require(c.stage == "sft", f"{what} needs prompts to continue, but stage: pt trains on raw text; use "
              f"conversation data with stage: sft, or lmbda: 0 and seq_kd: false")
+    _require(not c.packing, f"{what} continues one prompt per row, but packing: true puts several examples in a "
+             f"row (all but the last would get no signal on generated steps); set packing: false")
     _require(c.teacher_cache is None, f"{what} trains on newly generated tokens, which a teacher cache cannot "
              f"score; set teacher_model_name_or_path instead of teacher_cache, or lmbda: 0 and seq_kd: false")
     _require((c.teacher_model_name_or_path or c.teacher_endpoint) and c.kd_ratio > 0,

@@ -153,19 +153,29 @@ class HFGenerator:
             if new_tokens <= 0:
                 raise LlmneoError(f"a prompt of {width} tokens leaves no room to generate within the model's "
                                   f"{self.max_positions} positions; lower cutoff_len")
+        from transformers import GenerationConfig
+
+        # Only these settings: HF fills whatever a generation_config leaves unset from the model's own
+        # (repetition_penalty, no_repeat_ngram_size, min_new_tokens, ...), which would change what is sampled,
+        # and replies must come from the model's distribution itself. So the model's is blanked for the call.
         options = dict(max_new_tokens=new_tokens, do_sample=s.temperature > 0, use_cache=True,
                        pad_token_id=self.pad_token_id, eos_token_id=sorted(self.eos) or None,
                        suppress_tokens=self.suppressed or None)
         if s.temperature > 0:
             options.update(temperature=s.temperature, top_p=s.top_p, top_k=0)
-        else:  # greedy: neutral sampling settings, so a model's generation_config cannot warn or interfere
+        else:
             options.update(temperature=None, top_p=None, top_k=None)
+        config = GenerationConfig(**options)
         was_training = self.model.training
+        hf_model = heads.unwrap(self.model)
+        own = hf_model.generation_config
         self.model.eval()
         try:
+            hf_model.generation_config = GenerationConfig()
             with merged_lora(self.model) if self.merge_lora else contextlib.nullcontext():
-                out = self.model.generate(input_ids=input_ids, attention_mask=attention, **options)
+                out = self.model.generate(input_ids=input_ids, attention_mask=attention, generation_config=config)
         finally:
+            hf_model.generation_config = own
             self.model.train(was_training)
         return [cut_at_eos(row[width:], self.eos) for row in out]
 

@@ -20,6 +20,7 @@ The API key comes from the environment variable named by `teacher_api_key_env`, 
 from __future__ import annotations
 
 import hashlib
+import http.client
 import json
 import os
 import socket
@@ -81,16 +82,22 @@ class Endpoint:
                     problem = f"no answer within {self.timeout:g} s"
                 else:
                     problem = f"cannot connect ({getattr(reason, 'strerror', None) or reason})"
-            except (ConnectionError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+            except (ConnectionError, http.client.HTTPException, json.JSONDecodeError, UnicodeDecodeError) as exc:
+                if isinstance(exc, http.client.InvalidURL):
+                    raise LlmneoError(f"teacher_endpoint {self.url} is not a valid URL ({exc}); e.g. "
+                                      f"http://localhost:8000/v1") from None
                 problem = f"a broken answer ({type(exc).__name__})"
         raise LlmneoError(f"teacher_endpoint {self.url}: {problem} after {self.retries + 1} attempts; check that "
                           f"the server is up and reachable (vllm serve ...), or raise its capacity")
 
     def _client_error(self, code: int, message: str, payload: dict | None) -> LlmneoError:
         k = (payload or {}).get("prompt_logprobs")
-        if code == 400 and k is not None and "logprob" in message.lower():
+        if code == 400 and k is not None and "max allowed" in message.lower():  # vLLM: "... greater than max allowed: 20"
             return LlmneoError(f"teacher_endpoint refused prompt_logprobs={k} ({message}); start vLLM with "
                                f"--max-logprobs {k} or more, or lower teacher_topk to what it allows")
+        if code == 400 and "prefix caching" in message.lower():
+            return LlmneoError(f"teacher_endpoint cannot return prompt log-probs with prefix caching on ({message}); "
+                               f"start vLLM with --no-enable-prefix-caching, or use a vLLM that supports both")
         if code in (401, 403):
             return LlmneoError(f"teacher_endpoint {self.url} refused the request (HTTP {code}: {message}); set the "
                                f"API key's environment variable and name it in teacher_api_key_env")
@@ -190,8 +197,10 @@ def sparse_rows(entries: list, targets: list[int], k: int, vocab_size: int, wher
         ids[row] = torch.tensor([i for _, i, _ in top[:k]])
         logprobs[row] = torch.tensor([lp for _, _, lp in top[:k]])
     if ids.numel() and int(ids.max()) >= vocab_size:
-        raise LlmneoError(f"the teacher endpoint returned token id {int(ids.max())}, outside the student's vocabulary "
-                          f"of {vocab_size}; serve a teacher that shares the student's tokenizer")
+        raise LlmneoError(f"the teacher endpoint ranked token id {int(ids.max())} in its top {k} at {where}, outside "
+                          f"the student's vocabulary of {vocab_size}: its output head has more rows than the tokenizer "
+                          f"(vLLM normalises over all of them) and those rows carry mass; serve a teacher whose head "
+                          f"matches the student's tokenizer, or use it in-process (teacher_model_name_or_path)")
     mass = torch.logsumexp(logprobs.double(), dim=-1).clamp(max=0.0)
     tail = torch.log(-torch.expm1(mass)).float()  # log(1 - top-k mass); -inf when the top-k hold it all
     return SparseRows(ids, logprobs, tail)
@@ -233,7 +242,8 @@ class ServedTeacher:
 
     @staticmethod
     def _key(batch: dict, positions: torch.Tensor) -> str:
-        digest = hashlib.sha256(batch["input_ids"].cpu().numpy().tobytes())
+        digest = hashlib.sha256(str(tuple(batch["input_ids"].shape)).encode())
+        digest.update(batch["input_ids"].cpu().numpy().tobytes())
         digest.update(positions.cpu().numpy().tobytes())
         return digest.hexdigest()
 

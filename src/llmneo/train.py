@@ -55,6 +55,10 @@ def run(config: Config) -> dict:
                     saved = save_checkpoint(setup, clock)
                 if stopping:
                     raise preemption.Preempted(stop.signal_name or "SIGTERM", step, saved)
+    except BaseException:
+        if hasattr(setup.teacher, "close"):  # a served teacher's queued requests must not hold the exit
+            setup.teacher.close()
+        raise
     finally:
         bar.close()  # ends the bar's line, so an error message starts on its own
     progress.runtime += clock.lap()
