@@ -23,8 +23,9 @@ demo: $(VENV)/.installed
 clean:
 	rm -rf $(VENV) demo_out .pytest_cache
 
-# Loss-only and training-step benchmarks (CPU; `BENCH_ARGS=--device cuda` on a GPU). Liger is optional.
+# Loss-only, training-step and on-policy benchmarks (CPU; `BENCH_ARGS=--device cuda` on a GPU). Liger is optional.
 bench: $(VENV)/.installed
 	$(PY) -m pip install -q liger-kernel || echo "liger-kernel not installed: the Liger row is skipped"
 	$(PY) benchmarks/loss_bench.py $(BENCH_ARGS)
 	$(PY) benchmarks/step_bench.py $(BENCH_ARGS)
+	$(PY) benchmarks/onpolicy_bench.py $(BENCH_ARGS)
