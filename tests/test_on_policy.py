@@ -399,3 +399,28 @@ def test_generation_ignores_the_models_own_generation_config(tokenizer, student_
     assert model.generation_config.min_new_tokens == 8  # the model's own settings are back afterwards
     expected = _greedy(model, [1, 5, 9, 11], 8, len(tokenizer), {tokenizer.eos_token_id})
     assert plain == expected
+
+
+def test_shadow_weights_round_once_like_peft_merge_in_bf16(student_dir):
+    """A bf16 base with float32 adapters: the shadow weight is W0 + scaling·B·A rounded once to bf16, bit for
+    bit what PEFT's merge (and so `llmneo export`) gives; rounding the delta first would differ."""
+    import copy
+
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(student_dir, torch_dtype=torch.bfloat16)
+    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.copy_(0.05 * torch.randn_like(p))
+    assert next(p for n, p in model.named_parameters() if "lora_A" in n).dtype == torch.float32
+    merged = copy.deepcopy(model).merge_and_unload()
+    expected = {n: p for n, p in merged.named_parameters() if n.endswith(("q_proj.weight", "v_proj.weight"))}
+    with rollout.merged_lora(model):
+        shadow = {n.replace("base_model.model.", "").replace(".base_layer", ""): p.detach().clone()
+                  for n, p in model.named_parameters() if n.endswith("base_layer.weight")}
+    assert shadow.keys() == expected.keys() and len(shadow) == 4
+    for name in shadow:
+        assert shadow[name].dtype == torch.bfloat16 and torch.equal(shadow[name], expected[name]), name

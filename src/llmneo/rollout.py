@@ -135,10 +135,30 @@ class HFGenerator:
         rows = heads.unwrap(self.model).get_output_embeddings().weight.shape[0]
         self.suppressed = list(range(len(tokenizer), rows))
 
-    @torch.no_grad()
     def generate(self, prompt_ids: list[torch.Tensor]) -> list[torch.Tensor]:
-        if not prompt_ids:
-            return []
+        return self.generate_many([prompt_ids])[0]
+
+    @torch.no_grad()
+    def generate_many(self, batches: list[list[torch.Tensor]]) -> list[list[torch.Tensor]]:
+        """Replies for several batches of prompts (a step's micro-batches) under one merge of the LoRA weights."""
+        from transformers import GenerationConfig
+
+        was_training = self.model.training
+        hf_model = heads.unwrap(self.model)
+        own = hf_model.generation_config
+        self.model.eval()
+        try:
+            # HF fills whatever a generation_config leaves unset from the model's own (repetition_penalty,
+            # no_repeat_ngram_size, min_new_tokens, ...), which would change what is sampled; replies must come
+            # from the model's distribution itself, so the model's is blanked for the call.
+            hf_model.generation_config = GenerationConfig()
+            with merged_lora(self.model) if self.merge_lora else contextlib.nullcontext():
+                return [self._generate(prompts, GenerationConfig) if prompts else [] for prompts in batches]
+        finally:
+            hf_model.generation_config = own
+            self.model.train(was_training)
+
+    def _generate(self, prompt_ids: list[torch.Tensor], generation_config_class) -> list[torch.Tensor]:
         device = prompt_ids[0].device
         width = max(len(p) for p in prompt_ids)
         input_ids = torch.full((len(prompt_ids), width), self.pad_token_id, dtype=torch.long, device=device)
@@ -153,11 +173,6 @@ class HFGenerator:
             if new_tokens <= 0:
                 raise LlmneoError(f"a prompt of {width} tokens leaves no room to generate within the model's "
                                   f"{self.max_positions} positions; lower cutoff_len")
-        from transformers import GenerationConfig
-
-        # Only these settings: HF fills whatever a generation_config leaves unset from the model's own
-        # (repetition_penalty, no_repeat_ngram_size, min_new_tokens, ...), which would change what is sampled,
-        # and replies must come from the model's distribution itself. So the model's is blanked for the call.
         options = dict(max_new_tokens=new_tokens, do_sample=s.temperature > 0, use_cache=True,
                        pad_token_id=self.pad_token_id, eos_token_id=sorted(self.eos) or None,
                        suppress_tokens=self.suppressed or None)
@@ -165,18 +180,8 @@ class HFGenerator:
             options.update(temperature=s.temperature, top_p=s.top_p, top_k=0)
         else:
             options.update(temperature=None, top_p=None, top_k=None)
-        config = GenerationConfig(**options)
-        was_training = self.model.training
-        hf_model = heads.unwrap(self.model)
-        own = hf_model.generation_config
-        self.model.eval()
-        try:
-            hf_model.generation_config = GenerationConfig()
-            with merged_lora(self.model) if self.merge_lora else contextlib.nullcontext():
-                out = self.model.generate(input_ids=input_ids, attention_mask=attention, generation_config=config)
-        finally:
-            hf_model.generation_config = own
-            self.model.train(was_training)
+        out = self.model.generate(input_ids=input_ids, attention_mask=attention,
+                                  generation_config=generation_config_class(**options))
         return [cut_at_eos(row[width:], self.eos) for row in out]
 
 
@@ -204,7 +209,8 @@ def merged_lora(model: torch.nn.Module):
             base = layer.get_base_layer()
             delta = sum(_delta(layer, name) for name in layer.active_adapters if name in layer.lora_A)
             saved.append((layer, base, base.weight.data, layer.disable_adapters))
-            base.weight.data = base.weight.data + delta.to(base.weight.dtype)  # a new tensor: W0 is untouched
+            # a new tensor (W0 is untouched), rounded once to W0's dtype, as PEFT's merge and export round it
+            base.weight.data = (base.weight.data.to(delta.dtype) + delta).to(base.weight.dtype)
             layer._disable_adapters = True
         yield
     finally:

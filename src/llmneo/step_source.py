@@ -74,11 +74,10 @@ class RolloutSteps:
             writer, replies = self.teacher, "teacher"
         else:
             return step
-        micro = []
-        for batch in step.micro:
-            prompt_ids = rollout.prompts(batch)
-            micro.append(rollout.with_replies(prompt_ids, writer.generate(prompt_ids), self.pad_token_id,
-                                              self.device))
+        prompts = [rollout.prompts(batch) for batch in step.micro]
+        replies_of = writer.generate_many(prompts) if hasattr(writer, "generate_many") else [
+            writer.generate(p) for p in prompts]  # one LoRA merge for the whole step
+        micro = [rollout.with_replies(p, r, self.pad_token_id, self.device) for p, r in zip(prompts, replies_of)]
         return Step(micro, replies)
 
 
