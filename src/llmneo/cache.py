@@ -1,13 +1,21 @@
 """Offline teacher cache: run the teacher once, keep its top-k per response position, train from that.
 
 `llmneo cache CONFIG.yaml` writes into `teacher_cache`:
-  shard-00000.safetensors ...  `ids` (M, k) int32, `logprobs` (M, k) float32, `tail` (M,) float32:
+  shard-00000.safetensors ...  `ids` (M, k) int32, `logprobs` (M, k) float16 or float32, `tail` (M,) float32:
                                the teacher's top-k token ids and log-probs (T = 1) at each response
                                position, and the log of the probability mass outside the top-k
-  index.json                   format, k, per-example row offsets, shard row ranges, and the fingerprint
+  index.json                   format, k, logprobs_dtype, per-example row offsets, shard row ranges, and
+                               the fingerprint
 Rows are the response positions of the training split, example by example, in position order.
 Training opens the shards lazily (safetensors `safe_open`) and reads each batch's rows, so a cache
 larger than RAM works, and DDP ranks do not each hold a full copy.
+
+Log-probs are stored in float16 (6 bytes per top-k entry with its id, not 8) when the teacher computes in
+16 bits (bf16 / fp16, or torch_dtype bfloat16 / float16; for a served teacher, the run's precision): its
+logits are then already rounded at least as coarsely (8 or 11 significant bits) as float16 rounds a
+log-prob. A float32 teacher's are stored in float32, so nothing is lost. Rows are read back as float32
+either way; caches written before `logprobs_dtype` was recorded in index.json hold float32. Every writer
+stores shards through `save_shard` and the index through `make_index`.
 
 The fingerprint ties the cache to the teacher (its config and weight files), the tokenizer vocabulary,
 the chat template, stage, packing, cutoff_len and the tokenized dataset rows; training refuses a cache
@@ -36,7 +44,32 @@ from llmneo.losses import response_positions
 from llmneo.rows import SparseRows
 
 FORMAT = "llmneo-teacher-topk-v1"
-SHARD_ROWS = 1 << 18  # rows per shard file: 256k positions, ~130 MB at k = 64
+SHARD_ROWS = 1 << 18  # rows per shard file: 256k positions, ~100 MB at k = 64
+
+
+def logprobs_dtype(config: Config) -> torch.dtype:
+    """The dtype a cache's log-probs are stored in: float16 when the teacher computes in 16 bits, else float32.
+
+    A bf16 logit keeps 8 significant bits, so a bf16 teacher's log-probs are already off by up to
+    |logit| x 2^-9; float16 rounds a log-prob by at most |log-prob| x 2^-11 (measured on training:
+    docs/benchmarks.md section 5). A float32 teacher's log-probs are kept exactly.
+    """
+    return torch.float32 if models.weight_dtype(config, "teacher") == torch.float32 else torch.float16
+
+
+def save_shard(path: Path, rows: list[SparseRows], logprobs_dtype: torch.dtype) -> None:
+    """One shard file of `rows` (in order): ids int32, logprobs in `logprobs_dtype`, tail float32."""
+    from safetensors.torch import save_file
+
+    save_file({"ids": torch.cat([r.ids for r in rows]).to(torch.int32).contiguous(),
+               "logprobs": torch.cat([r.logprobs for r in rows]).to(logprobs_dtype).contiguous(),
+               "tail": torch.cat([r.tail for r in rows]).float().contiguous()}, str(path))
+
+
+def make_index(k: int, offsets: list[int], shards: list[dict], fingerprint: dict, logprobs_dtype: torch.dtype) -> dict:
+    """index.json's contents for a cache whose shards `save_shard` wrote with `logprobs_dtype`."""
+    return {"k": k, "rows": offsets[-1], "offsets": offsets, "shards": shards, "format": FORMAT,
+            "logprobs_dtype": str(logprobs_dtype).removeprefix("torch."), "fingerprint": fingerprint}
 
 
 def _sha(payload: bytes) -> str:
@@ -135,7 +168,7 @@ def write(config: Config) -> dict:
         expected = fingerprint(config, tokenizer, examples, teacher=served_identity(endpoint.model))
         index = cache_capture.capture(target, endpoint, examples, k, vocab, expected,
                                  batch_size=config.per_device_eval_batch_size,
-                                 shard_size=config.cache_shard_size)
+                                 shard_size=config.cache_shard_size, logprobs_dtype=logprobs_dtype(config))
         return _summary(target, index, k, len(examples))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     teacher = models.load_teacher(config, tokenizer, models.weight_dtype(config, "teacher")).to(device)
@@ -149,7 +182,7 @@ def write(config: Config) -> dict:
         index = write_examples(staging, teacher, examples, tokenizer.pad_token_id, vocab, k,
                                fingerprint(config, tokenizer, examples), chunk=chunk,
                                batch_size=config.per_device_eval_batch_size, device=device,
-                               shard_size=config.cache_shard_size)
+                               shard_size=config.cache_shard_size, logprobs_dtype=logprobs_dtype(config))
         if target.exists():
             shutil.rmtree(target)
         os.replace(staging, target)
@@ -167,25 +200,23 @@ def _summary(target: Path, index: dict, k: int, examples: int) -> dict:
 
 def write_examples(directory: Path, teacher, examples: list[dict], pad_id: int, vocab: int, k: int, fingerprint: dict,
                    *, chunk: int = 1024, batch_size: int = 8, device: torch.device | None = None,
-                   shard_size: int = SHARD_ROWS) -> dict:
+                   shard_size: int = SHARD_ROWS, logprobs_dtype: torch.dtype = torch.float32) -> dict:
     """Shards and index.json for tokenized `examples` (input_ids, labels) into an existing `directory`.
 
     The core of `llmneo cache` (which adds the config checks and the atomic rename); the step benchmark
     calls it to measure training from real shards. Returns the index.
     """
     head, _ = heads.output_head(teacher)
-    index = _write_shards(Path(directory), teacher, head, examples, pad_id, vocab, k, chunk, batch_size,
-                          device or torch.device("cpu"), shard_size)
-    index.update(format=FORMAT, fingerprint=fingerprint)
-    (Path(directory) / "index.json").write_text(json.dumps(index, indent=1))
-    return index
+    offsets, shards = _write_shards(Path(directory), teacher, head, examples, pad_id, vocab, k, chunk, batch_size,
+                                    device or torch.device("cpu"), shard_size, logprobs_dtype)
+    written = make_index(k, offsets, shards, fingerprint, logprobs_dtype)
+    (Path(directory) / "index.json").write_text(json.dumps(written, indent=1))
+    return written
 
 
 @torch.inference_mode()
 def _write_shards(staging: Path, teacher, head, examples, pad_id, vocab, k, chunk, batch_size, device,
-                  shard_size: int) -> dict:
-    from safetensors.torch import save_file
-
+                  shard_size: int, logprobs_dtype: torch.dtype) -> tuple[list[int], list[dict]]:
     offsets = [0]
     shards: list[dict] = []
     buffer: list[SparseRows] = []
@@ -197,9 +228,7 @@ def _write_shards(staging: Path, teacher, head, examples, pad_id, vocab, k, chun
             return
         name = f"shard-{len(shards):05d}.safetensors"
         start = shards[-1]["end"] if shards else 0
-        save_file({"ids": torch.cat([b.ids for b in buffer]).to(torch.int32).contiguous(),
-                   "logprobs": torch.cat([b.logprobs for b in buffer]).contiguous(),
-                   "tail": torch.cat([b.tail for b in buffer]).contiguous()}, str(staging / name))
+        save_shard(staging / name, buffer, logprobs_dtype)
         shards.append({"file": name, "start": start, "end": start + buffered})
         buffer, buffered = [], 0
 
@@ -221,7 +250,7 @@ def _write_shards(staging: Path, teacher, head, examples, pad_id, vocab, k, chun
         bar.set_postfix(tokens=offsets[-1])
     flush()
     bar.close()
-    return {"k": k, "rows": offsets[-1], "offsets": offsets, "shards": shards}
+    return offsets, shards
 
 
 class CachedTeacher:
@@ -280,12 +309,13 @@ class CachedTeacher:
             raise LlmneoError("teacher_cache shards do not add up to the index; rebuild the cache with llmneo cache")
 
     def _read(self, start: int, end: int) -> SparseRows:
-        """Rows [start, end) of the cache; an example's rows never straddle two shards."""
+        """Rows [start, end) of the cache; an example's rows never straddle two shards. Log-probs come back
+        as float32 whatever they were stored as (float16, or float32 in older caches)."""
         shard = bisect.bisect_right(self.shard_starts, start) - 1
         handle, base = self.handles[shard], self.shard_starts[shard]
         piece = slice(start - base, end - base)
-        return SparseRows(handle.get_slice("ids")[piece].long(), handle.get_slice("logprobs")[piece],
-                          handle.get_slice("tail")[piece])
+        return SparseRows(handle.get_slice("ids")[piece].long(), handle.get_slice("logprobs")[piece].float(),
+                          handle.get_slice("tail")[piece].float())
 
     def rows(self, batch: dict, positions: torch.Tensor) -> SparseRows:
         """Cache rows for the examples of `batch` (by their `index`), in position order."""

@@ -59,12 +59,10 @@ def _resume(partial: Path, fingerprint: dict, k: int) -> dict:
 
 
 def capture(target: Path, endpoint, examples: list[dict], k: int, vocab: int, fingerprint: dict, *,
-            batch_size: int = 8, shard_size: int = 1 << 18) -> dict:
+            batch_size: int = 8, shard_size: int = 1 << 18, logprobs_dtype: torch.dtype = torch.float32) -> dict:
     """Capture the cache for `examples` from `endpoint` into `target`; returns its index."""
-    from safetensors.torch import save_file
-
     from llmneo import served
-    from llmneo.cache import FORMAT
+    from llmneo.cache import make_index, save_shard
 
     partial = target.parent / f".{target.name}.partial"
     try:
@@ -80,9 +78,7 @@ def capture(target: Path, endpoint, examples: list[dict], k: int, vocab: int, fi
         start = state["offsets"][-1]
         name = f"shard-{len(state['shards']):05d}.safetensors"
         staged = partial / f"{name}.tmp"
-        save_file({"ids": torch.cat([b.ids for b in buffer]).to(torch.int32).contiguous(),
-                   "logprobs": torch.cat([b.logprobs for b in buffer]).contiguous(),
-                   "tail": torch.cat([b.tail for b in buffer]).contiguous()}, str(staged))
+        save_shard(staged, buffer, logprobs_dtype)
         os.replace(staged, partial / name)
         for count in counts:
             state["offsets"].append(state["offsets"][-1] + count)
@@ -114,8 +110,7 @@ def capture(target: Path, endpoint, examples: list[dict], k: int, vocab: int, fi
             raise
         finally:
             bar.close()
-    index = {"k": k, "rows": state["offsets"][-1], "offsets": state["offsets"], "shards": state["shards"],
-             "format": FORMAT, "fingerprint": fingerprint}
+    index = make_index(k, state["offsets"], state["shards"], fingerprint, logprobs_dtype)
     (partial / "index.json").write_text(json.dumps(index, indent=1))
     (partial / PROGRESS).unlink()
     if target.exists():

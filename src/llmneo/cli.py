@@ -21,7 +21,9 @@ COMMANDS = {
     "export": ("Merge a LoRA adapter into its base model and save a plain HF model.", False),
     "eval": ("Perplexity, KL to a teacher and top-1 agreement on a dataset; lm-eval tasks.", False),
     "prune": ("Derive a shallower student from a model by depth pruning (block influence).", False),
-    "cache": ("Run the teacher once over the training data and cache its top-k log-probs.", True),
+    "cache": ("Run the teacher once over the training data and cache its top-k log-probs. `llmneo cache "
+              "export|import axolotl [CONFIG.yaml] FILE [key=value ...]` converts teacher_cache to or from "
+              "axolotl's KD dataset (.jsonl or .parquet).", True),
     "sweep": ("Train and score a grid of settings (key=v1,v2 ...), one run per cell; sweep.csv + heatmap.", True),
     "demo": ("The four-arm comparison (SFT, LoRA, KD, Neo) on a toy world, on CPU, in minutes.", False),
 }
@@ -77,6 +79,8 @@ def _quiet_libraries() -> None:
 
 
 def dispatch(command: str, args: list[str]) -> int:
+    if command == "cache" and args and args[0] in CACHE_CONVERSIONS:
+        return _convert_cache(args[0], args[1:])
     path, overrides = _split(args)
     if COMMANDS[command][1] and not args:
         raise LlmneoError(f"llmneo {command} needs a config: a YAML file and/or key=value settings, e.g. llmneo "
@@ -122,6 +126,40 @@ def dispatch(command: str, args: list[str]) -> int:
         done = prune.run(cfg)
         print(f"llmneo: kept layers {done['kept_layers']} of {done['original_num_layers']} "
               f"({done['params']:,} parameters); pruned model written to {cfg.output_dir}")
+    return 0
+
+
+CACHE_CONVERSIONS = ("export", "import")
+
+
+def _convert_cache(verb: str, args: list[str]) -> int:
+    """`llmneo cache export|import FORMAT [CONFIG.yaml] FILE [key=value ...]`."""
+    from llmneo import cache_formats
+
+    usage = f"llmneo cache {verb} FORMAT [CONFIG.yaml] FILE [key=value ...], e.g. llmneo cache {verb} axolotl " \
+            f"config.yaml {'out' if verb == 'export' else 'in'}.jsonl"
+    if not args or "=" in args[0] or args[0].endswith((".yaml", ".yml", ".jsonl", ".parquet")):
+        raise LlmneoError(f"llmneo cache {verb} needs a format ({', '.join(cache_formats.FORMATS)}): {usage}")
+    fmt, rest = args[0], args[1:]
+    cache_formats.check_format(fmt, verb)
+    files = [a for a in rest if "=" not in a]
+    overrides = [a for a in rest if "=" in a]
+    if len(files) not in (1, 2):
+        raise LlmneoError(f"llmneo cache {verb} takes a config file (optional) and the dataset file, got "
+                          f"{len(files)} file names: {usage}")
+    path, file = (None, files[0]) if len(files) == 1 else files
+    cfg = config_mod.load(path, overrides)
+    if verb == "export":
+        done = cache_formats.export_cache(cfg, fmt, file)
+        print(f"llmneo: exported {done['examples']} examples ({done['tokens']:,} teacher rows, top-{done['k']}) from "
+              f"{cfg.teacher_cache} to {done['file']} as {fmt}'s KD dataset; target_logprobs at kd_temperature "
+              f"{done['temperature']:g}, renormalized over the top-{done['k']}; the tail mass dropped (axolotl keeps "
+              f"none) was {100 * done['tail_mass']:.2f} % on average")
+    else:
+        done = cache_formats.import_cache(cfg, fmt, file)
+        print(f"llmneo: imported top-{done['k']} teacher log-probs for {done['tokens']:,} response tokens of "
+              f"{done['examples']} examples from {file} into {done['dir']} ({done['bytes_per_token']:.0f} bytes "
+              f"per token; tail mass 0, as axolotl keeps none)")
     return 0
 
 
