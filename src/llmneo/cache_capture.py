@@ -37,21 +37,23 @@ def _targets(example: dict) -> list[int]:
     return [t for t in range(1, len(labels)) if labels[t] != IGNORE_INDEX]
 
 
-def _resume(partial: Path, fingerprint: dict, k: int) -> dict:
+def _resume(partial: Path, fingerprint: dict, k: int, dtype: str) -> dict:
     """The recorded progress of an earlier capture of the same cache, or a fresh start."""
-    fresh = {"k": k, "fingerprint": fingerprint, "examples": 0, "offsets": [0], "shards": []}
+    fresh = {"k": k, "fingerprint": fingerprint, "logprobs_dtype": dtype, "examples": 0, "offsets": [0], "shards": []}
     state_file = partial / PROGRESS
     if partial.is_dir() and state_file.is_file():
         try:
             state = json.loads(state_file.read_text())
         except json.JSONDecodeError:
             state = None
-        if state and state.get("k") == k and state.get("fingerprint") == fingerprint and all(
+        if state and state.get("k") == k and state.get("fingerprint") == fingerprint and state.get(
+                "logprobs_dtype") == dtype and all(
                 (partial / shard["file"]).is_file() for shard in state["shards"]):
             if state["examples"]:
                 print(f"llmneo cache: resuming an interrupted capture after {state['examples']} examples", flush=True)
             return state
-        print(f"llmneo cache: discarding an interrupted capture in {partial} (another teacher, data or k)", flush=True)
+        print(f"llmneo cache: discarding an interrupted capture in {partial} (another teacher, data, k or "
+              f"log-prob dtype)", flush=True)
     if partial.exists():
         shutil.rmtree(partial)
     partial.mkdir(parents=True)
@@ -66,7 +68,7 @@ def capture(target: Path, endpoint, examples: list[dict], k: int, vocab: int, fi
 
     partial = target.parent / f".{target.name}.partial"
     try:
-        state = _resume(partial, fingerprint, k)
+        state = _resume(partial, fingerprint, k, str(logprobs_dtype).removeprefix("torch."))
     except OSError as exc:
         raise LlmneoError(f"cannot write teacher_cache '{target}': {exc.strerror or exc}") from None
     buffer: list[SparseRows] = []
@@ -105,8 +107,8 @@ def capture(target: Path, endpoint, examples: list[dict], k: int, vocab: int, fi
                 _take(window, examples, batch_size, k, vocab, buffer, counts, bar, served, shard_size, flush)
             flush()
         except BaseException:
-            for _, future in window:
-                future.cancel()
+            endpoint.stop()  # no further attempts: the error (or Ctrl-C) ends the capture promptly
+            pool.shutdown(wait=False, cancel_futures=True)
             raise
         finally:
             bar.close()

@@ -24,7 +24,7 @@ import http.client
 import json
 import os
 import socket
-import time
+import threading
 import urllib.error
 import urllib.request
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -45,6 +45,7 @@ class Endpoint:
         self.url = url.rstrip("/")
         self.root = self.url[: -len("/v1")] if self.url.endswith("/v1") else self.url
         self.timeout, self.retries, self.backoff = timeout, retries, backoff
+        self._stopping = threading.Event()  # set by stop(): no new attempt starts (a failed run exits promptly)
         self.api_key = None
         if api_key_env:
             self.api_key = os.environ.get(api_key_env)
@@ -62,8 +63,11 @@ class Endpoint:
             headers["Authorization"] = f"Bearer {self.api_key}"
         problem = ""
         for attempt in range(self.retries + 1):
-            if attempt:
-                time.sleep(self.backoff * 2 ** (attempt - 1))
+            if attempt and self._stopping.wait(self.backoff * 2 ** (attempt - 1)):
+                break
+            if self._stopping.is_set():
+                problem = "stopped"
+                break
             try:
                 req = urllib.request.Request(url, data=body, headers=headers, method=method)
                 with urllib.request.urlopen(req, timeout=self.timeout) as answer:
@@ -89,6 +93,10 @@ class Endpoint:
                 problem = f"a broken answer ({type(exc).__name__})"
         raise LlmneoError(f"teacher_endpoint {self.url}: {problem} after {self.retries + 1} attempts; check that "
                           f"the server is up and reachable (vllm serve ...), or raise its capacity")
+
+    def stop(self) -> None:
+        """Start no further attempt: requests in flight end within their timeout, queued ones fail at once."""
+        self._stopping.set()
 
     def _client_error(self, code: int, message: str, payload: dict | None) -> LlmneoError:
         k = (payload or {}).get("prompt_logprobs")
@@ -277,5 +285,6 @@ class ServedTeacher:
         return found.to(device)
 
     def close(self) -> None:
+        self.endpoint.stop()
         self._pool.shutdown(wait=False, cancel_futures=True)
 
