@@ -106,6 +106,12 @@ def test_a_top_k_round_trip_keeps_the_renormalized_top_k_and_drops_the_tail(tmp_
     a, b = first._read(0, first.offsets[-1]), second._read(0, second.offsets[-1])
     assert torch.equal(a.ids, b.ids) and torch.isneginf(b.tail).all() and (a.tail > -math.inf).all()
     torch.testing.assert_close(b.logprobs, torch.log_softmax(a.logprobs, dim=-1), rtol=0, atol=1e-6)
+    assert first.has_tail and not second.has_tail
+    # with no tail, rkl is infinite wherever the student strays outside the top k: refused up front, one line
+    rkl = _yaml(tmp_path, "r.yaml", {**values, "teacher_cache": str(imported), "kd_loss": "rkl",
+                                     "output_dir": str(tmp_path / "rkl")})
+    assert cli.main(["train", rkl]) == 2
+    assert not (tmp_path / "rkl" / "metrics.jsonl").exists()
 
 
 def test_a_zero_probability_is_written_as_minus_1e9_on_trained_rows_and_padding_stays_minus_inf():

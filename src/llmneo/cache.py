@@ -281,6 +281,7 @@ class CachedTeacher:
                                   f"(cache {found.get(part)}, run {value}); rebuild it with llmneo cache CONFIG.yaml")
         self.offsets = index["offsets"]
         self.k = index["k"]
+        self.has_tail = index.get("tail") != "none"  # an imported axolotl cache has no tail mass
         self.device = device
         self._open(root, index["shards"])
 

@@ -107,6 +107,7 @@ def import_cache(config: Config, fmt: str, path: str) -> dict:
         _flush(staging, buffer, shards, offsets[-1], dtype)
         fingerprint = {**cache.fingerprint(config, tokenizer, examples), "teacher": None}  # unknown here
         index = cache.make_index(k, offsets, shards, fingerprint, dtype)
+        index["tail"] = "none"  # axolotl keeps no tail: training refuses kd_loss: rkl on it (infinite)
         (staging / "index.json").write_text(json.dumps(index, indent=1))
         if target.exists():
             shutil.rmtree(target)

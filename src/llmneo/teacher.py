@@ -64,7 +64,14 @@ def choose(config, loaded, train_examples: list[dict], accelerator):
 
     if uses_cache(config):
         expected = cache.fingerprint(config, loaded.tokenizer, train_examples)
-        return cache.CachedTeacher(config.teacher_cache, expected, accelerator.device)
+        cached = cache.CachedTeacher(config.teacher_cache, expected, accelerator.device)
+        if not cached.has_tail and cached.k < loaded.vocab_size and config.kd_loss == "rkl":
+            from llmneo.errors import LlmneoError
+
+            raise LlmneoError(f"teacher_cache '{config.teacher_cache}' keeps no tail mass (imported from a format "
+                              f"without one), so kd_loss: rkl is infinite wherever the student puts mass outside the "
+                              f"teacher's top {cached.k}; use fkl, jsd, tvd, skew_fkl or skew_rkl")
+        return cached
     if uses_endpoint(config):
         from llmneo import served
         from llmneo.losses import SAMPLED_KINDS
