@@ -314,3 +314,24 @@ def test_k_entries_cost_6_bytes_each_in_float16_and_8_in_float32(tmp_path):
         assert cache.make_index(k, [0, n], [], {}, dtype)["logprobs_dtype"] == name
     assert sizes["float16"] == pytest.approx(n * (6 * k + 4), abs=256)  # 388 B per token at k = 64
     assert sizes["float32"] == pytest.approx(n * (8 * k + 4), abs=256)  # 516 B
+
+
+def test_export_never_overwrites_an_input_and_bad_text_is_one_line(tmp_path, base_overrides, capsys):
+    cache_dir = _write_cache(tmp_path, base_overrides, 4)
+    values = {**base_overrides, "teacher_cache": str(cache_dir), "overwrite_output_dir": True}
+    config = _yaml(tmp_path, "c.yaml", values)
+    dataset = Path(base_overrides["dataset"])
+    before = dataset.read_bytes()
+    capsys.readouterr()
+    assert cli.main(["cache", "export", "axolotl", config, str(dataset.with_suffix(".jsonl"))]) == 2
+    _one_error(capsys.readouterr().err, "is the run's dataset")
+    assert dataset.read_bytes() == before
+    (tmp_path / "dir.jsonl").mkdir()
+    assert cli.main(["cache", "export", "axolotl", config, str(tmp_path / "dir.jsonl")]) == 2
+    _one_error(capsys.readouterr().err, "is a directory")
+    latin = tmp_path / "latin.jsonl"
+    latin.write_bytes("{\"input_ids\": \"caf\u00e9\"}\n".encode("latin-1"))
+    into = _yaml(tmp_path, "i.yaml", {**values, "teacher_cache": str(tmp_path / "imported")})
+    assert cli.main(["cache", "import", "axolotl", into, str(latin)]) == 2
+    _one_error(capsys.readouterr().err, "is not UTF-8")
+    assert not (tmp_path / "imported").exists()

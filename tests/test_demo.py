@@ -65,6 +65,8 @@ def test_short_demo_writes_report_and_reuses_teacher(tmp_path, capsys):
 def test_demo_settings_are_validated(capsys):
     assert cli.main(["demo", "max_stepz=3"]) == 2
     assert "unknown demo setting" in capsys.readouterr().err
+    assert cli.main(["demo", "lmbda=0"]) == 2  # the on-policy arm would not generate
+    assert "needs lmbda > 0" in capsys.readouterr().err
     with pytest.raises(LlmneoError, match="student_layers must be smaller"):
         demo.parse(None, ["student_layers=4", "teacher_layers=4"])
     with pytest.raises(LlmneoError, match="kd_ratio must be in"):
@@ -120,7 +122,9 @@ def test_verdict_says_what_happened_either_way():
     bad = demo.verdict(_rows(1.6, 0.4, 1.5, 0.3, 0.1))
     assert "does not beat LoRA" in bad and "is not closer to" in bad and "recovers 67%" in bad
     none = demo.verdict(_rows(1.6, 0.4, 1.5, 0.3, 1.2))
-    assert "no KD gain to compare with" in none
+    assert "no KD gain to compare with" in none and "Neo reduced the KL to the teacher" in none
+    worse = demo.verdict(_rows(1.6, 1.5, 1.5, 0.3, 0.1))  # Neo's KL above the untrained student's (1.0)
+    assert "Neo did not reduce the KL" in worse and "recovers" not in worse
     # on-policy Neo against (off-policy) Neo, whose row here has perplexity 1.4, KL 0.2, log-prob -0.3
     wins = demo.verdict(_rows(1.4, 0.2, 1.5, 0.3, 0.1, on_policy=(1.3, 0.1, -0.2)))
     assert ("On-policy Neo beats off-policy Neo" in wins and "(KL 0.1000 vs 0.2000)" in wins

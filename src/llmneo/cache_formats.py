@@ -54,8 +54,14 @@ def export_cache(config: Config, fmt: str, path: str) -> dict:
     """`llmneo cache export`: the cache at teacher_cache as a FORMAT dataset file at `path`."""
     check_format(fmt, "export")
     out = _data_file(path)
+    if out.is_dir():
+        raise LlmneoError(f"'{out}' is a directory; give the file to write, e.g. {out / 'kd.jsonl'}")
     if out.exists() and not config.overwrite_output_dir:
         raise LlmneoError(f"'{out}' exists; set overwrite_output_dir=true to replace it, or choose another file")
+    for key, value in input_paths(config).items():
+        for item in str(value or "").split(","):
+            if item and Path(item).exists() and Path(item).resolve() == out.resolve():
+                raise LlmneoError(f"'{out}' is the run's {key}; write the export to another file")
     if not config.teacher_cache:
         raise LlmneoError("teacher_cache is not set; give the cache to export, e.g. teacher_cache=cache/teacher")
     tokenizer, examples = _tokenized(config)
@@ -83,7 +89,7 @@ def import_cache(config: Config, fmt: str, path: str) -> dict:
     target = _cache_dir(config)
     tokenizer, examples = _tokenized(config)
     vocab, temperature = len(tokenizer), config.kd_temperature
-    dtype = cache.logprobs_dtype(config)
+    dtype = torch.float32  # the file's teacher and precision are unknown here: keep what it holds
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
@@ -225,13 +231,17 @@ def _data_file(path: str) -> Path:
 def _read_rows(source: Path):
     """The rows of a .jsonl or .parquet file, one dict at a time."""
     if source.suffix == ".jsonl":
-        with source.open(encoding="utf-8") as lines:
-            for number, line in enumerate(lines, start=1):
-                if line.strip():
-                    try:
-                        yield json.loads(line)
-                    except json.JSONDecodeError as exc:
-                        raise LlmneoError(f"{source} line {number} is not JSON: {exc.msg}") from None
+        try:
+            with source.open(encoding="utf-8") as lines:
+                for number, line in enumerate(lines, start=1):
+                    if line.strip():
+                        try:
+                            yield json.loads(line)
+                        except json.JSONDecodeError as exc:
+                            raise LlmneoError(f"{source} line {number} is not JSON: {exc.msg}") from None
+        except UnicodeDecodeError as exc:
+            raise LlmneoError(f"{source} is not UTF-8 text (byte {exc.start} of a line cannot be decoded); save it "
+                              f"as UTF-8") from None
         return
     import pyarrow.parquet as pq
 

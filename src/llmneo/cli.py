@@ -154,7 +154,7 @@ def _convert_cache(verb: str, args: list[str]) -> int:
         print(f"llmneo: exported {done['examples']} examples ({done['tokens']:,} teacher rows, top-{done['k']}) from "
               f"{cfg.teacher_cache} to {done['file']} as {fmt}'s KD dataset; target_logprobs at kd_temperature "
               f"{done['temperature']:g}, renormalized over the top-{done['k']}; the tail mass dropped (axolotl keeps "
-              f"none) was {100 * done['tail_mass']:.2f} % on average")
+              f"none) was {100 * done['tail_mass']:.2f} % on average at T = 1 (more at a higher kd_temperature)")
     else:
         done = cache_formats.import_cache(cfg, fmt, file)
         print(f"llmneo: imported top-{done['k']} teacher log-probs for {done['tokens']:,} response tokens of "

@@ -21,13 +21,17 @@ def verdict(rows: list[dict]) -> str:
                  f"(KL {neo['kl_to_teacher']:.4f} vs {lora['kl_to_teacher']:.4f}).")
     gain_kd = base["kl_to_teacher"] - kd["kl_to_teacher"]
     gain_neo = base["kl_to_teacher"] - neo["kl_to_teacher"]
-    if gain_kd > 0:
+    if gain_neo <= 0:
+        lines.append(f"Neo did not reduce the KL to the teacher from the pruned student's "
+                     f"({neo['kl_to_teacher']:.4f} vs {base['kl_to_teacher']:.4f}).")
+    elif gain_kd > 0:
         lines.append(f"Neo recovers {100 * gain_neo / gain_kd:.0f}% of full KD's KL reduction from the pruned student "
                      f"with {neo['trainable_params'] / kd['trainable_params']:.1%} of its trainable parameters "
                      f"(held-out perplexity {neo['perplexity']:.4f} vs KD {kd['perplexity']:.4f}).")
     else:
-        lines.append("Full KD did not reduce the KL to the teacher on this run, "
-                     "so there is no KD gain to compare with.")
+        lines.append(f"Neo reduced the KL to the teacher from the pruned student's ({neo['kl_to_teacher']:.4f} vs "
+                     f"{base['kl_to_teacher']:.4f}); full KD did not on this run, so there is no KD gain to compare "
+                     f"with.")
     if ON_POLICY in by:
         lines.append(_on_policy_verdict(by[ON_POLICY], neo, rows[0]))
     return " ".join(lines)
@@ -92,7 +96,8 @@ def write(out: Path, *, command: str, settings: dict, shared: dict, generation: 
         "The teacher log-prob of greedy answers is the teacher's mean log-prob per token of the replies each model "
         "writes itself, greedily, to the held-out prompts (the teacher's row: its own greedy answers); higher is "
         f"closer to what the teacher would say. On-policy Neo is Neo with {describe_settings(generation)}; "
-        f"{on_policy['on_policy_fraction']:.0%} of its steps were on-policy.",
+        (f"{on_policy['on_policy_fraction']:.0%} of its steps were on-policy."
+         if on_policy.get("on_policy_fraction") is not None else ""),
         "Greedy answers that did not end within max_new_tokens: " + (", ".join(unended) if unended else "none") + ".",
         f"Numerics: {describe_numerics(numerics)}.",
         f"Total demo time: {runtime:.0f} s. Curves: curves.png.", ""])

@@ -131,7 +131,11 @@ def parse(path: str | None, overrides: list[str]) -> tuple[DemoSettings, dict]:
     # validate the keys now, with the usual messages, as each arm will get them
     every_arm, generation = split_shared(shared)
     config_mod.load(overrides=every_arm)
-    config_mod.load(overrides={**every_arm, "lmbda": LMBDA, **generation, "teacher_model_name_or_path": "teacher"})
+    on_policy = config_mod.load(overrides={**every_arm, "lmbda": LMBDA, **generation,
+                                           "teacher_model_name_or_path": "teacher"})
+    if not on_policy.generates:
+        raise LlmneoError("the on-policy Neo arm needs lmbda > 0 (or seq_kd: true); the other arms never generate, "
+                          "so drop lmbda=0")
     return demo, shared
 
 
@@ -307,7 +311,8 @@ def _run(demo: DemoSettings, shared: dict, numerics: dict) -> dict:
     teacher_cfg = config_mod.load(overrides={"model_name_or_path": str(teacher_dir)})
     teacher_model, _ = models.load_trained(teacher_cfg, torch.float32)
     plural = "s" if demo.student_layers > 1 else ""
-    max_new_tokens = int(generation["max_new_tokens"])
+    # Every model's greedy answers are scored with the world's budget, whatever the arm's max_new_tokens.
+    max_new_tokens = reply_budget(tokenizer, samples["teacher"])
     rows = [{"model": f"teacher ({demo.teacher_layers} layers)",
              **_metrics(teacher_dir, teacher_model, heldout, tokenizer, max_new_tokens),
              "trainable_params": teacher_results["trainable_params"],
