@@ -62,7 +62,8 @@ class Config:
     # --- models -----------------------------------------------------------------------------
     model_name_or_path: str | None = _f(None, "The student: a local HF model dir or a Hub id.")
     teacher_model_name_or_path: str | None = _f(
-        None, "The teacher: a local HF model dir or a Hub id. Must share the student's tokenizer.")
+        None, "The teacher: a local HF model dir or a Hub id. Must share the student's tokenizer. Several teachers: "
+        "a YAML list or comma-separated, with teacher_weights (a mixture) or teacher_column (routing).")
     adapter_name_or_path: str | None = _f(
         None, "A trained PEFT adapter dir (export, eval; in train: continue training this adapter).")
     trust_remote_code: bool = _f(False, "Allow model/tokenizer code from the model repo. Off unless you ask.")
@@ -102,6 +103,12 @@ class Config:
     teacher_api_key_env: str | None = _f(
         None, "The name of the environment variable holding teacher_endpoint's API key (the key never goes in a "
         "config or a log).")
+    teacher_weights: str | None = _f(
+        None, "Several teachers, mixed: one weight per teacher (YAML list or comma-separated, normalised to sum 1); "
+        "the student learns from the weighted mixture of the teachers' probabilities (not their logits).")
+    teacher_column: str | None = _f(
+        None, "Several teachers, routed: the dataset column naming each row's teacher, by 0-based index or by the "
+        "teacher's entry (its path or URL, or the last part of it).")
     cache_shard_size: int = _f(
         262144, "llmneo cache: response positions per shard file. Capture from an endpoint resumes shard by shard "
         "after a crash, so smaller shards lose less.")
@@ -207,6 +214,20 @@ class Config:
     @property
     def uses_kd(self) -> bool:
         return self.has_teacher and self.kd_ratio > 0
+
+    @property
+    def teachers(self) -> list[str]:
+        """The teacher models (or, for a served teacher, endpoints), one entry per teacher."""
+        value = self.teacher_model_name_or_path or self.teacher_endpoint or ""
+        return [item.strip() for item in value.split(",") if item.strip()]
+
+    @property
+    def mixture_weights(self) -> list[float] | None:
+        """teacher_weights, normalised to sum 1 (None without them)."""
+        if not self.teacher_weights:
+            return None
+        weights = [float(w) for w in self.teacher_weights.split(",") if w.strip()]
+        return [w / sum(weights) for w in weights]
 
     @property
     def generates(self) -> bool:

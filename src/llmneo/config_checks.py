@@ -74,6 +74,7 @@ def validate(c) -> None:
     _require(not c.teacher_endpoint or c.teacher_endpoint.startswith(("http://", "https://")),
              f"teacher_endpoint must be an http(s) URL such as http://localhost:8000/v1, got '{c.teacher_endpoint}'")
     _check_generation(c)
+    _check_teachers(c)
     unknown = [t for t in report_to(c) if t not in TRACKERS and t != "all"]
     _require(not unknown, f"report_to: unknown tracker '{unknown[0] if unknown else ''}'; use none, all or a comma "
              f"list of {', '.join(TRACKERS)}")
@@ -106,3 +107,31 @@ def _check_generation(c) -> None:
              f"(or teacher_endpoint) and kd_ratio > 0")
     _require(not (c.seq_kd and c.teacher_endpoint), "seq_kd generates with the teacher model here; a served teacher "
              "only scores (use teacher_model_name_or_path, or lmbda > 0 without seq_kd)")
+
+
+def _check_teachers(c) -> None:
+    """Several teachers: mixed by teacher_weights or routed by teacher_column, live or served."""
+    n = len(c.teachers)
+    if n <= 1:
+        _require(not c.teacher_weights and not c.teacher_column, "teacher_weights and teacher_column combine several "
+                 "teachers; list them in teacher_model_name_or_path (or teacher_endpoint), or drop the key")
+        return
+    _require(bool(c.teacher_weights) != bool(c.teacher_column), f"{n} teachers are given: combine them with "
+             f"teacher_weights (a mixture of their probabilities) or teacher_column (each row to one teacher), one of "
+             f"the two")
+    _require(c.teacher_cache is None, "several teachers train live or served; a teacher cache holds one teacher "
+             "(drop teacher_cache, or cache and train each teacher on its own)")
+    _require(not c.seq_kd, "seq_kd writes replies with one teacher; use a single teacher for it")
+    if c.teacher_weights:
+        try:
+            weights = [float(w) for w in c.teacher_weights.split(",") if w.strip()]
+        except ValueError:
+            weights = []
+        _require(len(weights) == n and all(w >= 0 and math.isfinite(w) for w in weights) and sum(weights) > 0,
+                 f"teacher_weights must be {n} numbers >= 0 (one per teacher) with a positive sum, got "
+                 f"'{c.teacher_weights}'")
+        _require(c.teacher_endpoint is None, "teacher_weights mixes the teachers' full distributions, which a served "
+                 "teacher does not return (only its top-k); route served teachers with teacher_column instead")
+    else:
+        _require(not c.packing, "teacher_column routes each row to one teacher, but packing puts several rows in "
+                 "one; set packing: false")

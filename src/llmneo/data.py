@@ -129,7 +129,8 @@ class _Encoder:
                 ids, labels = ids[:self.cutoff_len], labels[:self.cutoff_len]
             # labels[0] is never scored: the loop predicts token t+1 from position t.
             if any(label != IGNORE_INDEX for label in labels[1:]):
-                examples.append({"input_ids": ids, "labels": labels})
+                examples.append({"input_ids": ids, "labels": labels, **({"route": row["route"]} if "route" in row
+                                                                        else {})})
             else:
                 self.dropped += 1
         return examples
@@ -166,6 +167,8 @@ def collate(examples: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
              "labels": pad([list(e["labels"]) for e in examples], IGNORE_INDEX)}
     if "index" in examples[0]:  # position in the split: how a teacher cache finds the example's rows
         batch["index"] = torch.tensor([e["index"] for e in examples], dtype=torch.long)
+    if "teacher" in examples[0]:  # which teacher scores the example (teacher_column routing)
+        batch["teacher"] = torch.tensor([e["teacher"] for e in examples], dtype=torch.long)
     return batch
 
 
@@ -185,7 +188,7 @@ def load_rows(config, datasets: str | None = None, key: str = "dataset") -> list
         for part_source, part_rows in parts:
             if config.max_samples is not None:
                 part_rows = part_rows[:config.max_samples - len(rows)]
-            rows += formats.normalise(part_source, part_rows, layout)
+            rows += formats.normalise(part_source, part_rows, layout, getattr(config, "teacher_column", None))
             if config.max_samples is not None and len(rows) >= config.max_samples:
                 break
         if not rows:

@@ -68,7 +68,9 @@ class BadRow(Exception):
 
 # --- normalising rows to conversations -------------------------------------------------------
 
-def normalise(source: str, rows: list, layout: Layout) -> list[dict]:
+def normalise(source: str, rows: list, layout: Layout, route: str | None = None) -> list[dict]:
+    """Rows as conversations (or text); with `route`, each keeps that column's value as "route" (which
+    teacher it goes to), and a row without it is an error."""
     if not rows:
         return []
     formatting = layout.formatting or _detect(source, rows[0])
@@ -86,6 +88,10 @@ def normalise(source: str, rows: list, layout: Layout) -> list[dict]:
             normalised = convert(row, layout)
             if normalised is not None and "messages" in normalised:
                 _refuse_placeholders(normalised["messages"])
+            if route is not None and normalised is not None:
+                if row.get(route) is None:
+                    raise BadRow(f"has no '{route}' (teacher_column): every row must name its teacher")
+                normalised["route"] = row[route]
         except BadRow as bad:
             raise LlmneoError(f"{source} row {n}: {bad}") from None
         if normalised is not None:

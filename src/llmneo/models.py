@@ -7,6 +7,8 @@ entries only, so padding rows never receive probability mass.
 
 from __future__ import annotations
 
+import dataclasses
+
 import os
 import warnings
 from dataclasses import dataclass
@@ -165,9 +167,10 @@ def check_same_tokenizer(student_tok, teacher_tok, student_path: str, teacher_pa
 @dataclass
 class Loaded:
     student: torch.nn.Module
-    teacher: torch.nn.Module | None
+    teacher: torch.nn.Module | None  # the first (or only) teacher
     tokenizer: object
     vocab_size: int  # the real vocabulary, len(tokenizer): losses run over these entries only
+    teachers: list = dataclasses.field(default_factory=list)  # every teacher, in config order
 
 
 def load(config: Config, precision: Precision, *, with_teacher: bool) -> Loaded:
@@ -179,15 +182,20 @@ def load(config: Config, precision: Precision, *, with_teacher: bool) -> Loaded:
     remote = config.trust_remote_code
     tokenizer = load_tokenizer(config.adapter_name_or_path if _has_tokenizer(config.adapter_name_or_path)
                                else student_path, "model_name_or_path", remote)
-    teacher = load_teacher(config, tokenizer, weight_dtype(config, "teacher", precision)) if with_teacher else None
+    dtype = weight_dtype(config, "teacher", precision)
+    teachers = [load_teacher(config, tokenizer, dtype, path) for path in config.teachers] if with_teacher else []
     student = load_model(student_path, "model_name_or_path", weight_dtype(config, "student", precision), remote)
     check_vocab(tokenizer, student, "model_name_or_path", student_path)
-    return Loaded(student, teacher, tokenizer, len(tokenizer))
+    return Loaded(student, teachers[0] if teachers else None, tokenizer, len(tokenizer), teachers)
 
 
-def load_teacher(config: Config, tokenizer, dtype: torch.dtype):
-    """The frozen teacher (eval mode, no grad), after checking it shares `tokenizer`'s vocabulary."""
-    path = config.teacher_model_name_or_path
+def load_teacher(config: Config, tokenizer, dtype: torch.dtype, path: str | None = None):
+    """The frozen teacher at `path` (default: the config's one teacher; eval mode, no grad), after checking it
+    shares `tokenizer`'s vocabulary."""
+    if path is None and len(config.teachers) > 1:
+        raise LlmneoError(f"this command uses one teacher, but teacher_model_name_or_path lists {len(config.teachers)};"
+                          f" give one")
+    path = path or config.teacher_model_name_or_path
     if not path:
         raise LlmneoError("teacher_model_name_or_path is not set; give the teacher model")
     remote = config.trust_remote_code

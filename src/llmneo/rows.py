@@ -171,4 +171,63 @@ class SampledRows:
         return self
 
 
-TeacherRows = DenseRows | LogitRows | SparseRows | SampledRows
+class MixedLogitRows(LogitRows):
+    """A slice of MixtureRows: the mixture's log-probs as logits, plus each teacher's own logits, so that every
+    divergence against a student chunk also adds each teacher's divergence (no gradient) to `sink`."""
+
+    def __init__(self, logits: torch.Tensor, components: list[torch.Tensor], sink: torch.Tensor):
+        super().__init__(logits)
+        self.components, self.sink = components, sink
+
+    def _record(self, student_logits: torch.Tensor, settings: KDSettings) -> None:
+        with torch.no_grad():
+            for i, logits in enumerate(self.components):
+                self.sink[i, 0] += token_divergence(student_logits.detach(), logits, **settings.keywords()).sum()
+                self.sink[i, 1] += logits.shape[0]
+
+    def divergence(self, student_logits: torch.Tensor, settings: KDSettings) -> torch.Tensor:
+        self._record(student_logits, settings)
+        return super().divergence(student_logits, settings)
+
+    def closed_form(self, logits, targets, kd_ratio: float, settings: KDSettings):
+        found = super().closed_form(logits, targets, kd_ratio, settings)
+        if found is not None:  # else the caller falls back to `divergence`, which records
+            self._record(logits, settings)
+        return found
+
+
+@dataclass
+class MixtureRows:
+    """Several teachers' rows mixed in probability: p = Σ w_i p_i, computed slice by slice from each teacher's
+    dense or logit rows (never more than a slice of [N, V] per teacher), as log-probs. `sink` (teachers × 2)
+    collects each teacher's own divergence sum and position count, for the metrics."""
+
+    parts: list  # DenseRows | LogitRows, one per teacher, for the same N positions
+    log_weights: torch.Tensor  # (teachers,), log w_i (-inf for a weight of 0)
+    sink: torch.Tensor  # (teachers, 2)
+
+    def __len__(self) -> int:
+        return len(self.parts[0])
+
+    @torch.no_grad()
+    def __getitem__(self, rows: slice) -> MixedLogitRows:
+        components = [part[rows].logits if isinstance(part, DenseRows) else part.logits[rows] for part in self.parts]
+        logp = torch.stack([torch.log_softmax(c.float(), dim=-1) for c in components])  # (teachers, C, V)
+        weights = self.log_weights.to(logp.device)[:, None, None]
+        mixed = torch.logsumexp(torch.where(torch.isneginf(weights), -torch.inf, logp + weights), dim=0)
+        return MixedLogitRows(mixed, components, self.sink)
+
+    def check_vocab(self, vocab_size: int) -> None:
+        """Each sliced part checks its own columns (as DenseRows)."""
+
+    def divergence(self, student_logits: torch.Tensor, settings: KDSettings) -> torch.Tensor:
+        return self[0:len(self)].divergence(student_logits, settings)
+
+    def closed_form(self, logits, targets, kd_ratio: float, settings: KDSettings):
+        return self[0:len(self)].closed_form(logits, targets, kd_ratio, settings)
+
+    def sampled(self, tokens: torch.Tensor) -> SampledRows:
+        return self[0:len(self)].sampled(tokens)
+
+
+TeacherRows = DenseRows | LogitRows | SparseRows | SampledRows | MixtureRows

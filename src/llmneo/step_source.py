@@ -78,6 +78,9 @@ class RolloutSteps:
         replies_of = writer.generate_many(prompts) if hasattr(writer, "generate_many") else [
             writer.generate(p) for p in prompts]  # one LoRA merge for the whole step
         micro = [rollout.with_replies(p, r, self.pad_token_id, self.device) for p, r in zip(prompts, replies_of)]
+        for rebuilt, batch in zip(micro, step.micro):
+            if "teacher" in batch:  # routing: each row keeps its teacher
+                rebuilt["teacher"] = batch["teacher"]
         return Step(micro, replies)
 
 

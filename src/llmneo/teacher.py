@@ -42,6 +42,60 @@ class LiveTeacher:
         return DenseRows(hidden[positions], head, self.vocab_size)
 
 
+class MixtureTeacher:
+    """Several teachers mixed in probability (teacher_weights): their rows become MixtureRows."""
+
+    def __init__(self, teachers: list, weights: list[float], device):
+        self.teachers = teachers
+        self.log_weights = torch.tensor(weights, dtype=torch.float32).log()
+        self.sums = torch.zeros(len(teachers), 2, dtype=torch.float64, device=device)  # KD sum, positions
+
+    def rows(self, batch: dict, positions: torch.Tensor):
+        from llmneo.rows import MixtureRows
+
+        return MixtureRows([t.rows(batch, positions) for t in self.teachers], self.log_weights, self.sums)
+
+    def take_sums(self) -> torch.Tensor:
+        """Each teacher's (KD sum, positions) since the last call: its own divergence from the student."""
+        sums, self.sums = self.sums, torch.zeros_like(self.sums)
+        return sums
+
+
+class RoutedTeacher:
+    """Several teachers, each row scored by one (teacher_column): the loop splits each micro-batch by
+    `batch["teacher"]` and runs the loss once per teacher, so each KD sum is that teacher's exactly."""
+
+    def __init__(self, teachers: list, device):
+        self.teachers = teachers
+        self.sums = torch.zeros(len(teachers), 2, dtype=torch.float64, device=device)
+
+    def groups(self, batch: dict) -> list[tuple[int, torch.Tensor]]:
+        """(teacher, bool row mask) for every teacher with rows in `batch`."""
+        route = batch["teacher"]
+        return [(i, route == i) for i in range(len(self.teachers)) if bool((route == i).any())]
+
+    def add(self, i: int, kd_sum: torch.Tensor, positions: int) -> None:
+        self.sums[i, 0] += kd_sum.detach().double()
+        self.sums[i, 1] += positions
+
+    def take_sums(self) -> torch.Tensor:
+        sums, self.sums = self.sums, torch.zeros_like(self.sums)
+        return sums
+
+
+def route_index(value, entries: list[str]) -> int | None:
+    """A teacher_column value as a teacher's index: an int (or its text) in range, an entry, or an entry's last
+    part (a model folder's name, a URL's host:port/path end); None when nothing matches."""
+    text = str(value).strip()
+    if text.lstrip("-").isdigit():
+        index = int(text)
+        return index if 0 <= index < len(entries) else None
+    for i, entry in enumerate(entries):
+        if text in (entry, entry.rstrip("/").rsplit("/", 1)[-1]):
+            return i
+    return None
+
+
 def uses_cache(config) -> bool:
     """KD from an offline top-k cache: no teacher model is loaded."""
     return config.uses_kd and config.teacher_cache is not None
@@ -76,11 +130,19 @@ def choose(config, loaded, train_examples: list[dict], accelerator):
         from llmneo import served
         from llmneo.losses import SAMPLED_KINDS
 
-        endpoint = served.Endpoint(config.teacher_endpoint, config.teacher_endpoint_model, config.teacher_api_key_env)
-        served.check_endpoint(endpoint, loaded.tokenizer, config.teacher_topk)
-        return served.ServedTeacher(endpoint, config.teacher_topk, loaded.vocab_size,
-                                    sampled=config.kd_loss in SAMPLED_KINDS)
-    if loaded.teacher is not None:
-        return LiveTeacher(engines.place_teacher(loaded.teacher, accelerator), loaded.vocab_size,
-                           full_logits=engines.sharded(accelerator))
-    return None
+        signals = []
+        for url in config.teachers:
+            endpoint = served.Endpoint(url, config.teacher_endpoint_model, config.teacher_api_key_env)
+            served.check_endpoint(endpoint, loaded.tokenizer, config.teacher_topk)
+            signals.append(served.ServedTeacher(endpoint, config.teacher_topk, loaded.vocab_size,
+                                                sampled=config.kd_loss in SAMPLED_KINDS))
+    elif loaded.teachers:
+        signals = [LiveTeacher(engines.place_teacher(t, accelerator), loaded.vocab_size,
+                               full_logits=engines.sharded(accelerator)) for t in loaded.teachers]
+    else:
+        return None
+    if len(signals) == 1:
+        return signals[0]
+    if config.mixture_weights:
+        return MixtureTeacher(signals, config.mixture_weights, accelerator.device)
+    return RoutedTeacher(signals, accelerator.device)

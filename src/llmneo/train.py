@@ -128,6 +128,12 @@ def optimizer_step(setup: TrainingSetup, step: int) -> dict:
         window["tokens"] += n_global
     window["steps"] += 1
     window["seen"] += int(totals[2])
+    if hasattr(setup.teacher, "take_sums"):  # several teachers: each one's KD sum and positions, over all ranks
+        per_teacher = accelerator.reduce(setup.teacher.take_sums(), "sum")
+        sums = window.setdefault("teachers", [[0.0, 0] for _ in range(per_teacher.shape[0])])
+        for i, (kd_sum, count) in enumerate(per_teacher.tolist()):
+            sums[i][0] += kd_sum
+            sums[i][1] += int(count)
     progress.train_tokens += int(totals[2])
     if batches.replies != "dataset":
         progress.generated_steps[batches.replies] += 1
@@ -155,26 +161,54 @@ def micro_batch_sums(model, teacher, batch: dict, config: Config, vocab_size: in
 
     With kd_chunk_size > 0 (the default) the fused chunked loss projects only the response positions,
     chunk by chunk; with 0, full logits are materialised (the reference path, kept for checking).
-    `settings` default to the config's; `aligner` to the identity.
+    `settings` default to the config's; `aligner` to the identity. A routed teacher (several teachers,
+    teacher_column) splits the positions by row: one student forward, then the loss once per teacher.
     """
     settings = settings or (KDSettings.from_config(config) if teacher is not None else KDSettings())
     positions, targets = response_positions(batch["labels"])
-    teacher_rows = None
-    if teacher is not None:
-        teacher_rows = (aligner or IdentityAligner()).align(teacher.rows(batch, positions), batch, positions)
-        if settings.kind in SAMPLED_KINDS:  # the teacher's log-prob of each sampled token is all it needs
-            teacher_rows = teacher_rows.sampled(targets)
     if config.kd_chunk_size > 0:
-        hidden = heads.final_hidden_states(model, batch["input_ids"], batch["attention_mask"])[positions]  # (N, H)
+        final = heads.final_hidden_states(model, batch["input_ids"], batch["attention_mask"])  # (B, T, H)
         head, head_params = heads.output_head(model)
-        loss, ce, kd = fused_loss(hidden, targets, head, head_params, teacher_rows, vocab_size=vocab_size,
-                                  kd_ratio=kd_ratio, settings=settings, chunk_size=config.kd_chunk_size)
-        return loss, ce, kd, targets.numel()
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
-    student = logits[positions][:, :vocab_size]  # (N, V): padded vocab rows dropped
-    ce = token_cross_entropy(student, targets).sum()
-    kd = None if teacher_rows is None else kd_values(student, teacher_rows, settings).sum()
-    return combine(ce, kd, kd_ratio), ce, kd, targets.numel()
+
+        def part(signal, chosen, rows):
+            return fused_loss(final[chosen], targets_of(batch, chosen), head, head_params, rows,
+                              vocab_size=vocab_size, kd_ratio=kd_ratio, settings=settings,
+                              chunk_size=config.kd_chunk_size)
+    else:
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+
+        def part(signal, chosen, rows):
+            student = logits[chosen][:, :vocab_size]  # (N, V): padded vocab rows dropped
+            ce = token_cross_entropy(student, targets_of(batch, chosen)).sum()
+            kd = None if rows is None else kd_values(student, rows, settings).sum()
+            return combine(ce, kd, kd_ratio), ce, kd
+
+    groups = teacher.groups(batch) if hasattr(teacher, "groups") else [(None, None)]
+    loss = ce = kd = None
+    for index, rows_of in groups:
+        signal = teacher if index is None else teacher.teachers[index]
+        chosen = positions if rows_of is None else positions & rows_of[:, None]
+        sub = batch if rows_of is None else {key: value[rows_of] for key, value in batch.items()}
+        rows = None
+        if signal is not None:
+            sub_positions = chosen if rows_of is None else chosen[rows_of]
+            rows = (aligner or IdentityAligner()).align(signal.rows(sub, sub_positions), sub, sub_positions)
+            if settings.kind in SAMPLED_KINDS:  # the teacher's log-prob of each sampled token is all it needs
+                rows = rows.sampled(targets_of(batch, chosen))
+        part_loss, part_ce, part_kd = part(signal, chosen, rows)
+        if index is not None:
+            teacher.add(index, part_kd, int(chosen.sum()))
+        loss = part_loss if loss is None else loss + part_loss
+        ce = part_ce if ce is None else ce + part_ce
+        kd = part_kd if kd is None else kd + part_kd
+    return loss, ce, kd, targets.numel()
+
+
+def targets_of(batch: dict, chosen: torch.Tensor) -> torch.Tensor:
+    """The tokens the `chosen` positions (bool [B, T]) predict, in position order."""
+    following = torch.zeros_like(chosen)
+    following[:, 1:] = chosen[:, :-1]
+    return batch["labels"][following]
 
 
 def combine(ce: torch.Tensor, kd: torch.Tensor | None, kd_ratio: float) -> torch.Tensor:
@@ -319,6 +353,8 @@ def _log_row(step, epoch, window, kd_ratio, has_teacher, lr, grad_norm, elapsed,
             row["ce_loss"] = ce if window["tokens"] else None
         row["on_policy"] = window["op_steps"] == window["steps"] > 0
         row["on_policy_steps"] = window["op_steps"]
+    if "teachers" in window:  # several teachers: each one's KD per position it scored (mixture: to each teacher)
+        row["kd_loss_per_teacher"] = [kd_sum / count if count else None for kd_sum, count in window["teachers"]]
     return row
 
 

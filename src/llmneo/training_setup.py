@@ -110,6 +110,8 @@ def prepare(config: Config) -> TrainingSetup:
     splits = data.build(config, loaded.tokenizer)
     if config.generates:
         rollout.check_prompts(splits.train)
+    if config.teacher_column:
+        _route(splits, config)
     for i, example in enumerate(splits.train):
         example["index"] = i  # lets a teacher cache find the example's rows
     model = _student(config, loaded, out, main)
@@ -159,6 +161,18 @@ def prepare(config: Config) -> TrainingSetup:
         settings=KDSettings.from_config(config) if signal is not None else KDSettings(),
         kd_ratio=config.kd_ratio if signal is not None else 0.0,
         params=[p for p in model.parameters() if p.requires_grad])
+
+
+def _route(splits: data.Splits, config: Config) -> None:
+    """Each example's teacher index from its teacher_column value; a value naming no teacher is an error."""
+    for name, examples in (("training", splits.train), ("held-out", splits.eval or [])):
+        for n, example in enumerate(examples, 1):
+            index = teacher.route_index(example.get("route"), config.teachers)
+            if index is None:
+                raise LlmneoError(f"{name} example {n}: {config.teacher_column}={example.get('route')!r} names none of "
+                                  f"the {len(config.teachers)} teachers; use 0..{len(config.teachers) - 1} or a "
+                                  f"teacher's entry in teacher_model_name_or_path")
+            example["teacher"] = index
 
 
 def _output_dir(config: Config, main: bool) -> tuple[Path, Path | None]:
