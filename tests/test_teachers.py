@@ -123,7 +123,8 @@ def test_routing_values_that_name_no_teacher_and_unsupported_combinations_are_on
         ({"teacher_model_name_or_path": two, "teacher_weights": "1"}, "must be 2 numbers"),
         ({"teacher_model_name_or_path": two, "teacher_weights": "1,-1"}, "must be 2 numbers"),
         ({"teacher_weights": "1,1"}, "combine several teachers"),
-        ({"teacher_model_name_or_path": two, "teacher_weights": "1,1", "teacher_cache": "c"}, "a teacher cache holds"),
+        ({"teacher_model_name_or_path": two, "teacher_weights": "1,1", "teacher_cache": "c"},
+         "which a cache does not keep"),
         ({"teacher_model_name_or_path": two, "teacher_weights": "1,1", "seq_kd": True}, "seq_kd writes replies"),
         ({"teacher_model_name_or_path": two, "teacher_column": "teacher", "dataset": str(bad_route)},
          "names none of the 2 teachers"),
@@ -160,3 +161,29 @@ def test_route_index_takes_an_index_or_an_entry():
     assert teacher_mod.route_index("llama-8b", entries) == 0 and teacher_mod.route_index("models/llama-8b", entries) == 0
     assert teacher_mod.route_index("v1", entries) == 1 and teacher_mod.route_index(2, entries) is None
     assert teacher_mod.route_index("nobody", entries) is None
+
+
+@pytest.mark.slow
+def test_cached_teachers_keep_their_own_rows_and_fingerprints_and_route_like_live_ones(
+        tmp_path, base_overrides, tokenizer, teacher_dir, second_teacher_dir, routed_file):
+    """`llmneo cache` with two teachers writes teacher-0 and teacher-1, each a cache of its own; at k = V (no
+    tail) routed training from them equals routed training from the live teachers."""
+    values = {**base_overrides, "dataset": str(routed_file), "teacher_column": "teacher",
+              "teacher_model_name_or_path": [str(teacher_dir), str(second_teacher_dir)],
+              "teacher_topk": len(tokenizer), "teacher_cache": str(tmp_path / "caches")}
+    assert cli.main(["cache", _yaml(tmp_path, "c.yaml", values)]) == 0
+    indexes = [json.loads((tmp_path / "caches" / f"teacher-{i}" / "index.json").read_text()) for i in (0, 1)]
+    assert indexes[0]["fingerprint"]["teacher"] != indexes[1]["fingerprint"]["teacher"]
+    assert indexes[0]["offsets"] == indexes[1]["offsets"]
+    live, cached = tmp_path / "live", tmp_path / "cached"
+    live_values = {k: v for k, v in values.items() if k != "teacher_cache"}
+    assert cli.main(["train", _yaml(tmp_path, "l.yaml", {**live_values, "output_dir": str(live)})]) == 0
+    assert cli.main(["train", _yaml(tmp_path, "t.yaml", {**values, "output_dir": str(cached)})]) == 0
+    for a, b in zip(_metrics(live), _metrics(cached)):
+        for key in ("loss", "kd_loss"):
+            assert b[key] == pytest.approx(a[key], abs=1e-5), (a["step"], key)
+        assert b["kd_loss_per_teacher"] == pytest.approx(a["kd_loss_per_teacher"], abs=1e-5)
+    # a cache of the teachers in the other order is another teacher's rows: refused, naming the teacher
+    swapped = {**values, "teacher_model_name_or_path": [str(second_teacher_dir), str(teacher_dir)],
+               "output_dir": str(tmp_path / "swapped")}
+    assert cli.main(["train", _yaml(tmp_path, "s.yaml", swapped)]) == 2

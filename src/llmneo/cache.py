@@ -129,8 +129,25 @@ def topk_rows(logits: torch.Tensor, k: int) -> SparseRows:
     return SparseRows(ids, values, tail)
 
 
+def one_teacher(config: Config, i: int) -> Config:
+    """The config of teacher `i` of several alone, with its own cache folder (teacher_cache/teacher-i)."""
+    import dataclasses
+
+    key = "teacher_model_name_or_path" if config.teacher_model_name_or_path else "teacher_endpoint"
+    return dataclasses.replace(config, **{key: config.teachers[i]}, teacher_weights=None, teacher_column=None,
+                               teacher_cache=str(Path(config.teacher_cache) / f"teacher-{i}"))
+
+
 def write(config: Config) -> dict:
-    """`llmneo cache`: run the teacher over the training split and write the top-k cache."""
+    """`llmneo cache`: run the teacher over the training split and write the top-k cache. Several teachers:
+    one cache each, in teacher_cache/teacher-0, teacher-1, ... (each with its own rows and fingerprint)."""
+    if len(config.teachers) > 1:
+        if not config.teacher_cache:
+            raise LlmneoError("teacher_cache is not set; give the cache directory, e.g. teacher_cache=cache/teachers")
+        parts = [write(one_teacher(config, i)) for i in range(len(config.teachers))]
+        return {**parts[0], "dir": config.teacher_cache, "teachers": len(parts),
+                "bytes": sum(p["bytes"] for p in parts), "tokens": parts[0]["tokens"],
+                "bytes_per_token": sum(p["bytes"] for p in parts) / max(parts[0]["tokens"], 1)}
     if not config.teacher_model_name_or_path and not config.teacher_endpoint:
         raise LlmneoError("teacher_model_name_or_path is not set; llmneo cache runs the teacher (or asks "
                           "teacher_endpoint) to cache it")

@@ -119,8 +119,9 @@ def _check_teachers(c) -> None:
     _require(bool(c.teacher_weights) != bool(c.teacher_column), f"{n} teachers are given: combine them with "
              f"teacher_weights (a mixture of their probabilities) or teacher_column (each row to one teacher), one of "
              f"the two")
-    _require(c.teacher_cache is None, "several teachers train live or served; a teacher cache holds one teacher "
-             "(drop teacher_cache, or cache and train each teacher on its own)")
+    _require(c.teacher_cache is None or c.teacher_column is not None, "teacher_weights mixes the teachers' full "
+             "distributions, which a cache does not keep (only each one's top-k); route cached teachers with "
+             "teacher_column instead")
     _require(not c.seq_kd, "seq_kd writes replies with one teacher; use a single teacher for it")
     if c.teacher_weights:
         try:

@@ -116,6 +116,13 @@ def choose(config, loaded, train_examples: list[dict], accelerator):
     (CE alone). The live teacher is placed by the engine (replicated, or sharded with full logits)."""
     from llmneo import cache, engines
 
+    if uses_cache(config) and len(config.teachers) > 1:  # one cache per teacher, routed
+        parts = []
+        for i in range(len(config.teachers)):
+            alone = cache.one_teacher(config, i)
+            parts.append(cache.CachedTeacher(alone.teacher_cache, cache.fingerprint(alone, loaded.tokenizer,
+                                                                                    train_examples), accelerator.device))
+        return RoutedTeacher(parts, accelerator.device)
     if uses_cache(config):
         expected = cache.fingerprint(config, loaded.tokenizer, train_examples)
         cached = cache.CachedTeacher(config.teacher_cache, expected, accelerator.device)
