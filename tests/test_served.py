@@ -288,3 +288,28 @@ def test_config_checks_for_a_served_teacher(tmp_path, served_overrides, teacher_
         assert cli.main(["train", _yaml(tmp_path, "x.yaml", {**served_overrides, **extra})]) == 2
         err = capsys.readouterr().err.strip()
         assert message in err and len(err.splitlines()) == 1 and "secret" not in err
+
+
+@pytest.mark.slow
+def test_served_teachers_can_be_routed_like_live_ones(tmp_path, local_overrides, unpadded_teacher_dir, tokenizer):
+    """Two served teachers, each row to one (teacher_column), at k = V: the same losses as the two live."""
+    from conftest import ALPACA_ROWS, write_jsonl
+    from llmneo.demo import tiny
+
+    other = tiny.build_model(tokenizer, hidden_size=40, num_layers=2, seed=9)
+    other_dir = tiny.save_pair(other, tokenizer, tmp_path / "other")
+    routed = write_jsonl(tmp_path / "routed.jsonl", [{**row, "teacher": i % 2} for i, row in enumerate(ALPACA_ROWS)])
+    common = {**local_overrides, "dataset": str(routed), "teacher_column": "teacher", "teacher_topk": len(tokenizer)}
+    live = tmp_path / "live"
+    assert cli.main(["train", _yaml(tmp_path, "l.yaml", {**common, "output_dir": str(live),
+                                                         "teacher_model_name_or_path": [str(unpadded_teacher_dir),
+                                                                                        str(other_dir)]})]) == 0
+    with StandIn(str(unpadded_teacher_dir), tokenizer, max_logprobs=len(tokenizer)) as first, \
+            StandIn(str(other_dir), tokenizer, max_logprobs=len(tokenizer)) as second:
+        values = {**common, "teacher_endpoint": [first.url, second.url], "output_dir": str(tmp_path / "served")}
+        del values["teacher_model_name_or_path"]
+        assert cli.main(["train", _yaml(tmp_path, "s.yaml", values)]) == 0
+        assert first.completions > 1 and second.completions > 1
+    for a, b in zip(_metrics(live), _metrics(tmp_path / "served")):
+        assert b["kd_loss"] == pytest.approx(a["kd_loss"], abs=1e-5)
+        assert b["kd_loss_per_teacher"] == pytest.approx(a["kd_loss_per_teacher"], abs=1e-5)

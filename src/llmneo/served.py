@@ -211,6 +211,8 @@ def sparse_rows(entries: list, targets: list[int], k: int, vocab_size: int, wher
                           f"matches the student's tokenizer, or use it in-process (teacher_model_name_or_path)")
     mass = torch.logsumexp(logprobs.double(), dim=-1).clamp(max=0.0)
     tail = torch.log(-torch.expm1(mass)).float()  # log(1 - top-k mass); -inf when the top-k hold it all
+    if k >= vocab_size:  # nothing lies outside: what rounding leaves over is no tail
+        tail = torch.full_like(tail, -torch.inf)
     return SparseRows(ids, logprobs, tail)
 
 
