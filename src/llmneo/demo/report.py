@@ -96,8 +96,8 @@ def write(out: Path, *, command: str, settings: dict, shared: dict, generation: 
         "The teacher log-prob of greedy answers is the teacher's mean log-prob per token of the replies each model "
         "writes itself, greedily, to the held-out prompts (the teacher's row: its own greedy answers); higher is "
         f"closer to what the teacher would say. On-policy Neo is Neo with {describe_settings(generation)}; "
-        (f"{on_policy['on_policy_fraction']:.0%} of its steps were on-policy."
-         if on_policy.get("on_policy_fraction") is not None else ""),
+        + (f"{on_policy['on_policy_fraction']:.0%} of its steps were on-policy."
+           if on_policy.get("on_policy_fraction") is not None else "its on-policy fraction was not recorded."),
         "Greedy answers that did not end within max_new_tokens: " + (", ".join(unended) if unended else "none") + ".",
         f"Numerics: {describe_numerics(numerics)}.",
         f"Total demo time: {runtime:.0f} s. Curves: curves.png.", ""])
