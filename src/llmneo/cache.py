@@ -129,6 +129,35 @@ def topk_rows(logits: torch.Tensor, k: int) -> SparseRows:
     return SparseRows(ids, values, tail)
 
 
+def cache_dir_to_write(config: Config, example: str) -> Path:
+    """teacher_cache, checked before anything is written into it (`llmneo cache`, `llmneo cache import`): set,
+    a directory, empty or an llmneo cache that overwrite_output_dir may replace, not holding an input."""
+    if not config.teacher_cache:
+        raise LlmneoError(f"teacher_cache is not set; give the cache directory, e.g. teacher_cache={example}")
+    target = Path(config.teacher_cache)
+    if target.exists() and not target.is_dir():
+        raise LlmneoError(f"teacher_cache '{target}' is a file, not a directory; choose another teacher_cache")
+    if target.exists() and any(target.iterdir()):
+        if not config.overwrite_output_dir:
+            raise LlmneoError(f"teacher_cache '{target}' is not empty; set overwrite_output_dir=true or choose another")
+        if not (target / "index.json").is_file():
+            raise LlmneoError(f"teacher_cache '{target}' holds files that are not an llmneo cache; choose an empty "
+                              f"or new directory")
+    run_dir.refuse_inputs_inside(target, {k: v for k, v in input_paths(config).items() if k != "teacher_cache"},
+                                 key="teacher_cache")
+    return target
+
+
+def cache_tokenizer(config: Config):
+    """The tokenizer a cache's rows follow: the student's when there is one (its chat template may differ
+    from the teacher's even when the vocabulary is the same), else the teacher's."""
+    source, key = ((config.model_name_or_path, "model_name_or_path") if config.model_name_or_path
+                   else (config.teacher_model_name_or_path, "teacher_model_name_or_path"))
+    if not source:
+        raise LlmneoError("model_name_or_path is not set; the cache's rows follow the student's tokenization")
+    return models.load_tokenizer(source, key, config.trust_remote_code)
+
+
 def one_teacher(config: Config, i: int) -> Config:
     """The config of teacher `i` of several alone, with its own cache folder (teacher_cache/teacher-i)."""
     import dataclasses
@@ -154,24 +183,8 @@ def write(config: Config) -> dict:
     if config.teacher_endpoint and not config.model_name_or_path:
         raise LlmneoError("llmneo cache from teacher_endpoint tokenizes with the student's tokenizer; set "
                           "model_name_or_path")
-    if not config.teacher_cache:
-        raise LlmneoError("teacher_cache is not set; give the cache directory, e.g. teacher_cache=cache/teacher")
-    target = Path(config.teacher_cache)
-    if target.exists() and not target.is_dir():
-        raise LlmneoError(f"teacher_cache '{target}' is a file, not a directory; choose another teacher_cache")
-    if target.exists() and any(target.iterdir()):
-        if not config.overwrite_output_dir:
-            raise LlmneoError(f"teacher_cache '{target}' is not empty; set overwrite_output_dir=true or choose another")
-        if not (target / "index.json").is_file():
-            raise LlmneoError(f"teacher_cache '{target}' holds files that are not an llmneo cache; choose an empty "
-                              f"or new directory")
-    run_dir.refuse_inputs_inside(target, {k: v for k, v in input_paths(config).items() if k != "teacher_cache"},
-                                 key="teacher_cache")
-    # Tokenize exactly as training will: with the student's tokenizer when there is one (its chat template
-    # may differ from the teacher's even when the vocabulary is the same).
-    source, key = ((config.model_name_or_path, "model_name_or_path") if config.model_name_or_path
-                   else (config.teacher_model_name_or_path, "teacher_model_name_or_path"))
-    tokenizer = models.load_tokenizer(source, key, config.trust_remote_code)
+    target = cache_dir_to_write(config, example="cache/teacher")
+    tokenizer = cache_tokenizer(config)  # tokenize exactly as training will
     vocab = len(tokenizer)
     k = config.teacher_topk
     if k > vocab:

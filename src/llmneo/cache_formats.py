@@ -34,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-from llmneo import cache, data, models, run_dir
+from llmneo import cache, data
 from llmneo.config import Config, input_paths
 from llmneo.errors import LlmneoError
 from llmneo.losses import IGNORE_INDEX, response_positions
@@ -86,7 +86,7 @@ def import_cache(config: Config, fmt: str, path: str) -> dict:
     source = _data_file(path)
     if not source.is_file():
         raise LlmneoError(f"'{source}' does not exist; give the {fmt} dataset file to import")
-    target = _cache_dir(config)
+    target = cache.cache_dir_to_write(config, example="cache/imported")
     tokenizer, examples = _tokenized(config)
     vocab, temperature = len(tokenizer), config.kd_temperature
     dtype = torch.float32  # the file's teacher and precision are unknown here: keep what it holds
@@ -312,31 +312,8 @@ class _Writer:
 
 def _tokenized(config: Config):
     """The tokenizer and training examples exactly as `llmneo cache` and training build them."""
-    source, key = ((config.model_name_or_path, "model_name_or_path") if config.model_name_or_path
-                   else (config.teacher_model_name_or_path, "teacher_model_name_or_path"))
-    if not source:
-        raise LlmneoError("model_name_or_path is not set; the cache's rows follow the student's tokenization")
-    tokenizer = models.load_tokenizer(source, key, config.trust_remote_code)
+    tokenizer = cache.cache_tokenizer(config)
     return tokenizer, data.build(config, tokenizer).train
-
-
-def _cache_dir(config: Config) -> Path:
-    """teacher_cache, checked as `llmneo cache` checks it before writing."""
-    if not config.teacher_cache:
-        raise LlmneoError("teacher_cache is not set; give the cache directory to write, e.g. "
-                          "teacher_cache=cache/imported")
-    target = Path(config.teacher_cache)
-    if target.exists() and not target.is_dir():
-        raise LlmneoError(f"teacher_cache '{target}' is a file, not a directory; choose another teacher_cache")
-    if target.exists() and any(target.iterdir()):
-        if not config.overwrite_output_dir:
-            raise LlmneoError(f"teacher_cache '{target}' is not empty; set overwrite_output_dir=true or choose another")
-        if not (target / "index.json").is_file():
-            raise LlmneoError(f"teacher_cache '{target}' holds files that are not an llmneo cache; choose an empty "
-                              f"or new directory")
-    run_dir.refuse_inputs_inside(target, {k: v for k, v in input_paths(config).items() if k != "teacher_cache"},
-                                 key="teacher_cache")
-    return target
 
 
 def _flush(staging: Path, buffer: list[SparseRows], shards: list[dict], end: int, dtype: torch.dtype) -> None:

@@ -143,10 +143,6 @@ class Endpoint:
                               {"model": self.model, "prompt": text, "add_special_tokens": False})
         return [int(t) for t in answer.get("tokens", [])]
 
-    def identity(self) -> str:
-        """The fingerprint's teacher part for a served teacher: the served model's name."""
-        return f"endpoint-model:{self.model}"
-
 
 def _error_message(exc: urllib.error.HTTPError) -> str:
     try:
