@@ -153,12 +153,14 @@ class HFGenerator:
             # from the model's distribution itself, so the model's is blanked for the call.
             hf_model.generation_config = GenerationConfig()
             with merged_lora(self.model) if self.merge_lora else contextlib.nullcontext():
-                return [self._generate(prompts, GenerationConfig) if prompts else [] for prompts in batches]
+                return [self._generate(prompts) if prompts else [] for prompts in batches]
         finally:
             hf_model.generation_config = own
             self.model.train(was_training)
 
-    def _generate(self, prompt_ids: list[torch.Tensor], generation_config_class) -> list[torch.Tensor]:
+    def _generate(self, prompt_ids: list[torch.Tensor]) -> list[torch.Tensor]:
+        from transformers import GenerationConfig
+
         device = prompt_ids[0].device
         width = max(len(p) for p in prompt_ids)
         input_ids = torch.full((len(prompt_ids), width), self.pad_token_id, dtype=torch.long, device=device)
@@ -181,7 +183,7 @@ class HFGenerator:
         else:
             options.update(temperature=None, top_p=None, top_k=None)
         out = self.model.generate(input_ids=input_ids, attention_mask=attention,
-                                  generation_config=generation_config_class(**options))
+                                  generation_config=GenerationConfig(**options))
         return [cut_at_eos(row[width:], self.eos) for row in out]
 
 

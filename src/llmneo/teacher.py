@@ -42,32 +42,35 @@ class LiveTeacher:
         return DenseRows(hidden[positions], head, self.vocab_size)
 
 
-class MixtureTeacher:
-    """Several teachers mixed in probability (teacher_weights): their rows become MixtureRows."""
+class _SeveralTeachers:
+    """Teachers in config order, and each one's (KD sum, positions) since the metrics last took them."""
+
+    def __init__(self, teachers: list, device):
+        self.teachers = teachers
+        self.sums = torch.zeros(len(teachers), 2, dtype=torch.float64, device=device)
+
+    def take_sums(self) -> torch.Tensor:
+        sums, self.sums = self.sums, torch.zeros_like(self.sums)
+        return sums
+
+
+class MixtureTeacher(_SeveralTeachers):
+    """Several teachers mixed in probability (teacher_weights): their rows become MixtureRows, which add
+    the student's divergence from each teacher alone to `sums`."""
 
     def __init__(self, teachers: list, weights: list[float], device):
-        self.teachers = teachers
+        super().__init__(teachers, device)
         self.log_weights = torch.tensor(weights, dtype=torch.float32).log()
-        self.sums = torch.zeros(len(teachers), 2, dtype=torch.float64, device=device)  # KD sum, positions
 
     def rows(self, batch: dict, positions: torch.Tensor):
         from llmneo.rows import MixtureRows
 
         return MixtureRows([t.rows(batch, positions) for t in self.teachers], self.log_weights, self.sums)
 
-    def take_sums(self) -> torch.Tensor:
-        """Each teacher's (KD sum, positions) since the last call: its own divergence from the student."""
-        sums, self.sums = self.sums, torch.zeros_like(self.sums)
-        return sums
 
-
-class RoutedTeacher:
+class RoutedTeacher(_SeveralTeachers):
     """Several teachers, each row scored by one (teacher_column): the loop splits each micro-batch by
     `batch["teacher"]` and runs the loss once per teacher, so each KD sum is that teacher's exactly."""
-
-    def __init__(self, teachers: list, device):
-        self.teachers = teachers
-        self.sums = torch.zeros(len(teachers), 2, dtype=torch.float64, device=device)
 
     def groups(self, batch: dict) -> list[tuple[int, torch.Tensor]]:
         """(teacher, bool row mask) for every teacher with rows in `batch`."""
@@ -77,10 +80,6 @@ class RoutedTeacher:
     def add(self, i: int, kd_sum: torch.Tensor, positions: int) -> None:
         self.sums[i, 0] += kd_sum.detach().double()
         self.sums[i, 1] += positions
-
-    def take_sums(self) -> torch.Tensor:
-        sums, self.sums = self.sums, torch.zeros_like(self.sums)
-        return sums
 
 
 def route_index(value, entries: list[str]) -> int | None:

@@ -170,16 +170,16 @@ def micro_batch_sums(model, teacher, batch: dict, config: Config, vocab_size: in
         final = heads.final_hidden_states(model, batch["input_ids"], batch["attention_mask"])  # (B, T, H)
         head, head_params = heads.output_head(model)
 
-        def part(signal, chosen, rows):
-            return fused_loss(final[chosen], targets_of(batch, chosen), head, head_params, rows,
+        def part(chosen, chosen_targets, rows):
+            return fused_loss(final[chosen], chosen_targets, head, head_params, rows,
                               vocab_size=vocab_size, kd_ratio=kd_ratio, settings=settings,
                               chunk_size=config.kd_chunk_size)
     else:
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
 
-        def part(signal, chosen, rows):
+        def part(chosen, chosen_targets, rows):
             student = logits[chosen][:, :vocab_size]  # (N, V): padded vocab rows dropped
-            ce = token_cross_entropy(student, targets_of(batch, chosen)).sum()
+            ce = token_cross_entropy(student, chosen_targets).sum()
             kd = None if rows is None else kd_values(student, rows, settings).sum()
             return combine(ce, kd, kd_ratio), ce, kd
 
@@ -187,15 +187,19 @@ def micro_batch_sums(model, teacher, batch: dict, config: Config, vocab_size: in
     loss = ce = kd = None
     for index, rows_of in groups:
         signal = teacher if index is None else teacher.teachers[index]
-        chosen = positions if rows_of is None else positions & rows_of[:, None]
-        sub = batch if rows_of is None else {key: value[rows_of] for key, value in batch.items()}
+        if rows_of is None:
+            chosen, chosen_targets, sub, sub_positions = positions, targets, batch, positions
+        else:  # this teacher's rows only
+            chosen = positions & rows_of[:, None]
+            chosen_targets = targets_of(batch, chosen)
+            sub = {key: value[rows_of] for key, value in batch.items()}
+            sub_positions = positions[rows_of]
         rows = None
         if signal is not None:
-            sub_positions = chosen if rows_of is None else chosen[rows_of]
             rows = (aligner or IdentityAligner()).align(signal.rows(sub, sub_positions), sub, sub_positions)
             if settings.kind in SAMPLED_KINDS:  # the teacher's log-prob of each sampled token is all it needs
-                rows = rows.sampled(targets_of(batch, chosen))
-        part_loss, part_ce, part_kd = part(signal, chosen, rows)
+                rows = rows.sampled(chosen_targets)
+        part_loss, part_ce, part_kd = part(chosen, chosen_targets, rows)
         if index is not None:
             teacher.add(index, part_kd, int(chosen.sum()))
         loss = part_loss if loss is None else loss + part_loss
