@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from safetensors import safe_open
 from safetensors.torch import load_file
 
 from llmneo import cache, cli
+from conftest import read_metrics, write_yaml
 
 # An fp16 cache's training metrics (loss, ce_loss, kd_loss, grad_norm) stay within this, relative, of the fp32
 # cache's on the tests' tiny run; measured at most 4.0e-5 (kd_loss, 20 steps at k = 20 and 64), docs/benchmarks.md
@@ -20,27 +20,17 @@ from llmneo import cache, cli
 FP16_REL_TOL = 1e-4
 
 
-def _yaml(tmp_path: Path, name: str, values: dict) -> str:
-    path = tmp_path / name
-    path.write_text(yaml.safe_dump(values))
-    return str(path)
-
-
-def _metrics(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-
-
 def _train(tmp_path: Path, base: dict, cache_dir: Path, name: str) -> Path:
     out = tmp_path / f"train-{name}"
     run = {**base, "output_dir": str(out), "teacher_cache": str(cache_dir), "teacher_model_name_or_path": None}
-    assert cli.main(["train", _yaml(tmp_path, f"{name}.yaml", run)]) == 0
+    assert cli.main(["train", write_yaml(tmp_path, f"{name}.yaml", run)]) == 0
     return out
 
 
 def _write_cache(tmp_path: Path, base: dict, k: int, name: str = "cache") -> Path:
     cache_dir = tmp_path / name
     values = {**base, "teacher_cache": str(cache_dir), "teacher_topk": k}
-    assert cli.main(["cache", _yaml(tmp_path, f"{name}.yaml", values)]) == 0
+    assert cli.main(["cache", write_yaml(tmp_path, f"{name}.yaml", values)]) == 0
     return cache_dir
 
 
@@ -60,7 +50,7 @@ def test_round_trip_through_axolotl_trains_like_the_original_cache(tmp_path, bas
 
     original = _write_cache(tmp_path, base_overrides, len(tokenizer))
     file = tmp_path / f"kd{suffix}"
-    config = _yaml(tmp_path, "convert.yaml", {**base_overrides, "teacher_cache": str(original)})
+    config = write_yaml(tmp_path, "convert.yaml", {**base_overrides, "teacher_cache": str(original)})
     assert cli.main(["cache", "export", "axolotl", config, str(file)]) == 0
     loaded = datasets.load_dataset(suffix[1:].replace("jsonl", "json"), data_files=str(file), split="train")
     assert loaded.column_names == ["input_ids", "attention_mask", "labels", "target_token_ids", "target_logprobs",
@@ -76,7 +66,7 @@ def test_round_trip_through_axolotl_trains_like_the_original_cache(tmp_path, bas
            {k: v for k, v in before["fingerprint"].items() if k != "teacher"}
 
     a, b = _train(tmp_path, base_overrides, original, "original"), _train(tmp_path, base_overrides, imported, "back")
-    rows_a, rows_b = _metrics(a), _metrics(b)
+    rows_a, rows_b = read_metrics(a), read_metrics(b)
     assert len(rows_a) == len(rows_b) == 3
     for ra, rb in zip(rows_a, rows_b):
         for key in ("loss", "ce_loss", "kd_loss", "grad_norm"):
@@ -95,9 +85,9 @@ def test_a_top_k_round_trip_keeps_the_renormalized_top_k_and_drops_the_tail(tmp_
     original = _write_cache(tmp_path, base_overrides, 8)
     file = tmp_path / "kd.jsonl"
     values = {**base_overrides, "teacher_cache": str(original)}
-    assert cli.main(["cache", "export", "axolotl", _yaml(tmp_path, "c.yaml", values), str(file)]) == 0
+    assert cli.main(["cache", "export", "axolotl", write_yaml(tmp_path, "c.yaml", values), str(file)]) == 0
     imported = tmp_path / "imported"
-    into = _yaml(tmp_path, "i.yaml", {**values, "teacher_cache": str(imported)})
+    into = write_yaml(tmp_path, "i.yaml", {**values, "teacher_cache": str(imported)})
     assert cli.main(["cache", "import", "axolotl", into, str(file)]) == 0
     examples = _examples(base_overrides, tokenizer)
     expected = cache.fingerprint(config_mod.load(overrides=base_overrides), tokenizer, examples)
@@ -108,7 +98,7 @@ def test_a_top_k_round_trip_keeps_the_renormalized_top_k_and_drops_the_tail(tmp_
     torch.testing.assert_close(b.logprobs, torch.log_softmax(a.logprobs, dim=-1), rtol=0, atol=1e-6)
     assert first.has_tail and not second.has_tail
     # with no tail, rkl is infinite wherever the student strays outside the top k: refused up front, one line
-    rkl = _yaml(tmp_path, "r.yaml", {**values, "teacher_cache": str(imported), "kd_loss": "rkl",
+    rkl = write_yaml(tmp_path, "r.yaml", {**values, "teacher_cache": str(imported), "kd_loss": "rkl",
                                      "output_dir": str(tmp_path / "rkl")})
     assert cli.main(["train", rkl]) == 2
     assert not (tmp_path / "rkl" / "metrics.jsonl").exists()
@@ -185,7 +175,7 @@ def _one_error(err: str, message: str) -> None:
 def test_bad_files_are_one_line_errors_that_write_nothing(tmp_path, base_overrides, tokenizer, capsys):
     cache_dir = _write_cache(tmp_path, base_overrides, 4)
     good = tmp_path / "good.jsonl"
-    config = _yaml(tmp_path, "c.yaml", {**base_overrides, "teacher_cache": str(cache_dir)})
+    config = write_yaml(tmp_path, "c.yaml", {**base_overrides, "teacher_cache": str(cache_dir)})
     assert cli.main(["cache", "export", "axolotl", config, str(good)]) == 0
     rows = [json.loads(line) for line in good.read_text().splitlines()]
     examples = _examples(base_overrides, tokenizer)
@@ -281,7 +271,7 @@ def test_float16_cache_trains_within_tolerance_of_float32_and_old_caches_still_l
     (old / "index.json").write_text(json.dumps(index))
     outs = {name: _train(tmp_path, {**base_overrides, "max_steps": steps}, d, name)
             for name, d in (("fp32", fp32), ("fp16", fp16), ("old", old))}
-    runs = {name: _metrics(out) for name, out in outs.items()}
+    runs = {name: read_metrics(out) for name, out in outs.items()}
     assert len(runs["fp32"]) == len(runs["old"]) == len(runs["fp16"]) == steps
     for a, b in zip(runs["fp32"], runs["old"]):
         for key in ("loss", "ce_loss", "kd_loss", "grad_norm"):
@@ -319,7 +309,7 @@ def test_k_entries_cost_6_bytes_each_in_float16_and_8_in_float32(tmp_path):
 def test_export_never_overwrites_an_input_and_bad_text_is_one_line(tmp_path, base_overrides, capsys):
     cache_dir = _write_cache(tmp_path, base_overrides, 4)
     values = {**base_overrides, "teacher_cache": str(cache_dir), "overwrite_output_dir": True}
-    config = _yaml(tmp_path, "c.yaml", values)
+    config = write_yaml(tmp_path, "c.yaml", values)
     dataset = Path(base_overrides["dataset"])
     before = dataset.read_bytes()
     capsys.readouterr()
@@ -331,7 +321,7 @@ def test_export_never_overwrites_an_input_and_bad_text_is_one_line(tmp_path, bas
     _one_error(capsys.readouterr().err, "is a directory")
     latin = tmp_path / "latin.jsonl"
     latin.write_bytes("{\"input_ids\": \"caf\u00e9\"}\n".encode("latin-1"))
-    into = _yaml(tmp_path, "i.yaml", {**values, "teacher_cache": str(tmp_path / "imported")})
+    into = write_yaml(tmp_path, "i.yaml", {**values, "teacher_cache": str(tmp_path / "imported")})
     assert cli.main(["cache", "import", "axolotl", into, str(latin)]) == 2
     _one_error(capsys.readouterr().err, "is not UTF-8")
     assert not (tmp_path / "imported").exists()

@@ -19,41 +19,14 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
-from safetensors.torch import load_file
 
 from llmneo import cli, config, data, losses, rollout, step_source, training_setup
 from llmneo.chunked import fused_loss
 from llmneo.rows import SampledRows
 from llmneo.templates import IGNORE_INDEX
+from conftest import assert_same_training, read_metrics, write_yaml
 
 BIN = Path(sys.executable).parent
-
-
-def _yaml(tmp_path: Path, name: str, values: dict) -> str:
-    path = tmp_path / name
-    path.write_text(yaml.safe_dump(values))
-    return str(path)
-
-
-def _metrics(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-
-
-def _same_run(a: Path, b: Path, tol: float) -> None:
-    rows_a, rows_b = _metrics(a), _metrics(b)
-    assert len(rows_a) == len(rows_b) > 0
-    for ra, rb in zip(rows_a, rows_b):
-        assert ra["step"] == rb["step"] and ra.get("on_policy") == rb.get("on_policy")
-        for key in ("loss", "ce_loss", "kd_loss", "grad_norm"):
-            if ra[key] is None or rb[key] is None:
-                assert ra[key] is rb[key] is None, (ra["step"], key)
-            else:
-                assert rb[key] == pytest.approx(ra[key], abs=tol, rel=0), (ra["step"], key)
-    wa, wb = load_file(str(a / "adapter_model.safetensors")), load_file(str(b / "adapter_model.safetensors"))
-    assert wa.keys() == wb.keys()
-    for name in wa:
-        assert (wa[name] - wb[name]).abs().max() <= tol, name
 
 
 # --- off-policy stays as it was ------------------------------------------------------------------------
@@ -61,13 +34,13 @@ def _same_run(a: Path, b: Path, tol: float) -> None:
 @pytest.mark.slow
 def test_lmbda_zero_is_the_off_policy_run_and_off_policy_steps_are_untouched(tmp_path, base_overrides):
     plain, zero, never = tmp_path / "plain", tmp_path / "zero", tmp_path / "never"
-    assert cli.main(["train", _yaml(tmp_path, "a.yaml", {**base_overrides, "output_dir": str(plain)})]) == 0
-    assert cli.main(["train", _yaml(tmp_path, "b.yaml", {**base_overrides, "output_dir": str(zero), "lmbda": 0})]) == 0
+    assert cli.main(["train", write_yaml(tmp_path, "a.yaml", {**base_overrides, "output_dir": str(plain)})]) == 0
+    assert cli.main(["train", write_yaml(tmp_path, "b.yaml", {**base_overrides, "output_dir": str(zero), "lmbda": 0})]) == 0
     # a generating run whose draws all fall off-policy (lmbda tiny): its steps are the dataset's, bit for bit
     assert not any(step_source.on_policy_draw(0, s, 1e-9) for s in range(1, 4))
-    assert cli.main(["train", _yaml(tmp_path, "c.yaml", {**base_overrides, "output_dir": str(never),
+    assert cli.main(["train", write_yaml(tmp_path, "c.yaml", {**base_overrides, "output_dir": str(never),
                                                          "lmbda": 1e-9})]) == 0
-    rows = [_metrics(p) for p in (plain, zero, never)]
+    rows = [read_metrics(p) for p in (plain, zero, never)]
     strip = lambda r: {k: v for k, v in r.items() if k != "tokens_per_second"}  # noqa: E731
     assert [strip(r) for r in rows[0]] == [strip(r) for r in rows[1]]  # identical, keys included
     assert all("on_policy" not in r for r in rows[1])
@@ -100,8 +73,8 @@ def test_greedy_on_policy_step_one_equals_an_independent_computation(tmp_path, b
     out = tmp_path / "op"
     values = {**base_overrides, "output_dir": str(out), "lmbda": 1, "temperature": 0, "max_new_tokens": 6,
               "max_steps": 1, "per_device_train_batch_size": 8, "kd_loss": "fkl"}
-    assert cli.main(["train", _yaml(tmp_path, "op.yaml", values)]) == 0
-    row = _metrics(out)[0]
+    assert cli.main(["train", write_yaml(tmp_path, "op.yaml", values)]) == 0
+    row = read_metrics(out)[0]
     assert row["on_policy"] is True and row["ce_loss"] is None and row["loss"] == row["kd_loss"]
 
     cfg = config.load(overrides=values)
@@ -206,15 +179,15 @@ def test_resume_with_sampled_on_policy_steps_is_exact(tmp_path, base_overrides):
     draws = [step_source.on_policy_draw(values["seed"], s, 0.5) for s in range(3, 7)]
     assert any(draws) and not all(draws)  # the resumed part has both kinds of step
     full = tmp_path / "full"
-    assert cli.main(["train", _yaml(tmp_path, "full.yaml", {**values, "output_dir": str(full)})]) == 0
+    assert cli.main(["train", write_yaml(tmp_path, "full.yaml", {**values, "output_dir": str(full)})]) == 0
     cut = tmp_path / "cut"
     cut.mkdir()
     shutil.copytree(full / "checkpoint-2", cut / "checkpoint-2")
-    assert cli.main(["train", _yaml(tmp_path, "cut.yaml", {**values, "output_dir": str(cut),
+    assert cli.main(["train", write_yaml(tmp_path, "cut.yaml", {**values, "output_dir": str(cut),
                                                            "resume_from_checkpoint": "auto"})]) == 0
-    _same_run(full, cut, tol=1e-6)
+    assert_same_training(full, cut, tol=1e-6)
     draws = [step_source.on_policy_draw(values["seed"], s, 0.5) for s in range(1, 7)]
-    rows = _metrics(full)
+    rows = read_metrics(full)
     assert [r["step"] for r in rows] == [3, 6]
     assert [r["on_policy_steps"] for r in rows] == [sum(draws[:3]), sum(draws[3:])]
     assert [r["on_policy"] for r in rows] == [all(draws[:3]), all(draws[3:])]
@@ -236,14 +209,14 @@ def test_two_processes_equal_one_with_on_policy_steps(tmp_path, student_dir, tea
               "logging_steps": 1, "cutoff_len": 64, "learning_rate": 5e-3, "seed": 3, "lmbda": 0.5,
               "temperature": 0, "max_new_tokens": 5}
     assert {step_source.on_policy_draw(3, s, 0.5) for s in range(1, 5)} == {True, False}
-    path = _yaml(tmp_path, "ddp.yaml", values)
+    path = write_yaml(tmp_path, "ddp.yaml", values)
     ddp, single = tmp_path / "ddp", tmp_path / "single"
     done = subprocess.run([str(BIN / "torchrun"), "--standalone", "--nproc_per_node", "2", "-m", "llmneo", "train",
                            path, f"output_dir={ddp}"], capture_output=True, text=True, timeout=300,
                           env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stderr[-2000:]
     assert cli.main(["train", path, f"output_dir={single}", "gradient_accumulation_steps=2"]) == 0
-    _same_run(single, ddp, tol=1e-5)
+    assert_same_training(single, ddp, tol=1e-5)
 
 
 # --- the generator -----------------------------------------------------------------------------------------
@@ -310,7 +283,7 @@ def test_a_padded_teacher_head_never_emits_padding_ids(teacher_dir, tokenizer):
     ({"lmbda": 0.5, "packing": True}, "packing: true"),
 ])
 def test_impossible_on_policy_configs_are_one_line_errors(tmp_path, base_overrides, capsys, extra, message):
-    assert cli.main(["train", _yaml(tmp_path, "bad.yaml", {**base_overrides, **extra})]) == 2
+    assert cli.main(["train", write_yaml(tmp_path, "bad.yaml", {**base_overrides, **extra})]) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1
     assert not Path(base_overrides["output_dir"]).exists()
@@ -319,7 +292,7 @@ def test_impossible_on_policy_configs_are_one_line_errors(tmp_path, base_overrid
 def test_plain_text_rows_have_no_prompt_to_continue(tmp_path, base_overrides, capsys):
     text = tmp_path / "text.jsonl"
     text.write_text("".join(json.dumps({"text": f"some raw text number {i}"}) + "\n" for i in range(4)))
-    assert cli.main(["train", _yaml(tmp_path, "t.yaml", {**base_overrides, "dataset": str(text), "lmbda": 1})]) == 2
+    assert cli.main(["train", write_yaml(tmp_path, "t.yaml", {**base_overrides, "dataset": str(text), "lmbda": 1})]) == 2
     err = capsys.readouterr().err.strip()
     assert "plain text" in err and len(err.splitlines()) == 1
     out = Path(base_overrides["output_dir"])
@@ -333,7 +306,7 @@ def test_a_sampled_rkl_run_scores_held_out_data_by_the_exact_reverse_kl(tmp_path
     out = tmp_path / "srkl"
     values = {**base_overrides, "output_dir": str(out), "lmbda": 1, "kd_loss": "sampled_rkl", "val_size": 2,
               "max_steps": 2, "max_new_tokens": 4}
-    assert cli.main(["train", _yaml(tmp_path, "s.yaml", values)]) == 0
+    assert cli.main(["train", write_yaml(tmp_path, "s.yaml", values)]) == 0
     results = json.loads((out / "train_results.json").read_text())
     assert results["on_policy_fraction"] == 1.0 and results["kd_loss_kind"] == "sampled_rkl"
     assert results["eval_kd_loss"] is not None and results["eval_kd_loss"] > 0

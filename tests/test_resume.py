@@ -13,27 +13,17 @@ import time
 from pathlib import Path
 
 import pytest
-import yaml
 from safetensors.torch import load_file
 
 from llmneo import cli
+from conftest import read_metrics, write_yaml
 
 STATE_FILES = ("trainer_state.json", "optimizer.pt", "scheduler.pt", "rng_state_0.pt", "adapter_model.safetensors",
                "adapter_config.json")
 
 
-def _yaml(tmp_path: Path, name: str, values: dict) -> str:
-    path = tmp_path / name
-    path.write_text(yaml.safe_dump(values))
-    return str(path)
-
-
-def _metrics(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-
-
 def _assert_same_run(a: Path, b: Path, tol: float = 1e-6) -> None:
-    rows_a, rows_b = _metrics(a), _metrics(b)
+    rows_a, rows_b = read_metrics(a), read_metrics(b)
     assert [r["step"] for r in rows_a] == [r["step"] for r in rows_b]
     for ra, rb in zip(rows_a, rows_b):
         for key in ("loss", "ce_loss", "kd_loss", "grad_norm", "learning_rate"):
@@ -54,7 +44,7 @@ def resumable(base_overrides, tmp_path):
 @pytest.mark.slow
 def test_resume_mid_epoch_is_exact(tmp_path, resumable):
     full = tmp_path / "full"
-    assert cli.main(["train", _yaml(tmp_path, "full.yaml", {**resumable, "output_dir": str(full)})]) == 0
+    assert cli.main(["train", write_yaml(tmp_path, "full.yaml", {**resumable, "output_dir": str(full)})]) == 0
     assert sorted(p.name for p in full.iterdir() if p.name.startswith("checkpoint-")) == \
         ["checkpoint-2", "checkpoint-4", "checkpoint-6"]
     for name in STATE_FILES:
@@ -65,9 +55,9 @@ def test_resume_mid_epoch_is_exact(tmp_path, resumable):
     cut = tmp_path / "cut"
     cut.mkdir()
     shutil.copytree(full / "checkpoint-2", cut / "checkpoint-2")
-    (cut / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in _metrics(full)[:3]))  # a stray row
+    (cut / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in read_metrics(full)[:3]))  # a stray row
     values = {**resumable, "output_dir": str(cut), "resume_from_checkpoint": "auto"}
-    assert cli.main(["train", _yaml(tmp_path, "cut.yaml", values)]) == 0  # no overwrite flag needed
+    assert cli.main(["train", write_yaml(tmp_path, "cut.yaml", values)]) == 0  # no overwrite flag needed
     _assert_same_run(full, cut)
     results = json.loads((cut / "train_results.json").read_text())
     assert results["resumed_from"].endswith("checkpoint-2") and results["global_step"] == 6
@@ -77,7 +67,7 @@ def test_resume_mid_epoch_is_exact(tmp_path, resumable):
 def test_save_total_limit_keeps_newest(tmp_path, resumable):
     out = tmp_path / "out"
     values = {**resumable, "output_dir": str(out), "save_steps": 1, "save_total_limit": 2}
-    assert cli.main(["train", _yaml(tmp_path, "r.yaml", values)]) == 0
+    assert cli.main(["train", write_yaml(tmp_path, "r.yaml", values)]) == 0
     assert sorted(p.name for p in out.iterdir() if p.name.startswith("checkpoint")) == ["checkpoint-5", "checkpoint-6"]
 
 
@@ -105,9 +95,9 @@ def test_sigterm_checkpoints_and_resume_matches(tmp_path, base_overrides):
     values = {**base_overrides, "per_device_train_batch_size": 2, "max_steps": 150, "save_steps": 1000,
               "learning_rate": 1e-3}
     reference = tmp_path / "reference"
-    assert cli.main(["train", _yaml(tmp_path, "ref.yaml", {**values, "output_dir": str(reference)})]) == 0
+    assert cli.main(["train", write_yaml(tmp_path, "ref.yaml", {**values, "output_dir": str(reference)})]) == 0
     out = tmp_path / "preempted"
-    config = _yaml(tmp_path, "p.yaml", {**values, "output_dir": str(out)})
+    config = write_yaml(tmp_path, "p.yaml", {**values, "output_dir": str(out)})
     proc = _launch(config)
     _wait_for(lambda: _rows(out) >= 3 or proc.poll() is not None)
     proc.send_signal(signal.SIGTERM)
@@ -126,7 +116,7 @@ def test_kill_9_during_saves_never_breaks_the_last_checkpoint(tmp_path, base_ove
     values = {**base_overrides, "per_device_train_batch_size": 2, "max_steps": 60, "save_steps": 1,
               "save_total_limit": 2, "learning_rate": 1e-3, "output_dir": str(tmp_path / "out"),
               "resume_from_checkpoint": "auto"}
-    config = _yaml(tmp_path, "k.yaml", values)
+    config = write_yaml(tmp_path, "k.yaml", values)
     out = tmp_path / "out"
     rng = random.Random(0)
     for attempt in range(4):
@@ -142,7 +132,7 @@ def test_kill_9_during_saves_never_breaks_the_last_checkpoint(tmp_path, base_ove
             json.loads((checkpoint / "trainer_state.json").read_text())
             load_file(str(checkpoint / "adapter_model.safetensors"))
     assert cli.main(["train", config]) == 0
-    rows = _metrics(out)
+    rows = read_metrics(out)
     assert [r["step"] for r in rows] == list(range(1, 61))
     assert (out / "train_results.json").is_file()
 
@@ -152,7 +142,7 @@ def test_nan_stops_with_the_step_and_keeps_the_last_checkpoint(tmp_path, base_ov
     out = tmp_path / "out"
     values = {**base_overrides, "learning_rate": 1e30, "warmup_ratio": 0.0, "max_grad_norm": 0.0, "save_steps": 1,
               "max_steps": 5, "output_dir": str(out)}
-    assert cli.main(["train", _yaml(tmp_path, "n.yaml", values)]) == 2
+    assert cli.main(["train", write_yaml(tmp_path, "n.yaml", values)]) == 2
     err = capsys.readouterr().err
     assert "non-finite loss or gradient at step 2" in err and "checkpoint-1" in err
     assert [p.name for p in out.iterdir() if p.name.startswith("checkpoint")] == ["checkpoint-1"]
@@ -165,20 +155,20 @@ def test_nan_stops_with_the_step_and_keeps_the_last_checkpoint(tmp_path, base_ov
 def test_broken_and_incompatible_checkpoints(tmp_path, resumable, capsys):
     out = tmp_path / "out"
     values = {**resumable, "output_dir": str(out), "max_steps": 2}
-    assert cli.main(["train", _yaml(tmp_path, "a.yaml", values)]) == 0
+    assert cli.main(["train", write_yaml(tmp_path, "a.yaml", values)]) == 0
     capsys.readouterr()
     ckpt = out / "checkpoint-2"
     resume = {**values, "resume_from_checkpoint": str(ckpt)}
-    assert cli.main(["train", _yaml(tmp_path, "b.yaml", {**resume, "lora_rank": 8})]) == 2
+    assert cli.main(["train", write_yaml(tmp_path, "b.yaml", {**resume, "lora_rank": 8})]) == 2
     assert "incompatible" in capsys.readouterr().err
     weights = ckpt / "adapter_model.safetensors"
     weights.write_bytes(weights.read_bytes()[:100])  # truncated, as after a crash without atomic writes
-    assert cli.main(["train", _yaml(tmp_path, "c.yaml", resume)]) == 2
+    assert cli.main(["train", write_yaml(tmp_path, "c.yaml", resume)]) == 2
     assert "corrupt" in capsys.readouterr().err
     (ckpt / "optimizer.pt").unlink()
-    assert cli.main(["train", _yaml(tmp_path, "d.yaml", resume)]) == 2
+    assert cli.main(["train", write_yaml(tmp_path, "d.yaml", resume)]) == 2
     assert "optimizer.pt is missing" in capsys.readouterr().err
-    assert cli.main(["train", _yaml(tmp_path, "e.yaml", {**values, "resume_from_checkpoint": "/no/such"})]) == 2
+    assert cli.main(["train", write_yaml(tmp_path, "e.yaml", {**values, "resume_from_checkpoint": "/no/such"})]) == 2
     assert "is not a directory" in capsys.readouterr().err
 
 
@@ -188,13 +178,13 @@ def test_resume_restores_the_logging_window(tmp_path, resumable):
     resumed run's step-3 row must average steps 1-3 exactly as the uninterrupted run's does."""
     values = {**resumable, "max_steps": 4, "logging_steps": 3}
     full = tmp_path / "full"
-    assert cli.main(["train", _yaml(tmp_path, "full.yaml", {**values, "output_dir": str(full)})]) == 0
-    assert [r["step"] for r in _metrics(full)] == [3, 4]
+    assert cli.main(["train", write_yaml(tmp_path, "full.yaml", {**values, "output_dir": str(full)})]) == 0
+    assert [r["step"] for r in read_metrics(full)] == [3, 4]
     state = json.loads((full / "checkpoint-2" / "trainer_state.json").read_text())
     assert state["history"] == [] and state["window"]["tokens"] > 0  # saved between two logged steps
     resumed = tmp_path / "resumed"
     resumed.mkdir()
     shutil.copytree(full / "checkpoint-2", resumed / "checkpoint-2")
     values = {**values, "output_dir": str(resumed), "resume_from_checkpoint": "auto"}
-    assert cli.main(["train", _yaml(tmp_path, "resumed.yaml", values)]) == 0
+    assert cli.main(["train", write_yaml(tmp_path, "resumed.yaml", values)]) == 0
     _assert_same_run(full, resumed)

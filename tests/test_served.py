@@ -17,36 +17,12 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from safetensors.torch import load_file
 
 from llmneo import cli, served
+from conftest import assert_same_training, read_metrics, write_yaml
 from vllm_standin import StandIn
 
-
-
-def _yaml(tmp_path: Path, name: str, values: dict) -> str:
-    path = tmp_path / name
-    path.write_text(yaml.safe_dump(values))
-    return str(path)
-
-
-def _metrics(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-
-
-def _same_training(a: Path, b: Path, tol: float) -> None:
-    rows_a, rows_b = _metrics(a), _metrics(b)
-    assert len(rows_a) == len(rows_b) > 0
-    for ra, rb in zip(rows_a, rows_b):
-        for key in ("loss", "ce_loss", "kd_loss", "grad_norm"):
-            if ra[key] is None or rb[key] is None:
-                assert ra[key] is rb[key] is None
-            else:
-                assert rb[key] == pytest.approx(ra[key], abs=tol, rel=0), (ra["step"], key)
-    wa, wb = load_file(str(a / "adapter_model.safetensors")), load_file(str(b / "adapter_model.safetensors"))
-    for name in wa:
-        assert (wa[name] - wb[name]).abs().max() <= tol, name
 
 
 def _cache_rows(directory: Path) -> tuple[list[int], dict[str, torch.Tensor]]:
@@ -116,17 +92,17 @@ def test_served_teacher_trains_like_a_cache_at_k20_and_capture_gives_the_same_ca
     cached, online, captured_run = tmp_path / "cached", tmp_path / "online", tmp_path / "captured_run"
     local_cache, captured = tmp_path / "cache_local", tmp_path / "cache_served"
     local = {**local_overrides, "teacher_topk": 20, "teacher_cache": str(local_cache)}
-    assert cli.main(["cache", _yaml(tmp_path, "c1.yaml", local)]) == 0
-    assert cli.main(["train", _yaml(tmp_path, "t1.yaml", {**local, "output_dir": str(cached)})]) == 0
+    assert cli.main(["cache", write_yaml(tmp_path, "c1.yaml", local)]) == 0
+    assert cli.main(["train", write_yaml(tmp_path, "t1.yaml", {**local, "output_dir": str(cached)})]) == 0
     before = server.completions
-    assert cli.main(["train", _yaml(tmp_path, "t2.yaml", {**served_overrides, "output_dir": str(online)})]) == 0
+    assert cli.main(["train", write_yaml(tmp_path, "t2.yaml", {**served_overrides, "output_dir": str(online)})]) == 0
     # one request per micro-batch, plus the k probe before training: prefetching asks one step ahead, never
     # past the last step
     assert server.completions - before == served_overrides["max_steps"] + 1
-    _same_training(cached, online, tol=1e-5)
+    assert_same_training(cached, online, tol=1e-5)
 
     remote = {**served_overrides, "teacher_cache": str(captured), "cache_shard_size": 7}
-    assert cli.main(["cache", _yaml(tmp_path, "c2.yaml", remote)]) == 0
+    assert cli.main(["cache", write_yaml(tmp_path, "c2.yaml", remote)]) == 0
     (offsets_a, rows_a), (offsets_b, rows_b) = _cache_rows(local_cache), _cache_rows(captured)
     assert offsets_a == offsets_b and len(json.loads((captured / "index.json").read_text())["shards"]) > 1
     assert torch.equal(rows_a["ids"], rows_b["ids"])
@@ -137,8 +113,8 @@ def test_served_teacher_trains_like_a_cache_at_k20_and_capture_gives_the_same_ca
     assert torch.allclose(rows_a["tail"].exp(), rows_b["tail"].exp(), atol=1e-6)
     fingerprint = json.loads((captured / "index.json").read_text())["fingerprint"]
     assert fingerprint["teacher"] == f"endpoint-model:{server.name}"
-    assert cli.main(["train", _yaml(tmp_path, "t3.yaml", {**remote, "output_dir": str(captured_run)})]) == 0
-    _same_training(cached, captured_run, tol=1e-5)
+    assert cli.main(["train", write_yaml(tmp_path, "t3.yaml", {**remote, "output_dir": str(captured_run)})]) == 0
+    assert_same_training(cached, captured_run, tol=1e-5)
 
 
 @pytest.mark.slow
@@ -146,12 +122,12 @@ def test_on_policy_sampled_rkl_with_a_served_teacher_equals_the_live_teacher(tmp
                                                                             served_overrides):
     on_policy = {"lmbda": 1, "kd_loss": "sampled_rkl", "temperature": 0, "max_new_tokens": 5}
     live, online = tmp_path / "live", tmp_path / "online"
-    assert cli.main(["train", _yaml(tmp_path, "l.yaml", {**local_overrides, **on_policy,
+    assert cli.main(["train", write_yaml(tmp_path, "l.yaml", {**local_overrides, **on_policy,
                                                          "output_dir": str(live)})]) == 0
-    assert cli.main(["train", _yaml(tmp_path, "o.yaml", {**served_overrides, **on_policy,
+    assert cli.main(["train", write_yaml(tmp_path, "o.yaml", {**served_overrides, **on_policy,
                                                          "output_dir": str(online)})]) == 0
-    _same_training(live, online, tol=1e-5)
-    assert all(r["on_policy"] for r in _metrics(online))
+    assert_same_training(live, online, tol=1e-5)
+    assert all(r["on_policy"] for r in read_metrics(online))
 
 
 def test_api_key_comes_from_the_named_environment_variable_only(tmp_path, served_overrides, unpadded_teacher_dir,
@@ -160,15 +136,15 @@ def test_api_key_comes_from_the_named_environment_variable_only(tmp_path, served
         values = {**served_overrides, "teacher_endpoint": guarded.url, "teacher_api_key_env": "LLMNEO_TEST_KEY",
                   "max_steps": 1}
         monkeypatch.delenv("LLMNEO_TEST_KEY", raising=False)
-        assert cli.main(["train", _yaml(tmp_path, "a.yaml", values)]) == 2
+        assert cli.main(["train", write_yaml(tmp_path, "a.yaml", values)]) == 2
         assert "LLMNEO_TEST_KEY, which is not set" in capsys.readouterr().err
         monkeypatch.setenv("LLMNEO_TEST_KEY", "wrong")
-        assert cli.main(["train", _yaml(tmp_path, "b.yaml", values)]) == 2
+        assert cli.main(["train", write_yaml(tmp_path, "b.yaml", values)]) == 2
         err = capsys.readouterr().err.strip()
         assert "HTTP 401" in err and len(err.splitlines()) == 1 and "wrong" not in err
         monkeypatch.setenv("LLMNEO_TEST_KEY", "sekrit-123")
         values["overwrite_output_dir"] = True
-        assert cli.main(["train", _yaml(tmp_path, "c.yaml", values)]) == 0
+        assert cli.main(["train", write_yaml(tmp_path, "c.yaml", values)]) == 0
         assert "Bearer sekrit-123" in guarded.headers_seen
         out = Path(values["output_dir"])
         for written in out.rglob("*"):
@@ -180,17 +156,17 @@ def test_api_key_comes_from_the_named_environment_variable_only(tmp_path, served
 
 def test_k_above_the_servers_max_logprobs_is_one_line_naming_the_flag(tmp_path, served_overrides, capsys):
     values = {**served_overrides, "teacher_topk": 21}
-    assert cli.main(["train", _yaml(tmp_path, "k.yaml", values)]) == 2
+    assert cli.main(["train", write_yaml(tmp_path, "k.yaml", values)]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "--max-logprobs 21" in err and "teacher_topk" in err
 
 
 def test_a_503_now_and_then_is_retried_and_changes_nothing(tmp_path, served_overrides, server):
     clean, flaky = tmp_path / "clean", tmp_path / "flaky"
-    assert cli.main(["train", _yaml(tmp_path, "c.yaml", {**served_overrides, "output_dir": str(clean)})]) == 0
+    assert cli.main(["train", write_yaml(tmp_path, "c.yaml", {**served_overrides, "output_dir": str(clean)})]) == 0
     server.fail_every = 2
-    assert cli.main(["train", _yaml(tmp_path, "f.yaml", {**served_overrides, "output_dir": str(flaky)})]) == 0
-    _same_training(clean, flaky, tol=0.0)
+    assert cli.main(["train", write_yaml(tmp_path, "f.yaml", {**served_overrides, "output_dir": str(flaky)})]) == 0
+    assert_same_training(clean, flaky, tol=0.0)
 
 
 def test_a_padded_head_whose_extra_rows_rank_is_one_line_naming_the_cause(tmp_path, served_overrides, teacher_dir,
@@ -199,7 +175,7 @@ def test_a_padded_head_whose_extra_rows_rank_is_one_line_naming_the_cause(tmp_pa
     normalised over (as vLLM does)."""
     with StandIn(str(teacher_dir), tokenizer) as padded:
         values = {**served_overrides, "teacher_endpoint": padded.url}
-        assert cli.main(["train", _yaml(tmp_path, "p.yaml", values)]) == 2
+        assert cli.main(["train", write_yaml(tmp_path, "p.yaml", values)]) == 2
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert "outside the student's vocabulary" in last and "head has more rows than the tokenizer" in last
 
@@ -230,7 +206,7 @@ def test_a_teacher_with_another_tokenizer_is_refused_before_training(tmp_path, s
     other = tiny.build_tokenizer(corpus=["completely different words here", "zebra yak xylophone"], vocab_size=300)
     with StandIn(str(teacher_dir), tokenizer, tokenizer_for_tokenize=other) as alien:
         values = {**served_overrides, "teacher_endpoint": alien.url}
-        assert cli.main(["train", _yaml(tmp_path, "w.yaml", values)]) == 2
+        assert cli.main(["train", write_yaml(tmp_path, "w.yaml", values)]) == 2
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and "tokenizes differently" in err
         assert alien.completions == 0
@@ -245,10 +221,10 @@ def test_capture_resumes_after_kill_9_and_after_a_dead_server_without_losing_or_
         tmp_path, served_overrides, server, capsys):
     whole, resumed = tmp_path / "whole", tmp_path / "resumed"
     base = {**served_overrides, "cache_shard_size": 5, "per_device_eval_batch_size": 1}
-    assert cli.main(["cache", _yaml(tmp_path, "whole.yaml", {**base, "teacher_cache": str(whole)})]) == 0
+    assert cli.main(["cache", write_yaml(tmp_path, "whole.yaml", {**base, "teacher_cache": str(whole)})]) == 0
 
     # 1. kill -9 once a shard is on disk
-    config = _yaml(tmp_path, "r.yaml", {**base, "teacher_cache": str(resumed)})
+    config = write_yaml(tmp_path, "r.yaml", {**base, "teacher_cache": str(resumed)})
     server.delay = 0.15
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     process = subprocess.Popen(_capture_command(config), stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
@@ -285,7 +261,7 @@ def test_config_checks_for_a_served_teacher(tmp_path, served_overrides, teacher_
                            ({"teacher_endpoint": "localhost:8000"}, "http(s) URL"),
                            ({"seq_kd": True}, "a served teacher only scores"),
                            ({"teacher_api_key_env": "sk-abc123-secret"}, "NAME of an environment variable")):
-        assert cli.main(["train", _yaml(tmp_path, "x.yaml", {**served_overrides, **extra})]) == 2
+        assert cli.main(["train", write_yaml(tmp_path, "x.yaml", {**served_overrides, **extra})]) == 2
         err = capsys.readouterr().err.strip()
         assert message in err and len(err.splitlines()) == 1 and "secret" not in err
 
@@ -301,15 +277,15 @@ def test_served_teachers_can_be_routed_like_live_ones(tmp_path, local_overrides,
     routed = write_jsonl(tmp_path / "routed.jsonl", [{**row, "teacher": i % 2} for i, row in enumerate(ALPACA_ROWS)])
     common = {**local_overrides, "dataset": str(routed), "teacher_column": "teacher", "teacher_topk": len(tokenizer)}
     live = tmp_path / "live"
-    assert cli.main(["train", _yaml(tmp_path, "l.yaml", {**common, "output_dir": str(live),
+    assert cli.main(["train", write_yaml(tmp_path, "l.yaml", {**common, "output_dir": str(live),
                                                          "teacher_model_name_or_path": [str(unpadded_teacher_dir),
                                                                                         str(other_dir)]})]) == 0
     with StandIn(str(unpadded_teacher_dir), tokenizer, max_logprobs=len(tokenizer)) as first, \
             StandIn(str(other_dir), tokenizer, max_logprobs=len(tokenizer)) as second:
         values = {**common, "teacher_endpoint": [first.url, second.url], "output_dir": str(tmp_path / "served")}
         del values["teacher_model_name_or_path"]
-        assert cli.main(["train", _yaml(tmp_path, "s.yaml", values)]) == 0
+        assert cli.main(["train", write_yaml(tmp_path, "s.yaml", values)]) == 0
         assert first.completions > 1 and second.completions > 1
-    for a, b in zip(_metrics(live), _metrics(tmp_path / "served")):
+    for a, b in zip(read_metrics(live), read_metrics(tmp_path / "served")):
         assert b["kd_loss"] == pytest.approx(a["kd_loss"], abs=1e-5)
         assert b["kd_loss_per_teacher"] == pytest.approx(a["kd_loss_per_teacher"], abs=1e-5)

@@ -8,23 +8,12 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from safetensors.torch import load_file
 
 from llmneo import cli, config, data, models
 from llmneo import teacher as teacher_mod
 from llmneo.templates import IGNORE_INDEX
-from conftest import ALPACA_ROWS, write_jsonl
-
-
-def _yaml(tmp_path: Path, name: str, values: dict) -> str:
-    path = tmp_path / name
-    path.write_text(yaml.safe_dump(values))
-    return str(path)
-
-
-def _metrics(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+from conftest import ALPACA_ROWS, read_metrics, write_jsonl, write_yaml
 
 
 @pytest.fixture(scope="module")
@@ -46,11 +35,11 @@ def routed_file(tmp_path, second_teacher_dir) -> Path:
 
 def test_a_mixture_weighted_1_0_is_the_first_teacher_alone(tmp_path, base_overrides, teacher_dir, second_teacher_dir):
     single, mixed = tmp_path / "single", tmp_path / "mixed"
-    assert cli.main(["train", _yaml(tmp_path, "a.yaml", {**base_overrides, "output_dir": str(single)})]) == 0
+    assert cli.main(["train", write_yaml(tmp_path, "a.yaml", {**base_overrides, "output_dir": str(single)})]) == 0
     values = {**base_overrides, "output_dir": str(mixed), "teacher_weights": [1, 0],
               "teacher_model_name_or_path": [str(teacher_dir), str(second_teacher_dir)]}
-    assert cli.main(["train", _yaml(tmp_path, "b.yaml", values)]) == 0
-    for a, b in zip(_metrics(single), _metrics(mixed)):
+    assert cli.main(["train", write_yaml(tmp_path, "b.yaml", values)]) == 0
+    for a, b in zip(read_metrics(single), read_metrics(mixed)):
         for key in ("loss", "ce_loss", "kd_loss", "grad_norm"):
             assert b[key] == pytest.approx(a[key], rel=1e-6, abs=1e-7), (a["step"], key)
         first, second = b["kd_loss_per_teacher"]
@@ -90,8 +79,8 @@ def test_routing_scores_each_row_with_its_own_teacher(tmp_path, base_overrides, 
               "teacher_model_name_or_path": [str(teacher_dir), str(second_teacher_dir)],
               "per_device_train_batch_size": 8, "max_steps": 1}
     out = Path(values["output_dir"])
-    assert cli.main(["train", _yaml(tmp_path, "r.yaml", values)]) == 0
-    row = _metrics(out)[0]
+    assert cli.main(["train", write_yaml(tmp_path, "r.yaml", values)]) == 0
+    row = read_metrics(out)[0]
 
     cfg = config.load(overrides=values)
     examples = data.build(cfg, tokenizer).train
@@ -132,14 +121,14 @@ def test_routing_values_that_name_no_teacher_and_unsupported_combinations_are_on
          "has no 'teacher' (teacher_column)"),
     ]
     for extra, message in cases:
-        assert cli.main(["train", _yaml(tmp_path, "x.yaml", {**base_overrides, **extra})]) == 2, extra
+        assert cli.main(["train", write_yaml(tmp_path, "x.yaml", {**base_overrides, **extra})]) == 2, extra
         err = capsys.readouterr().err.strip()
         assert message in err and len(err.splitlines()) == 1, (extra, err)
         assert not (Path(base_overrides["output_dir"]) / "metrics.jsonl").exists()
     values = {**base_overrides, "teacher_endpoint": "http://localhost:1/v1,http://localhost:2/v1",
               "teacher_weights": "1,1"}
     del values["teacher_model_name_or_path"]
-    assert cli.main(["train", _yaml(tmp_path, "e.yaml", values)]) == 2
+    assert cli.main(["train", write_yaml(tmp_path, "e.yaml", values)]) == 2
     assert "route served teachers with teacher_column" in capsys.readouterr().err
 
 
@@ -149,8 +138,8 @@ def test_on_policy_steps_keep_each_rows_teacher(tmp_path, base_overrides, teache
     values = {**base_overrides, "dataset": str(routed_file), "teacher_column": "teacher", "lmbda": 1,
               "max_new_tokens": 4, "teacher_model_name_or_path": [str(teacher_dir), str(second_teacher_dir)]}
     out = Path(values["output_dir"])
-    assert cli.main(["train", _yaml(tmp_path, "o.yaml", values)]) == 0
-    rows = _metrics(out)
+    assert cli.main(["train", write_yaml(tmp_path, "o.yaml", values)]) == 0
+    rows = read_metrics(out)
     assert all(r["on_policy"] for r in rows)
     assert all(v is not None for r in rows for v in r["kd_loss_per_teacher"])
 
@@ -171,19 +160,19 @@ def test_cached_teachers_keep_their_own_rows_and_fingerprints_and_route_like_liv
     values = {**base_overrides, "dataset": str(routed_file), "teacher_column": "teacher",
               "teacher_model_name_or_path": [str(teacher_dir), str(second_teacher_dir)],
               "teacher_topk": len(tokenizer), "teacher_cache": str(tmp_path / "caches")}
-    assert cli.main(["cache", _yaml(tmp_path, "c.yaml", values)]) == 0
+    assert cli.main(["cache", write_yaml(tmp_path, "c.yaml", values)]) == 0
     indexes = [json.loads((tmp_path / "caches" / f"teacher-{i}" / "index.json").read_text()) for i in (0, 1)]
     assert indexes[0]["fingerprint"]["teacher"] != indexes[1]["fingerprint"]["teacher"]
     assert indexes[0]["offsets"] == indexes[1]["offsets"]
     live, cached = tmp_path / "live", tmp_path / "cached"
     live_values = {k: v for k, v in values.items() if k != "teacher_cache"}
-    assert cli.main(["train", _yaml(tmp_path, "l.yaml", {**live_values, "output_dir": str(live)})]) == 0
-    assert cli.main(["train", _yaml(tmp_path, "t.yaml", {**values, "output_dir": str(cached)})]) == 0
-    for a, b in zip(_metrics(live), _metrics(cached)):
+    assert cli.main(["train", write_yaml(tmp_path, "l.yaml", {**live_values, "output_dir": str(live)})]) == 0
+    assert cli.main(["train", write_yaml(tmp_path, "t.yaml", {**values, "output_dir": str(cached)})]) == 0
+    for a, b in zip(read_metrics(live), read_metrics(cached)):
         for key in ("loss", "kd_loss"):
             assert b[key] == pytest.approx(a[key], abs=1e-5), (a["step"], key)
         assert b["kd_loss_per_teacher"] == pytest.approx(a["kd_loss_per_teacher"], abs=1e-5)
     # a cache of the teachers in the other order is another teacher's rows: refused, naming the teacher
     swapped = {**values, "teacher_model_name_or_path": [str(second_teacher_dir), str(teacher_dir)],
                "output_dir": str(tmp_path / "swapped")}
-    assert cli.main(["train", _yaml(tmp_path, "s.yaml", swapped)]) == 2
+    assert cli.main(["train", write_yaml(tmp_path, "s.yaml", swapped)]) == 2
