@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from llmneo import run_dir
+from llmneo import run_dir, served
 from llmneo.errors import LlmneoError
 from llmneo.losses import IGNORE_INDEX
 from llmneo.rows import SparseRows
@@ -63,7 +63,6 @@ def _resume(partial: Path, fingerprint: dict, k: int, dtype: str) -> dict:
 def capture(target: Path, endpoint, examples: list[dict], k: int, vocab: int, fingerprint: dict, *,
             batch_size: int = 8, shard_size: int = 1 << 18, logprobs_dtype: torch.dtype = torch.float32) -> dict:
     """Capture the cache for `examples` from `endpoint` into `target`; returns its index."""
-    from llmneo import served
     from llmneo.cache import make_index, save_shard
 
     partial = target.parent / f".{target.name}.partial"
@@ -102,9 +101,9 @@ def capture(target: Path, endpoint, examples: list[dict], k: int, vocab: int, fi
             for first in starts:
                 window.append((first, pool.submit(ask, first)))
                 if len(window) >= IN_FLIGHT:
-                    _take(window, examples, batch_size, k, vocab, buffer, counts, bar, served, shard_size, flush)
+                    _take(window, examples, batch_size, k, vocab, buffer, counts, bar, shard_size, flush)
             while window:
-                _take(window, examples, batch_size, k, vocab, buffer, counts, bar, served, shard_size, flush)
+                _take(window, examples, batch_size, k, vocab, buffer, counts, bar, shard_size, flush)
             flush()
         except BaseException:
             endpoint.stop()  # no further attempts: the error (or Ctrl-C) ends the capture promptly
@@ -121,7 +120,7 @@ def capture(target: Path, endpoint, examples: list[dict], k: int, vocab: int, fi
     return index
 
 
-def _take(window: deque, examples, batch_size, k, vocab, buffer, counts, bar, served, shard_size, flush) -> None:
+def _take(window: deque, examples, batch_size, k, vocab, buffer, counts, bar, shard_size, flush) -> None:
     """The oldest request's answer, as rows per example, into the buffer, a shard written whenever it holds
     `shard_size` rows (requests finish out of order; rows are kept in example order)."""
     first, future = window.popleft()
