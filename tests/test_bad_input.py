@@ -77,8 +77,9 @@ def test_07_not_a_causal_lm(tmp_path, capsys, base_overrides, tokenizer):
 
 
 def test_08_different_tokenizers(tmp_path, capsys, base_overrides, alien_teacher_dir):
-    line = _run(tmp_path, capsys, {**base_overrides, "teacher_model_name_or_path": str(alien_teacher_dir)})
-    assert "tokenizers differ" in line
+    line = _run(tmp_path, capsys, {**base_overrides, "teacher_model_name_or_path": str(alien_teacher_dir),
+                                   "kd_cross_tokenizer": False})
+    assert "tokenizers differ" in line and "kd_cross_tokenizer" in line
 
 
 def test_09_missing_dataset_file(tmp_path, capsys, base_overrides):

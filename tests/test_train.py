@@ -164,8 +164,9 @@ def test_padded_vocab_teacher_scores_real_tokens_only(base_overrides, tokenizer)
     assert float(ce) == pytest.approx(float(-log_q[torch.arange(n), targets].sum()), rel=1e-5)
 
 
-def test_different_tokenizer_fails_cleanly(tmp_path, base_overrides, alien_teacher_dir, capsys):
-    overrides = {**base_overrides, "teacher_model_name_or_path": str(alien_teacher_dir)}
+def test_different_tokenizer_fails_cleanly_with_kd_cross_tokenizer_false(tmp_path, base_overrides, alien_teacher_dir,
+                                                                         capsys):
+    overrides = {**base_overrides, "teacher_model_name_or_path": str(alien_teacher_dir), "kd_cross_tokenizer": "false"}
     assert run_cli(tmp_path, overrides) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "tokenizers differ" in err

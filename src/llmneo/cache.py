@@ -283,6 +283,17 @@ def _write_shards(staging: Path, teacher, head, examples, pad_id, vocab, k, chun
     return offsets, shards
 
 
+TEACHER_TOKENIZER = "teacher_tokenizer"  # a cross-tokenizer cache keeps the teacher's tokenizer here
+
+
+def cross_tokenizer(config: Config):
+    """The teacher tokenizer a cross-tokenizer cache stored, or None for a cache over the student's tokenizer."""
+    folder = Path(config.teacher_cache) / TEACHER_TOKENIZER
+    if len(config.teachers) > 1 or not folder.is_dir():
+        return None
+    return models.load_tokenizer(str(folder), "teacher_cache", config.trust_remote_code)
+
+
 class CachedTeacher:
     """Teacher rows read from a `llmneo cache` directory (no teacher model is loaded)."""
 

@@ -50,6 +50,7 @@ class Progress:
     window: dict = field(default_factory=lambda: dict(EMPTY_WINDOW))
     # steps whose replies were generated, by writer: student (on-policy) and teacher (seq_kd)
     generated_steps: dict = field(default_factory=lambda: {"student": 0, "teacher": 0})
+    aligned: list = field(default_factory=lambda: [0, 0])  # cross-tokenizer KD: positions aligned, of all
 
 
 # The logging window's sums. ce/kd/tokens: the steps on dataset or teacher-written replies; op_*: the
@@ -182,6 +183,7 @@ def load(path: Path, accelerator, model, optimizer, scheduler, config: Config) -
     progress = Progress(**{k: state[k] for k in ("step", "micro_seen", "train_tokens", "runtime", "history")})
     progress.window = {**EMPTY_WINDOW, **state["window"]}
     progress.generated_steps = {**progress.generated_steps, **state.get("generated_steps", {})}
+    progress.aligned = list(state.get("aligned", [0, 0]))
     return progress
 
 

@@ -109,6 +109,17 @@ class Config:
     teacher_column: str | None = _f(
         None, "Several teachers, routed: the dataset column naming each row's teacher, by 0-based index or by the "
         "teacher's entry (its path or URL, or the last part of it).")
+    kd_cross_tokenizer: str = _f(
+        "auto", "A teacher with another tokenizer (another family): auto|true|false. auto: when the teacher's "
+        "vocabulary differs from the student's, distil across tokenizers (each side renders the conversation with "
+        "its own template; tokens are aligned by their text; GOLD's hybrid loss) and say so in one line. true: "
+        "that path even for one shared tokenizer. false: a different tokenizer is an error.")
+    kd_uld_weight: float | None = _f(
+        None, "Cross-tokenizer KD: the weight w of ULD's sorted-probability term on the tokens the vocabularies do "
+        "not share; KD = (1-w)*divergence over the shared tokens + w*ULD. Default: 1 - the vocabulary overlap.")
+    teacher_template: str | None = _f(
+        None, "Cross-tokenizer KD: the built-in template for a teacher tokenizer without a chat template "
+        "(default: template). The teacher's own chat template wins when it has one.")
     cache_shard_size: int = _f(
         262144, "llmneo cache: response positions per shard file. Capture from an endpoint resumes shard by shard "
         "after a crash, so smaller shards lose less.")
@@ -228,6 +239,11 @@ class Config:
             return None
         weights = [float(w) for w in self.teacher_weights.split(",") if w.strip()]
         return [w / sum(weights) for w in weights]
+
+    @property
+    def cross_tokenizer(self) -> str:
+        """kd_cross_tokenizer as auto, true or false (YAML's booleans arrive as True / False)."""
+        return str(self.kd_cross_tokenizer).strip().lower()
 
     @property
     def generates(self) -> bool:

@@ -28,7 +28,8 @@ _RANGES = {
                      "eval_limit", "max_new_tokens", "cache_shard_size"), (lambda v: v > 0, "> 0")),
     **dict.fromkeys(("warmup_steps", "weight_decay", "max_grad_norm", "num_fewshot"), (lambda v: v >= 0, ">= 0")),
     "kd_chunk_size": (lambda v: v >= 0, ">= 0 (0 = unchunked)"),
-    **dict.fromkeys(("kd_ratio", "kd_beta", "kd_skew", "lmbda"), (lambda v: 0.0 <= v <= 1.0, "in [0, 1]")),
+    **dict.fromkeys(("kd_ratio", "kd_beta", "kd_skew", "lmbda", "kd_uld_weight"),
+                    (lambda v: 0.0 <= v <= 1.0, "in [0, 1]")),
     "temperature": (lambda v: 0.0 <= v < math.inf, ">= 0 and finite (0 = greedy)"),
     "top_p": (lambda v: 0.0 < v <= 1.0, "in (0, 1]"),
     **dict.fromkeys(("lora_dropout", "warmup_ratio"), (lambda v: 0.0 <= v < 1.0, "in [0, 1)")),
@@ -53,6 +54,8 @@ def validate(c) -> None:
     for name, (within, allowed) in _RANGES.items():
         value = getattr(c, name)
         _require(value is None or within(value), f"{name} must be {allowed}, got {value}")
+    _require(c.cross_tokenizer in ("auto", "true", "false"),
+             f"kd_cross_tokenizer must be auto, true or false, got '{c.kd_cross_tokenizer}'")
     flags = [name for name, on in (("dora", c.use_dora), ("rslora", c.use_rslora), ("pissa", c.pissa_init)) if on]
     _require(len(flags) <= 1, f"use_dora, use_rslora and pissa_init pick one variant each; got {', '.join(flags)}")
     _require(not flags or c.lora_variant in ("lora", flags[0]),

@@ -1,6 +1,4 @@
-"""Cross-tokenizer building blocks (issue #13, first part): aligning two tokenizations of the same text, and
-ULD's sorted-probability term. Not wired into training yet: `llmneo train` still refuses a teacher with
-another tokenizer (models.check_same_tokenizer).
+"""Cross-tokenizer alignment (#13): which teacher tokens cover the text of each student token.
 
 Alignment (as TRL's GOLD does it, by the text): each tokenizer's tokens cover character spans of the same
 string (HF fast tokenizers' offset mappings). Both sequences are cut at the character positions where
@@ -9,9 +7,18 @@ token aligns that token with the block's teacher tokens (one or more); a block w
 tokens cannot be aligned token by token, and its student tokens are counted as unaligned. Tokens whose
 spans coincide (byte-fallback pieces of one character) move together, so a character is never split.
 
-ULD (Boizard et al.): with no shared vocabulary, compare the two distributions as sorted probability
-vectors, sum |sort(p_S) - sort(p_T)| after padding the shorter with zeros: the Wasserstein-1 distance
-between them as distributions over ranks.
+Each side renders a conversation with its own chat template, so the texts differ outside the replies. Each
+reply is aligned on its own: the message's content, found in each side's reply span, is aligned by the
+offsets relative to where it starts (a system prompt on one side only shifts nothing); what follows the
+content in the reply span (the end-of-turn marker, `<|im_end|>` on one side and `<|eot_id|>` on the
+other) is paired as a unit when the student has exactly one such token. `TeacherSide` does this for every
+training example; `Retokenizer` does it for replies the student generated (on-policy steps): their text is
+decoded and tokenized again by the teacher.
+
+A teacher span a..b-1 gives the student token its distribution as GOLD does: the teacher's distribution of
+the span's first token (at position a-1) times the probabilities of the actual continuation tokens
+(`span_logprob`). ULD's sorted-probability distance (Boizard et al.) compares what no token pairs
+(`uld_distance`; the training loss is crossvocab.hybrid_divergence).
 """
 
 from __future__ import annotations
@@ -19,6 +26,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
+from llmneo import templates
+from llmneo.errors import LlmneoError
 
 
 @dataclass(frozen=True)
@@ -94,3 +104,185 @@ def uld_distance(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> 
     p_s = torch.nn.functional.pad(p_s, (0, width - p_s.shape[-1]))
     p_t = torch.nn.functional.pad(p_t, (0, width - p_t.shape[-1]))
     return (p_s - p_t).abs().sum(dim=-1)
+
+
+def clip(offsets: list[tuple[int, int]], start: int, end: int) -> list[tuple[int, int]]:
+    """Offsets clipped to the text [start, end) and made relative to `start`; tokens outside get an empty span
+    (skipped by `align`). A token that carries template text as well (Llama 2's "▁A" after "[/INST]") keeps
+    its part inside."""
+    return [(max(a, start) - start, min(b, end) - start) if a < end and b > start else (0, 0) for a, b in offsets]
+
+
+def content_span(text: str, reply: tuple[int, int], content) -> tuple[int, int]:
+    """Where a reply's message content lies in its rendered reply span (the whole span when not found)."""
+    found = text.find(content.strip(), *reply) if isinstance(content, str) and content.strip() else -1
+    return (found, found + len(content.strip())) if found >= 0 else reply
+
+
+def pair_reply(student_offsets, student_content, student_reply, teacher_offsets, teacher_content,
+               teacher_reply) -> tuple[list[tuple[int, int, int]], int]:
+    """(pairs (s, a, b), unaligned) for one reply: its content by the text, then the end-of-turn marker as a
+    unit. Offsets are each side's own (absolute); content and reply are (start, end) character spans."""
+    found = align(clip(student_offsets, *student_content), clip(teacher_offsets, *teacher_content))
+    pairs, unaligned = list(found.pairs), found.unaligned
+
+    def marks(offsets, content, reply):
+        return [i for i, (a, b) in enumerate(offsets) if b > a and content[1] <= a < reply[1]]
+
+    student_marks = marks(student_offsets, student_content, student_reply)
+    teacher_marks = marks(teacher_offsets, teacher_content, teacher_reply)
+    if len(student_marks) == 1 and teacher_marks:
+        pairs.append((student_marks[0], teacher_marks[0], teacher_marks[-1] + 1))
+    else:
+        unaligned += len(student_marks)
+    return pairs, unaligned
+
+
+def turn_end(tokenizer, template: str) -> list[int]:
+    """The tokens a template puts after a reply's content inside the reply (its end of turn: <|im_end|>,
+    <|eot_id|>, EOS ...), found by rendering a one-turn conversation."""
+    messages = [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]
+    full, replies = templates.render_replies(tokenizer, template, messages)
+    if not replies:
+        return []
+    _, start, end = replies[-1]
+    ids, _, offsets = templates.encode_by_offsets(tokenizer, full, [])
+    content_end = content_span(full, (start, end), "y")[1]
+    return [i for i, (a, b) in zip(ids, offsets) if b > a and content_end <= a < end]
+
+
+class TeacherSide:
+    """The teacher's view of each training conversation: its own template's rendering, tokenized by its own
+    tokenizer, and for every student token the teacher span covering the same text (-1 when none)."""
+
+    def __init__(self, tokenizer, template_name: str | None):
+        if not getattr(tokenizer, "is_fast", False):
+            raise LlmneoError("cross-tokenizer KD aligns tokens by their character offsets, which only fast "
+                              "tokenizers report; give the teacher a tokenizer.json (a fast tokenizer)")
+        self.tokenizer = tokenizer
+        self.template, _ = templates.resolve(tokenizer, template_name)
+
+    def view(self, messages: list[dict], tools, student: "Rendered", kept: int) -> dict:
+        """The example's teacher fields for a student rendering of which the first `kept` tokens are kept."""
+        import jinja2
+
+        try:
+            full, replies = templates.render_replies(self.tokenizer, self.template, messages, tools)
+        except jinja2.TemplateError as exc:
+            raise LlmneoError(f"the teacher's chat template failed: {exc}; give the teacher a template that "
+                              f"renders this data (teacher_template)") from None
+        ids, _, offsets = templates.encode_by_offsets(self.tokenizer, full, [])
+        teacher_replies = {i: (a, b) for i, a, b in replies}
+        start, end = [-1] * kept, [-1] * kept
+        for i, a, b in student.replies:
+            if i not in teacher_replies:
+                continue
+            content = messages[i].get("content")
+            pairs, _ = pair_reply(student.offsets, content_span(student.text, (a, b), content), (a, b), offsets,
+                                  content_span(full, teacher_replies[i], content), teacher_replies[i])
+            for s, first, last in pairs:
+                if s < kept:
+                    start[s], end[s] = first, last
+        last_reply = teacher_replies.get(student.replies[-1][0]) if student.replies else None
+        prompt_len = next((t for t, (a, b) in enumerate(offsets) if b > last_reply[0]), len(ids)) if last_reply \
+            else len(ids)
+        width = max([prompt_len, 1] + end)  # the teacher tokens the kept student tokens need
+        return {"teacher_input_ids": ids[:width], "teacher_start": start, "teacher_end": end,
+                "teacher_prompt_len": min(prompt_len, width)}
+
+
+@dataclass
+class Rendered:
+    """One side's rendering of a conversation: its text, token offsets and (message index, start, end) replies."""
+
+    text: str
+    offsets: list[tuple[int, int]]
+    replies: list[tuple[int, int, int]]
+
+
+def decoded_offsets(tokenizer, ids: list[int]) -> tuple[str, list[tuple[int, int]]]:
+    """The text of generated `ids` and each token's character span in it, from prefix decodes. The pieces of
+    a character split across tokens (byte-level or byte-fallback) all get that character's span."""
+    offsets: list[tuple[int, int]] = []
+    pending, done = 0, 0
+    text = ""
+    for i in range(len(ids)):
+        text = tokenizer.decode(ids[:i + 1], skip_special_tokens=False, clean_up_tokenization_spaces=False)
+        if text.endswith("\ufffd") and i + 1 < len(ids):
+            pending += 1  # an incomplete character: its span is known once a later token completes it
+            continue
+        end = max(len(text), done)
+        offsets += [(done, end)] * (pending + 1)
+        pending, done = 0, end
+    return text, offsets
+
+
+class Retokenizer:
+    """Teacher fields for sequences the student generated (on-policy): each reply is decoded to text, tokenized
+    by the teacher after the teacher's own rendering of the prompt, and aligned; a reply the student ended
+    with its end of turn ends with the teacher's."""
+
+    def __init__(self, student_tok, teacher_tok, student_stops: set[int], teacher_turn_end: list[int]):
+        self.student_tok, self.teacher_tok = student_tok, teacher_tok
+        self.student_stops, self.teacher_turn_end = set(student_stops), list(teacher_turn_end)
+
+    def fields(self, teacher_prompt: list[int], prompt_len: int, reply: list[int]) -> dict:
+        """The teacher fields of one row: `teacher_prompt` (teacher ids), the student's prompt length, its reply."""
+        ended = bool(reply) and reply[-1] in self.student_stops
+        content = reply[:-1] if ended else reply
+        text, student_offsets = decoded_offsets(self.student_tok, content)
+        encoded = self.teacher_tok(text, add_special_tokens=False, return_offsets_mapping=True)
+        teacher_ids, teacher_offsets = list(encoded["input_ids"]), [tuple(o) for o in encoded["offset_mapping"]]
+        length = len(text)
+        if ended:  # the end-of-turn marker, after the content, on both sides
+            student_offsets.append((length, length + 1))
+            teacher_ids += self.teacher_turn_end
+            teacher_offsets += [(length, length + 1)] * len(self.teacher_turn_end)
+        span = (0, length)
+        pairs, _ = pair_reply(student_offsets, span, (0, length + 1), teacher_offsets, span, (0, length + 1))
+        total = prompt_len + len(reply)
+        start, end = [-1] * total, [-1] * total
+        for s, a, b in pairs:
+            start[prompt_len + s], end[prompt_len + s] = len(teacher_prompt) + a, len(teacher_prompt) + b
+        return {"teacher_input_ids": teacher_prompt + teacher_ids, "teacher_start": start, "teacher_end": end,
+                "teacher_prompt_len": len(teacher_prompt)}
+
+
+def check_supported(config) -> None:
+    """What cross-tokenizer KD does not do yet, refused in one line each."""
+    from llmneo.losses import SAMPLED_KINDS
+
+    refusals = [
+        (config.effective_packing, "packing (packed blocks mix conversations; set packing: false)"),
+        (config.stage == "pt", "stage: pt (raw text has no replies to align; use conversation data with stage: sft)"),
+        (config.teacher_endpoint is not None, "a served teacher (teacher_endpoint); load the teacher here with "
+         "teacher_model_name_or_path, or cache it with llmneo cache"),
+        (config.kd_loss in SAMPLED_KINDS, f"kd_loss: {config.kd_loss} (it needs the teacher's log-prob of the "
+         f"student's own tokens); use rkl"),
+        (config.seq_kd, "seq_kd (the teacher's replies would be in its own tokens); use lmbda for on-policy steps"),
+        (len(config.teachers) > 1, "several teachers; give one teacher"),
+    ]
+    for refused, what in refusals:
+        if refused:
+            raise LlmneoError(f"cross-tokenizer KD (the teacher's tokenizer differs from the student's) does not "
+                              f"support {what}")
+
+
+def vocab_for(config, student_tok, teacher_tok, template_name: str | None = None):
+    """The run's crossvocab.VocabMap: shared tokens, plus EOS and the end-of-turn tokens paired."""
+    from llmneo import crossvocab
+
+    student_end = turn_end(student_tok, templates.resolve(student_tok, config.template)[0])
+    teacher_end = turn_end(teacher_tok, templates.resolve(teacher_tok, template_name or config.teacher_template
+                                                         or config.template)[0])
+    paired = [(student_tok.eos_token_id, teacher_tok.eos_token_id)]
+    if student_end and teacher_end:
+        paired.insert(0, (student_end[0], teacher_end[0]))
+    return crossvocab.vocab_map(student_tok, teacher_tok, config.kd_uld_weight, paired)
+
+
+def announce(vocab, student_tok, teacher_tok, source: str) -> str:
+    """The one line a cross-tokenizer run starts with."""
+    return (f"llmneo: cross-tokenizer KD: {source} has its own tokenizer ({len(teacher_tok):,} tokens; the "
+            f"student's has {len(student_tok):,}); {vocab.shared:,} tokens shared ({100 * vocab.overlap:.1f}% "
+            f"overlap), ULD weight {vocab.uld_weight:.3f}; replies aligned by their text")

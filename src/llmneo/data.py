@@ -53,8 +53,11 @@ class Splits:
 
 # --- building --------------------------------------------------------------------------------
 
-def build(config, tokenizer) -> Splits:
-    """Load `config.dataset` and the held-out data, tokenize both with label masks, and pack them if asked."""
+def build(config, tokenizer, teacher_side=None) -> Splits:
+    """Load `config.dataset` and the held-out data, tokenize both with label masks, and pack them if asked.
+
+    `teacher_side` (crosstok.TeacherSide, cross-tokenizer KD): each training example also gets the teacher's
+    tokens of its conversation and, per student token, the teacher span covering the same text."""
     template, own = templates.resolve(tokenizer, config.template)
     if own and config.template:
         warnings.warn(f"the tokenizer has its own chat template, which is used; template='{config.template}' "
@@ -67,7 +70,7 @@ def build(config, tokenizer) -> Splits:
     # Packed text is cut into blocks after concatenation, so it is not truncated first.
     cutoff = None if config.effective_packing and config.stage == "pt" else config.cutoff_len
     encoder = _Encoder(tokenizer, template, own, cutoff)
-    train, evaluation = encoder.encode(train_rows), encoder.encode(eval_rows)
+    train, evaluation = encoder.encode(train_rows, teacher_side), encoder.encode(eval_rows)
     if not train:
         raise LlmneoError(f"no trainable tokens: every example's prompt is longer than cutoff_len="
                           f"{config.cutoff_len} (or every response is masked); raise cutoff_len")
@@ -111,17 +114,25 @@ class _Encoder:
         self.tokenizer, self.template, self.own, self.cutoff_len = tokenizer, template, own, cutoff_len
         self.dropped = self.tools_as_text = 0
 
-    def encode(self, rows: list) -> list[dict]:
+    def encode(self, rows: list, teacher_side=None) -> list[dict]:
         import jinja2
 
         examples = []
         for source, n, row in rows:
+            rendered = None
             if "text" in row:
+                if teacher_side is not None:
+                    raise LlmneoError(f"{source} row {n} is plain text; cross-tokenizer KD aligns the replies of "
+                                      f"conversations, so give conversation rows (or a teacher with the student's "
+                                      f"tokenizer)")
                 ids, labels = templates.encode_text(self.tokenizer, row["text"])
             else:
                 try:
-                    ids, labels = templates.encode_conversation(self.tokenizer, self.template,
-                                                                *self._tools_rendered(row))
+                    messages, tools = self._tools_rendered(row)
+                    if teacher_side is None:
+                        ids, labels = templates.encode_conversation(self.tokenizer, self.template, messages, tools)
+                    else:
+                        rendered, ids, labels = self._rendered(messages, tools)
                 except jinja2.TemplateError as exc:
                     raise LlmneoError(f"{source} row {n}: the chat template failed: {exc}; fix the row or "
                                       f"the template") from None
@@ -129,11 +140,27 @@ class _Encoder:
                 ids, labels = ids[:self.cutoff_len], labels[:self.cutoff_len]
             # labels[0] is never scored: the loop predicts token t+1 from position t.
             if any(label != IGNORE_INDEX for label in labels[1:]):
-                examples.append({"input_ids": ids, "labels": labels, **({"route": row["route"]} if "route" in row
-                                                                        else {})})
+                example = {"input_ids": ids, "labels": labels, **({"route": row["route"]} if "route" in row else {})}
+                if rendered is not None:
+                    try:
+                        example.update(teacher_side.view(messages, tools, rendered, len(ids)))
+                    except LlmneoError as exc:
+                        raise LlmneoError(f"{source} row {n}: {exc}") from None
+                examples.append(example)
             else:
                 self.dropped += 1
         return examples
+
+    def _rendered(self, messages, tools):
+        """(crosstok.Rendered, ids, labels): the student's rendering with its token offsets (cross-tokenizer KD)."""
+        from llmneo.crosstok import Rendered
+
+        if not getattr(self.tokenizer, "is_fast", False):
+            raise LlmneoError("cross-tokenizer KD aligns tokens by their character offsets, which only fast "
+                              "tokenizers report; give the student a tokenizer.json (a fast tokenizer)")
+        text, replies = templates.render_replies(self.tokenizer, self.template, messages, tools)
+        ids, labels, offsets = templates.encode_by_offsets(self.tokenizer, text, [(a, b) for _, a, b in replies])
+        return Rendered(text, offsets, replies), ids, labels
 
     def _tools_rendered(self, row: dict) -> tuple[list[dict], list[dict] | None]:
         """(messages, tools) for the template: as they are when it renders them, else in the text form."""
@@ -169,7 +196,24 @@ def collate(examples: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
         batch["index"] = torch.tensor([e["index"] for e in examples], dtype=torch.long)
     if "teacher" in examples[0]:  # which teacher scores the example (teacher_column routing)
         batch["teacher"] = torch.tensor([e["teacher"] for e in examples], dtype=torch.long)
+    if "teacher_input_ids" in examples[0]:  # cross-tokenizer KD: the teacher's tokens and the alignment
+        batch.update(collate_teacher(examples, width))
     return batch
+
+
+def collate_teacher(examples: list[dict], width: int) -> dict[str, torch.Tensor]:
+    """The teacher's own tokens right-padded (id 0 under a zero mask), and per student token (padded to `width`)
+    the first and end teacher token of its aligned span (-1: unaligned), and each row's teacher prompt length."""
+    teacher_width = max(len(e["teacher_input_ids"]) for e in examples)
+
+    def pad(rows, size, value):
+        return torch.tensor([list(row) + [value] * (size - len(row)) for row in rows], dtype=torch.long)
+
+    return {"teacher_input_ids": pad([e["teacher_input_ids"] for e in examples], teacher_width, 0),
+            "teacher_attention_mask": pad([[1] * len(e["teacher_input_ids"]) for e in examples], teacher_width, 0),
+            "teacher_start": pad([e["teacher_start"] for e in examples], width, -1),
+            "teacher_end": pad([e["teacher_end"] for e in examples], width, -1),
+            "teacher_prompt_len": torch.tensor([e["teacher_prompt_len"] for e in examples], dtype=torch.long)}
 
 
 # --- finding and reading datasets ------------------------------------------------------------

@@ -143,6 +143,13 @@ def sparse_token_divergence(
     return per_position * temperature**2
 
 
+def divergence_of_logprobs(logp_teacher: torch.Tensor, logp_student: torch.Tensor, settings: KDSettings) -> torch.Tensor:
+    """Per position: `settings.kind` between two distributions already given as log-probs over the same last dim
+    (e.g. buckets a cross-tokenizer loss built); no temperature is applied here."""
+    _check_kind(settings.kind)
+    return _DIVERGENCES[settings.kind](logp_teacher, logp_student, beta=settings.beta, skew=settings.skew)
+
+
 def masked_logsumexp(values: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     """logsumexp over the `keep` entries of the last dim; -inf (with zero gradient) where none is kept.
 

@@ -161,7 +161,19 @@ def check_same_tokenizer(student_tok, teacher_tok, student_path: str, teacher_pa
     raise LlmneoError(
         f"teacher and student tokenizers differ: teacher '{teacher_path}' has {len(teacher_tok)} tokens, "
         f"student '{student_path}' has {len(student_tok)} tokens (or other ids); KD needs one shared "
-        f"vocabulary, so pick a student built on the teacher's tokenizer")
+        f"vocabulary, so pick a student built on the teacher's tokenizer (or set kd_cross_tokenizer: auto to "
+        f"distil across tokenizers)")
+
+
+def crosses_tokenizers(config: Config, student_tok, teacher_tok, teacher_path: str) -> bool:
+    """Whether KD runs across tokenizers: the vocabularies differ (kd_cross_tokenizer auto or true), or they are
+    the same and true forces it. false keeps the one-line refusal of a different tokenizer."""
+    same = student_tok.get_vocab() == teacher_tok.get_vocab()
+    if same or config.cross_tokenizer == "false":
+        if not same:
+            check_same_tokenizer(student_tok, teacher_tok, config.model_name_or_path or teacher_path, teacher_path)
+        return config.cross_tokenizer == "true"
+    return True
 
 
 @dataclass
@@ -171,6 +183,7 @@ class Loaded:
     tokenizer: object
     vocab_size: int  # the real vocabulary, len(tokenizer): losses run over these entries only
     teachers: list = dataclasses.field(default_factory=list)  # every teacher, in config order
+    teacher_tokenizer: object = None  # cross-tokenizer KD only: the teacher's own tokenizer
 
 
 def load(config: Config, precision: Precision, *, with_teacher: bool) -> Loaded:
@@ -183,15 +196,25 @@ def load(config: Config, precision: Precision, *, with_teacher: bool) -> Loaded:
     tokenizer = load_tokenizer(config.adapter_name_or_path if _has_tokenizer(config.adapter_name_or_path)
                                else student_path, "model_name_or_path", remote)
     dtype = weight_dtype(config, "teacher", precision)
-    teachers = [load_teacher(config, tokenizer, dtype, path) for path in config.teachers] if with_teacher else []
+    teachers, teacher_tokenizer = [], None
+    for path in config.teachers if with_teacher else []:
+        teacher, own = load_teacher(config, tokenizer, dtype, path, with_tokenizer=True)
+        teachers.append(teacher)
+        if own is not tokenizer:
+            if len(config.teachers) > 1:
+                raise LlmneoError(f"teacher '{path}' has another tokenizer than the student; cross-tokenizer KD "
+                                  f"takes one teacher, not a mixture or routing of {len(config.teachers)}")
+            teacher_tokenizer = own
     student = load_model(student_path, "model_name_or_path", weight_dtype(config, "student", precision), remote)
     check_vocab(tokenizer, student, "model_name_or_path", student_path)
-    return Loaded(student, teachers[0] if teachers else None, tokenizer, len(tokenizer), teachers)
+    return Loaded(student, teachers[0] if teachers else None, tokenizer, len(tokenizer), teachers, teacher_tokenizer)
 
 
-def load_teacher(config: Config, tokenizer, dtype: torch.dtype, path: str | None = None):
+def load_teacher(config: Config, tokenizer, dtype: torch.dtype, path: str | None = None, *,
+                 with_tokenizer: bool = False):
     """The frozen teacher at `path` (default: the config's one teacher; eval mode, no grad), after checking it
-    shares `tokenizer`'s vocabulary."""
+    shares `tokenizer`'s vocabulary. `with_tokenizer`: return (teacher, tokenizer), where the tokenizer is
+    `tokenizer` itself unless KD crosses tokenizers (models.crosses_tokenizers), then the teacher's own."""
     if path is None and len(config.teachers) > 1:
         raise LlmneoError(f"this command uses one teacher, but teacher_model_name_or_path lists {len(config.teachers)};"
                           f" give one")
@@ -200,10 +223,14 @@ def load_teacher(config: Config, tokenizer, dtype: torch.dtype, path: str | None
         raise LlmneoError("teacher_model_name_or_path is not set; give the teacher model")
     remote = config.trust_remote_code
     teacher_tok = load_tokenizer(path, "teacher_model_name_or_path", remote)
-    check_same_tokenizer(tokenizer, teacher_tok, config.model_name_or_path or path, path)
+    if with_tokenizer and crosses_tokenizers(config, tokenizer, teacher_tok, path):
+        own = teacher_tok
+    else:
+        check_same_tokenizer(tokenizer, teacher_tok, config.model_name_or_path or path, path)
+        own = tokenizer
     teacher = load_model(path, "teacher_model_name_or_path", dtype, remote)
-    check_vocab(tokenizer, teacher, "teacher_model_name_or_path", path)
-    return freeze(teacher)
+    check_vocab(own, teacher, "teacher_model_name_or_path", path)
+    return (freeze(teacher), own) if with_tokenizer else freeze(teacher)
 
 
 def freeze(teacher: torch.nn.Module) -> torch.nn.Module:

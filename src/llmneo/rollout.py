@@ -92,6 +92,17 @@ def with_replies(prompt_ids: list[torch.Tensor], replies: list[torch.Tensor], pa
     return {k: v.to(device) for k, v in data.collate(examples, pad_token_id).items()}
 
 
+def teacher_fields(retokenizer, batch: dict, prompt_ids: list[torch.Tensor], replies: list[torch.Tensor],
+                   rebuilt: dict, device: torch.device) -> dict:
+    """Cross-tokenizer KD: the teacher's tokens of each generated row (its own prompt from `batch`, the reply
+    re-tokenized by crosstok.Retokenizer) and the alignment, collated to `rebuilt`'s width."""
+    rows = []
+    for i, (prompt, reply) in enumerate(zip(prompt_ids, replies)):
+        teacher_prompt = batch["teacher_input_ids"][i, :int(batch["teacher_prompt_len"][i])].tolist()
+        rows.append(retokenizer.fields(teacher_prompt, len(prompt), reply.tolist()))
+    return {k: v.to(device) for k, v in data.collate_teacher(rows, rebuilt["input_ids"].shape[1]).items()}
+
+
 def eos_ids(model: torch.nn.Module, tokenizer) -> set[int]:
     """Every id that ends a reply: the tokenizer's EOS and the model's generation_config eos_token_id(s)."""
     ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()

@@ -59,6 +59,9 @@ class LogitRows:
             return None
         return closed_form.fkl_grad(logits, targets, self.logits, kd_ratio, settings.temperature)
 
+    def take(self, index: torch.Tensor) -> "LogitRows":
+        return LogitRows(self.logits[index])
+
     def sampled(self, tokens: torch.Tensor) -> "SampledRows":
         """The teacher's log-prob (T = 1) of `tokens` (N,), one per position."""
         logprobs = torch.log_softmax(self.logits.float(), dim=-1).gather(-1, tokens[:, None]).squeeze(-1)
@@ -82,6 +85,9 @@ class DenseRows:
 
     def check_vocab(self, vocab_size: int) -> None:
         """Nothing to check before projecting: each projected slice (LogitRows) checks its own columns."""
+
+    def take(self, index: torch.Tensor) -> "DenseRows":
+        return DenseRows(self.hidden[index], self.head, self.vocab_size)
 
     def divergence(self, student_logits: torch.Tensor, settings: KDSettings) -> torch.Tensor:
         return self[0:len(self)].divergence(student_logits, settings)
@@ -110,6 +116,9 @@ class SparseRows:
 
     def __getitem__(self, rows: slice) -> "SparseRows":
         return SparseRows(self.ids[rows], self.logprobs[rows], self.tail[rows])
+
+    def take(self, index: torch.Tensor) -> "SparseRows":
+        return SparseRows(self.ids[index], self.logprobs[index], self.tail[index])
 
     def to(self, device: torch.device) -> "SparseRows":
         return SparseRows(self.ids.to(device), self.logprobs.to(device), self.tail.to(device))
@@ -230,4 +239,49 @@ class MixtureRows:
         return self[0:len(self)].sampled(tokens)
 
 
-TeacherRows = DenseRows | LogitRows | SparseRows | SampledRows | MixtureRows
+@dataclass
+class SpanRows:
+    """A teacher with another tokenizer, met at the student's N positions (alignment.CrossTokenizerAligner):
+    for each aligned position the teacher's distribution of its span's first token over the *teacher's*
+    vocabulary (`first`: dense, logit or top-k rows) and the log-prob of the span's continuation (`shift`).
+    The divergence is crossvocab.hybrid_divergence; unaligned positions add 0."""
+
+    first: DenseRows | LogitRows | SparseRows | None  # one row per position (any row where unaligned); None: none
+    shift: torch.Tensor  # (N,)
+    aligned: torch.Tensor  # (N,) bool
+    vocab: object  # crossvocab.VocabMap
+
+    def __len__(self) -> int:
+        return self.aligned.shape[0]
+
+    def __getitem__(self, rows: slice) -> "SpanRows":
+        first = None if self.first is None or not bool(self.aligned[rows].any()) else self.first[rows]
+        return SpanRows(first, self.shift[rows], self.aligned[rows], self.vocab)
+
+    def check_vocab(self, vocab_size: int) -> None:
+        if self.vocab.student_only.numel() != vocab_size:
+            raise LlmneoError(f"the cross-tokenizer vocabulary map is for a student vocabulary of "
+                              f"{self.vocab.student_only.numel()} tokens, but the student has {vocab_size}")
+
+    def divergence(self, student_logits: torch.Tensor, settings: KDSettings) -> torch.Tensor:
+        from llmneo.crossvocab import hybrid_divergence
+
+        values = student_logits.float().sum(-1) * 0.0  # (C,): zeros still attached to the student's graph
+        if self.first is None:
+            return values
+        index = self.aligned.nonzero().squeeze(-1)
+        first = self.first[0:len(self)] if isinstance(self.first, DenseRows) else self.first
+        teacher = first.take(index)
+        teacher = teacher.logits if isinstance(teacher, LogitRows) else teacher
+        part = hybrid_divergence(student_logits[index], teacher, self.shift[index], self.vocab, settings)
+        return values.index_put((index,), part)
+
+    def closed_form(self, logits, targets, kd_ratio: float, settings: KDSettings):
+        return None
+
+    def sampled(self, tokens: torch.Tensor) -> SampledRows:
+        raise LlmneoError("kd_loss: sampled_rkl needs the teacher's log-prob of the student's own tokens, which a "
+                          "teacher with another tokenizer does not have; use rkl (or fkl, jsd ...) instead")
+
+
+TeacherRows = DenseRows | LogitRows | SparseRows | SampledRows | MixtureRows | SpanRows

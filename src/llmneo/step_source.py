@@ -60,10 +60,11 @@ class RolloutSteps:
     teacher when `teacher` is given (seq_kd), else kept from the dataset."""
 
     def __init__(self, dataset: DatasetSteps, student: rollout.Generator, teacher: rollout.Generator | None,
-                 lmbda: float, seed: int, pad_token_id: int, device, step: int = 0):
+                 lmbda: float, seed: int, pad_token_id: int, device, step: int = 0, retokenizer=None):
         self.dataset, self.student, self.teacher = dataset, student, teacher
         self.lmbda, self.seed, self.pad_token_id, self.device = lmbda, seed, pad_token_id, device
         self.step = step  # the last step handed out
+        self.retokenizer = retokenizer  # cross-tokenizer KD: crosstok.Retokenizer
 
     def next_step(self) -> Step:
         self.step += 1
@@ -78,9 +79,11 @@ class RolloutSteps:
         replies_of = writer.generate_many(prompts) if hasattr(writer, "generate_many") else [
             writer.generate(p) for p in prompts]  # one LoRA merge for the whole step
         micro = [rollout.with_replies(p, r, self.pad_token_id, self.device) for p, r in zip(prompts, replies_of)]
-        for rebuilt, batch in zip(micro, step.micro):
+        for rebuilt, batch, prompt, reply in zip(micro, step.micro, prompts, replies_of):
             if "teacher" in batch:  # routing: each row keeps its teacher
                 rebuilt["teacher"] = batch["teacher"]
+            if self.retokenizer is not None:  # the teacher reads the replies in its own tokens
+                rebuilt.update(rollout.teacher_fields(self.retokenizer, batch, prompt, reply, rebuilt, self.device))
         return Step(micro, replies)
 
 
@@ -108,7 +111,7 @@ class PrefetchSteps:
 
 
 def choose(config, loader, accelerator, micro_seen: int, *, model=None, teacher=None, tokenizer=None,
-           step: int = 0, last: int = 0, stop_ids: set[int] | None = None) -> StepSource:
+           step: int = 0, last: int = 0, stop_ids: set[int] | None = None, retokenizer=None) -> StepSource:
     """The run's step source, chosen once from the config: dataset batches, or rollouts when the config
     generates (lmbda > 0 or seq_kd; then `model` is the student, `teacher` the live teacher, `step` the
     last completed step)."""
@@ -126,4 +129,4 @@ def choose(config, loader, accelerator, micro_seen: int, *, model=None, teacher=
     student = rollout.HFGenerator(model, tokenizer, sampling, stop_ids=stop_ids)
     writer = rollout.HFGenerator(teacher.model, tokenizer, sampling, stop_ids=stop_ids) if config.seq_kd else None
     return RolloutSteps(dataset, student, writer, config.lmbda, config.seed, tokenizer.pad_token_id,
-                        accelerator.device, step=step)
+                        accelerator.device, step=step, retokenizer=retokenizer)

@@ -143,7 +143,9 @@ def choose(config, loaded, train_examples: list[dict], accelerator):
             signals.append(served.ServedTeacher(endpoint, config.teacher_topk, loaded.vocab_size,
                                                 sampled=config.kd_loss in SAMPLED_KINDS))
     elif loaded.teachers:
-        signals = [LiveTeacher(engines.place_teacher(t, accelerator), loaded.vocab_size,
+        # a teacher with its own tokenizer scores over its own vocabulary (alignment.CrossTokenizerAligner)
+        vocab = len(loaded.teacher_tokenizer) if loaded.teacher_tokenizer is not None else loaded.vocab_size
+        signals = [LiveTeacher(engines.place_teacher(t, accelerator), vocab,
                                full_logits=engines.sharded(accelerator)) for t in loaded.teachers]
     else:
         return None

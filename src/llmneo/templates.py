@@ -128,8 +128,9 @@ def _tokens(tokenizer, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
-def _reply_spans(full: str, messages: list[dict], pairs: list[tuple[int, str, str]]) -> list[tuple[int, int]]:
-    """Character spans of the replies in `full`: [start, end) per assistant message that can be found."""
+def _reply_spans(full: str, messages: list[dict], pairs: list[tuple[int, str, str]]) -> list[tuple[int, int, int]]:
+    """(message index, start, end): the character span [start, end) in `full` of each assistant message that
+    can be found."""
     spans = []
     cursor = 0
     for i, prompt, upto in pairs:
@@ -145,8 +146,8 @@ def _reply_spans(full: str, messages: list[dict], pairs: list[tuple[int, str, st
             if start < 0:
                 continue  # rendered beyond recognition (e.g. reasoning dropped): it stays prompt
         # Whitespace after the end-of-turn marker separates turns; it belongs to no reply.
-        spans.append((start, start + len(reply.rstrip())))
-        cursor = spans[-1][1]
+        spans.append((i, start, start + len(reply.rstrip())))
+        cursor = spans[-1][2]
     return spans
 
 
@@ -156,17 +157,26 @@ def encode_conversation(tokenizer, template: str, messages: list[dict],
 
     Assistant messages (replies and tool calls) are the replies; `tools` are passed to every rendering.
     """
+    full, replies = render_replies(tokenizer, template, messages, tools)
+    spans = [(start, end) for _, start, end in replies]
+    if getattr(tokenizer, "is_fast", False):
+        return encode_by_offsets(tokenizer, full, spans)[:2]
+    return _encode_by_segments(tokenizer, full, spans)
+
+
+def render_replies(tokenizer, template: str, messages: list[dict],
+                   tools: list[dict] | None = None) -> tuple[str, list[tuple[int, int, int]]]:
+    """The whole conversation's text, and (message index, start, end) of each reply found in it."""
     full = render(tokenizer, template, messages, tools)
     pairs = [(i, render(tokenizer, template, messages[:i], tools, generation_prompt=True),
               render(tokenizer, template, messages[:i + 1], tools))
              for i, m in enumerate(messages) if m["role"] == "assistant"]
-    spans = _reply_spans(full, messages, pairs)
-    if getattr(tokenizer, "is_fast", False):
-        return _encode_by_offsets(tokenizer, full, spans)
-    return _encode_by_segments(tokenizer, full, spans)
+    return full, _reply_spans(full, messages, pairs)
 
 
-def _encode_by_offsets(tokenizer, full: str, spans: list[tuple[int, int]]) -> tuple[list[int], list[int]]:
+def encode_by_offsets(tokenizer, full: str,
+                      spans: list[tuple[int, int]]) -> tuple[list[int], list[int], list[tuple[int, int]]]:
+    """(ids, labels, character offsets) of `full` tokenized once by a fast tokenizer, labels on reply `spans`."""
     encoded = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
     ids = encoded["input_ids"]
     labels = [IGNORE_INDEX] * len(ids)
@@ -174,7 +184,7 @@ def _encode_by_offsets(tokenizer, full: str, spans: list[tuple[int, int]]) -> tu
         # A token straddling the boundary (e.g. " yo" after "Assistant:") carries reply text: train it.
         if end > start and any(start < span_end and end > span_start for span_start, span_end in spans):
             labels[t] = ids[t]
-    return ids, labels
+    return ids, labels, [tuple(span) for span in encoded["offset_mapping"]]
 
 
 def _encode_by_segments(tokenizer, full: str, spans: list[tuple[int, int]]) -> tuple[list[int], list[int]]:

@@ -134,6 +134,13 @@ def optimizer_step(setup: TrainingSetup, step: int) -> dict:
         for i, (kd_sum, count) in enumerate(per_teacher.tolist()):
             sums[i][0] += kd_sum
             sums[i][1] += int(count)
+    aligned = setup.aligner.take_counts()
+    if not isinstance(setup.aligner, IdentityAligner):  # cross-tokenizer KD: the positions the aligner could align, over all ranks
+        both = accelerator.reduce(torch.tensor(aligned, dtype=torch.float64, device=accelerator.device), "sum")
+        counts = window.setdefault("aligned", [0, 0])
+        for i, value in enumerate(both.tolist()):
+            counts[i] += int(value)
+            progress.aligned[i] += int(value)
     progress.train_tokens += int(totals[2])
     if batches.replies != "dataset":
         progress.generated_steps[batches.replies] += 1
@@ -196,7 +203,7 @@ def micro_batch_sums(model, teacher, batch: dict, config: Config, vocab_size: in
             sub_positions = positions[rows_of]
         rows = None
         if signal is not None:
-            rows = (aligner or IdentityAligner()).align(signal.rows(sub, sub_positions), sub, sub_positions)
+            rows = (aligner or IdentityAligner()).rows(signal, sub, sub_positions)
             if settings.kind in SAMPLED_KINDS:  # the teacher's log-prob of each sampled token is all it needs
                 rows = rows.sampled(chosen_targets)
         part_loss, part_ce, part_kd = part(chosen, chosen_targets, rows)
@@ -304,11 +311,15 @@ def finish(setup: TrainingSetup, last: dict) -> dict:
         done = max(progress.step, 1)
         results["on_policy_fraction"] = progress.generated_steps["student"] / done
         results["seq_kd_fraction"] = progress.generated_steps["teacher"] / done
+    if progress.aligned[1]:
+        results["kd_aligned_fraction"] = progress.aligned[0] / progress.aligned[1]
     if setup.splits.eval:
-        # A cache holds the training split only, so held-out KD needs a live teacher.
+        # A cache holds the training split only, so held-out KD needs a live teacher (with the student's tokenizer:
+        # the held-out scores compare distributions token by token).
         from llmneo.teacher import uses_cache
 
-        eval_teacher = None if uses_cache(config) else setup.teacher
+        crossing = not isinstance(setup.aligner, IdentityAligner)
+        eval_teacher = None if uses_cache(config) or crossing else setup.teacher
         # The one held-out evaluator (llmneo eval's), while both models are loaded: sweep reads these scores.
         scores = evaluate.held_out(setup.model, getattr(eval_teacher, "model", None), setup.splits.eval,
                                    pad_token_id=setup.loaded.tokenizer.pad_token_id, vocab_size=setup.vocab_size,
@@ -357,6 +368,8 @@ def _log_row(step, epoch, window, kd_ratio, has_teacher, lr, grad_norm, elapsed,
             row["ce_loss"] = ce if window["tokens"] else None
         row["on_policy"] = window["op_steps"] == window["steps"] > 0
         row["on_policy_steps"] = window["op_steps"]
+    if "aligned" in window:  # cross-tokenizer KD: the fraction of response positions with a teacher span
+        row["kd_aligned_fraction"] = window["aligned"][0] / max(window["aligned"][1], 1)
     if "teachers" in window:  # several teachers: each one's KD per position it scored (mixture: to each teacher)
         row["kd_loss_per_teacher"] = [kd_sum / count if count else None for kd_sum, count in window["teachers"]]
     return row

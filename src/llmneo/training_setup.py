@@ -22,7 +22,8 @@ from pathlib import Path
 
 import torch
 
-from llmneo import adapters, alignment, checkpoint, data, engines, memory, models, rollout, run_dir, step_source
+from llmneo import adapters, alignment, checkpoint, crosstok, data, engines, memory, models, rollout, run_dir
+from llmneo import step_source
 from llmneo import teacher
 from llmneo import tracking
 from llmneo.config import SAVED_CONFIG, Config, input_paths, to_yaml
@@ -107,7 +108,11 @@ def prepare(config: Config) -> TrainingSetup:
     memory.reset_peak(accelerator.device)
 
     loaded = models.load(config, precision, with_teacher=teacher.loads_model(config))
-    splits = data.build(config, loaded.tokenizer)
+    crossing = _crossing(config, loaded, main)
+    teacher_side = None
+    if crossing is not None and loaded.teacher_tokenizer is not None:  # live: the teacher's view of every example
+        teacher_side = crosstok.TeacherSide(loaded.teacher_tokenizer, config.teacher_template or config.template)
+    splits = data.build(config, loaded.tokenizer, teacher_side)
     if config.generates:
         rollout.check_prompts(splits.train)
     if config.teacher_column:
@@ -145,6 +150,11 @@ def prepare(config: Config) -> TrainingSetup:
             with writable(out / "metrics.jsonl"):  # the steps after the checkpoint will be logged again
                 (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in progress.history))
             print(f"llmneo: resuming from {resume_from} (step {progress.step} of {total_steps})", flush=True)
+    stop_ids = rollout.turn_end_ids(splits.train, loaded.tokenizer) if config.generates else None
+    retokenizer = None
+    if teacher_side is not None and config.generates:  # the student's replies, tokenized again for the teacher
+        retokenizer = crosstok.Retokenizer(loaded.tokenizer, loaded.teacher_tokenizer, stop_ids,
+                                           crosstok.turn_end(loaded.teacher_tokenizer, teacher_side.template))
     tracking.start(accelerator, config, resumed_step=progress.step)
     if main:
         _announce(config, trainable, total, len(splits.train), teacher.uses_cache(config))
@@ -154,13 +164,39 @@ def prepare(config: Config) -> TrainingSetup:
         scheduler=scheduler, progress=progress, total_steps=total_steps, trainable=trainable, total=total,
         steps=step_source.choose(config, loader, accelerator, progress.micro_seen, model=model, teacher=signal,
                                  tokenizer=loaded.tokenizer, step=progress.step, last=total_steps,
-                                 stop_ids=rollout.turn_end_ids(splits.train, loaded.tokenizer) if config.generates
-                                 else None),
+                                 stop_ids=stop_ids, retokenizer=retokenizer),
         teacher=signal,
-        aligner=alignment.choose(config),
+        aligner=alignment.choose(crossing.vocab if crossing else None, accelerator.device),
         settings=KDSettings.from_config(config) if signal is not None else KDSettings(),
         kd_ratio=config.kd_ratio if signal is not None else 0.0,
         params=[p for p in model.parameters() if p.requires_grad])
+
+
+@dataclasses.dataclass
+class Crossing:
+    """A cross-tokenizer run: the teacher's tokenizer (the loaded teacher's, or the one a cache stored) and the
+    vocabulary map."""
+
+    teacher_tokenizer: object
+    vocab: object  # crossvocab.VocabMap
+
+
+def _crossing(config: Config, loaded: models.Loaded, main: bool) -> Crossing | None:
+    """The cross-tokenizer part of the run, when the teacher (or the cache's teacher) has another tokenizer."""
+    from llmneo import cache
+
+    own = loaded.teacher_tokenizer
+    if own is None and teacher.uses_cache(config):
+        own = cache.cross_tokenizer(config)
+    if own is None:
+        return None
+    crosstok.check_supported(config)
+    vocab = crosstok.vocab_for(config, loaded.tokenizer, own)
+    if main:
+        source = f"teacher cache {config.teacher_cache}" if loaded.teacher_tokenizer is None else (
+            f"teacher {config.teacher_model_name_or_path}")
+        print(crosstok.announce(vocab, loaded.tokenizer, own, source), flush=True)
+    return Crossing(own, vocab)
 
 
 def _route(splits: data.Splits, config: Config) -> None:

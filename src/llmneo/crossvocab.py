@@ -1,0 +1,211 @@
+"""Two vocabularies met token by token: which tokens they share, and GOLD's hybrid loss over them.
+
+`VocabMap` pairs every student token with the teacher token that stands for the same bytes (byte-level BPE
+pieces such as `Ġcat` and SentencePiece pieces such as `▁cat` or `<0x41>` are compared by the text they
+decode to; special tokens only by their exact text), plus each side's EOS and end-of-turn token with the
+other's, which say the same thing in different words.
+
+The hybrid divergence at one aligned position (the student's distribution p over V_S, the teacher's span
+distribution q over V_T from `crosstok.span_logprob`, whose mass is below 1 when the span continues):
+
+    KD = (1 - w) · D(q̄ ‖ p̄) + w · ULD(p|unshared, q|unshared)
+
+  * q̄, p̄: both distributions restricted to the shared tokens and renormalised there (at `kd_temperature`).
+    D is the configured `kd_loss` between them. With one shared vocabulary this is exactly the
+    same-tokenizer divergence.
+  * ULD: Σ |sort(p_unshared) - sort(q_unshared)| over ranks (the shorter padded with zeros), at T = 1, on the
+    unshared tokens' probabilities as they are (not renormalised): it sees what the shared term cannot, the
+    mass each side puts outside the shared vocabulary.
+  * w = `kd_uld_weight`, or 1 - overlap by default, overlap = shared / |V_S ∪ V_T| (1 for one vocabulary).
+
+Against a top-k teacher (a cross-tokenizer cache) the shared tokens outside its top-k form one more bucket,
+whose teacher mass is the tail; ULD sees the unshared top-k only (the tail's spread is unknown).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import re
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from llmneo.losses import KDSettings, divergence_of_logprobs, masked_logsumexp
+
+
+@dataclass(frozen=True)
+class VocabMap:
+    """Shared tokens of a student and a teacher vocabulary, and the ULD weight."""
+
+    student_ids: torch.Tensor  # (S,) shared tokens' student ids, sorted
+    teacher_ids: torch.Tensor  # (S,) the same tokens' teacher ids
+    to_student: torch.Tensor  # (V_T,) teacher id → student id, -1 where unshared
+    student_only: torch.Tensor  # (V_S,) bool: student tokens with no teacher counterpart
+    teacher_only: torch.Tensor  # (V_T,) bool
+    uld_weight: float
+
+    @property
+    def shared(self) -> int:
+        return int(self.student_ids.numel())
+
+    @property
+    def overlap(self) -> float:
+        """Shared tokens over all tokens of either vocabulary (1 for one vocabulary)."""
+        return self.shared / (self.student_only.numel() + self.teacher_only.numel() - self.shared)
+
+    def to(self, device) -> "VocabMap":
+        return VocabMap(self.student_ids.to(device), self.teacher_ids.to(device), self.to_student.to(device),
+                        self.student_only.to(device), self.teacher_only.to(device), self.uld_weight)
+
+
+def _byte_decoder() -> dict[str, int]:
+    """Byte-level BPE's printable stand-in for each byte (GPT-2's table), inverted."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(
+        range(ord("®"), ord("ÿ") + 1))
+    chars, extra = list(printable), 0
+    for byte in range(256):
+        if byte not in printable:
+            printable.append(byte)
+            chars.append(256 + extra)
+            extra += 1
+    return {chr(c): b for b, c in zip(printable, chars)}
+
+
+_FALLBACK = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+
+
+def _decoder_types(tokenizer) -> set[str]:
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return set()
+    found: set[str] = set()
+
+    def walk(node):
+        if isinstance(node, dict):
+            if "type" in node:
+                found.add(node["type"])
+            for value in node.values():
+                walk(value)
+        elif isinstance(node, list):
+            for value in node:
+                walk(value)
+
+    walk(json.loads(backend.to_str()).get("decoder"))
+    return found
+
+
+def token_keys(tokenizer) -> dict[int, tuple[int, object]]:
+    """Each id's comparable text: (0, bytes) for ordinary tokens, (1, text) for special tokens, (2, bytes) for a
+    byte-fallback piece (matched only where no ordinary token has the same byte)."""
+    byte_level = "ByteLevel" in _decoder_types(tokenizer)
+    decoder = _byte_decoder() if byte_level else {}
+    added = {int(i): t for i, t in getattr(tokenizer, "added_tokens_decoder", {}).items()}
+    keys: dict[int, tuple[int, object]] = {}
+    for token, i in tokenizer.get_vocab().items():
+        if i in added:
+            keys[i] = (1, added[i].content) if added[i].special else (0, added[i].content.encode())
+        elif byte_level and all(c in decoder for c in token):
+            keys[i] = (0, bytes(decoder[c] for c in token))
+        elif (fallback := _FALLBACK.fullmatch(token)) is not None:
+            keys[i] = (2, bytes([int(fallback.group(1), 16)]))
+        else:
+            keys[i] = (0, token.replace("▁", " ").encode())
+    return keys
+
+
+def vocab_map(student_tok, teacher_tok, uld_weight: float | None = None,
+              paired: list[tuple[int | None, int | None]] = ()) -> VocabMap:
+    """The shared tokens of two tokenizers (by the bytes they stand for), plus `paired` (student id, teacher id)
+    tokens that mean the same (EOS, end of turn) whatever their text; w = 1 - overlap unless given."""
+    student_keys, teacher_keys = token_keys(student_tok), token_keys(teacher_tok)
+    by_key: dict[object, int] = {}
+    for i, key in sorted(teacher_keys.items(), key=lambda item: (item[1][0], item[0])):
+        by_key.setdefault(key[1] if key[0] != 1 else key, i)
+    pairs: dict[int, int] = {}
+    used: set[int] = set()
+    for s, t in paired:
+        if s is not None and t is not None and s not in pairs and t not in used:
+            pairs[s], used = t, used | {t}
+    for s, key in sorted(student_keys.items(), key=lambda item: (item[1][0], item[0])):
+        t = by_key.get(key[1] if key[0] != 1 else key)
+        if t is not None and s not in pairs and t not in used:
+            pairs[s] = t
+            used.add(t)
+    v_s, v_t = len(student_tok), len(teacher_tok)
+    student_ids = torch.tensor(sorted(pairs), dtype=torch.long)
+    teacher_ids = torch.tensor([pairs[s] for s in sorted(pairs)], dtype=torch.long)
+    to_student = torch.full((v_t,), -1, dtype=torch.long)
+    to_student[teacher_ids] = student_ids
+    student_only = torch.ones(v_s, dtype=torch.bool)
+    student_only[student_ids] = False
+    found = VocabMap(student_ids, teacher_ids, to_student, student_only, to_student < 0, 0.0)
+    weight = uld_weight if uld_weight is not None else 1.0 - found.overlap
+    return dataclasses.replace(found, uld_weight=float(weight))
+
+
+def _deficit(shift: torch.Tensor) -> torch.Tensor:
+    """log(1 - e^shift): the mass a span's continuation does not take (-inf for a one-token span)."""
+    shift = shift.float()
+    safe = shift.clamp(max=-1e-30)
+    return torch.where(shift < 0, torch.log(-torch.expm1(safe)), torch.full_like(shift, -math.inf))
+
+
+def _sorted_l1(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """Σ |sort(p) - sort(q)| over ranks per row, the narrower padded with zeros."""
+    p = p.sort(dim=-1, descending=True).values
+    q = q.sort(dim=-1, descending=True).values
+    width = max(p.shape[-1], q.shape[-1])
+    p = F.pad(p, (0, width - p.shape[-1]))
+    q = F.pad(q, (0, width - q.shape[-1]))
+    return (p - q).abs().sum(dim=-1)
+
+
+def hybrid_divergence(student_logits: torch.Tensor, teacher, shift: torch.Tensor, vocab: VocabMap,
+                      settings: KDSettings) -> torch.Tensor:
+    """Per position (C,): the hybrid of the module docstring. `student_logits` (C, V_S); `teacher`: (C, V_T)
+    logits, or a rows.SparseRows over the teacher's vocabulary (log-probs at T = 1); `shift` (C,) the log-prob
+    of each span's continuation (0 for one-token spans), added to the first token's log-probs."""
+    temperature = settings.temperature
+    logp_student = F.log_softmax(student_logits.float() / temperature, dim=-1)  # (C, V_S)
+    shift = shift.float()
+    if isinstance(teacher, torch.Tensor):
+        logq = F.log_softmax(teacher.float(), dim=-1) + shift[:, None]  # (C, V_T): span log-probs
+        student_cols = logp_student[:, vocab.student_ids]  # (C, S)
+        teacher_cols = logq[:, vocab.teacher_ids]
+        student_rest = teacher_rest = None
+        q_unshared = logq[:, vocab.teacher_only].exp()
+    else:
+        logq = teacher.logprobs.float() + shift[:, None]  # (C, k)
+        student_ids = vocab.to_student[teacher.ids]  # (C, k), -1 where unshared
+        shared = student_ids >= 0
+        ids = student_ids.clamp(min=0)
+        student_cols = logp_student.gather(-1, ids).masked_fill(~shared, -math.inf)
+        teacher_cols = logq.masked_fill(~shared, -math.inf)
+        # the shared tokens outside the top-k: one bucket; the teacher's tail stands for them (an upper bound:
+        # it also holds unshared tokens outside the top-k)
+        outside = (~vocab.student_only).expand_as(logp_student).clone()
+        outside.scatter_(-1, ids, torch.where(shared, False, outside.gather(-1, ids)))
+        student_rest = masked_logsumexp(logp_student, outside)
+        teacher_rest = (teacher.tail.float() + shift).masked_fill(torch.isneginf(student_rest), -math.inf)
+        q_unshared = logq.exp().masked_fill(shared, 0.0)
+    matched = _shared_divergence(student_cols, teacher_cols, student_rest, teacher_rest, settings)
+    if vocab.uld_weight == 0.0:
+        return matched
+    p = (logp_student if temperature == 1.0 else F.log_softmax(student_logits.float(), dim=-1)).exp()
+    uld = _sorted_l1(p[:, vocab.student_only], q_unshared)
+    return (1.0 - vocab.uld_weight) * matched + vocab.uld_weight * uld
+
+
+def _shared_divergence(student_cols, teacher_cols, student_rest, teacher_rest, settings: KDSettings) -> torch.Tensor:
+    """The divergence between the two sides restricted to the shared tokens (columns, -inf: none) plus, for a
+    top-k teacher, one bucket for the shared tokens outside its top-k; each side renormalised at T."""
+    if student_rest is not None:
+        student_cols = torch.cat([student_cols, student_rest[:, None]], dim=-1)
+        teacher_cols = torch.cat([teacher_cols, teacher_rest[:, None]], dim=-1)
+    # student_cols are log-probs at T already: renormalising them is a log_softmax without another 1/T
+    student_buckets = F.log_softmax(student_cols, dim=-1)
+    teacher_buckets = F.log_softmax(teacher_cols.float() / settings.temperature, dim=-1)
+    return divergence_of_logprobs(teacher_buckets, student_buckets, settings) * settings.temperature ** 2
