@@ -63,3 +63,138 @@ def test_one_tokenizer_forced_through_the_cross_path_equals_the_same_tokenizer_p
         assert float(a) == pytest.approx(float(b), abs=1e-5, rel=1e-5)
     assert max(float((a - b).abs().max()) for a, b in zip(crossed_grads, same_grads)) <= 1e-5
     assert any(float(g.abs().max()) > 1e-4 for g in same_grads)  # gradients that could differ
+
+
+# --- a teacher from another family: its own tokenizer, vocabulary size and chat template -------------------
+
+TEACHER_TEMPLATE = (  # another end-of-turn marker, and a system prompt the student's template never has
+    "{{ '<|im_start|>system\nYou are a careful teacher.<|eot|>\n' }}"
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + ':\n' + message['content'] + '<|eot|>\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant:\n' }}{% endif %}"
+)
+
+
+def other_family_tokenizer(template: str = TEACHER_TEMPLATE):
+    corpus = [row["instruction"] + " " + row["output"] for row in ALPACA_ROWS] * 3 + [
+        "knowledge teacher student distillation tokenizer vocabulary alignment"]
+    other = tiny.build_tokenizer(corpus=corpus, vocab_size=420, chat_template=template)
+    other.add_special_tokens({"additional_special_tokens": ["<|eot|>"]})
+    return other
+
+
+@pytest.fixture(scope="module")
+def other_teacher_dir(tmp_path_factory) -> Path:
+    other = other_family_tokenizer()
+    model = tiny.build_model(other, hidden_size=48, num_layers=3, seed=5,
+                             vocab_size=len(other) + 64 - len(other) % 64)  # a padded head, too
+    with torch.no_grad():
+        model.get_output_embeddings().weight.mul_(40.0)
+    return tiny.save_pair(model, other, tmp_path_factory.mktemp("other_family"))
+
+
+def _views(student_tok, teacher_tok, rows=ALPACA_ROWS, cutoff=64):
+    cfg = config.load(overrides={"dataset": "x", "cutoff_len": cutoff})
+    side = crosstok.TeacherSide(teacher_tok, None)
+    template, own = data.templates.resolve(student_tok, None)
+    encoder = data._Encoder(student_tok, template, own, cfg.cutoff_len)
+    numbered = [("rows", n, r) for n, r in enumerate(data.formats.normalise("rows", rows, data.formats.Layout()), 1)]
+    return encoder.encode(numbered, side)
+
+
+def test_aligned_student_tokens_cover_the_same_text_as_their_teacher_spans(tokenizer):
+    teacher_tok = other_family_tokenizer()
+    examples = _views(tokenizer, teacher_tok)
+    end_of_turn = teacher_tok.convert_tokens_to_ids("<|eot|>")
+    aligned = total = markers = 0
+    for example in examples:
+        ids, teacher_ids = example["input_ids"], example["teacher_input_ids"]
+        for s, label in enumerate(example["labels"]):
+            if label == -100:
+                assert example["teacher_start"][s] == -1  # only reply tokens are aligned
+                continue
+            total += 1
+            a, b = example["teacher_start"][s], example["teacher_end"][s]
+            if a < 0:
+                continue
+            aligned += 1
+            if ids[s] == tokenizer.convert_tokens_to_ids("<|im_end|>"):
+                assert teacher_ids[a:b] == [end_of_turn]  # the end of turn, paired as a unit
+                markers += 1
+            else:
+                assert tokenizer.decode([ids[s]]) == teacher_tok.decode(teacher_ids[a:b])
+    assert markers == len(examples) and 0.3 < aligned / total < 1.0  # the tokenizers really differ
+
+
+def test_a_system_prompt_on_the_teacher_side_only_shifts_no_alignment(tokenizer):
+    """The same teacher tokenizer with and without the system prompt: the same student tokens align, to
+    teacher spans moved by exactly the system prompt's tokens."""
+    with_system = _views(tokenizer, other_family_tokenizer())
+    plain = _views(tokenizer, other_family_tokenizer(TEACHER_TEMPLATE.split("}}", 1)[1]))
+    for a, b in zip(with_system, plain):
+        shift = len(a["teacher_input_ids"]) - len(b["teacher_input_ids"])
+        assert shift > 0
+        assert [s >= 0 for s in a["teacher_start"]] == [s >= 0 for s in b["teacher_start"]]
+        assert [s - shift for s in a["teacher_start"] if s >= 0] == [s for s in b["teacher_start"] if s >= 0]
+        assert a["teacher_input_ids"][shift:] == b["teacher_input_ids"]
+
+
+def byte_fallback_tokenizer():
+    """A SentencePiece-style tokenizer (metaspace, byte fallback for what it lacks), built by hand."""
+    from tokenizers import Tokenizer, decoders, models as token_models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"<0x{b:02X}>": 3 + b for b in range(256)}}
+    for piece in ["▁", "o", "k", "c", "a", "f", "é", "京", "▁o", "▁ok", "ca", "caf", "▁caf"]:
+        vocab[piece] = len(vocab)
+    merges = [("▁", "o"), ("▁o", "k"), ("c", "a"), ("ca", "f"), ("▁", "caf")]
+    backend = Tokenizer(token_models.BPE(vocab=vocab, merges=merges, byte_fallback=True, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+    backend.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                         decoders.Strip(" ", 1, 0)])
+    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+
+
+def test_unicode_whitespace_and_byte_fallback_align_by_the_text_and_map_by_their_bytes(tokenizer):
+    teacher_tok = byte_fallback_tokenizer()
+    text = "東京 café 🙂 ok"
+    student = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    teacher = teacher_tok(text, add_special_tokens=False, return_offsets_mapping=True)
+    found = crosstok.align(student["offset_mapping"], teacher["offset_mapping"])
+    assert found.pairs and found.aligned_fraction < 1.0
+    for s, a, b in found.pairs:  # the same characters on both sides, never part of one
+        student_text = tokenizer.decode(student["input_ids"][s:s + 1])
+        assert student_text.strip() == teacher_tok.decode(teacher["input_ids"][a:b]).strip()
+        assert "\ufffd" not in student_text
+    vocab = crossvocab.vocab_map(tokenizer, teacher_tok)
+    to_student = dict(zip(vocab.teacher_ids.tolist(), vocab.student_ids.tolist()))
+    byte_e6 = teacher_tok.convert_tokens_to_ids("<0xE6>")  # a byte-fallback piece = the byte-level token for it
+    assert tokenizer.convert_ids_to_tokens(to_student[byte_e6]) == "æ"  # GPT-2's stand-in for byte 0xE6
+    space_o = teacher_tok.convert_tokens_to_ids("▁o")
+    assert tokenizer.convert_ids_to_tokens(to_student[space_o]) == "Ġo"  # "▁o" and "Ġo" are both " o"
+
+
+def test_the_hybrid_equals_a_hand_computation():
+    """Student vocabulary 4, teacher 5; tokens 0↔1 and 2↔0 shared. KD = (1-w)·KL over the shared tokens
+    (each side renormalised there) + w·Σ|sorted unshared probabilities|, with the span's shift in q."""
+    vocab = crossvocab.VocabMap(torch.tensor([0, 2]), torch.tensor([1, 0]), torch.tensor([2, 0, -1, -1, -1]),
+                                torch.tensor([False, True, False, True]),
+                                torch.tensor([False, False, True, True, True]), uld_weight=0.3)
+    student = torch.tensor([[0.5, -1.0, 2.0, 0.0]], requires_grad=True)
+    teacher = torch.tensor([[1.0, 0.0, -2.0, 0.5, 3.0]])
+    shift = torch.tensor([-0.4])
+    value = crossvocab.hybrid_divergence(student, teacher, shift, vocab, KDSettings("fkl"))
+    p = torch.softmax(student.detach()[0], -1).tolist()
+    q = [x * float(torch.exp(shift)) for x in torch.softmax(teacher[0], -1).tolist()]
+    p_shared = [p[0] / (p[0] + p[2]), p[2] / (p[0] + p[2])]
+    q_shared = [q[1] / (q[1] + q[0]), q[0] / (q[1] + q[0])]
+    kl = sum(a * (torch.log(torch.tensor(a)) - torch.log(torch.tensor(b))).item() for a, b in zip(q_shared, p_shared))
+    p_rest, q_rest = sorted([p[1], p[3]], reverse=True) + [0.0], sorted([q[2], q[3], q[4]], reverse=True)
+    uld = sum(abs(a - b) for a, b in zip(p_rest, q_rest))
+    assert float(value.detach()) == pytest.approx(0.7 * kl + 0.3 * uld, rel=1e-5)
+    value.sum().backward()
+    assert student.grad.abs().sum() > 0
+    # the same teacher as top-k rows over its whole vocabulary (a cross-tokenizer cache at k = V) is the same value
+    logq = torch.log_softmax(teacher, -1)
+    sparse = SparseRows(torch.arange(5)[None], logq, torch.tensor([-float("inf")]))
+    assert float(crossvocab.hybrid_divergence(student, sparse, shift, vocab, KDSettings("fkl"))) == pytest.approx(
+        float(value), rel=1e-5)

@@ -56,45 +56,47 @@ class CrossTokenizerAligner:
         return counts
 
     def rows(self, teacher, batch: dict, positions: torch.Tensor) -> SpanRows:
-        if hasattr(teacher, "aligned"):  # a cross-tokenizer cache: rows and alignment stored per student position
+        if getattr(teacher, "cross", False):  # a cross-tokenizer cache: rows and alignment stored per student position
             first = teacher.rows(batch, positions)
             aligned = teacher.aligned(batch, positions)
             shift = torch.zeros(aligned.shape[0], device=aligned.device)
         else:
-            first, shift, aligned = self.live(teacher, batch, positions)
+            first, shift, aligned = teacher_spans(teacher, batch, positions)
         self.aligned += int(aligned.sum())
         self.positions += int(aligned.numel())
         return SpanRows(first if bool(aligned.any()) else None, shift, aligned, self.vocab.to(aligned.device))
 
-    @torch.no_grad()
-    def live(self, teacher, batch: dict, positions: torch.Tensor):
-        """(first-token rows, shift, aligned) per student position, from the teacher run on its own tokens."""
-        # position p predicts token p+1: its span is token p+1's
-        start = torch.full_like(batch["teacher_start"], -1)
-        end = torch.full_like(start, -1)
-        start[:, :-1], end[:, :-1] = batch["teacher_start"][:, 1:], batch["teacher_end"][:, 1:]
-        row = positions.nonzero()[:, 0]  # (N,) the batch row of each position
-        a, b = start[positions], end[positions]  # (N,)
-        aligned = a >= 1  # a span at token 0 has no position that predicts it
-        teacher_ids = batch["teacher_input_ids"]
-        needed = torch.zeros_like(teacher_ids, dtype=torch.bool)  # (B, T_teacher)
-        who = aligned.nonzero().squeeze(-1)  # (M,) aligned positions
-        needed[row[who], a[who] - 1] = True
-        extra = (b[who] - a[who] - 1).clamp(min=0)  # continuation tokens per span
-        owner = torch.repeat_interleave(torch.arange(who.numel(), device=who.device), extra)  # (K,)
-        first_of_owner = torch.cumsum(extra, 0) - extra
-        token = a[who][owner] + 1 + (torch.arange(owner.numel(), device=owner.device) - first_of_owner[owner])
-        owner_row = row[who][owner]
-        needed[owner_row, token - 1] = True
-        rows = teacher.rows({"input_ids": teacher_ids, "attention_mask": batch["teacher_attention_mask"]}, needed)
-        index = (torch.cumsum(needed.flatten(), 0) - 1).view_as(needed)  # (B, T_teacher): row of each needed one
-        first_index = torch.zeros_like(a)
-        first_index[who] = index[row[who], a[who] - 1]
-        shift = torch.zeros(a.shape[0], dtype=torch.float32, device=a.device)
-        if owner.numel():
-            continuation = rows.take(index[owner_row, token - 1]).sampled(teacher_ids[owner_row, token]).logprobs
-            shift.index_add_(0, who[owner], continuation.float())
-        return (rows.take(first_index) if who.numel() else None), shift, aligned
+
+@torch.no_grad()
+def teacher_spans(teacher, batch: dict, positions: torch.Tensor):
+    """(first-token rows | None, shift, aligned) per student position, from the teacher run on its own tokens
+    (the batch's teacher fields); `llmneo cache` stores what this returns, as top-k rows."""
+    # position p predicts token p+1: its span is token p+1's
+    start = torch.full_like(batch["teacher_start"], -1)
+    end = torch.full_like(start, -1)
+    start[:, :-1], end[:, :-1] = batch["teacher_start"][:, 1:], batch["teacher_end"][:, 1:]
+    row = positions.nonzero()[:, 0]  # (N,) the batch row of each position
+    a, b = start[positions], end[positions]  # (N,)
+    aligned = a >= 1  # a span at token 0 has no position that predicts it
+    teacher_ids = batch["teacher_input_ids"]
+    needed = torch.zeros_like(teacher_ids, dtype=torch.bool)  # (B, T_teacher)
+    who = aligned.nonzero().squeeze(-1)  # (M,) aligned positions
+    needed[row[who], a[who] - 1] = True
+    extra = (b[who] - a[who] - 1).clamp(min=0)  # continuation tokens per span
+    owner = torch.repeat_interleave(torch.arange(who.numel(), device=who.device), extra)  # (K,)
+    first_of_owner = torch.cumsum(extra, 0) - extra
+    token = a[who][owner] + 1 + (torch.arange(owner.numel(), device=owner.device) - first_of_owner[owner])
+    owner_row = row[who][owner]
+    needed[owner_row, token - 1] = True
+    rows = teacher.rows({"input_ids": teacher_ids, "attention_mask": batch["teacher_attention_mask"]}, needed)
+    index = (torch.cumsum(needed.flatten(), 0) - 1).view_as(needed)  # (B, T_teacher): row of each needed one
+    first_index = torch.zeros_like(a)
+    first_index[who] = index[row[who], a[who] - 1]
+    shift = torch.zeros(a.shape[0], dtype=torch.float32, device=a.device)
+    if owner.numel():
+        continuation = rows.take(index[owner_row, token - 1]).sampled(teacher_ids[owner_row, token]).logprobs
+        shift.index_add_(0, who[owner], continuation.float())
+    return (rows.take(first_index) if who.numel() else None), shift, aligned
 
 
 def choose(vocab=None, device=None) -> Aligner:

@@ -26,6 +26,7 @@ recorded beside it in index.json: any k trains, so it is not compared.
 from __future__ import annotations
 
 import bisect
+import contextlib
 import hashlib
 import json
 import math
@@ -57,13 +58,18 @@ def logprobs_dtype(config: Config) -> torch.dtype:
     return torch.float32 if models.weight_dtype(config, "teacher") == torch.float32 else torch.float16
 
 
-def save_shard(path: Path, rows: list[SparseRows], logprobs_dtype: torch.dtype) -> None:
-    """One shard file of `rows` (in order): ids int32, logprobs in `logprobs_dtype`, tail float32."""
+def save_shard(path: Path, rows: list[SparseRows], logprobs_dtype: torch.dtype,
+               aligned: list[torch.Tensor] | None = None) -> None:
+    """One shard file of `rows` (in order): ids int32, logprobs in `logprobs_dtype`, tail float32; and for a
+    cross-tokenizer cache `aligned` uint8 (which rows hold a teacher span)."""
     from safetensors.torch import save_file
 
-    save_file({"ids": torch.cat([r.ids for r in rows]).to(torch.int32).contiguous(),
+    tensors = {"ids": torch.cat([r.ids for r in rows]).to(torch.int32).contiguous(),
                "logprobs": torch.cat([r.logprobs for r in rows]).to(logprobs_dtype).contiguous(),
-               "tail": torch.cat([r.tail for r in rows]).float().contiguous()}, str(path))
+               "tail": torch.cat([r.tail for r in rows]).float().contiguous()}
+    if aligned is not None:
+        tensors["aligned"] = torch.cat(aligned).to(torch.uint8).contiguous()
+    save_file(tensors, str(path))
 
 
 def make_index(k: int, offsets: list[int], shards: list[dict], fingerprint: dict, logprobs_dtype: torch.dtype) -> dict:
@@ -92,7 +98,8 @@ def served_identity(model: str) -> str:
     return f"endpoint-model:{model}"
 
 
-def fingerprint(config: Config, tokenizer, examples: list[dict], teacher: str | None = None) -> dict:
+def fingerprint(config: Config, tokenizer, examples: list[dict], teacher: str | None = None,
+                teacher_tokenizer=None) -> dict:
     """What a cache's rows depend on that training compares, config-level parts first (k is not one).
 
     The order is the order of comparison: a changed setting that changes tokenization (cutoff_len, stage,
@@ -108,15 +115,22 @@ def fingerprint(config: Config, tokenizer, examples: list[dict], teacher: str | 
         teacher = teacher_identity(config.teacher_model_name_or_path)
     elif teacher is None and config.teacher_endpoint and config.teacher_endpoint_model:
         teacher = served_identity(config.teacher_endpoint_model)
-    return {
+    found = {
         "teacher": teacher,  # None: not known to this run (then not compared)
         "tokenizer vocabulary": _sha(vocab),
         "template": _sha(template),
         "stage": config.stage,
         "packing": config.effective_packing,
         "cutoff_len": config.cutoff_len,
-        "dataset rows": rows.hexdigest()[:16],
     }
+    if teacher_tokenizer is not None:  # a cross-tokenizer cache: the alignment depends on the teacher's side too
+        from llmneo import templates
+
+        found["teacher tokenizer vocabulary"] = _sha(json.dumps(sorted(teacher_tokenizer.get_vocab().items())).encode())
+        found["teacher template"] = _sha(templates.resolve(teacher_tokenizer, config.teacher_template
+                                                           or config.template)[0].encode())
+    found["dataset rows"] = rows.hexdigest()[:16]
+    return found
 
 
 @torch.no_grad()
@@ -189,6 +203,14 @@ def write(config: Config) -> dict:
     k = config.teacher_topk
     if k > vocab:
         raise LlmneoError(f"teacher_topk={k} is larger than the vocabulary ({vocab}); use at most {vocab}")
+    if config.teacher_endpoint is None:  # a teacher with another tokenizer: its own cache format
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        teacher, own = models.load_teacher(config, tokenizer, models.weight_dtype(config, "teacher"), with_tokenizer=True)
+        if own is not tokenizer:
+            from llmneo import cache_cross
+
+            index, examples = cache_cross.write(config, target, tokenizer, own, teacher.to(device), k, device)
+            return _summary(target, index, k, examples)
     examples = data.build(config, tokenizer).train
     if config.teacher_endpoint:
         from llmneo import cache_capture, served
@@ -200,26 +222,32 @@ def write(config: Config) -> dict:
                                  batch_size=config.per_device_eval_batch_size,
                                  shard_size=config.cache_shard_size, logprobs_dtype=logprobs_dtype(config))
         return _summary(target, index, k, len(examples))
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    teacher = models.load_teacher(config, tokenizer, models.weight_dtype(config, "teacher")).to(device)
+    teacher = teacher.to(device)
     chunk = config.kd_chunk_size or 1024
+    with staged(target) as staging:
+        index = write_examples(staging, teacher, examples, tokenizer.pad_token_id, vocab, k,
+                               fingerprint(config, tokenizer, examples), chunk=chunk,
+                               batch_size=config.per_device_eval_batch_size, device=device,
+                               shard_size=config.cache_shard_size, logprobs_dtype=logprobs_dtype(config))
+    return _summary(target, index, k, len(examples))
+
+
+@contextlib.contextmanager
+def staged(target: Path):
+    """A staging directory beside `target` that replaces it when the block ends well, and is removed otherwise."""
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
     except OSError as exc:
         raise LlmneoError(f"cannot write teacher_cache '{target}': {exc.strerror or exc}") from None
     try:
-        index = write_examples(staging, teacher, examples, tokenizer.pad_token_id, vocab, k,
-                               fingerprint(config, tokenizer, examples), chunk=chunk,
-                               batch_size=config.per_device_eval_batch_size, device=device,
-                               shard_size=config.cache_shard_size, logprobs_dtype=logprobs_dtype(config))
+        yield staging
         if target.exists():
             shutil.rmtree(target)
         os.replace(staging, target)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    return _summary(target, index, k, len(examples))
 
 
 def _summary(target: Path, index: dict, k: int, examples: int) -> dict:
@@ -237,40 +265,56 @@ def write_examples(directory: Path, teacher, examples: list[dict], pad_id: int, 
     calls it to measure training from real shards. Returns the index.
     """
     head, _ = heads.output_head(teacher)
-    offsets, shards = _write_shards(Path(directory), teacher, head, examples, pad_id, vocab, k, chunk, batch_size,
-                                    device or torch.device("cpu"), shard_size, logprobs_dtype)
-    written = make_index(k, offsets, shards, fingerprint, logprobs_dtype)
-    (Path(directory) / "index.json").write_text(json.dumps(written, indent=1))
+
+    def rows_of(batch, positions):
+        hidden = heads.final_hidden_states(teacher, batch["input_ids"], batch["attention_mask"])[positions]
+        for start in range(0, hidden.shape[0], chunk):
+            yield topk_rows(head(hidden[start:start + chunk])[:, :vocab], k), None
+
+    return write_rows(Path(directory), rows_of, examples, pad_id, k, fingerprint, batch_size=batch_size,
+                      device=device or torch.device("cpu"), shard_size=shard_size, logprobs_dtype=logprobs_dtype)
+
+
+def write_rows(directory: Path, rows_of, examples: list[dict], pad_id: int, k: int, fingerprint: dict, *,
+               batch_size: int, device: torch.device, shard_size: int, logprobs_dtype: torch.dtype,
+               extra: dict | None = None) -> dict:
+    """Shards and index.json from `rows_of(batch, positions)`, which yields (SparseRows, aligned | None) chunks
+    in position order for each collated batch of `examples`; `extra` goes into the index. Returns the index."""
+    offsets, shards = _write_shards(directory, rows_of, examples, pad_id, batch_size, device, shard_size,
+                                    logprobs_dtype)
+    written = {**make_index(k, offsets, shards, fingerprint, logprobs_dtype), **(extra or {})}
+    (directory / "index.json").write_text(json.dumps(written, indent=1))
     return written
 
 
 @torch.inference_mode()
-def _write_shards(staging: Path, teacher, head, examples, pad_id, vocab, k, chunk, batch_size, device,
-                  shard_size: int, logprobs_dtype: torch.dtype) -> tuple[list[int], list[dict]]:
+def _write_shards(staging: Path, rows_of, examples, pad_id, batch_size, device, shard_size: int,
+                  logprobs_dtype: torch.dtype) -> tuple[list[int], list[dict]]:
     offsets = [0]
     shards: list[dict] = []
     buffer: list[SparseRows] = []
+    flags: list[torch.Tensor] = []
     buffered = 0
 
     def flush():
-        nonlocal buffer, buffered
+        nonlocal buffer, flags, buffered
         if not buffered:
             return
         name = f"shard-{len(shards):05d}.safetensors"
         start = shards[-1]["end"] if shards else 0
-        save_shard(staging / name, buffer, logprobs_dtype)
+        save_shard(staging / name, buffer, logprobs_dtype, flags or None)
         shards.append({"file": name, "start": start, "end": start + buffered})
-        buffer, buffered = [], 0
+        buffer, flags, buffered = [], [], 0
 
     bar = tqdm(total=len(examples), desc="llmneo cache", unit="ex", dynamic_ncols=True)
     for first in range(0, len(examples), batch_size):
         part = examples[first:first + batch_size]
         batch = {key: value.to(device) for key, value in data.collate(part, pad_id).items()}
         positions, _ = response_positions(batch["labels"])
-        hidden = heads.final_hidden_states(teacher, batch["input_ids"], batch["attention_mask"])[positions]
-        for start in range(0, hidden.shape[0], chunk):
-            rows = topk_rows(head(hidden[start:start + chunk])[:, :vocab], k)
+        for rows, aligned in rows_of(batch, positions):
             buffer.append(SparseRows(rows.ids.cpu(), rows.logprobs.cpu(), rows.tail.cpu()))
+            if aligned is not None:
+                flags.append(aligned.cpu())
             buffered += rows.ids.shape[0]
         for count in positions.sum(dim=1).tolist():
             offsets.append(offsets[-1] + count)
@@ -323,6 +367,7 @@ class CachedTeacher:
         self.offsets = index["offsets"]
         self.k = index["k"]
         self.has_tail = index.get("tail") != "none"  # an imported axolotl cache has no tail mass
+        self.cross = bool(index.get("cross_tokenizer"))  # rows over the teacher's own vocabulary, with `aligned`
         self.device = device
         self._open(root, index["shards"])
 
@@ -359,17 +404,30 @@ class CachedTeacher:
         return SparseRows(handle.get_slice("ids")[piece].long(), handle.get_slice("logprobs")[piece].float(),
                           handle.get_slice("tail")[piece].float())
 
-    def rows(self, batch: dict, positions: torch.Tensor) -> SparseRows:
-        """Cache rows for the examples of `batch` (by their `index`), in position order."""
-        counts = positions.sum(dim=1).tolist()
-        pieces = []
-        for example, count in zip(batch["index"].tolist(), counts):
+    def _ranges(self, batch: dict, positions: torch.Tensor) -> list[tuple[int, int]]:
+        """The cache row ranges of the examples of `batch` (by their `index`) that have response positions."""
+        ranges = []
+        for example, count in zip(batch["index"].tolist(), positions.sum(dim=1).tolist()):
             start, end = self.offsets[example], self.offsets[example + 1]
             if end - start != count:
                 raise LlmneoError(f"teacher_cache rows for example {example} do not match its response tokens "
                                   f"({end - start} vs {count}); the cache is stale, rebuild it with llmneo cache")
             if count:
-                pieces.append(self._read(start, end))
+                ranges.append((start, end))
+        return ranges
+
+    def aligned(self, batch: dict, positions: torch.Tensor) -> torch.Tensor:
+        """A cross-tokenizer cache: whether each response position of `batch` has a teacher span (bool (N,))."""
+        pieces = []
+        for start, end in self._ranges(batch, positions):
+            shard = bisect.bisect_right(self.shard_starts, start) - 1
+            base = self.shard_starts[shard]
+            pieces.append(self.handles[shard].get_slice("aligned")[start - base:end - base].bool())
+        return (torch.cat(pieces) if pieces else torch.zeros(0, dtype=torch.bool)).to(self.device)
+
+    def rows(self, batch: dict, positions: torch.Tensor) -> SparseRows:
+        """Cache rows for the examples of `batch` (by their `index`), in position order."""
+        pieces = [self._read(start, end) for start, end in self._ranges(batch, positions)]
         if not pieces:
             empty = torch.zeros(0, self.k)
             return SparseRows(empty.long(), empty, torch.zeros(0)).to(self.device)

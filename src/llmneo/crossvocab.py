@@ -146,13 +146,6 @@ def vocab_map(student_tok, teacher_tok, uld_weight: float | None = None,
     return dataclasses.replace(found, uld_weight=float(weight))
 
 
-def _deficit(shift: torch.Tensor) -> torch.Tensor:
-    """log(1 - e^shift): the mass a span's continuation does not take (-inf for a one-token span)."""
-    shift = shift.float()
-    safe = shift.clamp(max=-1e-30)
-    return torch.where(shift < 0, torch.log(-torch.expm1(safe)), torch.full_like(shift, -math.inf))
-
-
 def _sorted_l1(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     """Σ |sort(p) - sort(q)| over ranks per row, the narrower padded with zeros."""
     p = p.sort(dim=-1, descending=True).values
@@ -186,9 +179,8 @@ def hybrid_divergence(student_logits: torch.Tensor, teacher, shift: torch.Tensor
         teacher_cols = logq.masked_fill(~shared, -math.inf)
         # the shared tokens outside the top-k: one bucket; the teacher's tail stands for them (an upper bound:
         # it also holds unshared tokens outside the top-k)
-        outside = (~vocab.student_only).expand_as(logp_student).clone()
-        outside.scatter_(-1, ids, torch.where(shared, False, outside.gather(-1, ids)))
-        student_rest = masked_logsumexp(logp_student, outside)
+        covered = logp_student.detach().new_zeros(logp_student.shape).scatter_add_(-1, ids, shared.float()) > 0
+        student_rest = masked_logsumexp(logp_student, ~vocab.student_only & ~covered)  # (a clamped -1 adds 0)
         teacher_rest = (teacher.tail.float() + shift).masked_fill(torch.isneginf(student_rest), -math.inf)
         q_unshared = logq.exp().masked_fill(shared, 0.0)
     matched = _shared_divergence(student_cols, teacher_cols, student_rest, teacher_rest, settings)

@@ -123,7 +123,8 @@ def choose(config, loaded, train_examples: list[dict], accelerator):
                                                                                     train_examples), accelerator.device))
         return RoutedTeacher(parts, accelerator.device)
     if uses_cache(config):
-        expected = cache.fingerprint(config, loaded.tokenizer, train_examples)
+        expected = cache.fingerprint(config, loaded.tokenizer, train_examples,
+                                     teacher_tokenizer=cache.cross_tokenizer(config))
         cached = cache.CachedTeacher(config.teacher_cache, expected, accelerator.device)
         if not cached.has_tail and cached.k < loaded.vocab_size and config.kd_loss == "rkl":
             from llmneo.errors import LlmneoError
