@@ -198,3 +198,115 @@ def test_the_hybrid_equals_a_hand_computation():
     sparse = SparseRows(torch.arange(5)[None], logq, torch.tensor([-float("inf")]))
     assert float(crossvocab.hybrid_divergence(student, sparse, shift, vocab, KDSettings("fkl"))) == pytest.approx(
         float(value), rel=1e-5)
+
+
+# --- the CLI, end to end -----------------------------------------------------------------------------------
+
+@pytest.fixture
+def cross_overrides(base_overrides, other_teacher_dir, tmp_path) -> dict:
+    """Four rows in one batch: every step sees the same batch, so the KD loss must fall on it."""
+    rows = write_jsonl(tmp_path / "four.jsonl", ALPACA_ROWS[:4])
+    return {**base_overrides, "teacher_model_name_or_path": str(other_teacher_dir), "dataset": str(rows),
+            "max_steps": 8, "learning_rate": 1e-2, "lora_rank": 8}
+
+
+def test_a_teacher_of_another_family_trains_a_student_through_the_cli(tmp_path, cross_overrides, capsys,
+                                                                       tokenizer, other_teacher_dir):
+    # KD alone, every weight trained: the fixed batch's KD loss must fall step after step
+    values = {**cross_overrides, "finetuning_type": "full", "learning_rate": 3e-3, "kd_ratio": 1.0}
+    assert cli.main(["train", write_yaml(tmp_path, "cross.yaml", values)]) == 0
+    out = capsys.readouterr().out
+    line = next(x for x in out.splitlines() if "cross-tokenizer KD" in x)  # announced in one line
+    assert f"{len(other_family_tokenizer()):,} tokens" in line and "ULD weight" in line
+    rows = read_metrics(Path(cross_overrides["output_dir"]))
+    assert len(rows) == 8 and all(0.3 < r["kd_aligned_fraction"] < 1.0 for r in rows)
+    kd = [r["kd_loss"] for r in rows]  # step 1 has a learning rate of 0 (warm-up)
+    assert all(b < a for a, b in zip(kd[1:], kd[2:])) and kd[-1] < 0.9 * kd[0]
+    results = json.loads(Path(cross_overrides["output_dir"], "train_results.json").read_text())
+    assert results["kd_aligned_fraction"] == pytest.approx(rows[0]["kd_aligned_fraction"])  # one batch, every step
+    assert "eval_kl_to_teacher" not in results  # token-by-token held-out scores need one tokenizer
+    # llmneo eval with the same config: CE and perplexity, and a warning instead of teacher scores
+    evaluated = {**values, "model_name_or_path": values["output_dir"], "output_dir": str(tmp_path / "eval")}
+    capsys.readouterr()
+    assert cli.main(["eval", write_yaml(tmp_path, "eval.yaml", evaluated)]) == 0
+    err = capsys.readouterr().err
+    assert "llmneo: warning: teacher" in err and "another tokenizer" in err
+    scores = json.loads((tmp_path / "eval" / "eval_results.json").read_text())
+    assert scores["perplexity"] > 1 and scores["kl_to_teacher"] is None
+
+
+def test_kd_cross_tokenizer_false_keeps_the_one_line_refusal(tmp_path, cross_overrides, capsys):
+    values = {**cross_overrides, "kd_cross_tokenizer": False}
+    assert cli.main(["train", write_yaml(tmp_path, "no.yaml", values)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "tokenizers differ" in err and "kd_cross_tokenizer" in err
+    assert not Path(values["output_dir"], "train_results.json").exists()
+
+
+@pytest.mark.parametrize("change, needle", [
+    ({"packing": True}, "packing"),
+    ({"lmbda": 1.0, "kd_loss": "sampled_rkl"}, "sampled_rkl"),
+    ({"seq_kd": True}, "seq_kd"),
+    ({"kd_cross_tokenizer": "sometimes"}, "kd_cross_tokenizer must be auto, true or false"),
+    ({"kd_uld_weight": 1.5}, "kd_uld_weight must be in [0, 1]"),
+])
+def test_what_cross_tokenizer_kd_does_not_support_is_one_line(tmp_path, cross_overrides, capsys, change, needle):
+    assert cli.main(["train", write_yaml(tmp_path, "bad.yaml", {**cross_overrides, **change})]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and needle in err, err
+
+
+def test_a_cross_tokenizer_cache_trains_as_the_live_teacher_does(tmp_path, cross_overrides, capsys, other_teacher_dir):
+    """At k = the teacher's whole vocabulary the cache loses nothing: training from it equals the live run."""
+    teacher_vocab = len(other_family_tokenizer())
+    cache_dir = tmp_path / "cache"
+    values = {**cross_overrides, "max_steps": 3, "teacher_cache": str(cache_dir), "teacher_topk": teacher_vocab}
+    assert cli.main(["cache", write_yaml(tmp_path, "cache.yaml", values)]) == 0
+    index = json.loads((cache_dir / "index.json").read_text())
+    assert index["cross_tokenizer"] is True and index["k"] == teacher_vocab
+    assert (cache_dir / "teacher_tokenizer" / "tokenizer.json").is_file()
+    live = {**values, "teacher_cache": None, "output_dir": str(tmp_path / "live")}
+    cached = {**values, "teacher_model_name_or_path": None, "output_dir": str(tmp_path / "cached")}
+    assert cli.main(["train", write_yaml(tmp_path, "live.yaml", live)]) == 0
+    assert cli.main(["train", write_yaml(tmp_path, "cached.yaml", cached)]) == 0
+    assert "cross-tokenizer KD: teacher cache" in capsys.readouterr().out
+    from conftest import assert_same_training
+
+    assert_same_training(tmp_path / "live", tmp_path / "cached", tol=1e-5)
+    a, b = (read_metrics(tmp_path / name) for name in ("live", "cached"))
+    assert [r["kd_aligned_fraction"] for r in a] == [r["kd_aligned_fraction"] for r in b]
+    # the cache is tied to the teacher's side too: another teacher template is a stale cache
+    other = {**cached, "output_dir": str(tmp_path / "stale"), "teacher_template": "llama3"}
+    (cache_dir / "teacher_tokenizer" / "chat_template.jinja").unlink(missing_ok=True)
+    config_file = cache_dir / "teacher_tokenizer" / "tokenizer_config.json"
+    settings = json.loads(config_file.read_text())
+    settings.pop("chat_template", None)
+    config_file.write_text(json.dumps(settings))
+    assert cli.main(["train", write_yaml(tmp_path, "stale.yaml", other)]) == 2
+    assert "teacher template differs" in capsys.readouterr().err
+
+
+def test_on_policy_steps_retokenize_the_students_replies_for_the_teacher(tmp_path, cross_overrides, capsys):
+    values = {**cross_overrides, "max_steps": 3, "lmbda": 1.0, "max_new_tokens": 12}
+    assert cli.main(["train", write_yaml(tmp_path, "op.yaml", values)]) == 0
+    rows = read_metrics(Path(values["output_dir"]))
+    assert all(r["on_policy"] for r in rows)
+    assert all(0.0 < r["kd_aligned_fraction"] <= 1.0 and r["kd_loss"] > 0 for r in rows)
+
+
+def test_retokenized_replies_align_by_their_text(tokenizer):
+    teacher_tok = other_family_tokenizer()
+    end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    eot = teacher_tok.convert_tokens_to_ids("<|eot|>")
+    retokenize = crosstok.Retokenizer(tokenizer, teacher_tok, {end}, [eot])
+    reply = tokenizer("Two plus two is four, café!", add_special_tokens=False)["input_ids"] + [end]
+    prompt_teacher = [7, 8, 9]
+    fields = retokenize.fields(prompt_teacher, 5, reply)
+    teacher_ids = fields["teacher_input_ids"]
+    assert teacher_ids[:3] == prompt_teacher and teacher_ids[-1] == eot
+    assert len(fields["teacher_start"]) == 5 + len(reply) and fields["teacher_start"][:5] == [-1] * 5
+    assert fields["teacher_start"][-1] == len(teacher_ids) - 1  # end of turn ↔ end of turn
+    pairs = [(s, a, b) for s, (a, b) in enumerate(zip(fields["teacher_start"], fields["teacher_end"])) if a >= 0]
+    assert len(pairs) >= len(reply) // 2
+    for s, a, b in pairs[:-1]:
+        assert tokenizer.decode([reply[s - 5]]) == teacher_tok.decode(teacher_ids[a:b])

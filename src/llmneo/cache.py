@@ -201,8 +201,6 @@ def write(config: Config) -> dict:
     tokenizer = cache_tokenizer(config)  # tokenize exactly as training will
     vocab = len(tokenizer)
     k = config.teacher_topk
-    if k > vocab:
-        raise LlmneoError(f"teacher_topk={k} is larger than the vocabulary ({vocab}); use at most {vocab}")
     if config.teacher_endpoint is None:  # a teacher with another tokenizer: its own cache format
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         teacher, own = models.load_teacher(config, tokenizer, models.weight_dtype(config, "teacher"), with_tokenizer=True)
@@ -211,6 +209,8 @@ def write(config: Config) -> dict:
 
             index, examples = cache_cross.write(config, target, tokenizer, own, teacher.to(device), k, device)
             return _summary(target, index, k, examples)
+    if k > vocab:
+        raise LlmneoError(f"teacher_topk={k} is larger than the vocabulary ({vocab}); use at most {vocab}")
     examples = data.build(config, tokenizer).train
     if config.teacher_endpoint:
         from llmneo import cache_capture, served

@@ -62,7 +62,8 @@ class Config:
     # --- models -----------------------------------------------------------------------------
     model_name_or_path: str | None = _f(None, "The student: a local HF model dir or a Hub id.")
     teacher_model_name_or_path: str | None = _f(
-        None, "The teacher: a local HF model dir or a Hub id. Must share the student's tokenizer. Several teachers: "
+        None, "The teacher: a local HF model dir or a Hub id. Another tokenizer than the student's: see "
+        "kd_cross_tokenizer. Several teachers (sharing the student's tokenizer): "
         "a YAML list or comma-separated, with teacher_weights (a mixture) or teacher_column (routing).")
     adapter_name_or_path: str | None = _f(
         None, "A trained PEFT adapter dir (export, eval; in train: continue training this adapter).")

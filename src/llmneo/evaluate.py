@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import warnings
 from pathlib import Path
 
 import torch
@@ -276,6 +277,18 @@ def format_table(rows: list[dict], columns: list[tuple[str, str]]) -> str:
     return "\n".join(lines)
 
 
+def _same_vocabulary(config: Config, tokenizer) -> bool:
+    """Whether the teacher can score token by token. A teacher with another tokenizer (cross-tokenizer KD) cannot:
+    a warning says so and the scores are CE and perplexity; kd_cross_tokenizer: false keeps that an error."""
+    path = config.teacher_model_name_or_path
+    own = models.load_tokenizer(path, "teacher_model_name_or_path", config.trust_remote_code)
+    if own.get_vocab() == tokenizer.get_vocab() or config.cross_tokenizer == "false":
+        return True  # load_teacher refuses a different tokenizer in one line
+    warnings.warn(f"teacher '{path}' has another tokenizer than the model; KL to teacher, top-1 agreement and kd_loss "
+                  f"compare the two token by token, so only ce_loss and perplexity are reported", stacklevel=2)
+    return False
+
+
 def run(config: Config) -> dict:
     """`llmneo eval`: metrics on `dataset` (the held-out split when val_size > 0 or eval_dataset is set)
     and/or lm-eval `tasks`."""
@@ -288,7 +301,7 @@ def run(config: Config) -> dict:
     results: dict = {"model": config.model_name_or_path}
     if config.dataset:
         teacher = None
-        if config.teacher_model_name_or_path:
+        if config.teacher_model_name_or_path and _same_vocabulary(config, tokenizer):
             teacher = models.load_teacher(config, tokenizer, dtype).to(device)
         splits = data.build(config, tokenizer)
         split_off = config.val_size > 0 or bool(config.eval_dataset)
