@@ -9,12 +9,16 @@ computation, and the whole CLI with a teacher whose tokenizer and vocabulary siz
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import ALPACA_ROWS, read_metrics, write_jsonl, write_yaml
+from conftest import ALPACA_ROWS, assert_same_training, read_metrics, write_jsonl, write_yaml
 from llmneo import adapters, alignment, cli, config, crosstok, crossvocab, data, models, train
 from llmneo.demo import tiny
 from llmneo.losses import KDSettings
@@ -270,8 +274,6 @@ def test_a_cross_tokenizer_cache_trains_as_the_live_teacher_does(tmp_path, cross
     assert cli.main(["train", write_yaml(tmp_path, "live.yaml", live)]) == 0
     assert cli.main(["train", write_yaml(tmp_path, "cached.yaml", cached)]) == 0
     assert "cross-tokenizer KD: teacher cache" in capsys.readouterr().out
-    from conftest import assert_same_training
-
     assert_same_training(tmp_path / "live", tmp_path / "cached", tol=1e-5)
     a, b = (read_metrics(tmp_path / name) for name in ("live", "cached"))
     assert [r["kd_aligned_fraction"] for r in a] == [r["kd_aligned_fraction"] for r in b]
@@ -310,3 +312,39 @@ def test_retokenized_replies_align_by_their_text(tokenizer):
     assert len(pairs) >= len(reply) // 2
     for s, a, b in pairs[:-1]:
         assert tokenizer.decode([reply[s - 5]]) == teacher_tok.decode(teacher_ids[a:b])
+
+
+def test_resume_of_a_cross_tokenizer_run_with_on_policy_steps_is_exact(tmp_path, cross_overrides):
+    """A checkpoint mid-window: the aligned counts of the window and of the run are resumed with the rest."""
+    values = {**cross_overrides, "per_device_train_batch_size": 2, "max_steps": 4, "save_steps": 2,
+              "logging_steps": 3, "lmbda": 0.5, "max_new_tokens": 6, "seed": 1, "learning_rate": 5e-3}
+    full = tmp_path / "full"
+    assert cli.main(["train", write_yaml(tmp_path, "full.yaml", {**values, "output_dir": str(full)})]) == 0
+    cut = tmp_path / "cut"
+    cut.mkdir()
+    shutil.copytree(full / "checkpoint-2", cut / "checkpoint-2")
+    assert cli.main(["train", write_yaml(tmp_path, "cut.yaml", {**values, "output_dir": str(cut),
+                                                           "resume_from_checkpoint": "auto"})]) == 0
+    assert_same_training(full, cut, tol=1e-6)
+    assert [r["kd_aligned_fraction"] for r in read_metrics(full)] == [r["kd_aligned_fraction"]
+                                                                       for r in read_metrics(cut)]
+    a, b = (json.loads((p / "train_results.json").read_text()) for p in (full, cut))
+    assert a["kd_aligned_fraction"] == b["kd_aligned_fraction"]
+
+
+def test_two_processes_equal_one_across_tokenizers(tmp_path, cross_overrides):
+    """DDP: each rank aligns its own rows; the aligned counts and the KD sums are reduced over ranks."""
+    rows = [{"instruction": f"Question {i} about the fox?", "input": "", "output": "Answer " * (1 + i % 4) + "done."}
+            for i in range(8)]
+    values = {**cross_overrides, "dataset": str(write_jsonl(tmp_path / "rows.jsonl", rows)),
+              "per_device_train_batch_size": 2, "max_steps": 3, "learning_rate": 5e-3, "seed": 3}
+    path = write_yaml(tmp_path, "ddp.yaml", values)
+    ddp, single = tmp_path / "ddp", tmp_path / "single"
+    done = subprocess.run([str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc_per_node", "2",
+                           "-m", "llmneo", "train", path, f"output_dir={ddp}"], capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert cli.main(["train", path, f"output_dir={single}", "gradient_accumulation_steps=2"]) == 0
+    assert_same_training(single, ddp, tol=1e-5)
+    assert [r["kd_aligned_fraction"] for r in read_metrics(single)] == pytest.approx(
+        [r["kd_aligned_fraction"] for r in read_metrics(ddp)])

@@ -35,7 +35,8 @@ MUST_MATCH = ("model_name_or_path", "finetuning_type", "lora_rank", "lora_alpha"
               "val_size", "seed", "per_device_train_batch_size", "gradient_accumulation_steps", "template",
               "teacher_model_name_or_path", "teacher_cache", "kd_ratio", "kd_loss", "kd_temperature", "kd_beta",
               "kd_skew", "learning_rate", "lr_scheduler_type", "weight_decay", "lmbda", "seq_kd", "max_new_tokens",
-              "temperature", "top_p", "teacher_endpoint", "teacher_endpoint_model", "teacher_topk")
+              "temperature", "top_p", "teacher_endpoint", "teacher_endpoint_model", "teacher_topk",
+              "kd_cross_tokenizer", "kd_uld_weight", "teacher_template")
 
 
 @dataclass
