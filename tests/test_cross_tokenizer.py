@@ -348,3 +348,17 @@ def test_two_processes_equal_one_across_tokenizers(tmp_path, cross_overrides):
     assert_same_training(single, ddp, tol=1e-5)
     assert [r["kd_aligned_fraction"] for r in read_metrics(single)] == pytest.approx(
         [r["kd_aligned_fraction"] for r in read_metrics(ddp)])
+
+
+def test_several_teachers_with_another_tokenizer_are_refused_live_and_cached(tmp_path, cross_overrides, teacher_dir,
+                                                                             capsys):
+    teachers = [str(teacher_dir), cross_overrides["teacher_model_name_or_path"]]
+    values = {**cross_overrides, "teacher_model_name_or_path": teachers, "teacher_weights": [0.5, 0.5]}
+    assert cli.main(["train", write_yaml(tmp_path, "mix.yaml", values)]) == 2
+    assert "takes one teacher" in capsys.readouterr().err
+    routed = {**cross_overrides, "teacher_model_name_or_path": teachers, "teacher_column": "domain",
+              "teacher_cache": str(tmp_path / "caches")}
+    assert cli.main(["cache", write_yaml(tmp_path, "caches.yaml", routed)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "several teachers must share the student's tokenizer" in err
+    assert not (tmp_path / "caches").exists()

@@ -187,6 +187,13 @@ def write(config: Config) -> dict:
     if len(config.teachers) > 1:
         if not config.teacher_cache:
             raise LlmneoError("teacher_cache is not set; give the cache directory, e.g. teacher_cache=cache/teachers")
+        if config.teacher_model_name_or_path:  # routed caches are read over the student's vocabulary
+            student = cache_tokenizer(config)
+            for path in config.teachers:
+                own = models.load_tokenizer(path, "teacher_model_name_or_path", config.trust_remote_code)
+                if own.get_vocab() != student.get_vocab():
+                    raise LlmneoError(f"teacher '{path}' has another tokenizer than the student; several teachers "
+                                      f"must share the student's tokenizer (cross-tokenizer KD takes one teacher)")
         parts = [write(one_teacher(config, i)) for i in range(len(config.teachers))]
         return {**parts[0], "dir": config.teacher_cache, "teachers": len(parts),
                 "bytes": sum(p["bytes"] for p in parts), "tokens": parts[0]["tokens"],
