@@ -142,7 +142,7 @@ def test_multi_shard_cache_reads_the_same_rows_as_one_shard(tmp_path, base_overr
     that span shards, and the same training run."""
     import torch
 
-    from llmneo import cache, config as config_mod, data
+    from llmneo import cache, cache_reader, config as config_mod, data
     from llmneo.losses import response_positions
 
     values = {**base_overrides, "teacher_topk": 8, "per_device_eval_batch_size": batch}
@@ -163,8 +163,8 @@ def test_multi_shard_cache_reads_the_same_rows_as_one_shard(tmp_path, base_overr
     expected = cache.fingerprint(cfg, tokenizer, examples)
     legacy = json.loads((one_dir / "index.json").read_text())  # caches written when k sat in the fingerprint
     (one_dir / "index.json").write_text(json.dumps({**legacy, "fingerprint": {**legacy["fingerprint"], "k": 3}}))
-    one = cache.CachedTeacher(str(one_dir), expected, torch.device("cpu"))
-    many = cache.CachedTeacher(str(many_dir), expected, torch.device("cpu"))
+    one = cache_reader.CachedTeacher(str(one_dir), expected, torch.device("cpu"))
+    many = cache_reader.CachedTeacher(str(many_dir), expected, torch.device("cpu"))
     assert len(many.handles) == len(many_index["shards"])
     groups = [[e] for e in examples] + [examples, examples[::-1], examples[1:4]]
     for group in groups:

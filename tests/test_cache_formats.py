@@ -11,7 +11,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from llmneo import cache, cli
+from llmneo import cache, cache_reader, cli
 from conftest import read_metrics, write_yaml
 
 # An fp16 cache's training metrics (loss, ce_loss, kd_loss, grad_norm) stay within this, relative, of the fp32
@@ -91,8 +91,8 @@ def test_a_top_k_round_trip_keeps_the_renormalized_top_k_and_drops_the_tail(tmp_
     assert cli.main(["cache", "import", "axolotl", into, str(file)]) == 0
     examples = _examples(base_overrides, tokenizer)
     expected = cache.fingerprint(config_mod.load(overrides=base_overrides), tokenizer, examples)
-    first = cache.CachedTeacher(str(original), expected, torch.device("cpu"))
-    second = cache.CachedTeacher(str(imported), {**expected, "teacher": None}, torch.device("cpu"))
+    first = cache_reader.CachedTeacher(str(original), expected, torch.device("cpu"))
+    second = cache_reader.CachedTeacher(str(imported), {**expected, "teacher": None}, torch.device("cpu"))
     a, b = first._read(0, first.offsets[-1]), second._read(0, second.offsets[-1])
     assert torch.equal(a.ids, b.ids) and torch.isneginf(b.tail).all() and (a.tail > -math.inf).all()
     torch.testing.assert_close(b.logprobs, torch.log_softmax(a.logprobs, dim=-1), rtol=0, atol=1e-6)

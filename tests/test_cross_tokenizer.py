@@ -286,6 +286,10 @@ def test_a_cross_tokenizer_cache_trains_as_the_live_teacher_does(tmp_path, cross
     config_file.write_text(json.dumps(settings))
     assert cli.main(["train", write_yaml(tmp_path, "stale.yaml", other)]) == 2
     assert "teacher template differs" in capsys.readouterr().err
+    # axolotl's KD format has no place for teacher-space ids aligned to student positions: refused, nothing written
+    assert cli.main(["cache", "export", "axolotl", write_yaml(tmp_path, "export.yaml", cached),
+                     str(tmp_path / "kd.jsonl")]) == 2
+    assert "is a cross-tokenizer cache" in capsys.readouterr().err and not (tmp_path / "kd.jsonl").exists()
 
 
 def test_on_policy_steps_retokenize_the_students_replies_for_the_teacher(tmp_path, cross_overrides, capsys):

@@ -28,13 +28,11 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
-from llmneo import cache, data
+from llmneo import cache, cache_reader, data
 from llmneo.config import Config, input_paths
 from llmneo.errors import LlmneoError
 from llmneo.losses import IGNORE_INDEX, response_positions
@@ -65,8 +63,11 @@ def export_cache(config: Config, fmt: str, path: str) -> dict:
     if not config.teacher_cache:
         raise LlmneoError("teacher_cache is not set; give the cache to export, e.g. teacher_cache=cache/teacher")
     tokenizer, examples = _tokenized(config)
-    teacher = cache.CachedTeacher(config.teacher_cache, cache.fingerprint(config, tokenizer, examples),
-                                  torch.device("cpu"))
+    teacher = cache_reader.CachedTeacher(config.teacher_cache, cache.fingerprint(config, tokenizer, examples),
+                                         torch.device("cpu"))
+    if teacher.cross:
+        raise LlmneoError(f"teacher_cache '{config.teacher_cache}' is a cross-tokenizer cache: its ids are the teacher's "
+                          f"own tokens, aligned to the student's positions, which {fmt}'s format has no place for")
     temperature = config.kd_temperature
     tail_mass, rows_written = 0.0, 0
     with _Writer(out) as writer:
@@ -90,12 +91,7 @@ def import_cache(config: Config, fmt: str, path: str) -> dict:
     tokenizer, examples = _tokenized(config)
     vocab, temperature = len(tokenizer), config.kd_temperature
     dtype = torch.float32  # the file's teacher and precision are unknown here: keep what it holds
-    try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
-    except OSError as exc:
-        raise LlmneoError(f"cannot write teacher_cache '{target}': {exc.strerror or exc}") from None
-    try:
+    with cache.staged(target) as staging:
         offsets, shards, buffer, k = [0], [], [], None
         count = 0
         for count, row in enumerate(_read_rows(source), start=1):
@@ -115,12 +111,6 @@ def import_cache(config: Config, fmt: str, path: str) -> dict:
         index = cache.make_index(k, offsets, shards, fingerprint, dtype)
         index["tail"] = "none"  # axolotl keeps no tail: training refuses kd_loss: rkl on it (infinite)
         (staging / "index.json").write_text(json.dumps(index, indent=1))
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(staging, target)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return cache._summary(target, index, k, len(examples))
 
 

@@ -4,7 +4,7 @@ response positions of a batch.
 - `LiveTeacher`: a teacher model run under no_grad; `DenseRows` (its final hidden states and its head,
   projected one slice at a time, never [B, T, V] logits), or `LogitRows` from its own forward when its
   weights are sharded;
-- `cache.CachedTeacher`: an offline top-k cache (`llmneo cache`), `SparseRows`;
+- `cache_reader.CachedTeacher`: an offline top-k cache (`llmneo cache`), `SparseRows`;
 - `served.ServedTeacher`: a teacher on an inference server (vLLM), `SparseRows` (or `SampledRows`).
 `choose` picks one of them (or none) from the config, once per run.
 """
@@ -113,19 +113,19 @@ def loads_model(config) -> bool:
 def choose(config, loaded, train_examples: list[dict], accelerator):
     """The run's teacher signal, chosen once: a cache (teacher_cache), the loaded teacher model, or None
     (CE alone). The live teacher is placed by the engine (replicated, or sharded with full logits)."""
-    from llmneo import cache, engines
+    from llmneo import cache, cache_reader, engines
 
     if uses_cache(config) and len(config.teachers) > 1:  # one cache per teacher, routed
         parts = []
         for i in range(len(config.teachers)):
             alone = cache.one_teacher(config, i)
-            parts.append(cache.CachedTeacher(alone.teacher_cache, cache.fingerprint(alone, loaded.tokenizer,
+            parts.append(cache_reader.CachedTeacher(alone.teacher_cache, cache.fingerprint(alone, loaded.tokenizer,
                                                                                     train_examples), accelerator.device))
         return RoutedTeacher(parts, accelerator.device)
     if uses_cache(config):
         expected = cache.fingerprint(config, loaded.tokenizer, train_examples,
-                                     teacher_tokenizer=cache.cross_tokenizer(config))
-        cached = cache.CachedTeacher(config.teacher_cache, expected, accelerator.device)
+                                     teacher_tokenizer=cache_reader.cross_tokenizer(config))
+        cached = cache_reader.CachedTeacher(config.teacher_cache, expected, accelerator.device)
         if not cached.has_tail and cached.k < loaded.vocab_size and config.kd_loss == "rkl":
             from llmneo.errors import LlmneoError
 

@@ -52,7 +52,7 @@ class TrainingSetup:
     trainable: int
     total: int
     steps: step_source.StepSource
-    teacher: object  # teacher.LiveTeacher | cache.CachedTeacher | None
+    teacher: object  # teacher.LiveTeacher | cache_reader.CachedTeacher | None
     aligner: alignment.Aligner
     settings: KDSettings
     kd_ratio: float  # 0 without a teacher signal
@@ -183,11 +183,11 @@ class Crossing:
 
 def _crossing(config: Config, loaded: models.Loaded, main: bool) -> Crossing | None:
     """The cross-tokenizer part of the run, when the teacher (or the cache's teacher) has another tokenizer."""
-    from llmneo import cache
+    from llmneo import cache_reader
 
     own = loaded.teacher_tokenizer
     if own is None and teacher.uses_cache(config):
-        own = cache.cross_tokenizer(config)
+        own = cache_reader.cross_tokenizer(config)
     if own is None:
         return None
     crosstok.check_supported(config)
