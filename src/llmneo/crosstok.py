@@ -169,8 +169,9 @@ class TeacherSide:
         try:
             full, replies = templates.render_replies(self.tokenizer, self.template, messages, tools)
         except jinja2.TemplateError as exc:
-            raise LlmneoError(f"the teacher's chat template failed: {exc}; give the teacher a template that "
-                              f"renders this data (teacher_template)") from None
+            raise LlmneoError(f"the teacher's chat template failed: {exc}; fix the row, or give the teacher a "
+                              f"tokenizer whose chat template renders it (teacher_template applies to a teacher "
+                              f"tokenizer without one)") from None
         ids, _, offsets = templates.encode_by_offsets(self.tokenizer, full, [])
         teacher_replies = {i: (a, b) for i, a, b in replies}
         start, end = [-1] * kept, [-1] * kept
