@@ -366,3 +366,70 @@ def test_several_teachers_with_another_tokenizer_are_refused_live_and_cached(tmp
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "several teachers must share the student's tokenizer" in err
     assert not (tmp_path / "caches").exists()
+
+
+# --- hand-made tokenizers: one keeps words whole, the other splits them -------------------------------------
+
+HAND_TEMPLATE = ("{% for m in messages %}{% if m['role'] == 'user' %}U: {{ m['content'] }}\n"
+                 "{% else %}A: {{ m['content'] }}END\n{% endif %}{% endfor %}"
+                 "{% if add_generation_prompt %}A: {% endif %}")
+
+
+def word_tokenizer():
+    """Whole words (whitespace split); its end of turn is <e>."""
+    from tokenizers import Tokenizer, models as token_models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["<unk>", "<e>", "U:", "A:", "say", "it", "unbelievable", "day"]
+    backend = Tokenizer(token_models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", eos_token="<e>")
+    tok.add_special_tokens({"additional_special_tokens": ["<e>"]})
+    tok.chat_template = HAND_TEMPLATE.replace("END", "<e>")
+    return tok
+
+
+def piece_tokenizer():
+    """Word pieces (BPE with hand-written merges: "unbelievable" = un + believ + able, " day" whole); <end>."""
+    from tokenizers import Tokenizer, decoders, models as token_models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    merges = [("u", "n"), ("b", "e"), ("be", "l"), ("bel", "i"), ("beli", "e"), ("belie", "v"), ("a", "b"),
+              ("ab", "l"), ("abl", "e"), ("d", "a"), ("da", "y"), ("▁", "day")]
+    vocab = {"<unk>": 0, "<end>": 1, "▁": 2, **{c: 3 + i for i, c in enumerate(sorted(set("unbelievabledaysitUA:")))}}
+    for a, b in merges:
+        vocab.setdefault(a + b, len(vocab))
+    backend = Tokenizer(token_models.BPE(vocab=vocab, merges=merges, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="never")
+    backend.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="never")
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", eos_token="<end>")
+    tok.add_special_tokens({"additional_special_tokens": ["<end>"]})
+    tok.chat_template = HAND_TEMPLATE.replace("END", "<end>")
+    return tok
+
+
+def _spans(student, teacher) -> list[tuple[str, str | None]]:
+    """(student token, the teacher text aligned to it or None) for the reply tokens of one conversation."""
+    messages = [{"role": "user", "content": "say it"}, {"role": "assistant", "content": "unbelievable day"}]
+    text, replies = data.templates.render_replies(student, student.chat_template, messages)
+    ids, labels, offsets = data.templates.encode_by_offsets(student, text, [(a, b) for _, a, b in replies])
+    view = crosstok.TeacherSide(teacher, None).view(messages, None, crosstok.Rendered(text, offsets, replies), len(ids))
+    teacher_ids = view["teacher_input_ids"]
+    return [(student.convert_ids_to_tokens(ids[s]),
+             None if view["teacher_start"][s] < 0 else "".join(
+                 teacher.convert_ids_to_tokens(teacher_ids[view["teacher_start"][s]:view["teacher_end"][s]])))
+            for s in range(len(ids)) if labels[s] != -100]
+
+
+def test_a_word_the_teacher_splits_aligns_to_its_pieces():
+    assert _spans(word_tokenizer(), piece_tokenizer()) == [
+        ("unbelievable", "unbelievable"),  # = "un" + "believ" + "able": a span of three teacher tokens
+        ("day", "▁day"),  # the space is no token's on the student side
+        ("<e>", "<end>"),  # the end of turn, paired
+    ]
+
+
+def test_a_word_the_student_splits_is_unaligned():
+    assert _spans(piece_tokenizer(), word_tokenizer()) == [
+        ("un", None), ("believ", None), ("able", None),  # three student tokens for one teacher token: skipped
+        ("▁day", "day"), ("<end>", "<e>")]
