@@ -268,6 +268,7 @@ def test_a_cross_tokenizer_cache_trains_as_the_live_teacher_does(tmp_path, cross
     assert cli.main(["cache", write_yaml(tmp_path, "cache.yaml", values)]) == 0
     index = json.loads((cache_dir / "index.json").read_text())
     assert index["cross_tokenizer"] is True and index["k"] == teacher_vocab
+    assert f"{index['aligned_fraction']:.1%} of them aligned to a teacher span" in capsys.readouterr().out
     assert (cache_dir / "teacher_tokenizer" / "tokenizer.json").is_file()
     live = {**values, "teacher_cache": None, "output_dir": str(tmp_path / "live")}
     cached = {**values, "teacher_model_name_or_path": None, "output_dir": str(tmp_path / "cached")}
@@ -277,6 +278,7 @@ def test_a_cross_tokenizer_cache_trains_as_the_live_teacher_does(tmp_path, cross
     assert_same_training(tmp_path / "live", tmp_path / "cached", tol=1e-5)
     a, b = (read_metrics(tmp_path / name) for name in ("live", "cached"))
     assert [r["kd_aligned_fraction"] for r in a] == [r["kd_aligned_fraction"] for r in b]
+    assert index["aligned_fraction"] == pytest.approx(a[0]["kd_aligned_fraction"])  # one batch holds every row
     # the cache is tied to the teacher's side too: another teacher template is a stale cache
     other = {**cached, "output_dir": str(tmp_path / "stale"), "teacher_template": "llama3"}
     (cache_dir / "teacher_tokenizer" / "chat_template.jinja").unlink(missing_ok=True)

@@ -217,7 +217,7 @@ def write(config: Config) -> dict:
             from llmneo import cache_cross
 
             index, examples = cache_cross.write(config, target, tokenizer, own, teacher.to(device), k, device)
-            return _summary(target, index, k, examples)
+            return {**_summary(target, index, k, examples), "aligned_fraction": index["aligned_fraction"]}
     if k > vocab:
         raise LlmneoError(f"teacher_topk={k} is larger than the vocabulary ({vocab}); use at most {vocab}")
     examples = data.build(config, tokenizer).train

@@ -12,6 +12,7 @@ the teacher's vocabulary and template.
 
 from __future__ import annotations
 
+import json
 import math
 
 import torch
@@ -52,8 +53,12 @@ def write(config, target, tokenizer, teacher_tokenizer, teacher, k: int, device)
     signal = LiveTeacher(teacher, len(teacher_tokenizer))
     chunk = config.kd_chunk_size or 1024
 
+    counted = [0, 0]  # aligned positions, all positions
+
     def rows_of(batch, positions):
         first, shift, aligned = teacher_spans(signal, batch, positions)
+        counted[0] += int(aligned.sum())
+        counted[1] += aligned.numel()
         yield from span_topk(first, shift, aligned, k, chunk)
 
     expected = cache.fingerprint(config, tokenizer, examples, teacher_tokenizer=teacher_tokenizer)
@@ -62,5 +67,7 @@ def write(config, target, tokenizer, teacher_tokenizer, teacher, k: int, device)
                                  batch_size=config.per_device_eval_batch_size, device=device,
                                  shard_size=config.cache_shard_size, logprobs_dtype=cache.logprobs_dtype(config),
                                  extra={"cross_tokenizer": True})
+        index["aligned_fraction"] = counted[0] / max(counted[1], 1)
+        (staging / "index.json").write_text(json.dumps(index, indent=1))
         teacher_tokenizer.save_pretrained(staging / cache.TEACHER_TOKENIZER)
     return index, len(examples)

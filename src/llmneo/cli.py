@@ -115,7 +115,9 @@ def dispatch(command: str, args: list[str]) -> int:
 
         done = cache.write(cfg)
         print(f"llmneo: cached top-{done['k']} teacher log-probs for {done['tokens']:,} response tokens of "
-              f"{done['examples']} examples in {done['dir']} ({done['bytes_per_token']:.0f} bytes per token)")
+              f"{done['examples']} examples in {done['dir']} ({done['bytes_per_token']:.0f} bytes per token)"
+              + (f"; {done['aligned_fraction']:.1%} of them aligned to a teacher span" if "aligned_fraction" in done
+                 else ""))
     elif command == "eval":
         from llmneo import evaluate
 
