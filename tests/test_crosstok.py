@@ -1,11 +1,11 @@
-"""Cross-tokenizer building blocks (#13, first part): alignment by character offsets and ULD's term."""
+"""Cross-tokenizer building blocks: alignment by character offsets, GOLD's span probability, ULD's term."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from llmneo import crosstok
+from llmneo import crossvocab, crosstok
 
 
 def _offsets(pieces: list[str]) -> list[tuple[int, int]]:
@@ -46,51 +46,62 @@ def test_unicode_whitespace_and_byte_fallback_pieces_move_together():
 
 
 def test_a_system_prompt_on_one_side_only_does_not_shift_the_response():
-    """The teacher's template adds a system prompt the student's lacks: offsets made relative to where each
-    side's response begins align exactly as the bare responses do."""
+    """The teacher's template adds a system prompt the student's lacks: offsets clipped to each side's
+    response align exactly as the bare responses do."""
     student_pieces = ["<s>", "User: hi\n", "The", " cat", " sat"]
     teacher_pieces = ["<s>", "System: be kind\n", "User: hi\n", "The", " c", "at", " sat"]
-    student = crosstok.relative(_offsets(student_pieces), len("<s>User: hi\n"))
-    teacher = crosstok.relative(_offsets(teacher_pieces), len("<s>System: be kind\nUser: hi\n"))
+    student_start, teacher_start = len("<s>User: hi\n"), len("<s>System: be kind\nUser: hi\n")
+    student = crosstok.clip(_offsets(student_pieces), student_start, student_start + len("The cat sat"))
+    teacher = crosstok.clip(_offsets(teacher_pieces), teacher_start, teacher_start + len("The cat sat"))
     found = crosstok.align(student, teacher)
     assert found.pairs == ((2, 3, 4), (3, 4, 6), (4, 6, 7)) and found.unaligned == 0
     bare = crosstok.align(_offsets(["The", " cat", " sat"]), _offsets(["The", " c", "at", " sat"]))
     assert [(s + 2, a + 3, b + 3) for s, a, b in bare.pairs] == list(found.pairs)
 
 
-def test_span_logprob_is_the_first_tokens_distribution_plus_the_continuation():
-    logprobs = torch.log_softmax(torch.randn(5, 7, generator=torch.Generator().manual_seed(0)), dim=-1)
-    ids = [0, 3, 5, 2, 6]
-    span = crosstok.span_logprob(logprobs, ids, 2, 4)  # tokens 2 and 3
-    assert torch.allclose(span, logprobs[1] + logprobs[2, ids[3]])
-    assert torch.equal(crosstok.span_logprob(logprobs, ids, 2, 3), logprobs[1])
+def test_teacher_spans_are_the_first_tokens_distribution_times_the_continuation(tokenizer):
+    """GOLD's span probability, computed independently from the teacher's full log-softmax: for a span a..b-1,
+    log p(first token) at position a-1 plus log p of each actual continuation token a+1..b-1."""
+    from llmneo.alignment import teacher_spans
+    from llmneo.demo import tiny
+    from llmneo.teacher import LiveTeacher
+
+    model = tiny.build_model(tokenizer, hidden_size=32, num_layers=2, seed=4).eval()
+    teacher_ids = torch.randint(5, len(tokenizer), (2, 12), generator=torch.Generator().manual_seed(0))
+    # student tokens 3..6 of row 0 and 2..4 of row 1 are replies; spans of one, two and three teacher tokens
+    start = torch.full((2, 8), -1)
+    end = torch.full((2, 8), -1)
+    for row, token, a, b in [(0, 3, 2, 3), (0, 4, 3, 5), (0, 6, 6, 9), (1, 2, 4, 5), (1, 4, 5, 8)]:
+        start[row, token], end[row, token] = a, b
+    batch = {"teacher_input_ids": teacher_ids, "teacher_attention_mask": torch.ones_like(teacher_ids),
+             "teacher_start": start, "teacher_end": end}
+    positions = torch.zeros(2, 8, dtype=torch.bool)
+    positions[0, 2:6] = True  # predicting tokens 3..6 (token 5 is unaligned)
+    positions[1, 1:4] = True  # predicting tokens 2..4 (token 3 is unaligned)
+    first, shift, aligned = teacher_spans(LiveTeacher(model, len(tokenizer)), batch, positions)
+    assert aligned.tolist() == [True, True, False, True, True, False, True]
+    with torch.no_grad():
+        logp = torch.log_softmax(model(input_ids=teacher_ids).logits[..., :len(tokenizer)].float(), -1)  # (2, 12, V)
+    spans = [(0, 2, 3), (0, 3, 5), None, (0, 6, 9), (1, 4, 5), None, (1, 5, 8)]
+    projected = torch.log_softmax(first[0:len(first)].logits.float(), -1)
+    for n, span in enumerate(spans):
+        if span is None:
+            continue
+        row, a, b = span
+        continuation = sum(float(logp[row, m - 1, teacher_ids[row, m]]) for m in range(a + 1, b))
+        assert float(shift[n]) == pytest.approx(continuation, abs=1e-5)
+        assert torch.allclose(projected[n] + shift[n], logp[row, a - 1] + continuation, atol=1e-5)
 
 
-def test_uld_distance_equals_a_hand_computation_and_has_gradients():
+def test_sorted_l1_equals_a_hand_computation_and_has_gradients():
     student = torch.tensor([[0.0, 1.0, 2.0]], requires_grad=True)
-    teacher = torch.tensor([[3.0, 0.0, 0.0, 1.0]])
+    teacher = torch.softmax(torch.tensor([[3.0, 0.0, 0.0, 1.0]]), -1)
     p_s = sorted(torch.softmax(student.detach(), -1)[0].tolist(), reverse=True) + [0.0]
-    p_t = sorted(torch.softmax(teacher, -1)[0].tolist(), reverse=True)
+    p_t = sorted(teacher[0].tolist(), reverse=True)
     expected = sum(abs(a - b) for a, b in zip(p_s, p_t))
-    value = crosstok.uld_distance(student, teacher)
+    value = crossvocab.sorted_l1(torch.softmax(student, -1), teacher)
     assert float(value.detach()) == pytest.approx(expected, rel=1e-6)
     value.sum().backward()
     assert student.grad is not None and student.grad.abs().sum() > 0
-    same = torch.tensor([[1.0, 2.0, 3.0]])
-    assert float(crosstok.uld_distance(same, same.flip(-1))) == pytest.approx(0.0, abs=1e-7)  # order-free
-
-
-def test_real_tokenizers_align_tokens_that_cover_the_same_text(tokenizer):
-    """Two real HF fast tokenizers with different vocabularies (the tiny test tokenizer and one trained on
-    other words): every aligned pair covers the same characters, and most tokens align."""
-    from llmneo.demo import tiny
-
-    other = tiny.build_tokenizer(corpus=["completely different words here", "zebra yak xylophone"], vocab_size=300)
-    text = "The quick brown fox jumps over the lazy dog. Zebra café 東京!"
-    mine = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
-    theirs = other(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
-    assert mine != theirs
-    found = crosstok.align(mine, theirs)
-    for s, a, b in found.pairs:
-        assert text[mine[s][0]:mine[s][1]].strip() == text[theirs[a][0]:theirs[b - 1][1]].strip()
-    assert found.pairs and 0 < found.aligned_fraction <= 1
+    same = torch.softmax(torch.tensor([[1.0, 2.0, 3.0]]), -1)
+    assert float(crossvocab.sorted_l1(same, same.flip(-1))) == pytest.approx(0.0, abs=1e-7)  # order-free

@@ -17,15 +17,13 @@ decoded and tokenized again by the teacher.
 
 A teacher span a..b-1 gives the student token its distribution as GOLD does: the teacher's distribution of
 the span's first token (at position a-1) times the probabilities of the actual continuation tokens
-(`span_logprob`). ULD's sorted-probability distance (Boizard et al.) compares what no token pairs
-(`uld_distance`; the training loss is crossvocab.hybrid_divergence).
+(alignment.teacher_spans computes it; the loss is crossvocab.hybrid_divergence).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
 
 from llmneo import templates
 from llmneo.errors import LlmneoError
@@ -77,33 +75,6 @@ def align(student_offsets: list[tuple[int, int]], teacher_offsets: list[tuple[in
             unaligned += len(block_s)
     unaligned += len(student) - si  # text after the last common boundary (a truncated side)
     return Alignment(tuple(pairs), unaligned)
-
-
-def relative(offsets: list[tuple[int, int]], start: int) -> list[tuple[int, int]]:
-    """Offsets into a rendered conversation, made relative to the response that begins at character `start`:
-    tokens before it get an empty span (skipped by `align`), so what each side's template put before the
-    response (a system prompt on one side only) does not shift the alignment."""
-    return [(a - start, b - start) if a >= start else (0, 0) for a, b in offsets]
-
-
-def span_logprob(teacher_logprobs: torch.Tensor, teacher_ids: list[int], a: int, b: int) -> torch.Tensor:
-    """GOLD's probability of a teacher span a..b-1 as one unit, in log space: the distribution of its first
-    token (row a-1 predicts token a) over the vocabulary, plus the log-probs of the actual continuation
-    tokens a+1..b-1. `teacher_logprobs` (T, V) are the teacher's next-token log-probs by position."""
-    continuation = sum((teacher_logprobs[t - 1, teacher_ids[t]] for t in range(a + 1, b)),
-                       start=teacher_logprobs.new_zeros(()))
-    return teacher_logprobs[a - 1] + continuation
-
-
-def uld_distance(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
-    """Per position (N,): Σ |sort(p_S) - sort(p_T)| over ranks, the shorter vocabulary padded with zeros.
-    Differentiable in the student's logits (the sort is a permutation)."""
-    p_s = torch.softmax(student_logits.float(), dim=-1).sort(dim=-1, descending=True).values
-    p_t = torch.softmax(teacher_logits.float(), dim=-1).sort(dim=-1, descending=True).values
-    width = max(p_s.shape[-1], p_t.shape[-1])
-    p_s = torch.nn.functional.pad(p_s, (0, width - p_s.shape[-1]))
-    p_t = torch.nn.functional.pad(p_t, (0, width - p_t.shape[-1]))
-    return (p_s - p_t).abs().sum(dim=-1)
 
 
 def clip(offsets: list[tuple[int, int]], start: int, end: int) -> list[tuple[int, int]]:

@@ -6,7 +6,7 @@ decode to; special tokens only by their exact text), plus each side's EOS and en
 other's, which say the same thing in different words.
 
 The hybrid divergence at one aligned position (the student's distribution p over V_S, the teacher's span
-distribution q over V_T from `crosstok.span_logprob`, whose mass is below 1 when the span continues):
+distribution q over V_T from alignment.teacher_spans, whose mass is below 1 when the span continues):
 
     KD = (1 - w) · D(q̄ ‖ p̄) + w · ULD(p|unshared, q|unshared)
 
@@ -146,7 +146,7 @@ def vocab_map(student_tok, teacher_tok, uld_weight: float | None = None,
     return dataclasses.replace(found, uld_weight=float(weight))
 
 
-def _sorted_l1(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+def sorted_l1(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     """Σ |sort(p) - sort(q)| over ranks per row, the narrower padded with zeros."""
     p = p.sort(dim=-1, descending=True).values
     q = q.sort(dim=-1, descending=True).values
@@ -187,7 +187,7 @@ def hybrid_divergence(student_logits: torch.Tensor, teacher, shift: torch.Tensor
     if vocab.uld_weight == 0.0:
         return matched
     p = (logp_student if temperature == 1.0 else F.log_softmax(student_logits.float(), dim=-1)).exp()
-    uld = _sorted_l1(p[:, vocab.student_only], q_unshared)
+    uld = sorted_l1(p[:, vocab.student_only], q_unshared)
     return (1.0 - vocab.uld_weight) * matched + vocab.uld_weight * uld
 
 
