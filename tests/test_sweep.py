@@ -166,6 +166,7 @@ def test_cells_are_the_product_in_order_with_safe_distinct_folders(sweep_yaml, t
     (["lora_rank=2,4", "sweep_metric=kl_to_teacher", "teacher_model_name_or_path=null"], "teacher"),
     (["kd_ratio=0,0.5", "sweep_metric=top1_agreement"], "kd_ratio=0 has kd_ratio=0.0; use sweep_metric=perplexity"),
     (["lora_rank=2,4", "sweep_metric=kl_to_teacher", "teacher_cache=cache"], "trains from teacher_cache"),
+    (["lora_rank=2,4", "sweep_metric=kl_to_teacher", "kd_cross_tokenizer=true"], "distils across tokenizers"),
 ])
 def test_bad_sweeps_fail_in_one_line_before_anything_runs(sweep_yaml, tmp_path, capsys, args, needle):
     assert sweep_cli(sweep_yaml, *args) == 2
@@ -173,6 +174,14 @@ def test_bad_sweeps_fail_in_one_line_before_anything_runs(sweep_yaml, tmp_path, 
     errors = [line for line in captured.err.splitlines() if line.startswith("llmneo: error: ")]
     assert len(errors) == 1 and needle in errors[0], captured.err
     assert "Traceback" not in captured.err and "[sweep" not in captured.out
+    assert not (tmp_path / "sweep").exists()
+
+
+def test_a_teacher_metric_with_a_teacher_of_another_tokenizer_fails_before_anything_runs(sweep_yaml, tmp_path, capsys,
+                                                                                         alien_teacher_dir):
+    assert sweep_cli(sweep_yaml, "lora_rank=2,4", "sweep_metric=top1_agreement",
+                     f"teacher_model_name_or_path={alien_teacher_dir}") == 2
+    assert "distils across tokenizers; use sweep_metric=perplexity" in capsys.readouterr().err
     assert not (tmp_path / "sweep").exists()
 
 

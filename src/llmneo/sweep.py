@@ -172,6 +172,22 @@ def _check_cell(cfg: Config, cell: dict[str, str]) -> None:
         raise LlmneoError(f"sweep_metric={cfg.sweep_metric} compares each cell with the teacher it distils from "
                           f"live, but cell {where} {reason}; use sweep_metric=perplexity, then score the cells you "
                           f"pick with llmneo eval teacher_model_name_or_path=...")
+    if cfg.sweep_metric != "perplexity" and _crosses_tokenizers(cfg):
+        raise LlmneoError(f"sweep_metric={cfg.sweep_metric} compares the student with the teacher token by token, but "
+                          f"cell {where} distils across tokenizers; use sweep_metric=perplexity")
+
+
+def _crosses_tokenizers(cfg: Config) -> bool:
+    """Whether the cell's (one) teacher runs cross-tokenizer KD, from the two tokenizers alone."""
+    from llmneo import models
+
+    if cfg.cross_tokenizer == "true":
+        return True
+    if cfg.cross_tokenizer == "false" or len(cfg.teachers) != 1 or not cfg.model_name_or_path:
+        return False
+    student = models.load_tokenizer(cfg.model_name_or_path, "model_name_or_path", cfg.trust_remote_code)
+    teacher = models.load_tokenizer(cfg.teachers[0], "teacher_model_name_or_path", cfg.trust_remote_code)
+    return student.get_vocab() != teacher.get_vocab()
 
 
 def cell_names(settings: list[dict[str, str]]) -> list[str]:
