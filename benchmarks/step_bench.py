@@ -12,11 +12,19 @@ teacher of the same shape, LoRA rank 128, 4 × 128 tokens. Every size is an opti
               timed steps, read every step through CachedTeacher, as `llmneo train` does
   full_kd     full fine-tuning + KD with the live teacher
   teacher_fwd the teacher's forward alone (hidden states + its head at the response positions)
+  neo_cross_same   neo_live forced through the cross-tokenizer path (alignment.CrossTokenizerAligner):
+              every reply token aligned 1:1 to itself, an identity VocabMap (ULD weight 0): the path's own cost
+  neo_cross_other  a teacher over --teacher-vocab (40,000) tokens sharing --shared (28,000) with the student,
+              paired at random; per block of reply text, 1 student token ↔ 1 teacher token (p 0.85), ↔ a
+              2-token teacher span (0.10), or 2 student tokens ↔ 1 teacher token (0.05, both unaligned)
+The cross arms build the teacher fields (data.collate_teacher) and the VocabMap directly: the bench has no
+tokenizer. `--chunk-costs` also times the fused loss on one chunk of 256 positions with each arm's rows.
 Peak memory is RSS (CUDA: max allocated) above the baseline taken after the models are built, before the
 warm-up step, so optimizer moments count; children run with MALLOC_ARENA_MAX=1 so that RSS repeats.
 
     python benchmarks/step_bench.py [--device cpu|cuda] [--dtype float32|bfloat16] [--lora-rank 32]
     python benchmarks/step_bench.py --preset large --arms neo_live full_kd --rounds 3 --repeats 2
+    python benchmarks/step_bench.py --arms neo_live neo_cross_same neo_cross_other --rounds 3 --threads 1 --chunk-costs
 """
 
 from __future__ import annotations
@@ -32,11 +40,15 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 from measure import in_fresh_process, measure, measure_cuda  # noqa: E402
 
-ARMS = ("lora_sft", "neo_live", "neo_cache", "full_kd", "teacher_fwd")
+ARMS = ("lora_sft", "neo_live", "neo_cache", "full_kd", "teacher_fwd", "neo_cross_same", "neo_cross_other")
+CROSS_ARMS = ("neo_cross_same", "neo_cross_other")
 SIZES = {"hidden": 512, "layers": 8, "vocab": 32000, "teacher_hidden": 768, "teacher_layers": 8, "lora_rank": 128,
-         "batch": 4, "seq": 128}
+         "batch": 4, "seq": 128, "teacher_vocab": 40000, "shared": 28000}
 PRESETS = {"default": {}, "large": {"hidden": 1024, "layers": 12, "teacher_hidden": 1024, "teacher_layers": 12}}
 CACHE_TOPK = 64
+# neo_cross_other's synthetic alignment: (student tokens, teacher tokens) per block of reply text, and its probability
+CROSS_BLOCKS = (((1, 1), 0.85), ((1, 2), 0.10), ((2, 1), 0.05))
+TEACHER_SYSTEM_TOKENS = 8  # the teacher's template puts a system prompt before the conversation
 
 
 def _intermediate(hidden: int) -> int:
@@ -56,14 +68,68 @@ def _model(hidden, layers, vocab, seq, seed, dtype):
 
 def _cached_teacher(live, batch, vocab, directory: Path, device):
     """Write the batch's top-k teacher rows as a real cache (shards + index.json) and open it for reading."""
-    from llmneo import cache
+    from llmneo import cache, cache_reader
 
     examples = [{"input_ids": ids.tolist(), "labels": labels.tolist()}
                 for ids, labels in zip(batch["input_ids"].cpu(), batch["labels"].cpu())]
     fingerprint = {"dataset rows": "step-bench"}
     cache.write_examples(directory, live.model, examples, pad_id=0, vocab=vocab, k=CACHE_TOPK,
                          fingerprint=fingerprint, chunk=256, device=device)
-    return cache.CachedTeacher(str(directory), fingerprint, device)
+    return cache_reader.CachedTeacher(str(directory), fingerprint, device)
+
+
+def vocab_map(student_vocab: int, teacher_vocab: int, shared: int, seed: int = 3):
+    """A crossvocab.VocabMap sharing `shared` tokens: random student ids paired with random teacher ids (the
+    identity map when both vocabularies are `shared` tokens); w = 1 - overlap, as crossvocab.vocab_map sets it."""
+    import dataclasses
+
+    import torch
+
+    from llmneo.crossvocab import VocabMap
+
+    gen = torch.Generator().manual_seed(seed)
+    if shared == student_vocab == teacher_vocab:
+        student_ids = teacher_ids = torch.arange(shared)
+    else:
+        student_ids = torch.randperm(student_vocab, generator=gen)[:shared].sort().values  # (S,)
+        teacher_ids = torch.randperm(teacher_vocab, generator=gen)[:shared]  # (S,) in a random order
+    to_student = torch.full((teacher_vocab,), -1, dtype=torch.long)
+    to_student[teacher_ids] = student_ids
+    student_only = torch.ones(student_vocab, dtype=torch.bool)
+    student_only[student_ids] = False
+    found = VocabMap(student_ids, teacher_ids, to_student, student_only, to_student < 0, 0.0)
+    return dataclasses.replace(found, uld_weight=1.0 - found.overlap)
+
+
+def cross_fields(batch: dict, teacher_vocab: int, identity: bool, seed: int = 4) -> tuple[dict, dict]:
+    """The teacher fields of a student `batch` (on the CPU), made by data.collate_teacher, and the share of reply
+    tokens in each kind of block (student:teacher tokens). `identity`: the teacher's tokens are the student's,
+    every reply token aligned 1:1 to itself; else random teacher tokens aligned block by block (CROSS_BLOCKS)."""
+    import random
+
+    from llmneo import data
+
+    rng = random.Random(seed)
+    kinds, weights = zip(*CROSS_BLOCKS)
+    examples, counts = [], {}
+    for ids, labels in zip(batch["input_ids"].tolist(), batch["labels"].tolist()):
+        prompt = next(t for t, label in enumerate(labels) if label != -100)
+        teacher = ids[:prompt] if identity else [rng.randrange(teacher_vocab)
+                                                 for _ in range(prompt + TEACHER_SYSTEM_TOKENS)]
+        prompt_len, start, end, s = len(teacher), [-1] * len(ids), [-1] * len(ids), prompt
+        while s < len(ids):
+            n_student, n_teacher = (1, 1) if identity else rng.choices(kinds, weights)[0]
+            n_student = min(n_student, len(ids) - s)
+            if n_student == 1:  # a block of two student tokens aligns neither
+                start[s], end[s] = len(teacher), len(teacher) + n_teacher
+            counts[f"{n_student}:{n_teacher}"] = counts.get(f"{n_student}:{n_teacher}", 0) + n_student
+            teacher += ids[s:s + 1] if identity else [rng.randrange(teacher_vocab) for _ in range(n_teacher)]
+            s += n_student
+        examples.append({"teacher_input_ids": teacher, "teacher_start": start, "teacher_end": end,
+                         "teacher_prompt_len": prompt_len})
+    total = sum(counts.values())
+    shares = {name: count / total for name, count in sorted(counts.items())}
+    return data.collate_teacher(examples, batch["input_ids"].shape[1]), shares
 
 
 def one(arm: str, device: str, dtype_name: str, sizes: dict, repeats: int = 5) -> dict:
@@ -72,7 +138,7 @@ def one(arm: str, device: str, dtype_name: str, sizes: dict, repeats: int = 5) -
     import torch
     from accelerate import Accelerator
 
-    from llmneo import adapters, config, models, train
+    from llmneo import adapters, alignment, config, models, train
     from llmneo.losses import response_positions
     from llmneo.teacher import LiveTeacher
 
@@ -87,10 +153,17 @@ def one(arm: str, device: str, dtype_name: str, sizes: dict, repeats: int = 5) -
              "index": torch.arange(batch_size)}
     finetuning = "full" if arm == "full_kd" else "lora"
     cfg = config.load(overrides={"finetuning_type": finetuning, "kd_chunk_size": 256, "lora_rank": sizes["lora_rank"]})
-    teacher = None
+    teacher = aligner = None
+    teacher_vocab = sizes["teacher_vocab"] if arm == "neo_cross_other" else vocab
+    if arm in CROSS_ARMS:
+        fields, blocks = cross_fields(batch, teacher_vocab, identity=arm == "neo_cross_same")
+        batch.update({key: value.to(dev) for key, value in fields.items()})
+        shared = sizes["shared"] if arm == "neo_cross_other" else vocab
+        aligner = alignment.CrossTokenizerAligner(vocab_map(vocab, teacher_vocab, shared).to(dev))
     if arm != "lora_sft":
-        teacher_model = _model(sizes["teacher_hidden"], sizes["teacher_layers"], vocab, seq, 1, dtype).to(dev)
-        teacher = LiveTeacher(models.freeze(teacher_model), vocab)
+        teacher_model = _model(sizes["teacher_hidden"], sizes["teacher_layers"], teacher_vocab,
+                               max(seq, batch.get("teacher_input_ids", ids).shape[1]), 1, dtype).to(dev)
+        teacher = LiveTeacher(models.freeze(teacher_model), teacher_vocab)
     scratch = tempfile.TemporaryDirectory(prefix="llmneo-step-bench-")
     if arm == "neo_cache":  # the cache is written before the timed steps; every step reads it from disk
         teacher = _cached_teacher(teacher, batch, vocab, Path(scratch.name), dev)
@@ -111,7 +184,7 @@ def one(arm: str, device: str, dtype_name: str, sizes: dict, repeats: int = 5) -
         kd_ratio = 0.5 if teacher is not None else 0.0
 
         def step():
-            train.accumulate(accelerator, model, teacher, [batch], cfg, vocab, kd_ratio)
+            train.accumulate(accelerator, model, teacher, [batch], cfg, vocab, kd_ratio, aligner=aligner)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
 
@@ -131,8 +204,77 @@ def one(arm: str, device: str, dtype_name: str, sizes: dict, repeats: int = 5) -
     result["cpu_seconds"] = statistics.median(cpu_times[1:])  # the first call is the warm-up
     if arm != "teacher_fwd":
         result["student_params"] = student_params
+    if aligner is not None:
+        aligned, positions = aligner.take_counts()
+        result.update(aligned_fraction=aligned / positions, blocks=blocks, uld_weight=aligner.vocab.uld_weight,
+                      teacher_tokens=int(batch["teacher_attention_mask"].sum()))
     scratch.cleanup()
     return result
+
+
+def chunk_costs(device: str, dtype_name: str, sizes: dict, repeats: int = 10, chunk: int = 256) -> dict:
+    """Seconds for the fused loss (chunked.fused_loss, forward + backward to the hidden states; a frozen head)
+    on one chunk of `chunk` positions, with neo_live's rows (closed-form fkl) and each cross arm's SpanRows, and
+    for the cross rows hybrid_divergence's forward alone: what the cross path adds per chunk."""
+    import torch
+
+    from llmneo.chunked import fused_loss
+    from llmneo.crossvocab import hybrid_divergence
+    from llmneo.losses import KDSettings
+    from llmneo.rows import LogitRows, SpanRows
+
+    dev, dtype = torch.device(device), getattr(torch, dtype_name)
+    vocab, teacher_vocab = sizes["vocab"], sizes["teacher_vocab"]
+    gen = torch.Generator().manual_seed(0)
+    head = torch.nn.Linear(sizes["hidden"], vocab, bias=False).to(dev, dtype).requires_grad_(False)
+    hidden = torch.randn(chunk, sizes["hidden"], generator=gen).to(dev, dtype)  # (C, H)
+    targets = torch.randint(0, vocab, (chunk,), generator=gen).to(dev)  # (C,)
+    same = torch.randn(chunk, vocab, generator=gen).mul(3).to(dev, dtype)  # (C, V) teacher logits
+    other = torch.randn(chunk, teacher_vocab, generator=gen).mul(3).to(dev, dtype)  # (C, V_T)
+    aligned = torch.rand(chunk, generator=gen) < 0.9  # (C,)
+    shift = torch.where(torch.rand(chunk, generator=gen) < 0.1, -0.5, 0.0)  # (C,) some 2-token spans
+    rows = {"neo_live (LogitRows, closed-form fkl)": LogitRows(same),
+            "neo_cross_same (SpanRows, identity map)": SpanRows(
+                LogitRows(same), torch.zeros(chunk, device=dev), torch.ones(chunk, dtype=torch.bool, device=dev),
+                vocab_map(vocab, vocab, vocab).to(dev)),
+            "neo_cross_other (SpanRows, hybrid + ULD)": SpanRows(
+                LogitRows(other), shift.to(dev), aligned.to(dev),
+                vocab_map(vocab, teacher_vocab, sizes["shared"]).to(dev))}
+    settings = KDSettings()
+
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+
+    def median_seconds(call) -> float:
+        call()  # warm-up
+        times = []
+        for _ in range(repeats):
+            sync()
+            started = time.perf_counter()
+            call()
+            sync()
+            times.append(time.perf_counter() - started)
+        return statistics.median(times)
+
+    found = {}
+    for name, teacher_rows in rows.items():
+        def loss_step(teacher_rows=teacher_rows):
+            piece = hidden.clone().requires_grad_(True)
+            total, _, _ = fused_loss(piece, targets, head, [], teacher_rows, vocab_size=vocab, kd_ratio=0.5,
+                                     settings=settings, chunk_size=chunk)
+            total.backward()
+
+        found[name] = {"loss_seconds": median_seconds(loss_step)}
+        if isinstance(teacher_rows, SpanRows):
+            logits = head(hidden)  # (C, V)
+            index = teacher_rows.aligned.nonzero().squeeze(-1)
+
+            @torch.no_grad()
+            def forward_only(teacher_rows=teacher_rows, index=index, logits=logits):
+                hybrid_divergence(logits[index], teacher_rows.first.logits[index], teacher_rows.shift[index],
+                                  teacher_rows.vocab, settings)
+
+            found[name]["hybrid_forward_seconds"] = median_seconds(forward_only)
+    return found
 
 
 def main() -> None:
@@ -150,9 +292,14 @@ def main() -> None:
     parser.add_argument("--threads", type=int,
                         help="OMP_NUM_THREADS for the arms' processes; with 1, the CPU-time ratios measure the work "
                              "even on a busy machine")
+    parser.add_argument("--chunk-costs", action="store_true",
+                        help="also time the loss on one chunk with each arm's rows (a fresh process, after the arms)")
     parser.add_argument("--one")
     parser.add_argument("--sizes", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.one == "chunk_costs":
+        print(json.dumps(chunk_costs(args.device, args.dtype, json.loads(args.sizes))))
+        return
     if args.one:
         print(json.dumps(one(args.one, args.device, args.dtype, json.loads(args.sizes), args.repeats)))
         return
@@ -168,7 +315,13 @@ def main() -> None:
                                                             else {})})
             runs[arm].append(result)
             print(json.dumps({arm: result}), file=sys.stderr, flush=True)
-    _report(args, sizes, runs)
+    costs = None
+    if args.chunk_costs:
+        costs = in_fresh_process(__file__, ["--one", "chunk_costs", "--device", args.device, "--dtype", args.dtype,
+                                            "--sizes", json.dumps(sizes)], timeout=1800,
+                                 env={"MALLOC_ARENA_MAX": "1",
+                                      **({"OMP_NUM_THREADS": str(args.threads)} if args.threads else {})})
+    _report(args, sizes, runs, costs)
 
 
 def _median_run(results: list[dict]) -> dict:
@@ -179,7 +332,9 @@ def _median_run(results: list[dict]) -> dict:
             "cpu_seconds": statistics.median(r["cpu_seconds"] for r in ok),
             "peak_above_baseline_bytes": statistics.median(r["peak_above_baseline_bytes"] for r in ok),
             "tokens_per_second": statistics.median(r["tokens_per_second"] for r in ok),
-            "student_params": ok[0].get("student_params")}
+            "student_params": ok[0].get("student_params"),
+            **{key: ok[0][key] for key in ("aligned_fraction", "blocks", "uld_weight", "teacher_tokens")
+               if key in ok[0]}}
 
 
 def _ratio(values: list[float]) -> str:
@@ -188,7 +343,7 @@ def _ratio(values: list[float]) -> str:
     return f"{statistics.median(values):.3f} ({min(values):.3f}–{max(values):.3f})"
 
 
-def _report(args, sizes: dict, runs: dict[str, list[dict]]) -> None:
+def _report(args, sizes: dict, runs: dict[str, list[dict]], costs: dict | None = None) -> None:
     results = {arm: _median_run(r) for arm, r in runs.items()}
     student = next((r["student_params"] for r in results.values() if r.get("student_params")), None)
     print(f"\nstep benchmark: device {args.device}, {args.dtype}; student hidden {sizes['hidden']}, {sizes['layers']} "
@@ -223,11 +378,38 @@ def _report(args, sizes: dict, runs: dict[str, list[dict]]) -> None:
                          "<= 0.75"))
     if {"neo_live", "full_kd"} <= ok:
         rows.append(("Neo / full KD, memory", [m["neo_live"][i] / m["full_kd"][i] for i in rounds], "<= 0.6"))
+    for arm in CROSS_ARMS:
+        if {arm, "neo_live"} <= ok:
+            for measure_name, key in (("time", "seconds"), ("CPU time", "cpu_seconds"),
+                                      ("memory", "peak_above_baseline_bytes")):
+                rows.append((f"{arm} / neo_live, {measure_name}",
+                             [runs[arm][i][key] / runs["neo_live"][i][key] for i in rounds], "-"))
     if rows:
         print("\n| ratio | measured" + (" (median, min–max over rounds)" if args.rounds > 1 else "") + " | target |")
         print("|---|---|---|")
         for name, values, target in rows:
             print(f"| {name} | {_ratio(values)} | {target} |")
+    crossed = [arm for arm in CROSS_ARMS if arm in results and "error" not in results[arm]]
+    if crossed:
+        print("\n| cross arm | teacher vocabulary | shared tokens | ULD weight | reply tokens by block "
+              "(student:teacher) | aligned positions | teacher tokens per step |")
+        print("|---|---|---|---|---|---|---|")
+        for arm in crossed:
+            r = results[arm]
+            other = arm == "neo_cross_other"
+            blocks = ", ".join(f"{name} {share:.1%}" for name, share in r["blocks"].items())
+            print(f"| {arm} | {sizes['teacher_vocab'] if other else sizes['vocab']:,} | "
+                  f"{sizes['shared'] if other else sizes['vocab']:,} | {r['uld_weight']:.3f} | {blocks} | "
+                  f"{r['aligned_fraction']:.1%} | {r['teacher_tokens']:,} |")
+    if costs is not None and "error" not in costs:
+        print("\n| one chunk of 256 positions (fused loss, forward + backward) | seconds | of which hybrid_divergence "
+              "forward |")
+        print("|---|---|---|")
+        for name, c in costs.items():
+            forward = c.get("hybrid_forward_seconds")
+            print(f"| {name} | {c['loss_seconds']:.4f} | {'-' if forward is None else f'{forward:.4f}'} |")
+    elif costs is not None:
+        print(f"\nchunk costs: {costs['error']}")
 
 
 if __name__ == "__main__":
