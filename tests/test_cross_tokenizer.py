@@ -204,6 +204,41 @@ def test_the_hybrid_equals_a_hand_computation():
         float(value), rel=1e-5)
 
 
+@pytest.mark.parametrize("temperature, weight, wider", [(1.0, 0.3, "teacher"), (2.0, 0.5, "student"),
+                                                     (1.0, 0.0, "teacher"), (0.5, 1.0, "student")])
+def test_the_closed_form_hybrid_equals_autograd(temperature, weight, wider):
+    """fkl against a dense teacher takes crossvocab.hybrid_fkl_grad: the same CE, KD and gradient as autograd
+    through hybrid_divergence, with unaligned positions, continuation shifts and either side's unshared tokens
+    the wider (ULD's topk of the wider side)."""
+    from llmneo.losses import token_cross_entropy
+    from llmneo.rows import LogitRows, SpanRows
+
+    generator = torch.Generator().manual_seed(1)
+    v_s, v_t, shared = (50, 80, 30) if wider == "teacher" else (80, 50, 30)
+    student_ids = torch.randperm(v_s, generator=generator)[:shared].sort().values
+    teacher_ids = torch.randperm(v_t, generator=generator)[:shared]
+    to_student = torch.full((v_t,), -1)
+    to_student[teacher_ids] = student_ids
+    student_only = torch.ones(v_s, dtype=torch.bool)
+    student_only[student_ids] = False
+    vocab = crossvocab.VocabMap(student_ids, teacher_ids, to_student, student_only, to_student < 0, weight)
+    logits = torch.randn(6, v_s, generator=generator) * 3
+    rows = SpanRows(LogitRows(torch.randn(6, v_t, generator=generator) * 3),
+                    torch.tensor([0.0, -0.5, 0.0, -1.2, 0.0, 0.0]),
+                    torch.tensor([True, True, False, True, True, False]), vocab)
+    targets = torch.randint(v_s, (6,), generator=generator)
+    settings = KDSettings("fkl", temperature)
+    ce, kd, grad = rows.closed_form(logits, targets, 0.4, settings)
+    student = logits.clone().requires_grad_(True)
+    ce_ref = token_cross_entropy(student, targets).sum()
+    kd_ref = rows.divergence(student, settings).sum()
+    (0.6 * ce_ref + 0.4 * kd_ref).backward()
+    assert float(ce) == pytest.approx(float(ce_ref), rel=1e-5)
+    assert float(kd) == pytest.approx(float(kd_ref), rel=1e-5) and float(kd) > 0
+    assert torch.allclose(grad, student.grad, atol=1e-6)
+    assert rows.closed_form(logits, targets, 0.4, KDSettings("rkl")) is None  # other kinds: autograd
+
+
 # --- the CLI, end to end -----------------------------------------------------------------------------------
 
 @pytest.fixture

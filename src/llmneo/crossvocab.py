@@ -147,13 +147,34 @@ def vocab_map(student_tok, teacher_tok, uld_weight: float | None = None,
 
 
 def sorted_l1(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-    """Σ |sort(p) - sort(q)| over ranks per row, the narrower padded with zeros."""
-    p = p.sort(dim=-1, descending=True).values
-    q = q.sort(dim=-1, descending=True).values
-    width = max(p.shape[-1], q.shape[-1])
-    p = F.pad(p, (0, width - p.shape[-1]))
-    q = F.pad(q, (0, width - q.shape[-1]))
-    return (p - q).abs().sum(dim=-1)
+    """Σ |sort(p) - sort(q)| over ranks per row, the narrower padded with zeros. Only the narrower side is sorted
+    whole: of the wider, its top ranks (topk), and past them its remaining mass, which meets the zeros."""
+    narrow, wide = (p, q) if p.shape[-1] <= q.shape[-1] else (q, p)
+    narrow_sorted = narrow.sort(dim=-1, descending=True).values
+    wide_top = _top(wide, narrow.shape[-1])
+    return (narrow_sorted - wide_top).abs().sum(dim=-1) + (wide.sum(dim=-1) - wide_top.sum(dim=-1))
+
+
+def _top(values: torch.Tensor, width: int) -> torch.Tensor:
+    """The `width` largest of each row, in descending order."""
+    if values.shape[-1] > width:
+        return values.topk(width, dim=-1).values
+    return values.sort(dim=-1, descending=True).values
+
+
+def _sorted_l1_grad(p: torch.Tensor, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`sorted_l1(p, q)` per row and its gradient w.r.t. p: the sign of each rank's difference, put back through
+    p's sort order (1 for p's ranks past q's width, which meet zeros)."""
+    if p.shape[-1] <= q.shape[-1]:
+        p_sorted, order = p.sort(dim=-1, descending=True)
+        q_top = _top(q, p.shape[-1])
+        difference = p_sorted - q_top
+        value = difference.abs().sum(dim=-1) + (q.sum(dim=-1) - q_top.sum(dim=-1))
+        return value, torch.zeros_like(p).scatter_(-1, order, difference.sign())
+    p_top, order = p.topk(q.shape[-1], dim=-1)
+    difference = p_top - q.sort(dim=-1, descending=True).values
+    value = difference.abs().sum(dim=-1) + (p.sum(dim=-1) - p_top.sum(dim=-1))
+    return value, torch.ones_like(p).scatter_(-1, order, difference.sign())
 
 
 def hybrid_divergence(student_logits: torch.Tensor, teacher, shift: torch.Tensor, vocab: VocabMap,
@@ -201,3 +222,44 @@ def _shared_divergence(student_cols, teacher_cols, student_rest, teacher_rest, s
     student_buckets = F.log_softmax(student_cols, dim=-1)
     teacher_buckets = F.log_softmax(teacher_cols.float() / settings.temperature, dim=-1)
     return divergence_of_logprobs(teacher_buckets, student_buckets, settings) * settings.temperature ** 2
+
+
+@torch.no_grad()
+def hybrid_fkl_grad(logits: torch.Tensor, targets: torch.Tensor, teacher_logits: torch.Tensor | None,
+                    shift: torch.Tensor, aligned: torch.Tensor, vocab: VocabMap, kd_ratio: float, temperature: float):
+    """(ce_sum, kd_sum, d/d logits) of (1 - r)·CE + r·hybrid over a chunk, in closed form, for kd_loss fkl against
+    dense teacher logits (C, V_T) (None: no position aligned). KD counts at `aligned` positions only.
+
+    The shared term's gradient is (1 - w)·T·(p̄ - q̄) on the shared columns; ULD's, through the student's full
+    softmax, w·p ⊙ (g - Σ p·g), with g the sign of each rank's difference on the unshared columns. No autograd
+    graph, so a chunk keeps a few (C, V) buffers where autograd through the hybrid keeps about fifteen.
+    """
+    s = logits.float()
+    rows = torch.arange(s.shape[0], device=s.device)
+    ce = (torch.logsumexp(s, dim=-1) - s[rows, targets]).sum()
+    p = torch.softmax(s, dim=-1)  # (C, V_S)
+    index = aligned.nonzero().squeeze(-1)
+    kd = s.new_zeros(())
+    if teacher_logits is not None and index.numel():
+        student = s[index]  # (M, V_S)
+        log_shared = F.log_softmax(F.log_softmax(student / temperature, dim=-1)[:, vocab.student_ids], dim=-1)
+        logq = F.log_softmax(teacher_logits[index].float(), dim=-1) + shift[index, None].float()  # (M, V_T)
+        log_teacher_shared = F.log_softmax(logq[:, vocab.teacher_ids] / temperature, dim=-1)  # (M, S)
+        weight = vocab.uld_weight
+        values = (1.0 - weight) * temperature ** 2 * divergence_of_logprobs(log_teacher_shared, log_shared,
+                                                                            KDSettings("fkl"))
+        kd_grad = torch.zeros_like(student)
+        kd_grad[:, vocab.student_ids] = (1.0 - weight) * temperature * (log_shared.exp() - log_teacher_shared.exp())
+        if weight:
+            p_aligned = p[index]
+            uld, signs = _sorted_l1_grad(p_aligned[:, vocab.student_only], logq[:, vocab.teacher_only].exp())
+            g = torch.zeros_like(student)
+            g[:, vocab.student_only] = signs
+            kd_grad += weight * p_aligned * (g - (p_aligned * g).sum(dim=-1, keepdim=True))
+            values = values + weight * uld
+        kd = values.sum()
+    grad = p.mul_(1.0 - kd_ratio)  # (1 - r)·(p - onehot), in p's buffer
+    grad[rows, targets] -= 1.0 - kd_ratio
+    if kd_ratio and index.numel() and teacher_logits is not None:
+        grad[index] += kd_ratio * kd_grad
+    return ce, kd, grad
