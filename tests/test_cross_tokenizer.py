@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from conftest import ALPACA_ROWS, assert_same_training, read_metrics, write_jsonl, write_yaml
-from llmneo import adapters, alignment, cli, config, crosstok, crossvocab, data, models, train
+from llmneo import adapters, alignment, cli, config, crosstok, crossvocab, data, losses, models, train
 from llmneo.demo import tiny
 from llmneo.losses import KDSettings
 from llmneo.rows import SparseRows
@@ -204,12 +204,13 @@ def test_the_hybrid_equals_a_hand_computation():
         float(value), rel=1e-5)
 
 
-@pytest.mark.parametrize("temperature, weight, wider", [(1.0, 0.3, "teacher"), (2.0, 0.5, "student"),
-                                                     (1.0, 0.0, "teacher"), (0.5, 1.0, "student")])
-def test_the_closed_form_hybrid_equals_autograd(temperature, weight, wider):
+@pytest.mark.parametrize("temperature, weight, wider, unaligned", [
+    (1.0, 0.3, "teacher", "ce"), (2.0, 0.5, "student", "skip"), (1.0, 0.0, "teacher", "skip"),
+    (0.5, 1.0, "student", "ce")])
+def test_the_closed_form_hybrid_equals_autograd(temperature, weight, wider, unaligned):
     """fkl against a dense teacher takes crossvocab.hybrid_fkl_grad: the same CE, KD and gradient as autograd
-    through hybrid_divergence, with unaligned positions, continuation shifts and either side's unshared tokens
-    the wider (ULD's topk of the wider side)."""
+    through hybrid_divergence, with unaligned positions (KD 0, or their CE under kd_unaligned: ce), continuation
+    shifts and either side's unshared tokens the wider (ULD's topk of the wider side)."""
     from llmneo.losses import token_cross_entropy
     from llmneo.rows import LogitRows, SpanRows
 
@@ -223,10 +224,11 @@ def test_the_closed_form_hybrid_equals_autograd(temperature, weight, wider):
     student_only[student_ids] = False
     vocab = crossvocab.VocabMap(student_ids, teacher_ids, to_student, student_only, to_student < 0, weight)
     logits = torch.randn(6, v_s, generator=generator) * 3
-    rows = SpanRows(LogitRows(torch.randn(6, v_t, generator=generator) * 3),
-                    torch.tensor([0.0, -0.5, 0.0, -1.2, 0.0, 0.0]),
-                    torch.tensor([True, True, False, True, True, False]), vocab)
     targets = torch.randint(v_s, (6,), generator=generator)
+    aligned = torch.tensor([True, True, False, True, True, False])
+    rows = SpanRows(LogitRows(torch.randn(6, v_t, generator=generator) * 3),
+                    torch.tensor([0.0, -0.5, 0.0, -1.2, 0.0, 0.0]), aligned, vocab, targets,
+                    ~aligned if unaligned == "ce" else None)
     settings = KDSettings("fkl", temperature)
     ce, kd, grad = rows.closed_form(logits, targets, 0.4, settings)
     student = logits.clone().requires_grad_(True)
@@ -237,6 +239,14 @@ def test_the_closed_form_hybrid_equals_autograd(temperature, weight, wider):
     assert float(kd) == pytest.approx(float(kd_ref), rel=1e-5) and float(kd) > 0
     assert torch.allclose(grad, student.grad, atol=1e-6)
     assert rows.closed_form(logits, targets, 0.4, KDSettings("rkl")) is None  # other kinds: autograd
+    per_position = rows.divergence(logits, settings)
+    ce_unaligned = token_cross_entropy(logits[~aligned], targets[~aligned])
+    if unaligned == "ce":  # the position's loss is (1 - r)·CE + r·CE: its CE, as if it had no teacher at all
+        assert torch.allclose(per_position[~aligned], ce_unaligned)
+        assert torch.allclose(grad[~aligned], torch.softmax(logits[~aligned], -1)
+                              - torch.nn.functional.one_hot(targets[~aligned], v_s), atol=1e-6)
+    else:
+        assert torch.equal(per_position[~aligned], torch.zeros(2))
 
 
 # --- the CLI, end to end -----------------------------------------------------------------------------------
@@ -470,3 +480,21 @@ def test_a_word_the_student_splits_is_unaligned():
     assert _spans(piece_tokenizer(), word_tokenizer()) == [
         ("un", None), ("believ", None), ("able", None),  # three student tokens for one teacher token: skipped
         ("▁day", "day"), ("<end>", "<e>")]
+
+
+@pytest.mark.parametrize("unaligned", ["ce", "skip"])
+def test_unaligned_tokens_of_the_datas_replies_fall_back_to_ce_and_the_students_own_never_do(
+        tokenizer, other_teacher_dir, unaligned):
+    teacher_tok = other_family_tokenizer()
+    examples = _views(tokenizer, teacher_tok)[:2]
+    examples[1]["reply_is_data"] = False  # as rollout.teacher_fields marks the student's own replies
+    batch = data.collate(examples, tokenizer.pad_token_id)
+    teacher = LiveTeacher(models.load_model(str(other_teacher_dir), "teacher", torch.float32).eval(), len(teacher_tok))
+    aligner = alignment.choose(crosstok.vocab_for(config.load(overrides={}), tokenizer, teacher_tok),
+                               unaligned=unaligned)
+    positions, targets = losses.response_positions(batch["labels"])
+    rows = aligner.rows(teacher, batch, positions)
+    row_of = positions.nonzero()[:, 0]
+    assert torch.equal(rows.targets, targets)
+    expected = ~rows.aligned & (row_of == 0) if unaligned == "ce" else torch.zeros_like(rows.aligned)
+    assert torch.equal(rows.fallback, expected) and bool((~rows.aligned & (row_of == 1)).any())

@@ -44,10 +44,12 @@ class IdentityAligner:
 
 
 class CrossTokenizerAligner:
-    """A teacher with another tokenizer: SpanRows at the student's positions, over the vocabulary map `vocab`."""
+    """A teacher with another tokenizer: SpanRows at the student's positions, over the vocabulary map `vocab`.
+    `unaligned_ce` (kd_unaligned: ce): an unaligned position of a row whose replies are the data's takes its CE
+    as its KD term, so it trains on full CE; the student's own replies (`reply_is_data` false) never do."""
 
-    def __init__(self, vocab):
-        self.vocab = vocab
+    def __init__(self, vocab, unaligned_ce: bool = True):
+        self.vocab, self.unaligned_ce = vocab, unaligned_ce
         self.aligned = self.positions = 0
 
     def take_counts(self) -> tuple[int, int]:
@@ -64,7 +66,14 @@ class CrossTokenizerAligner:
             first, shift, aligned = teacher_spans(teacher, batch, positions)
         self.aligned += int(aligned.sum())
         self.positions += int(aligned.numel())
-        return SpanRows(first if bool(aligned.any()) else None, shift, aligned, self.vocab.to(aligned.device))
+        fallback = torch.zeros_like(aligned)
+        if self.unaligned_ce:
+            data_rows = batch.get("reply_is_data", torch.ones(positions.shape[0], dtype=torch.bool))
+            fallback = ~aligned & data_rows.to(positions.device)[positions.nonzero()[:, 0]]
+        following = torch.zeros_like(positions)
+        following[:, 1:] = positions[:, :-1]
+        return SpanRows(first if bool(aligned.any()) else None, shift, aligned, self.vocab.to(aligned.device),
+                        targets=batch["labels"][following], fallback=fallback)
 
 
 @torch.no_grad()
@@ -99,9 +108,9 @@ def teacher_spans(teacher, batch: dict, positions: torch.Tensor):
     return (rows.take(first_index) if who.numel() else None), shift, aligned
 
 
-def choose(vocab=None, device=None) -> Aligner:
+def choose(vocab=None, device=None, unaligned: str = "ce") -> Aligner:
     """The run's aligner, chosen once: cross-tokenizer when the run has a vocabulary map (the teacher's tokenizer
-    differs, or kd_cross_tokenizer: true), else the identity."""
+    differs, or kd_cross_tokenizer: true), else the identity. `unaligned`: kd_unaligned."""
     if vocab is None:
         return IdentityAligner()
-    return CrossTokenizerAligner(vocab.to(device or "cpu"))
+    return CrossTokenizerAligner(vocab.to(device or "cpu"), unaligned_ce=unaligned == "ce")

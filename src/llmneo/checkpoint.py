@@ -36,7 +36,7 @@ MUST_MATCH = ("model_name_or_path", "finetuning_type", "lora_rank", "lora_alpha"
               "teacher_model_name_or_path", "teacher_cache", "kd_ratio", "kd_loss", "kd_temperature", "kd_beta",
               "kd_skew", "learning_rate", "lr_scheduler_type", "weight_decay", "lmbda", "seq_kd", "max_new_tokens",
               "temperature", "top_p", "teacher_endpoint", "teacher_endpoint_model", "teacher_topk",
-              "kd_cross_tokenizer", "kd_uld_weight", "teacher_template")
+              "kd_cross_tokenizer", "kd_uld_weight", "kd_unaligned", "teacher_template")
 
 
 @dataclass

@@ -118,6 +118,10 @@ class Config:
     kd_uld_weight: float | None = _f(
         None, "Cross-tokenizer KD: the weight w of ULD's sorted-probability term on the tokens the vocabularies do "
         "not share; KD = (1-w)*divergence over the shared tokens + w*ULD. Default: 1 - the vocabulary overlap.")
+    kd_unaligned: str = _f(
+        "ce", "Cross-tokenizer KD: what a reply token no teacher span covers learns. ce: its KD term is its CE (the "
+        "data's token stands in for the teacher), so it trains on full CE; skip: no KD, so it trains on (1 - "
+        "kd_ratio)*CE only. The student's own replies (on-policy steps) always skip.")
     teacher_template: str | None = _f(
         None, "Cross-tokenizer KD: the built-in template for a teacher tokenizer without a chat template "
         "(default: template). The teacher's own chat template wins when it has one.")

@@ -34,7 +34,8 @@ _RANGES = {
     "top_p": (lambda v: 0.0 < v <= 1.0, "in (0, 1]"),
     **dict.fromkeys(("lora_dropout", "warmup_ratio"), (lambda v: 0.0 <= v < 1.0, "in [0, 1)")),
 }
-_CHOICES = {"kd_loss": KD_LOSSES, "lora_variant": LORA_VARIANTS, "lr_scheduler_type": SCHEDULERS, "torch_dtype": DTYPES}
+_CHOICES = {"kd_loss": KD_LOSSES, "lora_variant": LORA_VARIANTS, "lr_scheduler_type": SCHEDULERS, "torch_dtype": DTYPES,
+            "kd_unaligned": ("ce", "skip")}
 
 
 def _require(ok: bool, message: str) -> None:

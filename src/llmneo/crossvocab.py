@@ -226,9 +226,11 @@ def _shared_divergence(student_cols, teacher_cols, student_rest, teacher_rest, s
 
 @torch.no_grad()
 def hybrid_fkl_grad(logits: torch.Tensor, targets: torch.Tensor, teacher_logits: torch.Tensor | None,
-                    shift: torch.Tensor, aligned: torch.Tensor, vocab: VocabMap, kd_ratio: float, temperature: float):
+                    shift: torch.Tensor, aligned: torch.Tensor, vocab: VocabMap, kd_ratio: float, temperature: float,
+                    fallback: torch.Tensor | None = None):
     """(ce_sum, kd_sum, d/d logits) of (1 - r)·CE + r·hybrid over a chunk, in closed form, for kd_loss fkl against
-    dense teacher logits (C, V_T) (None: no position aligned). KD counts at `aligned` positions only.
+    dense teacher logits (C, V_T) (None: no position aligned). KD counts at `aligned` positions, and is the CE at
+    `fallback` ones (kd_unaligned: ce); elsewhere it is 0.
 
     The shared term's gradient is (1 - w)·T·(p̄ - q̄) on the shared columns; ULD's, through the student's full
     softmax, w·p ⊙ (g - Σ p·g), with g the sign of each rank's difference on the unshared columns. No autograd
@@ -236,7 +238,8 @@ def hybrid_fkl_grad(logits: torch.Tensor, targets: torch.Tensor, teacher_logits:
     """
     s = logits.float()
     rows = torch.arange(s.shape[0], device=s.device)
-    ce = (torch.logsumexp(s, dim=-1) - s[rows, targets]).sum()
+    per_position = torch.logsumexp(s, dim=-1) - s[rows, targets]  # (C,) CE
+    ce = per_position.sum()
     p = torch.softmax(s, dim=-1)  # (C, V_S)
     index = aligned.nonzero().squeeze(-1)
     kd = s.new_zeros(())
@@ -258,8 +261,12 @@ def hybrid_fkl_grad(logits: torch.Tensor, targets: torch.Tensor, teacher_logits:
             kd_grad += weight * p_aligned * (g - (p_aligned * g).sum(dim=-1, keepdim=True))
             values = values + weight * uld
         kd = values.sum()
-    grad = p.mul_(1.0 - kd_ratio)  # (1 - r)·(p - onehot), in p's buffer
-    grad[rows, targets] -= 1.0 - kd_ratio
+    falls = fallback.nonzero().squeeze(-1) if fallback is not None else rows[:0]
+    kd = kd + per_position[falls].sum()
+    scale = torch.full_like(per_position, 1.0 - kd_ratio)  # CE's weight per position: 1 where KD is CE too
+    scale[falls] = 1.0
+    grad = p.mul_(scale[:, None])  # scale·(p - onehot), in p's buffer
+    grad[rows, targets] -= scale
     if kd_ratio and index.numel() and teacher_logits is not None:
         grad[index] += kd_ratio * kd_grad
     return ce, kd, grad

@@ -203,7 +203,8 @@ def collate(examples: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
 
 def collate_teacher(examples: list[dict], width: int) -> dict[str, torch.Tensor]:
     """The teacher's own tokens right-padded (id 0 under a zero mask), and per student token (padded to `width`)
-    the first and end teacher token of its aligned span (-1: unaligned), and each row's teacher prompt length."""
+    the first and end teacher token of its aligned span (-1: unaligned), each row's teacher prompt length, and
+    whether its replies are the data's."""
     teacher_width = max(len(e["teacher_input_ids"]) for e in examples)
 
     def pad(rows, size, value):
@@ -213,7 +214,9 @@ def collate_teacher(examples: list[dict], width: int) -> dict[str, torch.Tensor]
             "teacher_attention_mask": pad([[1] * len(e["teacher_input_ids"]) for e in examples], teacher_width, 0),
             "teacher_start": pad([e["teacher_start"] for e in examples], width, -1),
             "teacher_end": pad([e["teacher_end"] for e in examples], width, -1),
-            "teacher_prompt_len": torch.tensor([e["teacher_prompt_len"] for e in examples], dtype=torch.long)}
+            "teacher_prompt_len": torch.tensor([e["teacher_prompt_len"] for e in examples], dtype=torch.long),
+            # the replies are the data's (not the student's samples): an unaligned token may fall back to its CE
+            "reply_is_data": torch.tensor([e.get("reply_is_data", True) for e in examples], dtype=torch.bool)}
 
 
 # --- finding and reading datasets ------------------------------------------------------------

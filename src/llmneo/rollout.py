@@ -99,7 +99,7 @@ def teacher_fields(retokenizer, batch: dict, prompt_ids: list[torch.Tensor], rep
     rows = []
     for i, (prompt, reply) in enumerate(zip(prompt_ids, replies)):
         teacher_prompt = batch["teacher_input_ids"][i, :int(batch["teacher_prompt_len"][i])].tolist()
-        rows.append(retokenizer.fields(teacher_prompt, len(prompt), reply.tolist()))
+        rows.append({**retokenizer.fields(teacher_prompt, len(prompt), reply.tolist()), "reply_is_data": False})
     return {k: v.to(device) for k, v in data.collate_teacher(rows, rebuilt["input_ids"].shape[1]).items()}
 
 

@@ -28,7 +28,8 @@ import torch
 
 from llmneo import closed_form
 from llmneo.errors import LlmneoError
-from llmneo.losses import KDSettings, sampled_reverse_kl, sparse_token_divergence, token_divergence
+from llmneo.losses import (KDSettings, sampled_reverse_kl, sparse_token_divergence, token_cross_entropy,
+                           token_divergence)
 
 
 @dataclass
@@ -244,19 +245,23 @@ class SpanRows:
     """A teacher with another tokenizer, met at the student's N positions (alignment.CrossTokenizerAligner):
     for each aligned position the teacher's distribution of its span's first token over the *teacher's*
     vocabulary (`first`: dense, logit or top-k rows) and the log-prob of the span's continuation (`shift`).
-    The divergence is crossvocab.hybrid_divergence; unaligned positions add 0."""
+    The divergence is crossvocab.hybrid_divergence; an unaligned position adds 0, or its CE where `fallback`."""
 
     first: DenseRows | LogitRows | SparseRows | None  # one row per position (any row where unaligned); None: none
     shift: torch.Tensor  # (N,)
     aligned: torch.Tensor  # (N,) bool
     vocab: object  # crossvocab.VocabMap
+    targets: torch.Tensor | None = None  # (N,) the positions' targets, for `fallback`
+    fallback: torch.Tensor | None = None  # (N,) bool: unaligned positions whose KD term is their CE (kd_unaligned)
 
     def __len__(self) -> int:
         return self.aligned.shape[0]
 
     def __getitem__(self, rows: slice) -> "SpanRows":
         first = None if self.first is None or not bool(self.aligned[rows].any()) else self.first[rows]
-        return SpanRows(first, self.shift[rows], self.aligned[rows], self.vocab)
+        return SpanRows(first, self.shift[rows], self.aligned[rows], self.vocab,
+                        None if self.targets is None else self.targets[rows],
+                        None if self.fallback is None else self.fallback[rows])
 
     def check_vocab(self, vocab_size: int) -> None:
         if self.vocab.student_only.numel() != vocab_size:
@@ -267,6 +272,9 @@ class SpanRows:
         from llmneo.crossvocab import hybrid_divergence
 
         values = student_logits.float().sum(-1) * 0.0  # (C,): zeros still attached to the student's graph
+        if self.fallback is not None and bool(self.fallback.any()):
+            falls = self.fallback.nonzero().squeeze(-1)
+            values = values.index_put((falls,), token_cross_entropy(student_logits[falls], self.targets[falls]))
         if self.first is None:
             return values
         index = self.aligned.nonzero().squeeze(-1)
@@ -284,7 +292,7 @@ class SpanRows:
             return None
         first = self.first[0:len(self)] if isinstance(self.first, DenseRows) else self.first
         return hybrid_fkl_grad(logits, targets, None if first is None else first.logits, self.shift, self.aligned,
-                               self.vocab, kd_ratio, settings.temperature)
+                               self.vocab, kd_ratio, settings.temperature, self.fallback)
 
     def sampled(self, tokens: torch.Tensor) -> SampledRows:
         raise LlmneoError("kd_loss: sampled_rkl needs the teacher's log-prob of the student's own tokens, which a "

@@ -166,7 +166,7 @@ def prepare(config: Config) -> TrainingSetup:
                                  tokenizer=loaded.tokenizer, step=progress.step, last=total_steps,
                                  stop_ids=stop_ids, retokenizer=retokenizer),
         teacher=signal,
-        aligner=alignment.choose(crossing.vocab if crossing else None, accelerator.device),
+        aligner=alignment.choose(crossing.vocab if crossing else None, accelerator.device, config.kd_unaligned),
         settings=KDSettings.from_config(config) if signal is not None else KDSettings(),
         kd_ratio=config.kd_ratio if signal is not None else 0.0,
         params=[p for p in model.parameters() if p.requires_grad])
