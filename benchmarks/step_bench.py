@@ -18,7 +18,7 @@ teacher of the same shape, LoRA rank 128, 4 × 128 tokens. Every size is an opti
               paired at random; per block of reply text, 1 student token ↔ 1 teacher token (p 0.85), ↔ a
               2-token teacher span (0.10), or 2 student tokens ↔ 1 teacher token (0.05, both unaligned)
 The cross arms build the teacher fields (data.collate_teacher) and the VocabMap directly: the bench has no
-tokenizer. `--chunk-costs` also times the fused loss on one chunk of 256 positions with each arm's rows.
+tokenizer. `--chunk-costs` also times the fused loss on one chunk of 256 positions with each arm's rows (fkl, rkl).
 Peak memory is RSS (CUDA: max allocated) above the baseline taken after the models are built, before the
 warm-up step, so optimizer moments count; children run with MALLOC_ARENA_MAX=1 so that RSS repeats.
 
@@ -38,7 +38,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from measure import in_fresh_process, measure, measure_cuda  # noqa: E402
+from measure import in_fresh_process, measure, measure_cuda, tensor_peak  # noqa: E402
 
 ARMS = ("lora_sft", "neo_live", "neo_cache", "full_kd", "teacher_fwd", "neo_cross_same", "neo_cross_other")
 CROSS_ARMS = ("neo_cross_same", "neo_cross_other")
@@ -214,12 +214,11 @@ def one(arm: str, device: str, dtype_name: str, sizes: dict, repeats: int = 5) -
 
 def chunk_costs(device: str, dtype_name: str, sizes: dict, repeats: int = 10, chunk: int = 256) -> dict:
     """Seconds for the fused loss (chunked.fused_loss, forward + backward to the hidden states; a frozen head)
-    on one chunk of `chunk` positions, with neo_live's rows (closed-form fkl) and each cross arm's SpanRows, and
-    for the cross rows hybrid_divergence's forward alone: what the cross path adds per chunk."""
+    on one chunk of `chunk` positions, with neo_live's rows and each cross arm's SpanRows, under kd_loss fkl (the
+    closed forms) and rkl (autograd); on the CPU also the chunk's tensor peak (measure.tensor_peak)."""
     import torch
 
     from llmneo.chunked import fused_loss
-    from llmneo.crossvocab import hybrid_divergence
     from llmneo.losses import KDSettings
     from llmneo.rows import LogitRows, SpanRows
 
@@ -233,15 +232,13 @@ def chunk_costs(device: str, dtype_name: str, sizes: dict, repeats: int = 10, ch
     other = torch.randn(chunk, teacher_vocab, generator=gen).mul(3).to(dev, dtype)  # (C, V_T)
     aligned = torch.rand(chunk, generator=gen) < 0.9  # (C,)
     shift = torch.where(torch.rand(chunk, generator=gen) < 0.1, -0.5, 0.0)  # (C,) some 2-token spans
-    rows = {"neo_live (LogitRows, closed-form fkl)": LogitRows(same),
+    rows = {"neo_live (LogitRows)": LogitRows(same),
             "neo_cross_same (SpanRows, identity map)": SpanRows(
                 LogitRows(same), torch.zeros(chunk, device=dev), torch.ones(chunk, dtype=torch.bool, device=dev),
                 vocab_map(vocab, vocab, vocab).to(dev)),
-            "neo_cross_other (SpanRows, hybrid + ULD)": SpanRows(
+            "neo_cross_other (SpanRows, shared term + ULD)": SpanRows(  # kd_unaligned: ce, the default
                 LogitRows(other), shift.to(dev), aligned.to(dev),
-                vocab_map(vocab, teacher_vocab, sizes["shared"]).to(dev))}
-    settings = KDSettings()
-
+                vocab_map(vocab, teacher_vocab, sizes["shared"]).to(dev), targets, ~aligned.to(dev))}
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
 
     def median_seconds(call) -> float:
@@ -257,23 +254,16 @@ def chunk_costs(device: str, dtype_name: str, sizes: dict, repeats: int = 10, ch
 
     found = {}
     for name, teacher_rows in rows.items():
-        def loss_step(teacher_rows=teacher_rows):
-            piece = hidden.clone().requires_grad_(True)
-            total, _, _ = fused_loss(piece, targets, head, [], teacher_rows, vocab_size=vocab, kd_ratio=0.5,
-                                     settings=settings, chunk_size=chunk)
-            total.backward()
+        for kind in ("fkl", "rkl"):  # fkl: the closed forms; rkl: autograd through the divergence, chunk by chunk
+            def loss_step(teacher_rows=teacher_rows, settings=KDSettings(kind)):
+                piece = hidden.clone().requires_grad_(True)
+                total, _, _ = fused_loss(piece, targets, head, [], teacher_rows, vocab_size=vocab, kd_ratio=0.5,
+                                         settings=settings, chunk_size=chunk)
+                total.backward()
 
-        found[name] = {"loss_seconds": median_seconds(loss_step)}
-        if isinstance(teacher_rows, SpanRows):
-            logits = head(hidden)  # (C, V)
-            index = teacher_rows.aligned.nonzero().squeeze(-1)
-
-            @torch.no_grad()
-            def forward_only(teacher_rows=teacher_rows, index=index, logits=logits):
-                hybrid_divergence(logits[index], teacher_rows.first.logits[index], teacher_rows.shift[index],
-                                  teacher_rows.vocab, settings)
-
-            found[name]["hybrid_forward_seconds"] = median_seconds(forward_only)
+            found.setdefault(name, {})[kind] = {"seconds": median_seconds(loss_step)}
+            if dev.type == "cpu":  # live tensor bytes at the chunk's peak, as in loss_bench (measure.tensor_peak)
+                found[name][kind]["tensor_peak_bytes"] = tensor_peak(loss_step)["tensor_peak_bytes"]
     return found
 
 
@@ -402,12 +392,15 @@ def _report(args, sizes: dict, runs: dict[str, list[dict]], costs: dict | None =
                   f"{sizes['shared'] if other else sizes['vocab']:,} | {r['uld_weight']:.3f} | {blocks} | "
                   f"{r['aligned_fraction']:.1%} | {r['teacher_tokens']:,} |")
     if costs is not None and "error" not in costs:
-        print("\n| one chunk of 256 positions (fused loss, forward + backward) | seconds | of which hybrid_divergence "
-              "forward |")
-        print("|---|---|---|")
+        unit = 256 * sizes["vocab"] * 4  # one chunk × V fp32 buffer
+        print("\n| one chunk of 256 positions (fused loss, forward + backward) | fkl: seconds | fkl: tensor peak, "
+              "chunk × V buffers | rkl (autograd): seconds | rkl: tensor peak, chunk × V buffers |")
+        print("|---|---|---|---|---|")
         for name, c in costs.items():
-            forward = c.get("hybrid_forward_seconds")
-            print(f"| {name} | {c['loss_seconds']:.4f} | {'-' if forward is None else f'{forward:.4f}'} |")
+            cells = [f"{c[kind]['seconds']:.4f} | " + (f"{c[kind]['tensor_peak_bytes'] / unit:.1f}"
+                                                      if "tensor_peak_bytes" in c[kind] else "-")
+                     for kind in ("fkl", "rkl")]
+            print(f"| {name} | " + " | ".join(cells) + " |")
     elif costs is not None:
         print(f"\nchunk costs: {costs['error']}")
 
