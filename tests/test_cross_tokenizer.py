@@ -206,7 +206,7 @@ def test_the_hybrid_equals_a_hand_computation():
 
 @pytest.mark.parametrize("temperature, weight, wider, unaligned", [
     (1.0, 0.3, "teacher", "ce"), (2.0, 0.5, "student", "skip"), (1.0, 0.0, "teacher", "skip"),
-    (0.5, 1.0, "student", "ce")])
+    (0.5, 1.0, "student", "ce"), (1.0, 0.3, "student", "none")])
 def test_the_closed_form_hybrid_equals_autograd(temperature, weight, wider, unaligned):
     """fkl against a dense teacher takes crossvocab.hybrid_fkl_grad: the same CE, KD and gradient as autograd
     through hybrid_divergence, with unaligned positions (KD 0, or their CE under kd_unaligned: ce), continuation
@@ -225,7 +225,7 @@ def test_the_closed_form_hybrid_equals_autograd(temperature, weight, wider, unal
     vocab = crossvocab.VocabMap(student_ids, teacher_ids, to_student, student_only, to_student < 0, weight)
     logits = torch.randn(6, v_s, generator=generator) * 3
     targets = torch.randint(v_s, (6,), generator=generator)
-    aligned = torch.tensor([True, True, False, True, True, False])
+    aligned = torch.tensor([True, True, False, True, True, False]) if unaligned != "none" else torch.ones(6, dtype=bool)
     rows = SpanRows(LogitRows(torch.randn(6, v_t, generator=generator) * 3),
                     torch.tensor([0.0, -0.5, 0.0, -1.2, 0.0, 0.0]), aligned, vocab, targets,
                     ~aligned if unaligned == "ce" else None)
@@ -241,6 +241,8 @@ def test_the_closed_form_hybrid_equals_autograd(temperature, weight, wider, unal
     assert rows.closed_form(logits, targets, 0.4, KDSettings("rkl")) is None  # other kinds: autograd
     per_position = rows.divergence(logits, settings)
     ce_unaligned = token_cross_entropy(logits[~aligned], targets[~aligned])
+    if unaligned == "none":  # every position aligned: no row gathered
+        return
     if unaligned == "ce":  # the position's loss is (1 - r)·CE + r·CE: its CE, as if it had no teacher at all
         assert torch.allclose(per_position[~aligned], ce_unaligned)
         assert torch.allclose(grad[~aligned], torch.softmax(logits[~aligned], -1)

@@ -25,6 +25,7 @@ whose teacher mass is the tail; ULD sees the unshared top-k only (the tail's spr
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import re
@@ -46,6 +47,14 @@ class VocabMap:
     student_only: torch.Tensor  # (V_S,) bool: student tokens with no teacher counterpart
     teacher_only: torch.Tensor  # (V_T,) bool
     uld_weight: float
+
+    @functools.cached_property
+    def student_only_ids(self) -> torch.Tensor:
+        return self.student_only.nonzero().squeeze(-1)
+
+    @functools.cached_property
+    def teacher_only_ids(self) -> torch.Tensor:
+        return self.teacher_only.nonzero().squeeze(-1)
 
     @property
     def shared(self) -> int:
@@ -240,33 +249,44 @@ def hybrid_fkl_grad(logits: torch.Tensor, targets: torch.Tensor, teacher_logits:
     rows = torch.arange(s.shape[0], device=s.device)
     per_position = torch.logsumexp(s, dim=-1) - s[rows, targets]  # (C,) CE
     ce = per_position.sum()
-    p = torch.softmax(s, dim=-1)  # (C, V_S)
-    index = aligned.nonzero().squeeze(-1)
-    kd = s.new_zeros(())
-    if teacher_logits is not None and index.numel():
-        student = s[index]  # (M, V_S)
-        log_shared = F.log_softmax(F.log_softmax(student / temperature, dim=-1)[:, vocab.student_ids], dim=-1)
-        logq = F.log_softmax(teacher_logits[index].float(), dim=-1) + shift[index, None].float()  # (M, V_T)
-        log_teacher_shared = F.log_softmax(logq[:, vocab.teacher_ids] / temperature, dim=-1)  # (M, S)
-        weight = vocab.uld_weight
-        values = (1.0 - weight) * temperature ** 2 * divergence_of_logprobs(log_teacher_shared, log_shared,
-                                                                            KDSettings("fkl"))
-        kd_grad = torch.zeros_like(student)
-        kd_grad[:, vocab.student_ids] = (1.0 - weight) * temperature * (log_shared.exp() - log_teacher_shared.exp())
-        if weight:
-            p_aligned = p[index]
-            uld, signs = _sorted_l1_grad(p_aligned[:, vocab.student_only], logq[:, vocab.teacher_only].exp())
-            g = torch.zeros_like(student)
-            g[:, vocab.student_only] = signs
-            kd_grad += weight * p_aligned * (g - (p_aligned * g).sum(dim=-1, keepdim=True))
-            values = values + weight * uld
-        kd = values.sum()
     falls = fallback.nonzero().squeeze(-1) if fallback is not None else rows[:0]
-    kd = kd + per_position[falls].sum()
+    kd = per_position[falls].sum()
     scale = torch.full_like(per_position, 1.0 - kd_ratio)  # CE's weight per position: 1 where KD is CE too
     scale[falls] = 1.0
-    grad = p.mul_(scale[:, None])  # scale·(p - onehot), in p's buffer
+    p = torch.softmax(s, dim=-1)  # (C, V_S): becomes the gradient in place
+    index = aligned.nonzero().squeeze(-1)
+    every = index.numel() == s.shape[0]  # then no row is gathered or scattered
+    weight = vocab.uld_weight
+    shared_grad = unshared_grad = None
+    row_factor = scale.clone()  # what p is multiplied by in the gradient, per row
+    if teacher_logits is not None and index.numel():
+        student = s if every else s[index]  # (M, V_S)
+        scaled = student if temperature == 1.0 else student / temperature
+        log_shared = F.log_softmax(scaled[:, vocab.student_ids], dim=-1)  # (M, S): the renormalised shared part
+        teacher = teacher_logits.float() if every else teacher_logits[index].float()
+        logq = F.log_softmax(teacher, dim=-1).add_((shift if every else shift[index]).float()[:, None])  # (M, V_T)
+        teacher_shared = logq[:, vocab.teacher_ids]
+        log_teacher_shared = F.log_softmax(teacher_shared if temperature == 1.0 else teacher_shared / temperature,
+                                           dim=-1)
+        values = (1.0 - weight) * temperature ** 2 * divergence_of_logprobs(log_teacher_shared, log_shared,
+                                                                            KDSettings("fkl"))
+        shared_grad = (log_shared.exp_().sub_(log_teacher_shared.exp_())).mul_((1.0 - weight) * temperature * kd_ratio)
+        if weight:
+            p_unshared = (p if every else p[index])[:, vocab.student_only_ids]  # (M, U_S)
+            uld, signs = _sorted_l1_grad(p_unshared, logq[:, vocab.teacher_only_ids].exp())
+            unshared_grad = p_unshared.mul_(signs)  # p ⊙ g on the unshared columns
+            # the -p·Σ p·g part joins p's own factor, so no (M, V) buffer is needed for it
+            row_factor[index] -= kd_ratio * weight * unshared_grad.sum(dim=-1)
+            unshared_grad.mul_(kd_ratio * weight)
+            values = values + weight * uld
+        kd = kd + values.sum()
+    grad = p.mul_(row_factor[:, None])  # scale·(p - onehot) + the ULD rows' -r·w·p·Σ p·g, in p's buffer
     grad[rows, targets] -= scale
-    if kd_ratio and index.numel() and teacher_logits is not None:
-        grad[index] += kd_ratio * kd_grad
+    for columns, part in ((vocab.student_ids, shared_grad), (vocab.student_only_ids, unshared_grad)):
+        if part is None or not kd_ratio:
+            continue
+        if every:
+            grad.index_add_(1, columns, part)
+        else:
+            grad.index_put_((index[:, None], columns[None, :]), part, accumulate=True)
     return ce, kd, grad
