@@ -111,17 +111,15 @@ class Config:
         None, "Several teachers, routed: the dataset column naming each row's teacher, by 0-based index or by the "
         "teacher's entry (its path or URL, or the last part of it).")
     kd_cross_tokenizer: str = _f(
-        "auto", "A teacher with another tokenizer (another family): auto|true|false. auto: when the teacher's "
-        "vocabulary differs from the student's, distil across tokenizers (each side renders the conversation with "
-        "its own template; tokens are aligned by their text; GOLD's hybrid loss) and say so in one line. true: "
-        "that path even for one shared tokenizer. false: a different tokenizer is an error.")
+        "auto", "A teacher with another tokenizer: auto (when the vocabularies differ, distil across tokenizers: each "
+        "side renders with its own template, tokens aligned by their text, GOLD's hybrid loss; said in one line), "
+        "true (that path even for one tokenizer) or false (another tokenizer is an error).")
     kd_uld_weight: float | None = _f(
         None, "Cross-tokenizer KD: the weight w of ULD's sorted-probability term on the tokens the vocabularies do "
         "not share; KD = (1-w)*divergence over the shared tokens + w*ULD. Default: 1 - the vocabulary overlap.")
     kd_unaligned: str = _f(
-        "ce", "Cross-tokenizer KD: what a reply token no teacher span covers learns. ce: its KD term is its CE (the "
-        "data's token stands in for the teacher), so it trains on full CE; skip: no KD, so it trains on (1 - "
-        "kd_ratio)*CE only. The student's own replies (on-policy steps) always skip.")
+        "ce", "Cross-tokenizer KD, a reply token no teacher span covers: ce (its KD term is its CE, so it trains on "
+        "full CE) or skip (no KD: (1 - kd_ratio)*CE only). The student's own replies (on-policy) always skip.")
     teacher_template: str | None = _f(
         None, "Cross-tokenizer KD: the built-in template for a teacher tokenizer without a chat template "
         "(default: template). The teacher's own chat template wins when it has one.")
