@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from conftest import ALPACA_ROWS, assert_same_training, read_metrics, write_jsonl, write_yaml
-from llmneo import adapters, alignment, cli, config, crosstok, crossvocab, data, losses, models, train
+from llmneo import adapters, alignment, cli, config, crosstok, crossvocab, data, losses, models, step_source, train
 from llmneo.demo import tiny
 from llmneo.losses import KDSettings
 from llmneo.rows import SparseRows
@@ -500,3 +500,43 @@ def test_unaligned_tokens_of_the_datas_replies_fall_back_to_ce_and_the_students_
     assert torch.equal(rows.targets, targets)
     expected = ~rows.aligned & (row_of == 0) if unaligned == "ce" else torch.zeros_like(rows.aligned)
     assert torch.equal(rows.fallback, expected) and bool((~rows.aligned & (row_of == 1)).any())
+
+
+def metaspace_tokenizer():
+    """A SentencePiece-style student tokenizer (Llama 2, Mistral, Gemma): metaspace pieces, byte fallback,
+    the first space stripped when decoding; trained on the test rows."""
+    from tokenizers import Tokenizer, decoders, models as token_models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(token_models.BPE(unk_token="<unk>", byte_fallback=True))
+    backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+    backend.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                         decoders.Strip(" ", 1, 0)])
+    specials = ["<unk>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"] + [f"<0x{b:02X}>" for b in range(256)]
+    corpus = [row["instruction"] + " " + row["output"] for row in ALPACA_ROWS] * 3
+    backend.train_from_iterator(corpus, trainer=trainers.BpeTrainer(vocab_size=360, special_tokens=specials,
+                                                                     show_progress=False))
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                  pad_token="<unk>")
+    tok.chat_template = tiny.CHATML_TEMPLATE
+    return tok
+
+
+def test_a_sentencepiece_student_learns_from_a_byte_level_teacher_on_and_off_policy(tmp_path, cross_overrides,
+                                                                                      other_teacher_dir):
+    """The usual real pair (a Llama 2 / Mistral style student, a Llama 3 / Qwen style teacher): "▁word" and
+    "Ġword" are one token to the map, and the student's sampled replies (decoded with the first space stripped)
+    are aligned again for the teacher."""
+    student_tok = metaspace_tokenizer()
+    vocab = crosstok.vocab_for(config.load(overrides={}), student_tok, other_family_tokenizer())
+    shared = dict(zip(vocab.student_ids.tolist(), vocab.teacher_ids.tolist()))
+    plus = student_tok.convert_tokens_to_ids("▁plus")
+    assert other_family_tokenizer().convert_ids_to_tokens(shared[plus]) == "Ġplus"
+    student = tiny.save_pair(tiny.build_model(student_tok, seed=7), student_tok, tmp_path / "sp_student")
+    values = {**cross_overrides, "model_name_or_path": str(student), "max_steps": 4, "lmbda": 0.5, "seed": 2,
+              "max_new_tokens": 8}
+    assert {step_source.on_policy_draw(2, s, 0.5) for s in range(1, 5)} == {True, False}  # both kinds of step
+    assert cli.main(["train", write_yaml(tmp_path, "sp.yaml", values)]) == 0
+    rows = read_metrics(Path(values["output_dir"]))
+    assert {r["on_policy"] for r in rows} == {True, False}
+    assert all(0.3 < r["kd_aligned_fraction"] <= 1.0 and r["kd_loss"] > 0 for r in rows)
