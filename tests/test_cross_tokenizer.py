@@ -335,6 +335,9 @@ def test_a_cross_tokenizer_cache_trains_as_the_live_teacher_does(tmp_path, cross
     config_file.write_text(json.dumps(settings))
     assert cli.main(["train", write_yaml(tmp_path, "stale.yaml", other)]) == 2
     assert "teacher template differs" in capsys.readouterr().err
+    refused = {**cached, "output_dir": str(tmp_path / "refused"), "kd_cross_tokenizer": False}
+    assert cli.main(["train", write_yaml(tmp_path, "refused.yaml", refused)]) == 2
+    assert "kd_cross_tokenizer: false refuses" in capsys.readouterr().err
     # axolotl's KD format has no place for teacher-space ids aligned to student positions: refused, nothing written
     assert cli.main(["cache", "export", "axolotl", write_yaml(tmp_path, "export.yaml", cached),
                      str(tmp_path / "kd.jsonl")]) == 2

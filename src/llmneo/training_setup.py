@@ -188,6 +188,10 @@ def _crossing(config: Config, loaded: models.Loaded, main: bool) -> Crossing | N
     own = loaded.teacher_tokenizer
     if own is None and teacher.uses_cache(config):
         own = cache_reader.cross_tokenizer(config)
+        if own is not None and config.cross_tokenizer == "false":
+            raise LlmneoError(f"teacher_cache '{config.teacher_cache}' was written by a teacher with another "
+                              f"tokenizer (cross-tokenizer KD), which kd_cross_tokenizer: false refuses; set it to "
+                              f"auto, or cache a teacher that shares the student's tokenizer")
     if own is None:
         return None
     crosstok.check_supported(config)
