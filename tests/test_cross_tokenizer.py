@@ -19,7 +19,8 @@ import pytest
 import torch
 
 from conftest import ALPACA_ROWS, assert_same_training, read_metrics, write_jsonl, write_yaml
-from llmneo import adapters, alignment, cli, config, crosstok, crossvocab, data, losses, models, step_source, train
+from llmneo import adapters, alignment, cache, cli, config, crosstok, crossvocab, data, losses, models, step_source
+from llmneo import train
 from llmneo.demo import tiny
 from llmneo.losses import KDSettings
 from llmneo.rows import SparseRows
@@ -207,10 +208,12 @@ def test_the_hybrid_equals_a_hand_computation():
 @pytest.mark.parametrize("temperature, weight, wider, unaligned", [
     (1.0, 0.3, "teacher", "ce"), (2.0, 0.5, "student", "skip"), (1.0, 0.0, "teacher", "skip"),
     (0.5, 1.0, "student", "ce"), (1.0, 0.3, "student", "none")])
-def test_the_closed_form_hybrid_equals_autograd(temperature, weight, wider, unaligned):
+@pytest.mark.parametrize("top_k", [None, 20])
+def test_the_closed_form_hybrid_equals_autograd(temperature, weight, wider, unaligned, top_k):
     """fkl against a dense teacher takes crossvocab.hybrid_fkl_grad: the same CE, KD and gradient as autograd
     through hybrid_divergence, with unaligned positions (KD 0, or their CE under kd_unaligned: ce), continuation
-    shifts and either side's unshared tokens the wider (ULD's topk of the wider side)."""
+    shifts and either side's unshared tokens the wider (ULD's topk of the wider side); against dense teacher
+    logits and against top-k rows (a cross-tokenizer cache: the shared tokens outside the top-k one bucket)."""
     from llmneo.losses import token_cross_entropy
     from llmneo.rows import LogitRows, SpanRows
 
@@ -226,8 +229,9 @@ def test_the_closed_form_hybrid_equals_autograd(temperature, weight, wider, unal
     logits = torch.randn(6, v_s, generator=generator) * 3
     targets = torch.randint(v_s, (6,), generator=generator)
     aligned = torch.tensor([True, True, False, True, True, False]) if unaligned != "none" else torch.ones(6, dtype=bool)
-    rows = SpanRows(LogitRows(torch.randn(6, v_t, generator=generator) * 3),
-                    torch.tensor([0.0, -0.5, 0.0, -1.2, 0.0, 0.0]), aligned, vocab, targets,
+    teacher_logits = torch.randn(6, v_t, generator=generator) * 3
+    first = LogitRows(teacher_logits) if top_k is None else cache.topk_rows(teacher_logits, top_k)
+    rows = SpanRows(first, torch.tensor([0.0, -0.5, 0.0, -1.2, 0.0, 0.0]), aligned, vocab, targets,
                     ~aligned if unaligned == "ce" else None)
     settings = KDSettings("fkl", temperature)
     ce, kd, grad = rows.closed_form(logits, targets, 0.4, settings)

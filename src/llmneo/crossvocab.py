@@ -234,16 +234,16 @@ def _shared_divergence(student_cols, teacher_cols, student_rest, teacher_rest, s
 
 
 @torch.no_grad()
-def hybrid_fkl_grad(logits: torch.Tensor, targets: torch.Tensor, teacher_logits: torch.Tensor | None,
-                    shift: torch.Tensor, aligned: torch.Tensor, vocab: VocabMap, kd_ratio: float, temperature: float,
-                    fallback: torch.Tensor | None = None):
+def hybrid_fkl_grad(logits: torch.Tensor, targets: torch.Tensor, teacher, shift: torch.Tensor, aligned: torch.Tensor,
+                    vocab: VocabMap, kd_ratio: float, temperature: float, fallback: torch.Tensor | None = None):
     """(ce_sum, kd_sum, d/d logits) of (1 - r)·CE + r·hybrid over a chunk, in closed form, for kd_loss fkl against
-    dense teacher logits (C, V_T) (None: no position aligned). KD counts at `aligned` positions, and is the CE at
-    `fallback` ones (kd_unaligned: ce); elsewhere it is 0.
+    dense teacher logits (C, V_T) or a top-k rows.SparseRows over the teacher's vocabulary (None: no position
+    aligned). KD counts at `aligned` positions, and is the CE at `fallback` ones (kd_unaligned: ce); else 0.
 
-    The shared term's gradient is (1 - w)·T·(p̄ - q̄) on the shared columns; ULD's, through the student's full
-    softmax, w·p ⊙ (g - Σ p·g), with g the sign of each rank's difference on the unshared columns. No autograd
-    graph, so a chunk keeps a few (C, V) buffers where autograd through the hybrid keeps about fifteen.
+    The shared term's gradient is (1 - w)·T·(p̄ - q̄) on the shared columns (against top-k rows, the shared tokens
+    outside the top-k share one bucket: p_j·(1/P_shared - q̄_rest/P_rest) for each); ULD's, through the
+    student's full softmax, w·p ⊙ (g - Σ p·g), with g the sign of each rank's difference on the unshared
+    columns. No autograd graph, so a chunk keeps a few (C, V) buffers where autograd keeps about fifteen.
     """
     s = logits.float()
     rows = torch.arange(s.shape[0], device=s.device)
@@ -257,36 +257,77 @@ def hybrid_fkl_grad(logits: torch.Tensor, targets: torch.Tensor, teacher_logits:
     index = aligned.nonzero().squeeze(-1)
     every = index.numel() == s.shape[0]  # then no row is gathered or scattered
     weight = vocab.uld_weight
-    shared_grad = unshared_grad = None
+    parts = []  # (student columns or None for all of them, (M, columns) gradient, already times r)
     row_factor = scale.clone()  # what p is multiplied by in the gradient, per row
-    if teacher_logits is not None and index.numel():
+    if teacher is not None and index.numel():
         student = s if every else s[index]  # (M, V_S)
         scaled = student if temperature == 1.0 else student / temperature
-        log_shared = F.log_softmax(scaled[:, vocab.student_ids], dim=-1)  # (M, S): the renormalised shared part
-        teacher = teacher_logits.float() if every else teacher_logits[index].float()
-        logq = F.log_softmax(teacher, dim=-1).add_((shift if every else shift[index]).float()[:, None])  # (M, V_T)
-        teacher_shared = logq[:, vocab.teacher_ids]
-        log_teacher_shared = F.log_softmax(teacher_shared if temperature == 1.0 else teacher_shared / temperature,
-                                           dim=-1)
-        values = (1.0 - weight) * temperature ** 2 * divergence_of_logprobs(log_teacher_shared, log_shared,
-                                                                            KDSettings("fkl"))
-        shared_grad = (log_shared.exp_().sub_(log_teacher_shared.exp_())).mul_((1.0 - weight) * temperature * kd_ratio)
+        shift = (shift if every else shift[index]).float()
+        if isinstance(teacher, torch.Tensor):
+            values, columns, shared_grad, q_unshared = _dense_shared(scaled, teacher if every else teacher[index],
+                                                                     shift, vocab, temperature)
+        else:
+            values, columns, shared_grad, q_unshared = _sparse_shared(scaled, teacher if every else teacher.take(index),
+                                                                      shift, vocab, temperature)
+        values = (1.0 - weight) * temperature ** 2 * values
+        parts.append((columns, shared_grad.mul_((1.0 - weight) * temperature * kd_ratio)))
         if weight:
             p_unshared = (p if every else p[index])[:, vocab.student_only_ids]  # (M, U_S)
-            uld, signs = _sorted_l1_grad(p_unshared, logq[:, vocab.teacher_only_ids].exp())
+            uld, signs = _sorted_l1_grad(p_unshared, q_unshared)
             unshared_grad = p_unshared.mul_(signs)  # p ⊙ g on the unshared columns
             # the -p·Σ p·g part joins p's own factor, so no (M, V) buffer is needed for it
             row_factor[index] -= kd_ratio * weight * unshared_grad.sum(dim=-1)
-            unshared_grad.mul_(kd_ratio * weight)
+            parts.append((vocab.student_only_ids, unshared_grad.mul_(kd_ratio * weight)))
             values = values + weight * uld
         kd = kd + values.sum()
     grad = p.mul_(row_factor[:, None])  # scale·(p - onehot) + the ULD rows' -r·w·p·Σ p·g, in p's buffer
     grad[rows, targets] -= scale
-    for columns, part in ((vocab.student_ids, shared_grad), (vocab.student_only_ids, unshared_grad)):
-        if part is None or not kd_ratio:
-            continue
-        if every:
+    for columns, part in parts if kd_ratio else ():
+        if columns is None:  # every column
+            grad[index] += part
+        elif every:
             grad.index_add_(1, columns, part)
         else:
             grad.index_put_((index[:, None], columns[None, :]), part, accumulate=True)
     return ce, kd, grad
+
+
+def _dense_shared(scaled, teacher_logits, shift, vocab: VocabMap, temperature: float):
+    """(KL(q̄ ‖ p̄) per row, the shared columns, p̄ - q̄ on them, the teacher's unshared probabilities)."""
+    log_shared = F.log_softmax(scaled[:, vocab.student_ids], dim=-1)  # (M, S): the renormalised shared part
+    logq = F.log_softmax(teacher_logits.float(), dim=-1).add_(shift[:, None])  # (M, V_T): span log-probs
+    teacher_shared = logq[:, vocab.teacher_ids]
+    log_teacher_shared = F.log_softmax(teacher_shared if temperature == 1.0 else teacher_shared / temperature,
+                                       dim=-1)
+    values = divergence_of_logprobs(log_teacher_shared, log_shared, KDSettings("fkl"))
+    return values, vocab.student_ids, log_shared.exp_().sub_(log_teacher_shared.exp_()), \
+        logq[:, vocab.teacher_only_ids].exp()
+
+
+def _sparse_shared(scaled, teacher, shift, vocab: VocabMap, temperature: float):
+    """As `_dense_shared` against top-k rows: buckets of the shared top-k tokens and one of the other shared
+    tokens (the tail stands for it); the gradient over every student column (None)."""
+    logp = F.log_softmax(scaled, dim=-1)  # (M, V_S) at T
+    student_ids = vocab.to_student[teacher.ids]  # (M, k), -1 where unshared
+    shared = student_ids >= 0
+    ids = student_ids.clamp(min=0)
+    student_cols = logp.gather(-1, ids).masked_fill(~shared, -math.inf)
+    covered = torch.zeros_like(logp).scatter_add_(-1, ids, shared.float()) > 0
+    rest = ~vocab.student_only & ~covered  # (M, V_S): the shared tokens outside the top-k
+    student_rest = masked_logsumexp(logp, rest)
+    logq = teacher.logprobs.float() + shift[:, None]  # (M, k)
+    teacher_cols = logq.masked_fill(~shared, -math.inf)
+    teacher_rest = (teacher.tail.float() + shift).masked_fill(torch.isneginf(student_rest), -math.inf)
+    student_buckets = torch.cat([student_cols, student_rest[:, None]], dim=-1)
+    log_total = torch.logsumexp(student_buckets, dim=-1)  # log P_shared
+    log_pbar = student_buckets - log_total[:, None]
+    log_qbar = F.log_softmax(torch.cat([teacher_cols, teacher_rest[:, None]], dim=-1) / temperature, dim=-1)
+    values = divergence_of_logprobs(log_qbar, log_pbar, KDSettings("fkl"))
+    q_bar = log_qbar.exp()
+    # p_j / P_shared on every shared token, minus q̄_b on a top-k bucket's token (its p_j / P_b is 1), minus
+    # q̄_rest · p_j / P_rest on the others
+    grad = torch.where(vocab.student_only, 0.0, (logp - log_total[:, None]).exp())
+    grad.scatter_add_(-1, ids, -q_bar[:, :-1].masked_fill(~shared, 0.0))
+    safe_rest = student_rest.masked_fill(torch.isneginf(student_rest), 0.0)
+    grad -= torch.where(rest, (logp - safe_rest[:, None]).exp() * q_bar[:, -1:], 0.0)
+    return values, None, grad, logq.exp().masked_fill(shared, 0.0)

@@ -285,14 +285,15 @@ class SpanRows:
         return values.index_put((index,), part)
 
     def closed_form(self, logits, targets, kd_ratio: float, settings: KDSettings):
-        """fkl against a dense teacher: crossvocab.hybrid_fkl_grad; otherwise autograd (None)."""
+        """fkl: crossvocab.hybrid_fkl_grad (dense or top-k teacher rows); other kinds: autograd (None)."""
         from llmneo.crossvocab import hybrid_fkl_grad
 
-        if settings.kind != "fkl" or isinstance(self.first, SparseRows):
+        if settings.kind != "fkl":
             return None
         first = self.first[0:len(self)] if isinstance(self.first, DenseRows) else self.first
-        return hybrid_fkl_grad(logits, targets, None if first is None else first.logits, self.shift, self.aligned,
-                               self.vocab, kd_ratio, settings.temperature, self.fallback)
+        teacher = first.logits if isinstance(first, LogitRows) else first  # logits, SparseRows or None
+        return hybrid_fkl_grad(logits, targets, teacher, self.shift, self.aligned, self.vocab, kd_ratio,
+                               settings.temperature, self.fallback)
 
     def sampled(self, tokens: torch.Tensor) -> SampledRows:
         raise LlmneoError("kd_loss: sampled_rkl needs the teacher's log-prob of the student's own tokens, which a "
