@@ -275,6 +275,8 @@ def test_a_teacher_of_another_family_trains_a_student_through_the_cli(tmp_path, 
     assert f"{len(other_family_tokenizer()):,} tokens" in line and "ULD weight" in line
     rows = read_metrics(Path(cross_overrides["output_dir"]))
     assert len(rows) == 8 and all(0.3 < r["kd_aligned_fraction"] < 1.0 for r in rows)
+    # one batch holds every row: the announced share of the data is each step's
+    assert f"{100 * rows[0]['kd_aligned_fraction']:.1f}% of the training replies' tokens have a teacher span" in line
     kd = [r["kd_loss"] for r in rows]  # step 1 has a learning rate of 0 (warm-up)
     assert all(b < a for a, b in zip(kd[1:], kd[2:])) and kd[-1] < 0.9 * kd[0]
     results = json.loads(Path(cross_overrides["output_dir"], "train_results.json").read_text())

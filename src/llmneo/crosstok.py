@@ -253,8 +253,21 @@ def vocab_for(config, student_tok, teacher_tok, template_name: str | None = None
     return crossvocab.vocab_map(student_tok, teacher_tok, config.kd_uld_weight, paired)
 
 
-def announce(vocab, student_tok, teacher_tok, source: str) -> str:
+def aligned_share(examples: list[dict]) -> float:
+    """The share of the examples' reply tokens (past the first) that have a teacher span."""
+    labelled = aligned = 0
+    for example in examples:
+        for label, start in zip(example["labels"][1:], example["teacher_start"][1:]):
+            if label != templates.IGNORE_INDEX:
+                labelled += 1
+                aligned += start >= 1
+    return aligned / max(labelled, 1)
+
+
+def announce(vocab, student_tok, teacher_tok, source: str, aligned: float | None = None) -> str:
     """The one line a cross-tokenizer run starts with."""
     return (f"llmneo: cross-tokenizer KD: {source} has its own tokenizer ({len(teacher_tok):,} tokens; the "
             f"student's has {len(student_tok):,}); {vocab.shared:,} tokens shared ({100 * vocab.overlap:.1f}% "
-            f"overlap), ULD weight {vocab.uld_weight:.3f}; replies aligned by their text")
+            f"overlap), ULD weight {vocab.uld_weight:.3f}; replies aligned by their text"
+            + ("" if aligned is None else f": {100 * aligned:.1f}% of the training replies' tokens have a teacher "
+               f"span"))

@@ -108,11 +108,16 @@ def prepare(config: Config) -> TrainingSetup:
     memory.reset_peak(accelerator.device)
 
     loaded = models.load(config, precision, with_teacher=teacher.loads_model(config))
-    crossing = _crossing(config, loaded, main)
+    crossing = _crossing(config, loaded)
     teacher_side = None
     if crossing is not None and loaded.teacher_tokenizer is not None:  # live: the teacher's view of every example
         teacher_side = crosstok.TeacherSide(loaded.teacher_tokenizer, config.teacher_template or config.template)
     splits = data.build(config, loaded.tokenizer, teacher_side)
+    if crossing is not None and main:
+        source = f"teacher {config.teacher_model_name_or_path}" if teacher_side is not None else (
+            f"teacher cache {config.teacher_cache}")
+        print(crosstok.announce(crossing.vocab, loaded.tokenizer, crossing.teacher_tokenizer, source,
+                                crosstok.aligned_share(splits.train) if teacher_side is not None else None), flush=True)
     if config.generates:
         rollout.check_prompts(splits.train)
     if config.teacher_column:
@@ -181,7 +186,7 @@ class Crossing:
     vocab: object  # crossvocab.VocabMap
 
 
-def _crossing(config: Config, loaded: models.Loaded, main: bool) -> Crossing | None:
+def _crossing(config: Config, loaded: models.Loaded) -> Crossing | None:
     """The cross-tokenizer part of the run, when the teacher (or the cache's teacher) has another tokenizer."""
     from llmneo import cache_reader
 
@@ -195,12 +200,7 @@ def _crossing(config: Config, loaded: models.Loaded, main: bool) -> Crossing | N
     if own is None:
         return None
     crosstok.check_supported(config)
-    vocab = crosstok.vocab_for(config, loaded.tokenizer, own)
-    if main:
-        source = f"teacher cache {config.teacher_cache}" if loaded.teacher_tokenizer is None else (
-            f"teacher {config.teacher_model_name_or_path}")
-        print(crosstok.announce(vocab, loaded.tokenizer, own, source), flush=True)
-    return Crossing(own, vocab)
+    return Crossing(own, crosstok.vocab_for(config, loaded.tokenizer, own))
 
 
 def _route(splits: data.Splits, config: Config) -> None:
