@@ -549,3 +549,16 @@ def test_a_sentencepiece_student_learns_from_a_byte_level_teacher_on_and_off_pol
     rows = read_metrics(Path(values["output_dir"]))
     assert {r["on_policy"] for r in rows} == {True, False}
     assert all(0.3 < r["kd_aligned_fraction"] <= 1.0 and r["kd_loss"] > 0 for r in rows)
+
+
+def test_incremental_decoded_offsets_equal_those_of_every_prefix(tokenizer):
+    """Replies are cut into tokens at any byte: characters split over byte pieces, a first space SentencePiece
+    strips. The incremental decode must give what decoding every prefix gives."""
+    text = "Two plus two is four. 東京 café 🙂!\n  The quick brown fox "
+    for tok in (tokenizer, metaspace_tokenizer()):
+        ids = tok(text * 3, add_special_tokens=False)["input_ids"]
+        decoded, offsets = crosstok.decoded_offsets(tok, ids)
+        assert decoded.strip() == (text * 3).strip() and len(offsets) == len(ids)
+        assert (decoded, offsets) == crosstok._decoded_offsets_by_prefixes(
+            lambda part: tok.decode(part, skip_special_tokens=False, clean_up_tokenization_spaces=False), ids)
+        assert any(a == b for a, b in zip(offsets, offsets[1:]))  # some character came in several pieces

@@ -173,15 +173,41 @@ class Rendered:
 
 
 def decoded_offsets(tokenizer, ids: list[int]) -> tuple[str, list[tuple[int, int]]]:
-    """The text of generated `ids` and each token's character span in it, from prefix decodes. The pieces of
-    a character split across tokens (byte-level or byte-fallback) all get that character's span."""
+    """The text of generated `ids` and each token's character span in it. The pieces of a character split across
+    tokens (byte-level or byte-fallback) all get that character's span.
+
+    Incremental, as inference servers detokenize: each token's text is what decoding a short window gains by
+    it, so the cost grows with the reply's length, not its square. Should the pieces not add up to the decoded
+    whole (a decoder that rewrites earlier text), every prefix is decoded instead."""
+    def decode(part: list[int]) -> str:
+        return tokenizer.decode(part, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+
+    offsets: list[tuple[int, int]] = []
+    text, pending, prefix, read = "", 0, 0, 0
+    for i in range(len(ids)):
+        before, after = decode(ids[prefix:read]), decode(ids[prefix:i + 1])
+        if after.endswith("\ufffd") and i + 1 < len(ids):
+            pending += 1  # an incomplete character: its span is known once a later token completes it
+            continue
+        if not after.startswith(before):
+            return _decoded_offsets_by_prefixes(decode, ids)
+        start, text = len(text), text + after[len(before):]
+        offsets += [(start, len(text))] * (pending + 1)
+        pending, prefix, read = 0, read, i + 1
+    if text != decode(ids):
+        return _decoded_offsets_by_prefixes(decode, ids)
+    return text, offsets
+
+
+def _decoded_offsets_by_prefixes(decode, ids: list[int]) -> tuple[str, list[tuple[int, int]]]:
+    """`decoded_offsets` from the decode of every prefix (quadratic in the length; always consistent)."""
     offsets: list[tuple[int, int]] = []
     pending, done = 0, 0
     text = ""
     for i in range(len(ids)):
-        text = tokenizer.decode(ids[:i + 1], skip_special_tokens=False, clean_up_tokenization_spaces=False)
+        text = decode(ids[:i + 1])
         if text.endswith("\ufffd") and i + 1 < len(ids):
-            pending += 1  # an incomplete character: its span is known once a later token completes it
+            pending += 1
             continue
         end = max(len(text), done)
         offsets += [(done, end)] * (pending + 1)
