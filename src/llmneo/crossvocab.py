@@ -192,45 +192,53 @@ def hybrid_divergence(student_logits: torch.Tensor, teacher, shift: torch.Tensor
     logits, or a rows.SparseRows over the teacher's vocabulary (log-probs at T = 1); `shift` (C,) the log-prob
     of each span's continuation (0 for one-token spans), added to the first token's log-probs."""
     temperature = settings.temperature
-    logp_student = F.log_softmax(student_logits.float() / temperature, dim=-1)  # (C, V_S)
-    shift = shift.float()
-    if isinstance(teacher, torch.Tensor):
-        logq = F.log_softmax(teacher.float(), dim=-1) + shift[:, None]  # (C, V_T): span log-probs
-        student_cols = logp_student[:, vocab.student_ids]  # (C, S)
-        teacher_cols = logq[:, vocab.teacher_ids]
-        student_rest = teacher_rest = None
-        q_unshared = logq[:, vocab.teacher_only].exp()
-    else:
-        logq = teacher.logprobs.float() + shift[:, None]  # (C, k)
-        student_ids = vocab.to_student[teacher.ids]  # (C, k), -1 where unshared
-        shared = student_ids >= 0
-        ids = student_ids.clamp(min=0)
-        student_cols = logp_student.gather(-1, ids).masked_fill(~shared, -math.inf)
-        teacher_cols = logq.masked_fill(~shared, -math.inf)
-        # the shared tokens outside the top-k: one bucket; the teacher's tail stands for them (an upper bound:
-        # it also holds unshared tokens outside the top-k)
-        covered = logp_student.detach().new_zeros(logp_student.shape).scatter_add_(-1, ids, shared.float()) > 0
-        student_rest = masked_logsumexp(logp_student, ~vocab.student_only & ~covered)  # (a clamped -1 adds 0)
-        teacher_rest = (teacher.tail.float() + shift).masked_fill(torch.isneginf(student_rest), -math.inf)
-        q_unshared = logq.exp().masked_fill(shared, 0.0)
-    matched = _shared_divergence(student_cols, teacher_cols, student_rest, teacher_rest, settings)
+    student = student_logits.float()
+    buckets = _buckets(student / temperature, teacher, shift.float(), vocab)
+    log_student, log_teacher = buckets.renormalised(temperature)
+    matched = divergence_of_logprobs(log_teacher, log_student, settings) * temperature ** 2
     if vocab.uld_weight == 0.0:
         return matched
-    p = (logp_student if temperature == 1.0 else F.log_softmax(student_logits.float(), dim=-1)).exp()
-    uld = sorted_l1(p[:, vocab.student_only], q_unshared)
+    p = F.softmax(student, dim=-1)  # ULD compares probabilities at T = 1
+    uld = sorted_l1(p[:, vocab.student_only], buckets.q_unshared)
     return (1.0 - vocab.uld_weight) * matched + vocab.uld_weight * uld
 
 
-def _shared_divergence(student_cols, teacher_cols, student_rest, teacher_rest, settings: KDSettings) -> torch.Tensor:
-    """The divergence between the two sides restricted to the shared tokens (columns, -inf: none) plus, for a
-    top-k teacher, one bucket for the shared tokens outside its top-k; each side renormalised at T."""
-    if student_rest is not None:
-        student_cols = torch.cat([student_cols, student_rest[:, None]], dim=-1)
-        teacher_cols = torch.cat([teacher_cols, teacher_rest[:, None]], dim=-1)
-    # student_cols are log-probs at T already: renormalising them is a log_softmax without another 1/T
-    student_buckets = F.log_softmax(student_cols, dim=-1)
-    teacher_buckets = F.log_softmax(teacher_cols.float() / settings.temperature, dim=-1)
-    return divergence_of_logprobs(teacher_buckets, student_buckets, settings) * settings.temperature ** 2
+@dataclass
+class _Buckets:
+    """Both sides over the same buckets, as log-weights not yet renormalised: one bucket per shared token (dense
+    teacher), or per shared top-k token plus one for the other shared tokens (top-k teacher, whose tail stands
+    for them: an upper bound, as it also holds unshared tokens outside the top-k)."""
+
+    student: torch.Tensor  # (M, B) the student's logits at T, gathered (the other bucket: their logsumexp)
+    teacher: torch.Tensor  # (M, B) the teacher's span log-probs at T = 1
+    q_unshared: torch.Tensor  # (M, U) the teacher's span probabilities on its unshared tokens (zeros allowed)
+    ids: torch.Tensor | None = None  # top-k: (M, k) the student ids of the top-k tokens (clamped; see `shared`)
+    shared: torch.Tensor | None = None  # top-k: (M, k) bool, the top-k token is shared
+    rest: torch.Tensor | None = None  # top-k: (M, V_S) bool, the shared tokens in the other bucket
+
+    def renormalised(self, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """(log p̄, log q̄): each side's distribution over the buckets at T."""
+        teacher = self.teacher if temperature == 1.0 else self.teacher / temperature
+        return F.log_softmax(self.student, dim=-1), F.log_softmax(teacher, dim=-1)
+
+
+def _buckets(scaled: torch.Tensor, teacher, shift: torch.Tensor, vocab: VocabMap) -> _Buckets:
+    """The buckets of the student's logits at T (`scaled`, (M, V_S)) and of the teacher: dense logits (M, V_T) or
+    top-k rows, with `shift` (M,) added to the teacher's log-probs."""
+    if isinstance(teacher, torch.Tensor):
+        logq = F.log_softmax(teacher.float(), dim=-1).add_(shift[:, None])  # (M, V_T): span log-probs
+        return _Buckets(scaled[:, vocab.student_ids], logq[:, vocab.teacher_ids], logq[:, vocab.teacher_only_ids].exp())
+    logq = teacher.logprobs.float() + shift[:, None]  # (M, k)
+    student_ids = vocab.to_student[teacher.ids]  # (M, k), -1 where unshared
+    shared = student_ids >= 0
+    ids = student_ids.clamp(min=0)
+    covered = torch.zeros_like(scaled).scatter_add_(-1, ids, shared.float()) > 0  # (a clamped -1 adds 0)
+    rest = ~vocab.student_only & ~covered
+    student_rest = masked_logsumexp(scaled, rest)
+    teacher_rest = (teacher.tail.float() + shift).masked_fill(torch.isneginf(student_rest), -math.inf)
+    student = torch.cat([scaled.gather(-1, ids).masked_fill(~shared, -math.inf), student_rest[:, None]], dim=-1)
+    teacher_cols = torch.cat([logq.masked_fill(~shared, -math.inf), teacher_rest[:, None]], dim=-1)
+    return _Buckets(student, teacher_cols, logq.exp().masked_fill(shared, 0.0), ids, shared, rest)
 
 
 @torch.no_grad()
@@ -263,17 +271,17 @@ def hybrid_fkl_grad(logits: torch.Tensor, targets: torch.Tensor, teacher, shift:
         student = s if every else s[index]  # (M, V_S)
         scaled = student if temperature == 1.0 else student / temperature
         shift = (shift if every else shift[index]).float()
-        if isinstance(teacher, torch.Tensor):
-            values, columns, shared_grad, q_unshared = _dense_shared(scaled, teacher if every else teacher[index],
-                                                                     shift, vocab, temperature)
-        else:
-            values, columns, shared_grad, q_unshared = _sparse_shared(scaled, teacher if every else teacher.take(index),
-                                                                      shift, vocab, temperature)
-        values = (1.0 - weight) * temperature ** 2 * values
+        if not every:
+            teacher = teacher[index] if isinstance(teacher, torch.Tensor) else teacher.take(index)
+        buckets = _buckets(scaled, teacher, shift, vocab)
+        log_student, log_teacher = buckets.renormalised(temperature)
+        values = (1.0 - weight) * temperature ** 2 * divergence_of_logprobs(log_teacher, log_student,
+                                                                            KDSettings("fkl"))
+        columns, shared_grad = _shared_grad(scaled, buckets, log_student, log_teacher, vocab)
         parts.append((columns, shared_grad.mul_((1.0 - weight) * temperature * kd_ratio)))
         if weight:
             p_unshared = (p if every else p[index])[:, vocab.student_only_ids]  # (M, U_S)
-            uld, signs = _sorted_l1_grad(p_unshared, q_unshared)
+            uld, signs = _sorted_l1_grad(p_unshared, buckets.q_unshared)
             unshared_grad = p_unshared.mul_(signs)  # p ⊙ g on the unshared columns
             # the -p·Σ p·g part joins p's own factor, so no (M, V) buffer is needed for it
             row_factor[index] -= kd_ratio * weight * unshared_grad.sum(dim=-1)
@@ -292,42 +300,17 @@ def hybrid_fkl_grad(logits: torch.Tensor, targets: torch.Tensor, teacher, shift:
     return ce, kd, grad
 
 
-def _dense_shared(scaled, teacher_logits, shift, vocab: VocabMap, temperature: float):
-    """(KL(q̄ ‖ p̄) per row, the shared columns, p̄ - q̄ on them, the teacher's unshared probabilities)."""
-    log_shared = F.log_softmax(scaled[:, vocab.student_ids], dim=-1)  # (M, S): the renormalised shared part
-    logq = F.log_softmax(teacher_logits.float(), dim=-1).add_(shift[:, None])  # (M, V_T): span log-probs
-    teacher_shared = logq[:, vocab.teacher_ids]
-    log_teacher_shared = F.log_softmax(teacher_shared if temperature == 1.0 else teacher_shared / temperature,
-                                       dim=-1)
-    values = divergence_of_logprobs(log_teacher_shared, log_shared, KDSettings("fkl"))
-    return values, vocab.student_ids, log_shared.exp_().sub_(log_teacher_shared.exp_()), \
-        logq[:, vocab.teacher_only_ids].exp()
-
-
-def _sparse_shared(scaled, teacher, shift, vocab: VocabMap, temperature: float):
-    """As `_dense_shared` against top-k rows: buckets of the shared top-k tokens and one of the other shared
-    tokens (the tail stands for it); the gradient over every student column (None)."""
-    logp = F.log_softmax(scaled, dim=-1)  # (M, V_S) at T
-    student_ids = vocab.to_student[teacher.ids]  # (M, k), -1 where unshared
-    shared = student_ids >= 0
-    ids = student_ids.clamp(min=0)
-    student_cols = logp.gather(-1, ids).masked_fill(~shared, -math.inf)
-    covered = torch.zeros_like(logp).scatter_add_(-1, ids, shared.float()) > 0
-    rest = ~vocab.student_only & ~covered  # (M, V_S): the shared tokens outside the top-k
-    student_rest = masked_logsumexp(logp, rest)
-    logq = teacher.logprobs.float() + shift[:, None]  # (M, k)
-    teacher_cols = logq.masked_fill(~shared, -math.inf)
-    teacher_rest = (teacher.tail.float() + shift).masked_fill(torch.isneginf(student_rest), -math.inf)
-    student_buckets = torch.cat([student_cols, student_rest[:, None]], dim=-1)
-    log_total = torch.logsumexp(student_buckets, dim=-1)  # log P_shared
-    log_pbar = student_buckets - log_total[:, None]
-    log_qbar = F.log_softmax(torch.cat([teacher_cols, teacher_rest[:, None]], dim=-1) / temperature, dim=-1)
-    values = divergence_of_logprobs(log_qbar, log_pbar, KDSettings("fkl"))
-    q_bar = log_qbar.exp()
-    # p_j / P_shared on every shared token, minus q̄_b on a top-k bucket's token (its p_j / P_b is 1), minus
-    # q̄_rest · p_j / P_rest on the others
-    grad = torch.where(vocab.student_only, 0.0, (logp - log_total[:, None]).exp())
-    grad.scatter_add_(-1, ids, -q_bar[:, :-1].masked_fill(~shared, 0.0))
-    safe_rest = student_rest.masked_fill(torch.isneginf(student_rest), 0.0)
-    grad -= torch.where(rest, (logp - safe_rest[:, None]).exp() * q_bar[:, -1:], 0.0)
-    return values, None, grad, logq.exp().masked_fill(shared, 0.0)
+def _shared_grad(scaled, buckets: _Buckets, log_student, log_teacher, vocab: VocabMap):
+    """(student columns, or None for all of them; d KL(q̄ ‖ p̄) / d(logits / T)) on them: p̄ - q̄ on the shared
+    columns (dense); against top-k rows p_j / P_shared on every shared token, minus q̄_b on a top-k bucket's token
+    (its p_j / P_b is 1), minus q̄_rest · p_j / P_rest on the other shared tokens."""
+    q_bar = log_teacher.exp()
+    if buckets.ids is None:
+        return vocab.student_ids, log_student.exp_().sub_(q_bar)
+    log_total = torch.logsumexp(buckets.student, dim=-1, keepdim=True)  # log P_shared
+    grad = torch.where(vocab.student_only, 0.0, (scaled - log_total).exp())
+    grad.scatter_add_(-1, buckets.ids, -q_bar[:, :-1].masked_fill(~buckets.shared, 0.0))
+    log_rest = buckets.student[:, -1:]  # log P_rest
+    safe_rest = log_rest.masked_fill(torch.isneginf(log_rest), 0.0)
+    grad -= torch.where(buckets.rest, (scaled - safe_rest).exp() * q_bar[:, -1:], 0.0)
+    return None, grad
