@@ -17,7 +17,7 @@ teacher of the same shape, LoRA rank 128, 4 × 128 tokens. Every size is an opti
   neo_cross_other  a teacher over --teacher-vocab (40,000) tokens sharing --shared (28,000) with the student,
               paired at random; per block of reply text, 1 student token ↔ 1 teacher token (p 0.85), ↔ a
               2-token teacher span (0.10), or 2 student tokens ↔ 1 teacher token (0.05, both unaligned)
-The cross arms build the teacher fields (data.collate_teacher) and the VocabMap directly: the bench has no
+The cross arms build the teacher fields (crosstok.collate_teacher) and the VocabMap directly: the bench has no
 tokenizer. `--chunk-costs` also times the fused loss on one chunk of 256 positions with each arm's rows (fkl, rkl).
 Peak memory is RSS (CUDA: max allocated) above the baseline taken after the models are built, before the
 warm-up step, so optimizer moments count; children run with MALLOC_ARENA_MAX=1 so that RSS repeats.
@@ -102,12 +102,12 @@ def vocab_map(student_vocab: int, teacher_vocab: int, shared: int, seed: int = 3
 
 
 def cross_fields(batch: dict, teacher_vocab: int, identity: bool, seed: int = 4) -> tuple[dict, dict]:
-    """The teacher fields of a student `batch` (on the CPU), made by data.collate_teacher, and the share of reply
+    """The teacher fields of a student `batch` (on the CPU), made by crosstok.collate_teacher, and the share of reply
     tokens in each kind of block (student:teacher tokens). `identity`: the teacher's tokens are the student's,
     every reply token aligned 1:1 to itself; else random teacher tokens aligned block by block (CROSS_BLOCKS)."""
     import random
 
-    from llmneo import data
+    from llmneo import crosstok
 
     rng = random.Random(seed)
     kinds, weights = zip(*CROSS_BLOCKS)
@@ -129,7 +129,7 @@ def cross_fields(batch: dict, teacher_vocab: int, identity: bool, seed: int = 4)
                          "teacher_prompt_len": prompt_len})
     total = sum(counts.values())
     shares = {name: count / total for name, count in sorted(counts.items())}
-    return data.collate_teacher(examples, batch["input_ids"].shape[1]), shares
+    return crosstok.collate_teacher(examples, batch["input_ids"].shape[1]), shares
 
 
 def one(arm: str, device: str, dtype_name: str, sizes: dict, repeats: int = 5) -> dict:

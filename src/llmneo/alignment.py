@@ -24,6 +24,7 @@ from typing import Protocol
 
 import torch
 
+from llmneo.losses import targets_at
 from llmneo.rows import SpanRows
 
 
@@ -70,10 +71,8 @@ class CrossTokenizerAligner:
         if self.unaligned_ce:
             data_rows = batch.get("reply_is_data", torch.ones(positions.shape[0], dtype=torch.bool))
             fallback = ~aligned & data_rows.to(positions.device)[positions.nonzero()[:, 0]]
-        following = torch.zeros_like(positions)
-        following[:, 1:] = positions[:, :-1]
         return SpanRows(first if bool(aligned.any()) else None, shift, aligned, self.vocab.to(aligned.device),
-                        targets=batch["labels"][following], fallback=fallback)
+                        targets=targets_at(batch["labels"], positions), fallback=fallback)
 
 
 @torch.no_grad()

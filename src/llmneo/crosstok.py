@@ -24,6 +24,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
 
 from llmneo import templates
 from llmneo.errors import LlmneoError
@@ -122,14 +124,19 @@ def turn_end(tokenizer, template: str) -> list[int]:
     return [i for i, (a, b) in zip(ids, offsets) if b > a and content_end <= a < end]
 
 
+def require_fast(tokenizer, side: str) -> None:
+    """Alignment needs each token's character offsets, which only fast tokenizers report."""
+    if not getattr(tokenizer, "is_fast", False):
+        raise LlmneoError(f"cross-tokenizer KD aligns tokens by their character offsets, which only fast "
+                          f"tokenizers report; give the {side} a tokenizer.json (a fast tokenizer)")
+
+
 class TeacherSide:
     """The teacher's view of each training conversation: its own template's rendering, tokenized by its own
     tokenizer, and for every student token the teacher span covering the same text (-1 when none)."""
 
     def __init__(self, tokenizer, template_name: str | None):
-        if not getattr(tokenizer, "is_fast", False):
-            raise LlmneoError("cross-tokenizer KD aligns tokens by their character offsets, which only fast "
-                              "tokenizers report; give the teacher a tokenizer.json (a fast tokenizer)")
+        require_fast(tokenizer, "teacher")
         self.tokenizer = tokenizer
         self.template, _ = templates.resolve(tokenizer, template_name)
 
@@ -297,3 +304,21 @@ def announce(vocab, student_tok, teacher_tok, source: str, aligned: float | None
             f"overlap), ULD weight {vocab.uld_weight:.3f}; replies aligned by their text"
             + ("" if aligned is None else f": {100 * aligned:.1f}% of the training replies' tokens have a teacher "
                f"span"))
+
+
+def collate_teacher(examples: list[dict], width: int) -> dict[str, torch.Tensor]:
+    """The teacher's own tokens right-padded (id 0 under a zero mask), and per student token (padded to `width`)
+    the first and end teacher token of its aligned span (-1: unaligned), each row's teacher prompt length, and
+    whether its replies are the data's."""
+    teacher_width = max(len(e["teacher_input_ids"]) for e in examples)
+
+    def pad(rows, size, value):
+        return torch.tensor([list(row) + [value] * (size - len(row)) for row in rows], dtype=torch.long)
+
+    return {"teacher_input_ids": pad([e["teacher_input_ids"] for e in examples], teacher_width, 0),
+            "teacher_attention_mask": pad([[1] * len(e["teacher_input_ids"]) for e in examples], teacher_width, 0),
+            "teacher_start": pad([e["teacher_start"] for e in examples], width, -1),
+            "teacher_end": pad([e["teacher_end"] for e in examples], width, -1),
+            "teacher_prompt_len": torch.tensor([e["teacher_prompt_len"] for e in examples], dtype=torch.long),
+            # the replies are the data's (not the student's samples): an unaligned token may fall back to its CE
+            "reply_is_data": torch.tensor([e.get("reply_is_data", True) for e in examples], dtype=torch.bool)}

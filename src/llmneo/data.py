@@ -118,6 +118,10 @@ class _Encoder:
         import jinja2
 
         examples = []
+        if teacher_side is not None:
+            from llmneo.crosstok import require_fast
+
+            require_fast(self.tokenizer, "student")
         for source, n, row in rows:
             rendered = None
             if "text" in row:
@@ -155,9 +159,6 @@ class _Encoder:
         """(crosstok.Rendered, ids, labels): the student's rendering with its token offsets (cross-tokenizer KD)."""
         from llmneo.crosstok import Rendered
 
-        if not getattr(self.tokenizer, "is_fast", False):
-            raise LlmneoError("cross-tokenizer KD aligns tokens by their character offsets, which only fast "
-                              "tokenizers report; give the student a tokenizer.json (a fast tokenizer)")
         text, replies = templates.render_replies(self.tokenizer, self.template, messages, tools)
         ids, labels, offsets = templates.encode_by_offsets(self.tokenizer, text, [(a, b) for _, a, b in replies])
         return Rendered(text, offsets, replies), ids, labels
@@ -197,26 +198,10 @@ def collate(examples: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
     if "teacher" in examples[0]:  # which teacher scores the example (teacher_column routing)
         batch["teacher"] = torch.tensor([e["teacher"] for e in examples], dtype=torch.long)
     if "teacher_input_ids" in examples[0]:  # cross-tokenizer KD: the teacher's tokens and the alignment
+        from llmneo.crosstok import collate_teacher
+
         batch.update(collate_teacher(examples, width))
     return batch
-
-
-def collate_teacher(examples: list[dict], width: int) -> dict[str, torch.Tensor]:
-    """The teacher's own tokens right-padded (id 0 under a zero mask), and per student token (padded to `width`)
-    the first and end teacher token of its aligned span (-1: unaligned), each row's teacher prompt length, and
-    whether its replies are the data's."""
-    teacher_width = max(len(e["teacher_input_ids"]) for e in examples)
-
-    def pad(rows, size, value):
-        return torch.tensor([list(row) + [value] * (size - len(row)) for row in rows], dtype=torch.long)
-
-    return {"teacher_input_ids": pad([e["teacher_input_ids"] for e in examples], teacher_width, 0),
-            "teacher_attention_mask": pad([[1] * len(e["teacher_input_ids"]) for e in examples], teacher_width, 0),
-            "teacher_start": pad([e["teacher_start"] for e in examples], width, -1),
-            "teacher_end": pad([e["teacher_end"] for e in examples], width, -1),
-            "teacher_prompt_len": torch.tensor([e["teacher_prompt_len"] for e in examples], dtype=torch.long),
-            # the replies are the data's (not the student's samples): an unaligned token may fall back to its CE
-            "reply_is_data": torch.tensor([e.get("reply_is_data", True) for e in examples], dtype=torch.bool)}
 
 
 # --- finding and reading datasets ------------------------------------------------------------

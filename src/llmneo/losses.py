@@ -284,3 +284,11 @@ def response_positions(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     positions[:, :-1] = labels[:, 1:] != IGNORE_INDEX
     targets = labels[:, 1:][labels[:, 1:] != IGNORE_INDEX]  # (N,)
     return positions, targets
+
+
+def targets_at(labels: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
+    """The tokens the `chosen` positions (bool [B, T], a subset of the response positions) predict, in position
+    order: labels[t+1] for each chosen t."""
+    following = torch.zeros_like(chosen)
+    following[:, 1:] = chosen[:, :-1]
+    return labels[following]

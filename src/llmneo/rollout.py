@@ -27,7 +27,7 @@ from typing import Protocol
 
 import torch
 
-from llmneo import data, heads
+from llmneo import crosstok, data, heads
 from llmneo.errors import LlmneoError
 from llmneo.templates import IGNORE_INDEX
 
@@ -100,7 +100,7 @@ def teacher_fields(retokenizer, batch: dict, prompt_ids: list[torch.Tensor], rep
     for i, (prompt, reply) in enumerate(zip(prompt_ids, replies)):
         teacher_prompt = batch["teacher_input_ids"][i, :int(batch["teacher_prompt_len"][i])].tolist()
         rows.append({**retokenizer.fields(teacher_prompt, len(prompt), reply.tolist()), "reply_is_data": False})
-    return {k: v.to(device) for k, v in data.collate_teacher(rows, rebuilt["input_ids"].shape[1]).items()}
+    return {k: v.to(device) for k, v in crosstok.collate_teacher(rows, rebuilt["input_ids"].shape[1]).items()}
 
 
 def eos_ids(model: torch.nn.Module, tokenizer) -> set[int]:

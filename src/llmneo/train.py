@@ -30,7 +30,8 @@ from llmneo.alignment import IdentityAligner
 from llmneo.chunked import fused_loss, kd_values
 from llmneo.config import Config
 from llmneo.errors import LlmneoError
-from llmneo.losses import IGNORE_INDEX, SAMPLED_KINDS, KDSettings, response_positions, token_cross_entropy
+from llmneo.losses import (IGNORE_INDEX, SAMPLED_KINDS, KDSettings, response_positions, targets_at,
+                           token_cross_entropy)
 from llmneo.training_setup import TrainingSetup, writable
 
 
@@ -198,7 +199,7 @@ def micro_batch_sums(model, teacher, batch: dict, config: Config, vocab_size: in
             chosen, chosen_targets, sub, sub_positions = positions, targets, batch, positions
         else:  # this teacher's rows only
             chosen = positions & rows_of[:, None]
-            chosen_targets = targets_of(batch, chosen)
+            chosen_targets = targets_at(batch["labels"], chosen)
             sub = {key: value[rows_of] for key, value in batch.items()}
             sub_positions = positions[rows_of]
         rows = None
@@ -213,13 +214,6 @@ def micro_batch_sums(model, teacher, batch: dict, config: Config, vocab_size: in
         ce = part_ce if ce is None else ce + part_ce
         kd = part_kd if kd is None else kd + part_kd
     return loss, ce, kd, targets.numel()
-
-
-def targets_of(batch: dict, chosen: torch.Tensor) -> torch.Tensor:
-    """The tokens the `chosen` positions (bool [B, T]) predict, in position order."""
-    following = torch.zeros_like(chosen)
-    following[:, 1:] = chosen[:, :-1]
-    return batch["labels"][following]
 
 
 def combine(ce: torch.Tensor, kd: torch.Tensor | None, kd_ratio: float) -> torch.Tensor:
