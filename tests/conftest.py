@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -42,6 +43,19 @@ def write_yaml(tmp_path: Path, name: str, values: dict) -> str:
 
 def read_metrics(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def resumed_from(tmp_path: Path, full: Path, checkpoint: str, values: dict, name: str = "cut") -> Path:
+    """An interrupted copy of run `full` that kept only `checkpoint`, resumed to the end through the CLI with
+    `values` (resume_from_checkpoint: auto); its output_dir, tmp_path/name."""
+    from llmneo import cli
+
+    cut = tmp_path / name
+    cut.mkdir()
+    shutil.copytree(full / checkpoint, cut / checkpoint)
+    resumed = {**values, "output_dir": str(cut), "resume_from_checkpoint": "auto"}
+    assert cli.main(["train", write_yaml(tmp_path, f"{name}.yaml", resumed)]) == 0
+    return cut
 
 
 def assert_same_training(a: Path, b: Path, tol: float) -> None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -18,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ALPACA_ROWS, assert_same_training, read_metrics, write_jsonl, write_yaml
+from conftest import ALPACA_ROWS, assert_same_training, read_metrics, resumed_from, write_jsonl, write_yaml
 from llmneo import adapters, alignment, cache, cli, config, crosstok, crossvocab, data, losses, models, step_source
 from llmneo import train
 from llmneo.demo import tiny
@@ -382,11 +381,7 @@ def test_resume_of_a_cross_tokenizer_run_with_on_policy_steps_is_exact(tmp_path,
               "logging_steps": 3, "lmbda": 0.5, "max_new_tokens": 6, "seed": 1, "learning_rate": 5e-3}
     full = tmp_path / "full"
     assert cli.main(["train", write_yaml(tmp_path, "full.yaml", {**values, "output_dir": str(full)})]) == 0
-    cut = tmp_path / "cut"
-    cut.mkdir()
-    shutil.copytree(full / "checkpoint-2", cut / "checkpoint-2")
-    assert cli.main(["train", write_yaml(tmp_path, "cut.yaml", {**values, "output_dir": str(cut),
-                                                           "resume_from_checkpoint": "auto"})]) == 0
+    cut = resumed_from(tmp_path, full, "checkpoint-2", values)
     assert_same_training(full, cut, tol=1e-6)
     assert [r["kd_aligned_fraction"] for r in read_metrics(full)] == [r["kd_aligned_fraction"]
                                                                        for r in read_metrics(cut)]

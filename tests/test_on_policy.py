@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -24,7 +23,7 @@ from llmneo import cli, config, data, losses, rollout, step_source, training_set
 from llmneo.chunked import fused_loss
 from llmneo.rows import SampledRows
 from llmneo.templates import IGNORE_INDEX
-from conftest import assert_same_training, read_metrics, write_yaml
+from conftest import assert_same_training, read_metrics, resumed_from, write_yaml
 
 BIN = Path(sys.executable).parent
 
@@ -180,11 +179,7 @@ def test_resume_with_sampled_on_policy_steps_is_exact(tmp_path, base_overrides):
     assert any(draws) and not all(draws)  # the resumed part has both kinds of step
     full = tmp_path / "full"
     assert cli.main(["train", write_yaml(tmp_path, "full.yaml", {**values, "output_dir": str(full)})]) == 0
-    cut = tmp_path / "cut"
-    cut.mkdir()
-    shutil.copytree(full / "checkpoint-2", cut / "checkpoint-2")
-    assert cli.main(["train", write_yaml(tmp_path, "cut.yaml", {**values, "output_dir": str(cut),
-                                                           "resume_from_checkpoint": "auto"})]) == 0
+    cut = resumed_from(tmp_path, full, "checkpoint-2", values)
     assert_same_training(full, cut, tol=1e-6)
     draws = [step_source.on_policy_draw(values["seed"], s, 0.5) for s in range(1, 7)]
     rows = read_metrics(full)

@@ -16,7 +16,7 @@ import pytest
 from safetensors.torch import load_file
 
 from llmneo import cli
-from conftest import read_metrics, write_yaml
+from conftest import read_metrics, resumed_from, write_yaml
 
 STATE_FILES = ("trainer_state.json", "optimizer.pt", "scheduler.pt", "rng_state_0.pt", "adapter_model.safetensors",
                "adapter_config.json")
@@ -182,9 +182,5 @@ def test_resume_restores_the_logging_window(tmp_path, resumable):
     assert [r["step"] for r in read_metrics(full)] == [3, 4]
     state = json.loads((full / "checkpoint-2" / "trainer_state.json").read_text())
     assert state["history"] == [] and state["window"]["tokens"] > 0  # saved between two logged steps
-    resumed = tmp_path / "resumed"
-    resumed.mkdir()
-    shutil.copytree(full / "checkpoint-2", resumed / "checkpoint-2")
-    values = {**values, "output_dir": str(resumed), "resume_from_checkpoint": "auto"}
-    assert cli.main(["train", write_yaml(tmp_path, "resumed.yaml", values)]) == 0
+    resumed = resumed_from(tmp_path, full, "checkpoint-2", values, name="resumed")
     _assert_same_run(full, resumed)
