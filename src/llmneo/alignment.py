@@ -71,7 +71,7 @@ class CrossTokenizerAligner:
         if self.unaligned_ce:
             data_rows = batch.get("reply_is_data", torch.ones(positions.shape[0], dtype=torch.bool))
             fallback = ~aligned & data_rows.to(positions.device)[positions.nonzero()[:, 0]]
-        return SpanRows(first if bool(aligned.any()) else None, shift, aligned, self.vocab.to(aligned.device),
+        return SpanRows(first if bool(aligned.any()) else None, shift, aligned, self.vocab,
                         targets=targets_at(batch["labels"], positions), fallback=fallback)
 
 

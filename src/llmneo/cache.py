@@ -210,9 +210,10 @@ def write(config: Config) -> dict:
     tokenizer = cache_tokenizer(config)  # tokenize exactly as training will
     vocab = len(tokenizer)
     k = config.teacher_topk
-    if config.teacher_endpoint is None:  # a teacher with another tokenizer: its own cache format
+    if config.teacher_endpoint is None:  # a teacher loaded here (one with another tokenizer: cache_cross)
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        teacher, own = models.load_teacher(config, tokenizer, models.weight_dtype(config, "teacher"), with_tokenizer=True)
+        dtype = models.weight_dtype(config, "teacher")
+        teacher, own = models.load_teacher(config, tokenizer, dtype, with_tokenizer=True)
         if own is not tokenizer:
             from llmneo import cache_cross
 

@@ -66,8 +66,9 @@ def export_cache(config: Config, fmt: str, path: str) -> dict:
     teacher = cache_reader.CachedTeacher(config.teacher_cache, cache.fingerprint(config, tokenizer, examples),
                                          torch.device("cpu"))
     if teacher.cross:
-        raise LlmneoError(f"teacher_cache '{config.teacher_cache}' is a cross-tokenizer cache: its ids are the teacher's "
-                          f"own tokens, aligned to the student's positions, which {fmt}'s format has no place for")
+        raise LlmneoError(f"teacher_cache '{config.teacher_cache}' is a cross-tokenizer cache: its ids are the "
+                          f"teacher's own tokens, aligned to the student's positions, which {fmt}'s format has no "
+                          f"place for")
     temperature = config.kd_temperature
     tail_mass, rows_written = 0.0, 0
     with _Writer(out) as writer:

@@ -143,7 +143,8 @@ def sparse_token_divergence(
     return per_position * temperature**2
 
 
-def divergence_of_logprobs(logp_teacher: torch.Tensor, logp_student: torch.Tensor, settings: KDSettings) -> torch.Tensor:
+def divergence_of_logprobs(logp_teacher: torch.Tensor, logp_student: torch.Tensor,
+                           settings: KDSettings) -> torch.Tensor:
     """Per position: `settings.kind` between two distributions already given as log-probs over the same last dim
     (e.g. buckets a cross-tokenizer loss built); no temperature is applied here."""
     _check_kind(settings.kind)

@@ -110,21 +110,22 @@ def loads_model(config) -> bool:
     return config.uses_kd and not uses_cache(config) and not uses_endpoint(config)
 
 
-def choose(config, loaded, train_examples: list[dict], accelerator):
+def choose(config, loaded, train_examples: list[dict], accelerator, cache_teacher_tokenizer=None):
     """The run's teacher signal, chosen once: a cache (teacher_cache), the loaded teacher model, or None
-    (CE alone). The live teacher is placed by the engine (replicated, or sharded with full logits)."""
+    (CE alone). The live teacher is placed by the engine (replicated, or sharded with full logits).
+    `cache_teacher_tokenizer`: the teacher tokenizer a cross-tokenizer cache stored (its fingerprint covers it)."""
     from llmneo import cache, cache_reader, engines
 
     if uses_cache(config) and len(config.teachers) > 1:  # one cache per teacher, routed
         parts = []
         for i in range(len(config.teachers)):
             alone = cache.one_teacher(config, i)
-            parts.append(cache_reader.CachedTeacher(alone.teacher_cache, cache.fingerprint(alone, loaded.tokenizer,
-                                                                                    train_examples), accelerator.device))
+            expected = cache.fingerprint(alone, loaded.tokenizer, train_examples)
+            parts.append(cache_reader.CachedTeacher(alone.teacher_cache, expected, accelerator.device))
         return RoutedTeacher(parts, accelerator.device)
     if uses_cache(config):
         expected = cache.fingerprint(config, loaded.tokenizer, train_examples,
-                                     teacher_tokenizer=cache_reader.cross_tokenizer(config))
+                                     teacher_tokenizer=cache_teacher_tokenizer)
         cached = cache_reader.CachedTeacher(config.teacher_cache, expected, accelerator.device)
         if not cached.has_tail and cached.k < loaded.vocab_size and config.kd_loss == "rkl":
             from llmneo.errors import LlmneoError

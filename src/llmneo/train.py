@@ -136,7 +136,8 @@ def optimizer_step(setup: TrainingSetup, step: int) -> dict:
             sums[i][0] += kd_sum
             sums[i][1] += int(count)
     aligned = setup.aligner.take_counts()
-    if not isinstance(setup.aligner, IdentityAligner):  # cross-tokenizer KD: the positions the aligner could align, over all ranks
+    # cross-tokenizer KD: the positions the aligner could align, over all ranks
+    if not isinstance(setup.aligner, IdentityAligner):
         both = accelerator.reduce(torch.tensor(aligned, dtype=torch.float64, device=accelerator.device), "sum")
         counts = window.setdefault("aligned", [0, 0])
         for i, value in enumerate(both.tolist()):

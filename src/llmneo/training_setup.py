@@ -134,7 +134,8 @@ def prepare(config: Config) -> TrainingSetup:
                                          generator=torch.Generator().manual_seed(config.seed))
     optimizer = _optimizer(model, config)
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
-    signal = teacher.choose(config, loaded, splits.train, accelerator)
+    signal = teacher.choose(config, loaded, splits.train, accelerator,
+                            cache_teacher_tokenizer=crossing.teacher_tokenizer if crossing else None)
     if engines.sharded(accelerator) and config.kd_chunk_size:
         if main:
             warnings.warn("FSDP / ZeRO-3 shard the output head outside forward: using full logits at the response "
