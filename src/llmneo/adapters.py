@@ -70,13 +70,19 @@ def folded_state_dict(model: torch.nn.Module, state_dict: dict | None = None) ->
     return state
 
 
-def lora_config(config: Config):
-    from peft import LoraConfig
-
+def target_modules(config: Config) -> str | list[str]:
+    """lora_target as PEFT takes it: "all-linear", or the listed module names in their order."""
     target = config.lora_target.strip()
     modules: str | list[str] = "all-linear" if target == "all" else [t.strip() for t in target.split(",") if t.strip()]
     if not modules:
         raise LlmneoError("lora_target is empty; use 'all' or module names such as q_proj,v_proj")
+    return modules
+
+
+def lora_config(config: Config):
+    from peft import LoraConfig
+
+    modules = target_modules(config)
     variant = config.variant
     init = {"pissa": "pissa", "olora": "olora"}.get(variant, True)
     return LoraConfig(
@@ -90,6 +96,19 @@ def lora_config(config: Config):
         use_rslora=variant == "rslora",
         init_lora_weights=init,
     )
+
+
+def check_targets(model: torch.nn.Module, targets) -> None:
+    """Every lora_target name must match a module, by PEFT's rule for a list (the name itself, or a dotted
+    suffix of the module's path): PEFT stops only when *none* matches, so `q_proj,v_porj` would train q_proj alone."""
+    names = [name for name, _ in model.named_modules()]
+    missing = [t for t in targets if not any(name == t or name.endswith("." + t) for name in names)]
+    if missing:
+        linear = sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
+                         if isinstance(module, torch.nn.Linear)})
+        raise LlmneoError(f"lora_target: {', '.join(repr(t) for t in missing)} "
+                          f"{'matches' if len(missing) == 1 else 'match'} no module of the model; its linear "
+                          f"modules are {', '.join(linear)} (or use lora_target: all)")
 
 
 def rewrites_base(config: Config) -> bool:
@@ -119,6 +138,9 @@ def apply(model: torch.nn.Module, config: Config) -> torch.nn.Module:
             raise LlmneoError("adapter_name_or_path continues a saved adapter as it is; drop lora_variant / "
                               "use_dora / use_rslora / pissa_init (the adapter's own config decides)")
         return PeftModel.from_pretrained(model, str(path), is_trainable=True)
+    modules = target_modules(config)
+    if not isinstance(modules, str):  # "all-linear" matches by type; listed names must each match
+        check_targets(model, modules)
     try:
         peft_model = get_peft_model(model, lora_config(config))
     except ValueError as exc:

@@ -149,7 +149,8 @@ class Config:
     pissa_init: bool = _f(False, "LLaMA-Factory name for lora_variant: pissa.")
     lora_target: str = _f(
         "all", "Modules to adapt: 'all' = every linear layer except lm_head, or comma-separated module "
-        "names (e.g. q_proj,v_proj; add lm_head explicitly to adapt the output head).")
+        "names (e.g. q_proj,v_proj; add lm_head explicitly to adapt the output head), each of which must match "
+        "a module: a name that matches none is an error.")
     # --- data -------------------------------------------------------------------------------
     dataset: str | None = _f(
         None, "Comma-separated datasets: local files (json, jsonl, parquet, csv, txt) or folders, Hub ids, "
