@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from llmneo import cli, config
+from llmneo import cli, config, trained_run
 from llmneo.demo import tiny
 
 
@@ -79,9 +79,9 @@ def test_eval_of_a_trained_dir_uses_its_template_and_cutoff(tmp_path, alpaca_run
 
 @pytest.mark.slow
 def test_trained_run_defaults_only_fill_unset_keys(alpaca_run):
-    c = config.load(overrides=[f"model_name_or_path={alpaca_run}"], from_trained_run=True)
+    c = trained_run.load(None, [f"model_name_or_path={alpaca_run}"], "export")
     assert (c.template, c.cutoff_len, c.stage) == ("alpaca", 130, "sft")
-    c = config.load(overrides=[f"model_name_or_path={alpaca_run}", "cutoff_len=99"], from_trained_run=True)
+    c = trained_run.load(None, [f"model_name_or_path={alpaca_run}", "cutoff_len=99"], "export")
     assert (c.template, c.cutoff_len) == ("alpaca", 99)
     assert config.load(overrides=[f"model_name_or_path={alpaca_run}"]).template is None  # train: no defaults
 

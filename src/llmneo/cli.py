@@ -11,7 +11,7 @@ import sys
 import warnings
 
 from llmneo import config as config_mod
-from llmneo import config_docs
+from llmneo import config_docs, trained_run
 from llmneo.errors import LlmneoError
 from llmneo.preemption import Preempted
 
@@ -62,7 +62,8 @@ def _split(args: list[str]) -> tuple[str | None, list[str]]:
 
 def _quiet_libraries() -> None:
     def show(message, category, filename, lineno, file=None, line=None):
-        if issubclass(category, (DeprecationWarning, FutureWarning)):
+        # Under torchrun every rank runs the same checks on the same config and data, so rank 0 says it all.
+        if issubclass(category, (DeprecationWarning, FutureWarning)) or not _is_main_process():
             return
         print(f"llmneo: warning: {str(message).splitlines()[0]}", file=sys.stderr)
 
@@ -94,8 +95,12 @@ def dispatch(command: str, args: list[str]) -> int:
         from llmneo import sweep
 
         return sweep.run(path, overrides)
-    # eval and export of a trained output_dir default to its saved template, cutoff_len, stage and packing.
-    cfg = config_mod.load(path, overrides, from_trained_run=command in ("eval", "export"))
+    # eval and export of a trained output_dir default to its saved keys (trained_run.py: template, cutoff_len, ...;
+    # eval also the run's held-out split when no dataset is given)
+    if command in trained_run.COMMANDS:
+        cfg = trained_run.load(path, overrides, command)
+    else:
+        cfg = config_mod.load(path, overrides)
     if command == "train":
         from llmneo import train
 
@@ -166,7 +171,7 @@ def _convert_cache(verb: str, args: list[str]) -> int:
 
 
 def _is_main_process() -> bool:
-    return os.environ.get("RANK", "0") == "0"
+    return os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")) == "0"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -15,7 +15,7 @@ import typing
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import yaml
 
@@ -47,10 +47,8 @@ def looks_local(name: str) -> bool:
 
 
 # What `llmneo train` saves in output_dir: every key, loadable again with `llmneo train llmneo_config.yaml`.
+# `llmneo eval` / `llmneo export` of a trained run take some of its keys (trained_run.py).
 SAVED_CONFIG = "llmneo_config.yaml"
-# Keys that `llmneo eval` / `llmneo export` take from a trained run's saved config unless given explicitly:
-# scoring a run with another template, cutoff or stage would measure different tokens than it trained on.
-TRAINED_RUN_KEYS = ("template", "cutoff_len", "stage", "packing")
 
 
 def _f(default: Any, help: str, **kw: Any) -> Any:
@@ -335,13 +333,12 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
 
 
 def load(path: str | Path | None = None, overrides: list[str] | dict[str, Any] | None = None,
-         *, from_trained_run: bool = False) -> Config:
+         *, defaults: Callable[[dict[str, Any]], dict[str, Any]] | None = None) -> Config:
     """Build a Config from an optional YAML file plus overrides (later wins).
 
     An unsupported stage or feature key is reported first, then unknown keys (naming the closest key);
-    ignored LLaMA-Factory keys give one warning. With `from_trained_run` (eval, export), the keys in
-    TRAINED_RUN_KEYS that were not given default to the saved config of the trained run that
-    model_name_or_path / adapter_name_or_path points at.
+    ignored LLaMA-Factory keys give one warning. `defaults(values)` gives values for keys not given (eval and
+    export of a trained run: trained_run.defaults, from the run's saved config).
     """
     raw: dict[str, Any] = read_yaml(path) if path is not None else {}
     if isinstance(overrides, dict):
@@ -361,33 +358,11 @@ def load(path: str | Path | None = None, overrides: list[str] | dict[str, Any] |
     if ignored:
         warnings.warn(f"llmneo ignores these keys (accepted for LLaMA-Factory compatibility): "
                       f"{', '.join(sorted(ignored))}", stacklevel=2)
-    if from_trained_run:
-        for key, value in trained_run_defaults(values).items():
-            values.setdefault(key, value)
+    for key, value in (defaults(values) if defaults else {}).items():
+        values.setdefault(key, value)
     config = Config(**values)
     validate(config)
     return config
-
-
-def saved_config_of(model_dir: str | None) -> Path | None:
-    """The llmneo_config.yaml of the run that wrote `model_dir` (its output_dir or a checkpoint-STEP in it)."""
-    if not model_dir or not os.path.isdir(model_dir):
-        return None
-    here = Path(model_dir)
-    for folder in (here, here.parent) if re.fullmatch(r"checkpoint-\d+", here.name) else (here,):
-        if (folder / SAVED_CONFIG).is_file():
-            return folder / SAVED_CONFIG
-    return None
-
-
-def trained_run_defaults(values: dict[str, Any]) -> dict[str, Any]:
-    """TRAINED_RUN_KEYS from the saved config of the run that the adapter (or model) path points at."""
-    for key in ("adapter_name_or_path", "model_name_or_path"):
-        saved = saved_config_of(values.get(key))
-        if saved is not None:
-            stored = read_yaml(saved)
-            return {k: coerce(k, stored[k]) for k in TRAINED_RUN_KEYS if k in stored}
-    return {}
 
 
 def to_yaml(config: Config) -> str:
