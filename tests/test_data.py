@@ -95,14 +95,25 @@ def test_every_builtin_template_is_checked():
     assert set(END_OF_TURN) == set(templates.BUILTIN_TEMPLATES)
 
 
+@pytest.fixture(scope="module")
+def every_marker():
+    """A tokenizer without a chat template that holds every built-in template's special tokens."""
+    tok = tiny.build_tokenizer(chat_template=None)
+    tok.add_tokens(sorted({t for m in templates.MARKERS.values() for t in m}), special_tokens=True)
+    return tok
+
+
 @pytest.mark.parametrize("name", sorted(END_OF_TURN))
-def test_builtin_templates_mask_prompts_without_generation_markers(tmp_path, plain, name):
+def test_builtin_templates_mask_prompts_without_generation_markers(tmp_path, every_marker, name):
     assert "{% generation %}" not in templates.BUILTIN_TEMPLATES[name]
     path = write_jsonl(tmp_path / "c.jsonl", [MULTI_TURN])
-    [example] = data.build(config(tmp_path, path, template=name), plain).train
-    runs = ["".join(run.split()) for run in trained(plain, example)]  # llama2 etc. put a space before the reply
+    [example] = data.build(config(tmp_path, path, template=name), every_marker).train
+    runs = ["".join(run.split()) for run in trained(every_marker, example)]  # llama2 etc. put a space before replies
     assert runs == [f"Four.{END_OF_TURN[name]}", f"Hellothere!{END_OF_TURN[name]}"]
-    assert example["input_ids"][0] == plain.bos_token_id
+    assert example["input_ids"][0] == every_marker.bos_token_id
+    end = templates.turn_end_id(every_marker, name)  # one token ends each reply
+    assert every_marker.convert_ids_to_tokens(end) == END_OF_TURN[name]
+    assert [label for label in example["labels"] if label != IGNORE][-1] == end
 
 
 def test_default_template_renders_the_documented_format(tmp_path, plain):

@@ -139,6 +139,7 @@ class TeacherSide:
         require_fast(tokenizer, "teacher")
         self.tokenizer = tokenizer
         self.template, _ = templates.resolve(tokenizer, template_name)
+        templates.check_tokens(tokenizer, template_name, whose="the teacher's tokenizer")
 
     def view(self, messages: list[dict], tools, student: "Rendered", kept: int) -> dict:
         """The example's teacher fields for a student rendering of which the first `kept` tokens are kept."""

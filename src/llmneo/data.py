@@ -67,10 +67,16 @@ def build(config, tokenizer, teacher_side=None) -> Splits:
         train_rows, eval_rows = rows, _numbered(load_rows(config, config.eval_dataset, "eval_dataset"))
     else:
         train_rows, eval_rows = _split(rows, config.val_size, config.seed)
+    if any("messages" in row for _, _, row in train_rows + eval_rows):
+        templates.check_tokens(tokenizer, config.template)
+        if not own and not config.template:
+            warnings.warn(f"template is unset and the tokenizer has no chat template: conversations are rendered with "
+                          f"the built-in 'default' template (System: / Human: / Assistant:, replies end with EOS "
+                          f"{tokenizer.eos_token!r}); set template to the format the model knows", stacklevel=2)
     # Packed text is cut into blocks after concatenation, so it is not truncated first.
     cutoff = None if config.effective_packing and config.stage == "pt" else config.cutoff_len
     encoder = _Encoder(tokenizer, template, own, cutoff)
-    train, evaluation = encoder.encode(train_rows, teacher_side), encoder.encode(eval_rows)
+    train, evaluation = encoder.encode(train_rows, teacher_side), encoder.encode(eval_rows, split="held-out")
     if not train:
         raise LlmneoError(f"no trainable tokens: every example's prompt is longer than cutoff_len="
                           f"{config.cutoff_len} (or every response is masked); raise cutoff_len")
@@ -80,6 +86,11 @@ def build(config, tokenizer, teacher_side=None) -> Splits:
     if encoder.dropped:
         warnings.warn(f"dropped {encoder.dropped} of {len(train_rows) + len(eval_rows)} examples with no trainable "
                       f"token within cutoff_len={config.cutoff_len}; raise cutoff_len to keep them", stacklevel=2)
+    cut = [f"{n} of {total} {split} examples ({lost:,} {'response ' if config.stage == 'sft' else ''}tokens lost)"
+           for split, (n, lost, total) in encoder.cut.items() if n]
+    if cut:
+        warnings.warn(f"cutoff_len={config.cutoff_len} cut the replies of {' and '.join(cut)}; raise cutoff_len to "
+                      f"keep them", stacklevel=2)
     if encoder.tools_as_text:
         warnings.warn(f"the tokenizer's chat template ignores tool schemas, tool calls or tool results in "
                       f"{encoder.tools_as_text} examples; those are rendered as text instead (schemas in the "
@@ -108,16 +119,18 @@ def _split(rows: list, val_size: float, seed: int) -> tuple[list, list]:
 
 
 class _Encoder:
-    """Rows → examples; counts what it drops and the tool rows its chat template could not render."""
+    """Rows → examples; counts what it drops, what cutoff_len cuts (per split: examples cut, trained tokens lost,
+    examples kept) and the tool rows its chat template could not render."""
 
     def __init__(self, tokenizer, template: str, own: bool, cutoff_len: int | None):
         self.tokenizer, self.template, self.own, self.cutoff_len = tokenizer, template, own, cutoff_len
         self.dropped = self.tools_as_text = 0
+        self.cut: dict[str, tuple[int, int, int]] = {}
 
-    def encode(self, rows: list, teacher_side=None) -> list[dict]:
+    def encode(self, rows: list, teacher_side=None, split: str = "training") -> list[dict]:
         import jinja2
 
-        examples = []
+        examples, cut, lost = [], 0, 0
         if teacher_side is not None:
             from llmneo.crosstok import require_fast
 
@@ -140,6 +153,7 @@ class _Encoder:
                 except jinja2.TemplateError as exc:
                     raise LlmneoError(f"{source} row {n}: the chat template failed: {exc}; fix the row or "
                                       f"the template") from None
+            beyond = 0 if self.cutoff_len is None else sum(label != IGNORE_INDEX for label in labels[self.cutoff_len:])
             if self.cutoff_len is not None:
                 ids, labels = ids[:self.cutoff_len], labels[:self.cutoff_len]
             # labels[0] is never scored: the loop predicts token t+1 from position t.
@@ -151,8 +165,10 @@ class _Encoder:
                     except LlmneoError as exc:
                         raise LlmneoError(f"{source} row {n}: {exc}") from None
                 examples.append(example)
+                cut, lost = cut + (beyond > 0), lost + beyond
             else:
                 self.dropped += 1
+        self.cut[split] = (cut, lost, len(examples))
         return examples
 
     def _rendered(self, messages, tools):

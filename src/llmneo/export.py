@@ -3,7 +3,8 @@
 The merge uses PEFT's safe merge (it checks the merged weights for NaN/inf before committing).
 The result loads with `AutoModelForCausalLM.from_pretrained(export_dir)`, no PEFT needed. An adapter
 trained with a built-in `template` (for a tokenizer without a chat template) is exported with that
-template as the tokenizer's chat template; `llmneo export` reads it from the run's llmneo_config.yaml.
+template as the tokenizer's chat template; `llmneo export` reads it from the run's llmneo_config.yaml. The
+merged model's generation_config then stops on the template's end-of-turn token as well as on EOS.
 """
 
 from __future__ import annotations
@@ -45,10 +46,13 @@ def run(config: Config) -> Path:
     dtype = models.weight_dtype(config, "merge")
     tokenizer_source = adapter if Path(adapter, "tokenizer_config.json").is_file() else base_path
     tokenizer = models.load_tokenizer(tokenizer_source, "model_name_or_path", config.trust_remote_code)
-    if config.template and not getattr(tokenizer, "chat_template", None):
+    shipped = config.template if config.template and not getattr(tokenizer, "chat_template", None) else None
+    if shipped:
         # The run trained with a built-in template (given, or from its llmneo_config.yaml): the merged model
-        # carries it as its chat template, so apply_chat_template formats prompts as in training.
-        tokenizer.chat_template = templates.resolve(tokenizer, config.template)[0]
+        # carries it as its chat template, so apply_chat_template formats prompts as in training. A template
+        # whose end-of-turn marker the tokenizer lacks would never stop: refused.
+        templates.check_tokens(tokenizer, shipped)
+        chat_template = templates.resolve(tokenizer, shipped)[0]
     base = models.load_model(base_path, "model_name_or_path", dtype, config.trust_remote_code)
     try:
         peft_model = PeftModel.from_pretrained(base, adapter)
@@ -59,6 +63,9 @@ def run(config: Config) -> Path:
         merged = peft_model.merge_and_unload(safe_merge=True)
     except ValueError as exc:
         raise LlmneoError(f"merging '{adapter}' produced non-finite weights: {exc}") from None
+    if shipped:
+        models.stop_on_turn_end(merged, tokenizer, shipped)  # generate() stops at the template's end of turn
+        tokenizer.chat_template = chat_template
     saved_dtype = models.saved_dtype(config, base_path)
     if saved_dtype is not None:
         merged = merged.to(saved_dtype)

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from llmneo import templates
 from llmneo.config import Config, looks_like_hub_id, looks_local
 from llmneo.errors import LlmneoError
 
@@ -195,6 +196,13 @@ def load(config: Config, precision: Precision, *, with_teacher: bool) -> Loaded:
     remote = config.trust_remote_code
     tokenizer = load_tokenizer(config.adapter_name_or_path if _has_tokenizer(config.adapter_name_or_path)
                                else student_path, "model_name_or_path", remote)
+    missing = templates.missing_tokens(tokenizer, config.template) if config.stage == "sft" else []
+    if missing and (config.finetuning_type != "full" or config.uses_kd):
+        # LLaMA-Factory adds such tokens and resizes the embeddings; here only where the new rows can train: a
+        # LoRA adapter leaves them at their initial values, and a teacher has no distribution over them.
+        templates.check_tokens(tokenizer, config.template, fixes=(
+            "; only full fine-tuning without a teacher (finetuning_type: full) can add them, since a LoRA "
+            "adapter does not train new embedding rows and a teacher has none"))
     dtype = weight_dtype(config, "teacher", precision)
     teachers, teacher_tokenizer = [], None
     for path in config.teachers if with_teacher else []:
@@ -206,8 +214,73 @@ def load(config: Config, precision: Precision, *, with_teacher: bool) -> Loaded:
                                   f"takes one teacher, not a mixture or routing of {len(config.teachers)}")
             teacher_tokenizer = own
     student = load_model(student_path, "model_name_or_path", weight_dtype(config, "student", precision), remote)
+    if missing:
+        add_template_tokens(tokenizer, student, config.template, missing)
     check_vocab(tokenizer, student, "model_name_or_path", student_path)
+    if config.stage == "sft":
+        stop_on_turn_end(student, tokenizer, config.template)
+    warn_about_sizes(config, student, teachers)
     return Loaded(student, teachers[0] if teachers else None, tokenizer, len(tokenizer), teachers, teacher_tokenizer)
+
+
+def add_template_tokens(tokenizer, model, template: str, missing: list[str]) -> None:
+    """Add the built-in template's `missing` markers to `tokenizer` as special tokens, make its end-of-turn
+    marker the EOS, and give `model` an embedding and output row for each, initialised to the mean of the
+    existing rows (LLaMA-Factory's resize_vocab and replace_eos; the model must train every weight)."""
+    first = len(tokenizer)
+    tokenizer.add_tokens(missing, special_tokens=True)  # never split, skipped when decoding
+    if templates.TURN_END.get(template) in missing:
+        tokenizer.eos_token = templates.TURN_END[template]
+    if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
+        model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    with torch.no_grad():
+        matrices = {id(m.weight): m.weight for m in (model.get_input_embeddings(), model.get_output_embeddings())}
+        for weight in matrices.values():  # (rows, H); a padded model's spare rows are reused, from `first` on
+            weight[first:len(tokenizer)] = weight[:first].mean(dim=0)
+    model.config.eos_token_id = tokenizer.eos_token_id
+    warnings.warn(f"template '{template}': added {', '.join(missing)} to the tokenizer as special tokens, with "
+                  f"embedding rows initialised to the mean embedding; {tokenizer.eos_token} ends replies (EOS); the "
+                  f"trained model and tokenizer are saved with them")
+
+
+def stop_on_turn_end(model, tokenizer, template: str | None) -> None:
+    """Generation stops where a built-in template ends a reply: its end-of-turn token joins the model's
+    generation_config EOS ids (a tokenizer's own chat template comes with the model's own stop tokens)."""
+    if getattr(tokenizer, "chat_template", None):
+        return
+    current = model.generation_config.eos_token_id
+    ids = [] if current is None else [current] if isinstance(current, int) else list(current)
+    for stop in (tokenizer.eos_token_id, templates.turn_end_id(tokenizer, template)):
+        if stop is not None and stop not in ids:
+            ids.append(stop)
+    model.generation_config.eos_token_id = ids[0] if len(ids) == 1 else ids or None
+
+
+def same_model(a: str | None, b: str | None) -> bool:
+    """Whether two model paths (or Hub ids) name the same model."""
+    if not a or not b:
+        return False
+    if os.path.exists(a) and os.path.exists(b):
+        return os.path.samefile(a, b)
+    return a.rstrip("/") == b.rstrip("/")
+
+
+def warn_about_sizes(config: Config, student: torch.nn.Module, teachers: list[torch.nn.Module]) -> None:
+    """One line each: a cutoff_len past a model's positions, and a teacher smaller than the student."""
+    roles = [("student", config.model_name_or_path, student)] + [
+        ("teacher", path, model) for path, model in zip(config.teachers, teachers)]
+    for role, path, model in roles:
+        positions = getattr(model.config, "max_position_embeddings", None)
+        if isinstance(positions, int) and config.cutoff_len > positions:
+            warnings.warn(f"cutoff_len={config.cutoff_len} is above the {role}'s max_position_embeddings={positions} "
+                          f"('{path}'): examples longer than {positions} tokens reach positions it was not built for; "
+                          f"lower cutoff_len to {positions} or less")
+    size = student.num_parameters()
+    for path, model in zip(config.teachers, teachers):
+        if model.num_parameters() < size and not same_model(path, config.model_name_or_path):
+            warnings.warn(f"teacher '{path}' has {model.num_parameters():,} parameters, fewer than the student's "
+                          f"{size:,}: KD distils a larger teacher into a smaller student; check that "
+                          f"teacher_model_name_or_path and model_name_or_path are not swapped")
 
 
 def load_teacher(config: Config, tokenizer, dtype: torch.dtype, path: str | None = None, *,

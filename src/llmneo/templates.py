@@ -100,6 +100,58 @@ BUILTIN_TEMPLATES: dict[str, str] = {
 }
 
 
+# The special tokens each built-in template writes as markers, and the one that ends its turns (the others end
+# them with the tokenizer's EOS). A tokenizer must hold each marker as one token: spelled out in characters, a
+# marker is noise to learn, and a reply would end in a dozen ordinary tokens that nothing stops on.
+MARKERS: dict[str, tuple[str, ...]] = {
+    "chatml": ("<|im_start|>", "<|im_end|>"),
+    "qwen": ("<|im_start|>", "<|im_end|>"),
+    "llama3": ("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"),
+    "gemma": ("<start_of_turn>", "<end_of_turn>"),
+}
+TURN_END = {"chatml": "<|im_end|>", "qwen": "<|im_end|>", "llama3": "<|eot_id|>", "gemma": "<end_of_turn>"}
+
+
+def missing_tokens(tokenizer, name: str | None) -> list[str]:
+    """The markers of built-in template `name` that `tokenizer` does not hold as one token (none when the
+    tokenizer has its own chat template, which is the one used)."""
+    if getattr(tokenizer, "chat_template", None):
+        return []
+    return [marker for marker in MARKERS.get(name or "default", ()) if not _single(tokenizer, marker)]
+
+
+def _single(tokenizer, marker: str) -> bool:
+    ids = _tokens(tokenizer, marker)
+    # In context too: a marker that is an ordinary vocabulary entry could merge with its neighbours.
+    return len(ids) == 1 and ids[0] in _tokens(tokenizer, f"a{marker}\n")
+
+
+def check_tokens(tokenizer, name: str | None, whose: str = "the tokenizer", fixes: str = "") -> None:
+    """Refuse, in one line, a built-in template whose markers `tokenizer` lacks (see MARKERS)."""
+    missing = missing_tokens(tokenizer, name)
+    if not missing:
+        return
+    fitting = [n for n in BUILTIN_TEMPLATES if not missing_tokens(tokenizer, n)]
+    raise LlmneoError(
+        f"template '{name}' writes the special tokens {', '.join(missing)}, which {whose} "
+        f"('{tokenizer.name_or_path}') lacks: each would be split into characters and replies would not end in "
+        f"one end-of-turn token; use a template whose tokens it has ({', '.join(fitting)}) or a tokenizer with its "
+        f"own chat template{fixes}")
+
+
+def turn_end_id(tokenizer, name: str | None) -> int | None:
+    """The token that ends a reply under built-in template `name` (its end-of-turn marker, else EOS)."""
+    marker = TURN_END.get(name or "default")
+    return tokenizer.convert_tokens_to_ids(marker) if marker else tokenizer.eos_token_id
+
+
+def describe(tokenizer, name: str | None) -> str:
+    """Which template renders the conversations, in words (the training announcement says it)."""
+    if getattr(tokenizer, "chat_template", None):
+        return "the tokenizer's chat template"
+    return f"built-in template {name}" if name else "built-in template default (template unset)"
+
+
 def resolve(tokenizer, name: str | None) -> tuple[str, bool]:
     """The chat template to render with, and whether it is the tokenizer's own."""
     if getattr(tokenizer, "chat_template", None):

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from llmneo import adapters, alignment, checkpoint, crosstok, data, engines, memory, models, rollout, run_dir
-from llmneo import step_source
+from llmneo import step_source, templates
 from llmneo import teacher
 from llmneo import tracking
 from llmneo.config import SAVED_CONFIG, Config, input_paths, to_yaml
@@ -163,7 +163,7 @@ def prepare(config: Config) -> TrainingSetup:
                                            crosstok.turn_end(loaded.teacher_tokenizer, teacher_side.template))
     tracking.start(accelerator, config, resumed_step=progress.step)
     if main:
-        _announce(config, trainable, total, len(splits.train), teacher.uses_cache(config))
+        _announce(config, trainable, total, len(splits.train), teacher.uses_cache(config), loaded.tokenizer)
     return TrainingSetup(
         config=config, accelerator=accelerator, precision=precision, out=out, resume_from=resume_from,
         loaded=loaded, splits=splits, collate=collate, model=model, loader=loader, optimizer=optimizer,
@@ -267,12 +267,17 @@ def _warn_about_teacher(config: Config) -> None:
         warnings.warn(f"kd_ratio is 0: the teacher is not loaded and this is plain {config.method} training")
     elif not config.has_teacher:
         warnings.warn(f"no teacher_model_name_or_path: training on CE alone ({config.method}); "
+    if config.uses_kd and config.teacher_model_name_or_path and any(
+            models.same_model(path, config.model_name_or_path) for path in config.teachers):
+        warnings.warn(f"the teacher is the student itself ('{config.model_name_or_path}'): KD then only pulls the "
+                      f"student back to where it started; give a larger teacher_model_name_or_path")
                       f"kd_ratio={config.kd_ratio} is ignored. Set a teacher for Neo/KD")
 
 
-def _announce(config: Config, trainable: int, total: int, examples: int, cached: bool) -> None:
+def _announce(config: Config, trainable: int, total: int, examples: int, cached: bool, tokenizer) -> None:
     source = ("teacher cache " + str(config.teacher_cache)) if cached else (
         "teacher " + str(config.teacher_model_name_or_path or config.teacher_endpoint) if config.uses_kd
         else "no teacher")
     print(f"llmneo: {config.method} | trainable {trainable:,} of {total:,} parameters "
-          f"({100 * trainable / max(total, 1):.2f}%) | {source} | {examples} training examples", flush=True)
+          f"({100 * trainable / max(total, 1):.2f}%) | {source} | {examples} training examples"
+          + (f" | {templates.describe(tokenizer, config.template)}" if config.stage == "sft" else ""), flush=True)
