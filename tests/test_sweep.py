@@ -185,6 +185,19 @@ def test_a_teacher_metric_with_a_teacher_of_another_tokenizer_fails_before_anyth
     assert not (tmp_path / "sweep").exists()
 
 
+def test_a_sweep_into_a_training_runs_folder_is_refused_and_touches_nothing(sweep_yaml, tmp_path, capsys):
+    """The README's sweep once wrote its cells next to the Neo adapter of neo.yaml's output_dir."""
+    run = tmp_path / "sweep"
+    run.mkdir()
+    (run / "adapter_config.json").write_text("{}")
+    (run / "train_results.json").write_text("{}")
+    before = sorted(p.name for p in run.iterdir())
+    assert sweep_cli(sweep_yaml, "lora_rank=2,4") == 2
+    err = capsys.readouterr().err
+    assert "holds a training run (train_results.json), not a sweep" in err and f"output_dir={tmp_path / 'sweep'}-sweep" in err
+    assert sorted(p.name for p in run.iterdir()) == before
+
+
 def test_missing_val_size_is_a_clear_error(tmp_path, base_overrides):
     path = tmp_path / "no_val.yaml"
     path.write_text(yaml.safe_dump(base_overrides))

@@ -38,20 +38,23 @@ from pathlib import Path
 
 from llmneo import config as config_mod
 from llmneo import llamafactory, preemption, run_dir, train
-from llmneo.config import Config
+from llmneo.config import SAVED_CONFIG, Config
 from llmneo.errors import LlmneoError
 from llmneo.sweep_report import METRICS, RESULT_COLUMNS, best, describe, write_csv, write_heatmap, write_markdown
 from llmneo.teacher import uses_cache
 
 LIST_KEYS = ("lora_target", "dataset", "tasks", "keep_layers")  # comma lists by nature: ';' separates values
 SEPARATORS = "values are separated by ',' (by ';' for lora_target, dataset, tasks, keep_layers)"
+# Files of a training run's own output_dir; a sweep folder has none of them at its top.
+RUN_MARKERS = ("train_results.json", "adapter_config.json", "model.safetensors", SAVED_CONFIG)
 NOT_SWEEPABLE = {"output_dir": "it is the sweep folder", "sweep_metric": "it ranks the cells",
                  "overwrite_output_dir": "each cell always overwrites its own folder"}
 # Keys that change how a run is logged, saved or resumed but not what it learns: a finished cell
 # stays finished when only these differ (e.g. the resume_from_checkpoint=auto the CLI suggests).
 RUN_CONTROL_KEYS = ("output_dir", "overwrite_output_dir", "resume_from_checkpoint", "logging_steps", "save_steps",
                     "save_total_limit", "plot_loss", "ddp_timeout", "sweep_metric", "per_device_eval_batch_size",
-                    "tasks", "num_fewshot", "eval_limit", "export_dir", "report_to", "logging_dir", "run_name")
+                    "tasks", "num_fewshot", "eval_limit", "export_dir", "report_to", "logging_dir", "run_name",
+                    "eval_strategy", "eval_steps", "evaluation_strategy")
 CELL_FILE = "sweep_cell.json"
 
 
@@ -147,6 +150,11 @@ def plan(path: str | None, overrides: list[str]) -> tuple[Path, list[Axis], list
     sweep_dir = Path(configs[0].output_dir)
     if sweep_dir.exists() and not sweep_dir.is_dir():
         raise LlmneoError(f"output_dir '{sweep_dir}' is a file, not a directory; choose another output_dir")
+    run_files = [name for name in RUN_MARKERS if (sweep_dir / name).exists()]
+    if run_files:  # e.g. the YAML's output_dir, the Neo run it trained: the cells would land beside its results
+        raise LlmneoError(f"output_dir '{sweep_dir}' holds a training run ({run_files[0]}), not a sweep; the sweep "
+                          f"writes a folder per cell into its output_dir, so give it its own, e.g. "
+                          f"output_dir={sweep_dir}-sweep")
     names = cell_names(settings)
     cells = [Cell(s, dataclasses.replace(c, output_dir=str(sweep_dir / n), overwrite_output_dir=True))
              for s, c, n in zip(settings, configs, names)]
