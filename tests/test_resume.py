@@ -36,31 +36,34 @@ def _assert_same_run(a: Path, b: Path, tol: float = 1e-6) -> None:
 
 @pytest.fixture
 def resumable(base_overrides, tmp_path):
-    """8 rows, batch 2 → 4 micro-batches per epoch; accumulation 3 makes steps straddle epochs."""
+    """8 rows, batch 2 → 4 micro-batches per epoch; accumulation 3 makes each epoch a step of 3 and a short
+    step of 1."""
     return {**base_overrides, "per_device_train_batch_size": 2, "gradient_accumulation_steps": 3, "max_steps": 6,
             "save_steps": 2, "learning_rate": 5e-3, "lora_dropout": 0.1}
 
 
 @pytest.mark.slow
 def test_resume_mid_epoch_is_exact(tmp_path, resumable):
+    resumable = {**resumable, "save_steps": 3}
     full = tmp_path / "full"
     assert cli.main(["train", write_yaml(tmp_path, "full.yaml", {**resumable, "output_dir": str(full)})]) == 0
     assert sorted(p.name for p in full.iterdir() if p.name.startswith("checkpoint-")) == \
-        ["checkpoint-2", "checkpoint-4", "checkpoint-6"]
+        ["checkpoint-3", "checkpoint-6"]
     for name in STATE_FILES:
-        assert (full / "checkpoint-2" / name).is_file(), name
-    state = json.loads((full / "checkpoint-2" / "trainer_state.json").read_text())
-    assert state["step"] == 2 and state["micro_seen"] == 6  # 1.5 epochs in: mid-epoch
-    # an interrupted run: only checkpoint-2 and the metrics it had written survive
+        assert (full / "checkpoint-3" / name).is_file(), name
+    state = json.loads((full / "checkpoint-3" / "trainer_state.json").read_text())
+    assert state["step"] == 3 and state["micro_seen"] == 7  # 1.75 epochs in: mid-epoch, before its short step
+    # an interrupted run: only checkpoint-3 and the metrics it had written survive
     cut = tmp_path / "cut"
     cut.mkdir()
-    shutil.copytree(full / "checkpoint-2", cut / "checkpoint-2")
-    (cut / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in read_metrics(full)[:3]))  # a stray row
+    shutil.copytree(full / "checkpoint-3", cut / "checkpoint-3")
+    (cut / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in read_metrics(full)[:4]))  # a stray row
     values = {**resumable, "output_dir": str(cut), "resume_from_checkpoint": "auto"}
     assert cli.main(["train", write_yaml(tmp_path, "cut.yaml", values)]) == 0  # no overwrite flag needed
     _assert_same_run(full, cut)
     results = json.loads((cut / "train_results.json").read_text())
-    assert results["resumed_from"].endswith("checkpoint-2") and results["global_step"] == 6
+    assert results["resumed_from"].endswith("checkpoint-3") and results["global_step"] == 6
+    assert results["epoch"] == 3.0  # six steps: three epochs of a step of 3 and a short step of 1
 
 
 @pytest.mark.slow

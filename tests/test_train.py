@@ -236,9 +236,10 @@ def test_official_llmneo_yaml_runs(tmp_path, student_dir, teacher_dir, monkeypat
 def test_epoch_based_length_counts_accumulation(tmp_path, base_overrides, tokenizer):
     """No max_steps: the run length comes from num_train_epochs, in optimizer steps of `accum` micro-batches.
 
-    8 rows in batches of 3 make 3 micro-batches per epoch (not a multiple of the accumulation of 2), and
-    2.5 epochs are 7.5 micro-batches: ceil(7.5 / 2) = 4 optimizer steps, which consume 8 micro-batches,
-    8 / 3 epochs. Ignoring the accumulation would give 8 steps.
+    8 rows in batches of 3 make 3 micro-batches per epoch (not a multiple of the accumulation of 2): each
+    epoch is a step of 2 and a short step of 1 (as in HF Trainer), 2 steps per epoch, so 2.5 epochs are
+    ceil(2.5 × 2) = 5 optimizer steps, which consume 8 micro-batches, 8 / 3 epochs. Ignoring the
+    accumulation would give 8 steps.
     """
     overrides = {**base_overrides, "max_steps": -1, "num_train_epochs": 2.5, "per_device_train_batch_size": 3,
                  "gradient_accumulation_steps": 2, "logging_steps": 1, "save_steps": 3}
@@ -246,15 +247,15 @@ def test_epoch_based_length_counts_accumulation(tmp_path, base_overrides, tokeni
     rows = len(data.build(cfg, tokenizer).train)
     assert rows == 8
     batches = math.ceil(rows / 3)
-    steps = math.ceil(2.5 * batches / 2)
-    assert (batches, steps) == (3, 4)
+    steps = math.ceil(2.5 * math.ceil(batches / 2))
+    assert (batches, steps) == (3, 5)
     assert run_cli(tmp_path, overrides) == 0
     out = Path(overrides["output_dir"])
     results = json.loads((out / "train_results.json").read_text())
     assert results["global_step"] == steps
-    assert results["epoch"] == pytest.approx(steps * 2 / batches)  # 8/3
+    assert results["epoch"] == pytest.approx(8 / batches)
     metrics = read_metrics(out)
-    assert [r["step"] for r in metrics] == [1, 2, 3, 4]
-    assert [r["epoch"] for r in metrics] == [round(2 * s / batches, 4) for s in (1, 2, 3, 4)]
+    assert [r["step"] for r in metrics] == [1, 2, 3, 4, 5]
+    assert [r["epoch"] for r in metrics] == [round(m / batches, 4) for m in (2, 3, 5, 6, 8)]  # 1.0 after one epoch
     assert metrics[-1]["learning_rate"] == pytest.approx(0.0, abs=1e-12)  # the schedule ends with the run
-    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-3", "checkpoint-4"]
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-3", "checkpoint-5"]

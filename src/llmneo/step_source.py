@@ -5,8 +5,9 @@ and, for dataset rows, `index`) as a `Step`, and the loss never knows where they
 
     next_step() -> Step      the micro-batches of the next optimizer step on this rank, and who wrote the replies
 
-- `DatasetSteps` (off-policy): the next `gradient_accumulation_steps` batches of the training split,
-  across epochs, resumable from a checkpoint's micro-batch count.
+- `DatasetSteps` (off-policy): the next `gradient_accumulation_steps` batches of the training split, and
+  what is left of the epoch at its end (a shorter step, as in HF Trainer: no step spans two epochs);
+  resumable from a checkpoint's micro-batch count.
 - `PrefetchSteps`: dataset steps for a served teacher, whose rows are requested a step ahead.
 - `RolloutSteps` (lmbda > 0 or seq_kd): the same dataset batches, whose replies are replaced, per step, by
   the student's own continuations of their prompts (with probability lmbda: on-policy) or else, under
@@ -17,6 +18,7 @@ and, for dataset rows, `index`) as a `Step`, and the loss never knows where they
 
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import dataclass
 from typing import Protocol
@@ -39,15 +41,42 @@ class StepSource(Protocol):
     def next_step(self) -> Step: ...
 
 
+def steps_per_epoch(per_epoch: int, accumulation: int) -> int:
+    """Optimizer steps in an epoch of `per_epoch` micro-batches: the last one is short when `accumulation`
+    does not divide the epoch (HF Trainer's count)."""
+    return max(1, math.ceil(per_epoch / accumulation))
+
+
+def total_steps(config, per_epoch: int) -> int:
+    """The run's optimizer steps: max_steps when > 0, else num_train_epochs (fractions allowed) of epochs that
+    each end with their own short step."""
+    if config.max_steps > 0:
+        return config.max_steps
+    # the tolerance keeps a product like 0.1 × 30 = 3.0000000000000004 from adding a step
+    return max(1, math.ceil(config.num_train_epochs * steps_per_epoch(per_epoch, config.gradient_accumulation_steps)
+                            - 1e-9))
+
+
+def step_size(position: int, per_epoch: int, accumulation: int) -> int:
+    """Micro-batches of the step that starts at micro-batch `position` (counted across epochs): `accumulation`,
+    or what is left of the epoch."""
+    return min(accumulation, per_epoch - position % per_epoch)
+
+
 class DatasetSteps:
-    """Each step: the next `accumulation` dataset micro-batches, from micro-batch `start` on (per rank)."""
+    """Each step: the next `accumulation` dataset micro-batches, or the rest of the epoch when fewer are left
+    (every rank has as many micro-batches per epoch, so all ranks take steps of one size); from micro-batch
+    `start` on (per rank)."""
 
     def __init__(self, loader, accelerator, accumulation: int, start: int = 0):
-        self.accumulation = accumulation
+        self.accumulation, self.per_epoch = accumulation, len(loader)
+        self.position = start  # micro-batches handed out, across epochs
         self._stream = data.micro_batches(loader, accelerator, start=start)
 
     def next_step(self) -> Step:
-        return Step([next(self._stream) for _ in range(self.accumulation)])
+        size = step_size(self.position, self.per_epoch, self.accumulation)
+        self.position += size
+        return Step([next(self._stream) for _ in range(size)])
 
 
 def on_policy_draw(seed: int, step: int, lmbda: float) -> bool:

@@ -117,7 +117,8 @@ def optimizer_step(setup: TrainingSetup, step: int) -> dict:
     setup.optimizer.zero_grad(set_to_none=True)
 
     progress = setup.progress
-    progress.step, progress.micro_seen = step, progress.micro_seen + setup.config.gradient_accumulation_steps
+    # the micro-batches this step consumed: fewer than gradient_accumulation_steps at an epoch's end
+    progress.step, progress.micro_seen = step, progress.micro_seen + len(batches.micro)
     window = progress.window
     if batches.on_policy:
         window["op_kd"] += float(totals[1])

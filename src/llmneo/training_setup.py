@@ -142,8 +142,7 @@ def prepare(config: Config) -> TrainingSetup:
                           "positions (kd_chunk_size=0) under this engine")
         config = dataclasses.replace(config, kd_chunk_size=0)
 
-    total_steps = config.max_steps if config.max_steps > 0 else max(
-        1, math.ceil(config.num_train_epochs * len(loader) / config.gradient_accumulation_steps))
+    total_steps = step_source.total_steps(config, len(loader))
     from transformers import get_scheduler
 
     warmup = config.warmup_steps or math.ceil(config.warmup_ratio * total_steps)
