@@ -266,11 +266,11 @@ def _warn_about_teacher(config: Config) -> None:
         warnings.warn(f"kd_ratio is 0: the teacher is not loaded and this is plain {config.method} training")
     elif not config.has_teacher:
         warnings.warn(f"no teacher_model_name_or_path: training on CE alone ({config.method}); "
+                      f"kd_ratio={config.kd_ratio} is ignored. Set a teacher for Neo/KD")
     if config.uses_kd and config.teacher_model_name_or_path and any(
             models.same_model(path, config.model_name_or_path) for path in config.teachers):
         warnings.warn(f"the teacher is the student itself ('{config.model_name_or_path}'): KD then only pulls the "
                       f"student back to where it started; give a larger teacher_model_name_or_path")
-                      f"kd_ratio={config.kd_ratio} is ignored. Set a teacher for Neo/KD")
 
 
 def _announce(config: Config, trainable: int, total: int, examples: int, cached: bool, tokenizer) -> None:
