@@ -79,6 +79,22 @@ def test_two_processes_equal_one_with_accumulation(tmp_path, ddp_config):
 
 
 @pytest.mark.slow
+def test_two_processes_equal_one_across_an_epochs_short_step(tmp_path, ddp_config):
+    """One epoch of 4 micro-batches per rank at accumulation 3 is a step of 3 and a short step of 1 on every
+    rank; one process sees the same rows as 8 micro-batches at accumulation 6: steps of 6 and 2."""
+    epoch = ("max_steps=-1", "num_train_epochs=1", "save_steps=100")
+    ddp, single = tmp_path / "ddp", tmp_path / "single"
+    done = _torchrun(ddp_config, f"output_dir={ddp}", "gradient_accumulation_steps=3", *epoch)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert cli.main(["train", str(ddp_config), f"output_dir={single}", "gradient_accumulation_steps=6", *epoch]) == 0
+    _same(single, ddp)
+    for out in (ddp, single):
+        results = json.loads((out / "train_results.json").read_text())
+        assert (results["global_step"], results["epoch"]) == (2, 1.0)
+        assert [r["epoch"] for r in _metrics(out)] == [0.75, 1.0]
+
+
+@pytest.mark.slow
 def test_accelerate_launch(tmp_path, ddp_config):
     """`accelerate launch -m llmneo` runs (on CPU accelerate starts one process unless MPI is set up;
     multi-process CPU runs use torchrun, as above; on GPUs `accelerate launch --num_processes N`)."""
