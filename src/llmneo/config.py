@@ -8,7 +8,6 @@ feeds `llmneo <cmd> --help` and `docs/config.md`.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import os
 import re
 import typing
@@ -19,13 +18,13 @@ from typing import Any, Callable
 
 import yaml
 
-from llmneo import config_values
+from llmneo import config_values, peer_keys
 from llmneo.errors import LlmneoError
 from llmneo.llamafactory import IGNORED_KEYS, check_supported
 
 from llmneo.config_checks import (  # noqa: F401  (the choices are part of config's API)
     DIVERGENCES, DTYPES, KD_LOSSES, LORA_VARIANTS, SAMPLED_KD_LOSSES, SCHEDULERS, STAGES, TRACKERS, report_to,
-    validate)
+    strategy_name, validate)
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 
@@ -188,6 +187,14 @@ class Config:
     gradient_checkpointing: bool = _f(False, "Recompute student activations in backward to save memory.")
     seed: int = _f(42, "Random seed (data order, adapter init, dropout).")
     logging_steps: int = _f(10, "Write a metrics.jsonl row every this many optimizer steps.")
+    eval_strategy: str = _f(
+        "no", "Held-out evaluation during training (HF's and LLaMA-Factory's key): no, steps (every eval_steps) or "
+        "epoch (at each epoch's end and the last step). Each writes an eval row (step, epoch, eval_loss, "
+        "eval_ce_loss, eval_perplexity, ...) to metrics.jsonl, the console and report_to. Needs val_size or "
+        "eval_dataset; train_results.json's final eval_* scores are written either way.")
+    eval_steps: int | None = _f(None, "eval_strategy: steps: evaluate every this many optimizer steps. Default: "
+                                "logging_steps.")
+    evaluation_strategy: str | None = _f(None, "HF's older name for eval_strategy.")
     save_steps: int = _f(500, "Write output_dir/checkpoint-STEP every this many optimizer steps.")
     save_total_limit: int | None = _f(None, "Keep only the newest N checkpoints.")
     resume_from_checkpoint: str | None = _f(
@@ -260,6 +267,12 @@ class Config:
         return "kd" if self.uses_kd else "sft"
 
     @property
+    def effective_eval_strategy(self) -> str:
+        """eval_strategy, or HF's older evaluation_strategy; YAML's bare `no` (a boolean false) reads as no."""
+        given = [strategy_name(v) for v in (self.eval_strategy, self.evaluation_strategy) if v is not None]
+        return next((v for v in given if v != "no"), "no")
+
+    @property
     def effective_packing(self) -> bool:
         """LLaMA-Factory's default: pack for pretraining, not for SFT."""
         return self.packing if self.packing is not None else self.stage == "pt"
@@ -292,16 +305,12 @@ def coerce(name: str, value: Any) -> Any:
     return config_values.coerce(name, FIELD_TYPES[name], value)
 
 
-def _suggest(key: str) -> str:
-    close = difflib.get_close_matches(key, list(FIELDS) + sorted(IGNORED_KEYS), n=1, cutoff=0.5)
-    return f"; did you mean '{close[0]}'?" if close else "; run `llmneo train --help` for the list of keys"
-
-
 def check_key(key: str) -> None:
-    """Raise the one-line error for a key that is neither a Config field nor an ignored LLaMA-Factory key."""
+    """Raise the one-line error for a key that is neither a Config field nor an ignored LLaMA-Factory key: another
+    tool's name for one of ours (peer_keys), or the key it most likely meant."""
     check_supported({key: None})
     if key not in FIELDS and key not in IGNORED_KEYS:
-        raise LlmneoError(f"unknown config key '{key}'{_suggest(key)}")
+        raise LlmneoError(peer_keys.unknown_key(key, [*FIELDS, *sorted(IGNORED_KEYS)]))
 
 
 def parse_overrides(items: list[str]) -> dict[str, str]:

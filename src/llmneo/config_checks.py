@@ -25,7 +25,7 @@ _RANGES = {
     **dict.fromkeys(("kd_temperature", "lora_rank", "lora_alpha", "cutoff_len", "max_samples", "learning_rate",
                      "per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
                      "logging_steps", "save_steps", "save_total_limit", "ddp_timeout", "teacher_topk", "num_layers",
-                     "eval_limit", "max_new_tokens", "cache_shard_size"), (lambda v: v > 0, "> 0")),
+                     "eval_limit", "max_new_tokens", "cache_shard_size", "eval_steps"), (lambda v: v > 0, "> 0")),
     **dict.fromkeys(("warmup_steps", "weight_decay", "max_grad_norm", "num_fewshot"), (lambda v: v >= 0, ">= 0")),
     "kd_chunk_size": (lambda v: v >= 0, ">= 0 (0 = unchunked)"),
     **dict.fromkeys(("kd_ratio", "kd_beta", "kd_skew", "lmbda", "kd_uld_weight"),
@@ -79,6 +79,7 @@ def validate(c) -> None:
              f"teacher_endpoint must be an http(s) URL such as http://localhost:8000/v1, got '{c.teacher_endpoint}'")
     _check_generation(c)
     _check_teachers(c)
+    _check_evaluation(c)
     unknown = [t for t in report_to(c) if t not in TRACKERS and t != "all"]
     _require(not unknown, f"report_to: unknown tracker '{unknown[0] if unknown else ''}'; use none, all or a comma "
              f"list of {', '.join(TRACKERS)}")
@@ -88,6 +89,29 @@ def report_to(c) -> list[str]:
     """The trackers named by report_to ([] for none)."""
     names = [t.strip().lower() for t in (c.report_to or "").split(",") if t.strip()]
     return [t for t in names if t != "none"]
+
+
+EVAL_STRATEGIES = ("no", "steps", "epoch")
+
+
+def strategy_name(value) -> str:
+    """An eval_strategy value as written; YAML reads a bare `no` as the boolean false."""
+    text = str(value).strip().lower()
+    return "no" if text in ("false", "none") else text
+
+
+def _check_evaluation(c) -> None:
+    """eval_strategy (or HF's older evaluation_strategy): a known strategy, one of them, and held-out data."""
+    given = {name: strategy_name(getattr(c, name)) for name in ("eval_strategy", "evaluation_strategy")
+             if getattr(c, name) is not None}
+    for name, value in given.items():
+        _require(value in EVAL_STRATEGIES, f"{name} must be one of {', '.join(EVAL_STRATEGIES)}, got '{value}'")
+    _require(len(set(given.values()) - {"no"}) <= 1, f"eval_strategy={given.get('eval_strategy')} and "
+             f"evaluation_strategy={given.get('evaluation_strategy')} disagree; evaluation_strategy is HF's older name "
+             f"for eval_strategy: set one of them")
+    strategy = c.effective_eval_strategy
+    _require(strategy == "no" or c.val_size > 0 or bool(c.eval_dataset), f"eval_strategy: {strategy} evaluates the "
+             f"held-out split, but there is none; set val_size (e.g. 0.05) or eval_dataset, or eval_strategy: no")
 
 
 def _check_generation(c) -> None:

@@ -19,11 +19,13 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import warnings
 from pathlib import Path
 
 import torch
 import yaml
+from tqdm.auto import tqdm
 
 from llmneo import data, heads, models, rollout, run_dir
 from llmneo.config import Config
@@ -90,7 +92,7 @@ def _eval_mode(*modules):
 @torch.no_grad()
 def held_out(model, teacher, examples: list[dict], *, pad_token_id: int, vocab_size: int, kd=None,
              batch_size: int = 8, chunk_size: int = 256, device: torch.device | str = "cpu",
-             autocast=contextlib.nullcontext) -> dict:
+             autocast=contextlib.nullcontext, show_progress: bool = True) -> dict:
     """ce_loss, perplexity and tokens over the response tokens of `examples`; with a `teacher` model also
     kl_to_teacher, top1_agreement and (given `kd` settings) kd_loss under the run's divergence. Metrics
     not measured are None.
@@ -98,7 +100,8 @@ def held_out(model, teacher, examples: list[dict], *, pad_token_id: int, vocab_s
     `chunk_size` response positions at a time go through each model's own head, as in training's fused
     loss; 0 takes full logits from each forward (the reference path; sharded engines). `autocast` is a
     context factory for the forwards (e.g. accelerator.autocast, so mixed precision matches training).
-    `kd`: an object with .kind/.temperature/.beta/.skew or a dict with those keys.
+    `kd`: an object with .kind/.temperature/.beta/.skew or a dict with those keys. `show_progress`: a progress
+    bar on stderr (off on all but the main process); it is cleared when done.
     """
     if not examples:
         raise LlmneoError("nothing to evaluate: the dataset has no example with a response token")
@@ -106,8 +109,10 @@ def held_out(model, teacher, examples: list[dict], *, pad_token_id: int, vocab_s
     # ce, kl, kd, agreeing positions; summed on the device and read once at the end
     sums = torch.zeros(4, dtype=torch.float64, device=device)
     tokens = 0
-    with _eval_mode(model, teacher):
-        for start in range(0, len(examples), batch_size):
+    starts = range(0, len(examples), batch_size)
+    with _eval_mode(model, teacher), tqdm(starts, desc="llmneo held-out eval", unit="batch", leave=False,
+                                          disable=not show_progress, dynamic_ncols=True) as bar:
+        for start in bar:
             batch = data.collate(examples[start:start + batch_size], pad_token_id)
             batch = {k: v.to(device) for k, v in batch.items()}
             positions, targets = response_positions(batch["labels"])
@@ -313,7 +318,7 @@ def run(config: Config) -> dict:
         results.update(held_out(model, teacher, examples, pad_token_id=tokenizer.pad_token_id,
                                 vocab_size=len(tokenizer), kd=KDSettings.from_config(config),
                                 batch_size=config.per_device_eval_batch_size, chunk_size=config.kd_chunk_size,
-                                device=device))
+                                device=device, show_progress=os.environ.get("RANK", "0") == "0"))
     if config.tasks:
         results["lm_eval"] = lm_eval_tasks(model, tokenizer, config.tasks, num_fewshot=config.num_fewshot,
                                            limit=config.eval_limit, batch_size=config.per_device_eval_batch_size,

@@ -38,12 +38,12 @@ _FEATURE_OF_KEY = {key: feature for feature, keys in UNSUPPORTED_FEATURES.items(
 # Keys llmneo accepts so that existing YAMLs run, but does not use.
 IGNORED_KEYS = frozenset({
     "overwrite_cache", "preprocessing_num_workers", "flash_attn",
-    "use_fast_tokenizer", "ddp_find_unused_parameters", "dataloader_num_workers", "eval_strategy",
-    "evaluation_strategy", "save_strategy", "logging_strategy", "export_size", "export_legacy_format",
+    "use_fast_tokenizer", "ddp_find_unused_parameters", "dataloader_num_workers",
+    "save_strategy", "logging_strategy", "export_size", "export_legacy_format",
     "export_device", "do_eval", "do_predict", "plot_loss_keys", "include_num_input_tokens_seen",
     "save_only_model", "disable_tqdm", "push_to_hub", "hub_model_id", "tokenized_path", "streaming",
     "neat_packing", "new_special_tokens", "resize_vocab", "upcast_layernorm",
-    "enable_liger_kernel", "use_unsloth", "optim", "lora_bias", "create_new_adapter", "eval_steps",
+    "enable_liger_kernel", "use_unsloth", "optim", "lora_bias", "create_new_adapter",
     "ddp_backend", "deepspeed", "fsdp", "fsdp_config", "tf32", "dataloader_pin_memory",
 })
 

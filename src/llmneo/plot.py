@@ -29,15 +29,25 @@ def training_loss(rows: list[dict], path: Path, title: str = "training loss") ->
     return True
 
 
+def training_rows(rows: list[dict]) -> list[dict]:
+    """The training rows of metrics.jsonl rows (eval_strategy's held-out rows have eval_* keys instead)."""
+    return [r for r in rows if "loss" in r]
+
+
 def loss_figure(plt, rows: list[dict], title: str):
-    """The training_loss.png figure. One logged row is drawn as a marker: a line through one point is invisible."""
+    """The training_loss.png figure; held-out eval_loss rows (eval_strategy) as dots. One logged row is drawn
+    as a marker: a line through one point is invisible."""
     fig, ax = plt.subplots(figsize=(7, 4))
+    held_out = [r for r in rows if r.get("eval_loss") is not None]
+    rows = training_rows(rows)
     steps = [r["step"] for r in rows]
     marker = "o" if len(rows) == 1 else None
     for key, style in (("loss", "-"), ("ce_loss", "--"), ("kd_loss", ":")):
         values = [r.get(key) for r in rows]
-        if all(v is not None for v in values):
+        if rows and all(v is not None for v in values):
             ax.plot(steps, values, style, marker=marker, label=key)
+    if held_out:
+        ax.plot([r["step"] for r in held_out], [r["eval_loss"] for r in held_out], "o-", label="eval_loss (held-out)")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("loss (per response token)")
     ax.set_title(title)
@@ -59,6 +69,7 @@ def arm_comparison(curves: dict[str, list[dict]], rows: list[dict], path: Path) 
         bars.append(("teacher_logprob", "teacher log-prob of greedy answers\n(per token, higher is better)"))
     fig, axes = plt.subplots(1, 1 + len(bars), figsize=(5 * (1 + len(bars)), 4.2))
     for arm, history in curves.items():
+        history = training_rows(history)
         axes[0].plot([r["step"] for r in history], [r["loss"] for r in history], label=arm)
     axes[0].set_xlabel("optimizer step")
     axes[0].set_ylabel("training loss (each arm's own objective)")

@@ -24,8 +24,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from llmneo import adapters, checkpoint, engines, evaluate, heads, memory, plot, preemption, run_dir, tracking
-from llmneo import training_setup
+from llmneo import adapters, checkpoint, engines, heads, memory, plot, preemption, run_dir, tracking
+from llmneo import train_eval, training_setup
 from llmneo.alignment import IdentityAligner
 from llmneo.chunked import fused_loss, kd_values
 from llmneo.config import Config
@@ -42,6 +42,7 @@ def run(config: Config) -> dict:
     bar = tqdm(total=setup.total_steps, initial=progress.step, desc=f"llmneo {config.method}",
                disable=not setup.main, dynamic_ncols=True)
     clock = Clock()
+    evaluation = train_eval.Periodic(setup, bar, clock)  # eval_strategy's held-out rows
     setup.model.train()
     last: dict = {}
     try:
@@ -51,6 +52,7 @@ def run(config: Config) -> dict:
                 bar.update(1)
                 if step % config.logging_steps == 0 or step == setup.total_steps:
                     log_window(setup, step, last["grad_norm"], clock, bar)
+                last["held_out"] = evaluation.after_step(step)
                 stopping = preemption.stop_agreed(setup.accelerator, stop.signal_name is not None)
                 if step % config.save_steps == 0 or step == setup.total_steps or stopping:
                     saved = save_checkpoint(setup, clock)
@@ -81,6 +83,15 @@ class Clock:
         now = time.perf_counter()
         elapsed, self.window_start = now - self.window_start, now
         return elapsed
+
+    @contextlib.contextmanager
+    def paused(self):
+        """Time spent inside (held-out evaluation) counts in the runtime, not in the window's throughput."""
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.window_start += time.perf_counter() - started
 
 
 class NonFiniteLoss(Exception):
@@ -294,7 +305,7 @@ def finish(setup: TrainingSetup, last: dict) -> dict:
         "trainable_params": setup.trainable,
         "total_params": setup.total,
         "peak_memory_bytes": memory.peak_bytes(accelerator.device),
-        "final_loss": last.get("loss", progress.history[-1]["loss"] if progress.history else None),
+        "final_loss": last.get("loss", next((r["loss"] for r in reversed(progress.history) if "loss" in r), None)),
         "final_ce_loss": last.get("ce"),
         "final_kd_loss": last.get("kd"),
         "global_step": setup.total_steps,
@@ -310,20 +321,12 @@ def finish(setup: TrainingSetup, last: dict) -> dict:
     if progress.aligned[1]:
         results["kd_aligned_fraction"] = progress.aligned[0] / progress.aligned[1]
     if setup.splits.eval:
-        # A cache holds the training split only, so held-out KD needs a live teacher (with the student's tokenizer:
-        # the held-out scores compare distributions token by token).
-        from llmneo.teacher import uses_cache
-
-        crossing = not isinstance(setup.aligner, IdentityAligner)
-        eval_teacher = None if uses_cache(config) or crossing else setup.teacher
         # The one held-out evaluator (llmneo eval's), while both models are loaded: sweep reads these scores.
-        scores = evaluate.held_out(setup.model, getattr(eval_teacher, "model", None), setup.splits.eval,
-                                   pad_token_id=setup.loaded.tokenizer.pad_token_id, vocab_size=setup.vocab_size,
-                                   kd=KDSettings.from_config(config), batch_size=config.per_device_eval_batch_size,
-                                   chunk_size=config.kd_chunk_size, device=accelerator.device,
-                                   autocast=accelerator.autocast)
-        results.update({f"eval_{k}": v for k, v in scores.items()})
-        tracking.log(accelerator, {k: v for k, v in results.items() if k.startswith("eval_")}, setup.total_steps)
+        # An eval row at the last step (eval_strategy) has them already, and has sent them to the trackers.
+        scores = last.get("held_out") or train_eval.scores(setup)
+        results.update(scores)
+        if not last.get("held_out"):
+            tracking.log(accelerator, scores, setup.total_steps)
     accelerator.wait_for_everyone()
     state_dict = engines.state_dict_for_saving(accelerator, setup.model)  # every rank takes part when sharded
     if setup.main:

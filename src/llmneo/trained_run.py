@@ -59,7 +59,8 @@ def defaults(values: dict[str, Any], command: str) -> dict[str, Any]:
         if stored.get("val_size") or stored.get("eval_dataset") or "val_size" in values:  # given: the user's split
             keys += HELD_OUT_KEYS
         elif not values.get("tasks"):
-            trained_on = f" (dataset={stored['dataset']} scores the rows it trained on)" if stored.get("dataset") else ""
+            trained_on = f" (dataset={stored['dataset']} scores the rows it trained on)" if stored.get("dataset") \
+                else ""
             raise LlmneoError(f"the run in {saved.parent} held out no data (val_size: 0 and no eval_dataset), so there "
                               f"are no held-out rows to score; give dataset=...{trained_on}, or train with val_size "
                               f"or eval_dataset")
