@@ -185,6 +185,16 @@ def test_eval_with_val_size_scores_the_held_out_rows(tmp_path, student_dir):
     assert results["perplexity"] == pytest.approx(held_out_ppl, rel=1e-5)
 
 
+def test_eval_shows_a_progress_bar_on_the_main_process(tmp_path, student_dir, alpaca_file, capsys, monkeypatch):
+    args = ["eval", f"model_name_or_path={student_dir}", f"dataset={alpaca_file}", "per_device_eval_batch_size=3"]
+    assert cli.main(args) == 0
+    err = capsys.readouterr().err
+    assert "llmneo held-out eval" in err and "3/3" in err  # 8 rows in batches of 3
+    monkeypatch.setenv("RANK", "1")  # another process of a launch: no bar
+    assert cli.main(args) == 0
+    assert "llmneo held-out eval" not in capsys.readouterr().err
+
+
 def test_eval_needs_something_to_do(student_dir, capsys):
     assert cli.main(["eval", f"model_name_or_path={student_dir}"]) == 2
     assert "nothing to evaluate" in capsys.readouterr().err

@@ -35,7 +35,7 @@ def test_keep_layers_bit_exact_and_runs(tmp_path, tokenizer, family):
     assert json.loads((out / "prune_results.json").read_text())["kept_layers"] == [0, 3]
 
 
-def test_block_influence_removes_planted_identity_layer(tmp_path, tokenizer, alpaca_file):
+def test_block_influence_removes_planted_identity_layer(tmp_path, tokenizer, alpaca_file, capsys):
     model = tiny.build_model(tokenizer, num_layers=4, hidden_size=32, seed=6)
     with torch.no_grad():  # block 2 adds nothing to the residual stream: output == input
         model.model.layers[2].self_attn.o_proj.weight.zero_()
@@ -49,6 +49,8 @@ def test_block_influence_removes_planted_identity_layer(tmp_path, tokenizer, alp
     influence = result["block_influence"]
     assert influence[2] == pytest.approx(0.0, abs=1e-6)
     assert min(influence[i] for i in (0, 1, 3)) > 1e-3
+    err = capsys.readouterr().err  # the calibration loop's progress bar (8 rows in batches of 8)
+    assert "llmneo prune: block influence" in err and "1/1" in err
 
 
 def test_prune_input_errors(tmp_path, student_dir, capsys):

@@ -92,7 +92,7 @@ def _eval_mode(*modules):
 @torch.no_grad()
 def held_out(model, teacher, examples: list[dict], *, pad_token_id: int, vocab_size: int, kd=None,
              batch_size: int = 8, chunk_size: int = 256, device: torch.device | str = "cpu",
-             autocast=contextlib.nullcontext, show_progress: bool = True) -> dict:
+             autocast=contextlib.nullcontext, show_progress: bool = True, leave_progress: bool = True) -> dict:
     """ce_loss, perplexity and tokens over the response tokens of `examples`; with a `teacher` model also
     kl_to_teacher, top1_agreement and (given `kd` settings) kd_loss under the run's divergence. Metrics
     not measured are None.
@@ -101,7 +101,7 @@ def held_out(model, teacher, examples: list[dict], *, pad_token_id: int, vocab_s
     loss; 0 takes full logits from each forward (the reference path; sharded engines). `autocast` is a
     context factory for the forwards (e.g. accelerator.autocast, so mixed precision matches training).
     `kd`: an object with .kind/.temperature/.beta/.skew or a dict with those keys. `show_progress`: a progress
-    bar on stderr (off on all but the main process); it is cleared when done.
+    bar on stderr (off on all but the main process), left on screen when done unless `leave_progress` is false.
     """
     if not examples:
         raise LlmneoError("nothing to evaluate: the dataset has no example with a response token")
@@ -110,7 +110,7 @@ def held_out(model, teacher, examples: list[dict], *, pad_token_id: int, vocab_s
     sums = torch.zeros(4, dtype=torch.float64, device=device)
     tokens = 0
     starts = range(0, len(examples), batch_size)
-    with _eval_mode(model, teacher), tqdm(starts, desc="llmneo held-out eval", unit="batch", leave=False,
+    with _eval_mode(model, teacher), tqdm(starts, desc="llmneo held-out eval", unit="batch", leave=leave_progress,
                                           disable=not show_progress, dynamic_ncols=True) as bar:
         for start in bar:
             batch = data.collate(examples[start:start + batch_size], pad_token_id)

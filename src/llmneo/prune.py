@@ -9,9 +9,10 @@ bit-exact; the result is a plain HF model whose config matches its depth.
 
 from __future__ import annotations
 
-from pathlib import Path
+import os
 
 import torch
+from tqdm.auto import tqdm
 
 from llmneo import data, models, run_dir
 from llmneo.config import Config, input_paths
@@ -19,6 +20,7 @@ from llmneo.errors import LlmneoError
 
 # Per-layer lists in some configs (e.g. Qwen2's layer_types) must shrink with the layers.
 _PER_LAYER_CONFIG_KEYS = ("layer_types",)
+PRUNE_RESULTS = "prune_results.json"
 
 
 def decoder_layers(model) -> torch.nn.ModuleList:
@@ -32,8 +34,9 @@ def decoder_layers(model) -> torch.nn.ModuleList:
 
 
 @torch.no_grad()
-def block_influence(model, batches: list[dict]) -> list[float]:
-    """Per block: 1 − mean cos(h_in, h_out) over non-padding tokens. Higher = more important."""
+def block_influence(model, batches: list[dict], show_progress: bool = True) -> list[float]:
+    """Per block: 1 − mean cos(h_in, h_out) over non-padding tokens. Higher = more important.
+    `show_progress`: a progress bar over the calibration batches on stderr."""
     layers = decoder_layers(model)
     sums = torch.zeros(len(layers), dtype=torch.float64)
     count = 0
@@ -49,7 +52,8 @@ def block_influence(model, batches: list[dict]) -> list[float]:
     handles = [layer.register_forward_hook(hook(i), with_kwargs=True) for i, layer in enumerate(layers)]
     try:
         model.eval()
-        for batch in batches:
+        for batch in tqdm(batches, desc="llmneo prune: block influence", unit="batch", disable=not show_progress,
+                          dynamic_ncols=True):
             mask = batch["attention_mask"].bool()  # (B, T)
             captured.clear()
             model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
@@ -110,7 +114,9 @@ def run(config: Config) -> dict:
     if (config.keep_layers is None) == (config.num_layers is None):
         raise LlmneoError("set exactly one of keep_layers (e.g. keep_layers=0,1,2,7) or num_layers "
                           "(with a calibration dataset, to pick layers by block importance)")
-    out = run_dir.prepare(config.output_dir, config.overwrite_output_dir, inputs=input_paths(config))
+    # Checked now, written only once the pruned model exists: an earlier result stays until this one replaces it.
+    output = run_dir.check(config.output_dir, config.overwrite_output_dir, (*run_dir.MODEL_FILES, PRUNE_RESULTS),
+                           inputs=input_paths(config))
     tokenizer = models.load_tokenizer(config.model_name_or_path, "model_name_or_path", config.trust_remote_code)
     dtype = models.weight_dtype(config, "prune")
     model = models.load_model(config.model_name_or_path, "model_name_or_path", dtype, config.trust_remote_code)
@@ -127,14 +133,16 @@ def run(config: Config) -> dict:
         batches = [data.collate(examples[i:i + size], tokenizer.pad_token_id) for i in range(0, len(examples), size)]
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         model.to(device)
-        importance = block_influence(model, [{k: v.to(device) for k, v in b.items()} for b in batches])
+        importance = block_influence(model, [{k: v.to(device) for k, v in b.items()} for b in batches],
+                                     show_progress=os.environ.get("RANK", "0") == "0")
         model.to("cpu")
         keep = least_influential(importance, config.num_layers)
     keep_only(model, keep)
-    model.save_pretrained(out, safe_serialization=True)
-    tokenizer.save_pretrained(out)
     summary = {"source": config.model_name_or_path, "kept_layers": keep, "num_layers": len(keep),
                "original_num_layers": total, "block_influence": importance,
                "params": sum(p.numel() for p in model.parameters())}
-    run_dir.write_json(Path(out) / "prune_results.json", summary)
+    with run_dir.replacing(output) as staging:
+        model.save_pretrained(staging, safe_serialization=True)
+        tokenizer.save_pretrained(staging)
+        run_dir.write_json(staging / PRUNE_RESULTS, summary)
     return summary

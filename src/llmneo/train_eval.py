@@ -31,7 +31,8 @@ def scores(setup: TrainingSetup) -> dict:
                               pad_token_id=setup.loaded.tokenizer.pad_token_id, vocab_size=setup.vocab_size,
                               kd=KDSettings.from_config(config), batch_size=config.per_device_eval_batch_size,
                               chunk_size=config.kd_chunk_size, device=accelerator.device,
-                              autocast=accelerator.autocast, show_progress=setup.main)
+                              autocast=accelerator.autocast, show_progress=setup.main,
+                              leave_progress=False)  # below the training bar, cleared when done
     kd = found["kd_loss"]
     objective = found["ce_loss"] if kd is None else (1 - setup.kd_ratio) * found["ce_loss"] + setup.kd_ratio * kd
     return {"eval_loss": objective, **{f"eval_{k}": v for k, v in found.items()}}
