@@ -252,6 +252,7 @@ def staged(target: Path):
         raise LlmneoError(f"cannot write teacher_cache '{target}': {exc.strerror or exc}") from None
     try:
         yield staging
+        run_dir.plain_modes(staging)  # mkdtemp and safetensors make 0700 / 0600: a shared cache must be readable
         if target.exists():
             shutil.rmtree(target)
         os.replace(staging, target)

@@ -114,6 +114,7 @@ def capture(target: Path, endpoint, examples: list[dict], k: int, vocab: int, fi
     index = make_index(k, state["offsets"], state["shards"], fingerprint, logprobs_dtype)
     (partial / "index.json").write_text(json.dumps(index, indent=1))
     (partial / PROGRESS).unlink()
+    run_dir.plain_modes(partial)  # safetensors writes 0600 shards
     if target.exists():
         shutil.rmtree(target)
     os.replace(partial, target)

@@ -85,8 +85,10 @@ def unwritable(what: Path, reason: str) -> LlmneoError:
                        f"resume with resume_from_checkpoint=auto")
 
 
-def save(accelerator, model, tokenizer, optimizer, scheduler, out: Path, progress: Progress, config: Config) -> Path:
-    """Write checkpoint-STEP atomically (all ranks take part); returns its final path."""
+def save(accelerator, model, tokenizer, optimizer, scheduler, out: Path, progress: Progress, config: Config,
+         before_commit=None) -> Path:
+    """Write checkpoint-STEP atomically (all ranks take part); returns its final path. `before_commit()` runs on
+    the main process once the checkpoint is complete, before its rename (run_dir.commit_checkpoint)."""
     staged = out / f".tmp-checkpoint-{progress.step}"
     try:
         if accelerator.is_main_process:
@@ -109,7 +111,7 @@ def save(accelerator, model, tokenizer, optimizer, scheduler, out: Path, progres
         accelerator.wait_for_everyone()
         final = out / f"checkpoint-{progress.step}"
         if accelerator.is_main_process:
-            final = run_dir.commit_checkpoint(out, staged, progress.step, config.save_total_limit)
+            final = run_dir.commit_checkpoint(out, staged, progress.step, config.save_total_limit, before_commit)
         accelerator.wait_for_everyone()
         return final
     except Exception as exc:

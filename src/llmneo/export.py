@@ -42,7 +42,9 @@ def run(config: Config) -> Path:
     else:
         base_path = base_model_of(adapter)
     inputs = {**input_paths(config), "model_name_or_path": base_path, "adapter_name_or_path": adapter}
-    out = run_dir.prepare(config.export_dir, config.overwrite_output_dir, key="export_dir", inputs=inputs)
+    # Checked now, written only once the merge succeeded: an earlier export stays until this one replaces it.
+    output = run_dir.check(config.export_dir, config.overwrite_output_dir, run_dir.MODEL_FILES, key="export_dir",
+                           inputs=inputs)
     dtype = models.weight_dtype(config, "merge")
     tokenizer_source = adapter if Path(adapter, "tokenizer_config.json").is_file() else base_path
     tokenizer = models.load_tokenizer(tokenizer_source, "model_name_or_path", config.trust_remote_code)
@@ -69,6 +71,7 @@ def run(config: Config) -> Path:
     saved_dtype = models.saved_dtype(config, base_path)
     if saved_dtype is not None:
         merged = merged.to(saved_dtype)
-    merged.save_pretrained(out, safe_serialization=True)
-    tokenizer.save_pretrained(out)
-    return out
+    with run_dir.replacing(output) as staging:
+        merged.save_pretrained(staging, safe_serialization=True)
+        tokenizer.save_pretrained(staging)
+    return output.path

@@ -235,14 +235,15 @@ def finished(cell: Cell) -> tuple[bool, str | None]:
 
 
 def train_and_score(cell: Cell) -> None:
-    """Train the cell; training scores it on the held-out split (train_results.json in cell.dir)."""
-    cell.dir.mkdir(parents=True, exist_ok=True)
-    (cell.dir / "train_results.json").unlink(missing_ok=True)  # a failed retry must not look finished
-    run_dir.write_json(cell.dir / CELL_FILE, {"settings": cell.settings, "config": _fingerprint(cell.config)})
+    """Train the cell; training scores it on the held-out split (train_results.json in cell.dir).
+
+    A retry keeps the cell's earlier results until its own replace them (train.run), and the cell's config
+    is recorded only once it succeeded: a failed retry leaves the cell as it was, still to be retried."""
     try:
         train.run(cell.config)
     finally:
         _release()
+    run_dir.write_json(cell.dir / CELL_FILE, {"settings": cell.settings, "config": _fingerprint(cell.config)})
 
 
 def _release() -> None:

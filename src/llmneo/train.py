@@ -277,7 +277,7 @@ def log_window(setup: TrainingSetup, step: int, grad_norm: float, clock: Clock, 
                    setup.teacher is not None, setup.scheduler.get_last_lr()[0], grad_norm, clock.window(),
                    generates=setup.config.generates)
     progress.history.append(row)
-    if setup.main:
+    if setup.main and setup.claimed:  # until then the rows wait in progress.history (training_setup.claim)
         with writable(setup.out / "metrics.jsonl"):
             run_dir.append_jsonl(setup.out / "metrics.jsonl", row)
         bar.set_postfix(loss=f"{row['loss']:.4f}", ce="-" if row["ce_loss"] is None else f"{row['ce_loss']:.4f}",
@@ -289,8 +289,10 @@ def log_window(setup: TrainingSetup, step: int, grad_norm: float, clock: Clock, 
 
 def save_checkpoint(setup: TrainingSetup, clock: Clock) -> Path:
     setup.progress.runtime += clock.lap()
+    # The run's first checkpoint, once complete, replaces an earlier run's results (training_setup.claim).
     return checkpoint.save(setup.accelerator, setup.model, setup.loaded.tokenizer, setup.optimizer, setup.scheduler,
-                           setup.out, setup.progress, setup.config)
+                           setup.out, setup.progress, setup.config,
+                           before_commit=None if setup.claimed else lambda: training_setup.claim(setup))
 
 
 def finish(setup: TrainingSetup, last: dict) -> dict:
@@ -329,11 +331,14 @@ def finish(setup: TrainingSetup, last: dict) -> dict:
             tracking.log(accelerator, scores, setup.total_steps)
     accelerator.wait_for_everyone()
     state_dict = engines.state_dict_for_saving(accelerator, setup.model)  # every rank takes part when sharded
+    training_setup.claim(setup)  # already done at the last checkpoint, unless no step ran
     if setup.main:
         with writable(out):
-            _save_model(accelerator, setup.model, setup.loaded.tokenizer, out, config, state_dict)
-            if config.plot_loss:
-                plot.training_loss(progress.history, out / "training_loss.png", title=f"llmneo {config.method}")
+            with run_dir.replacing(run_dir.Output(out)) as staging:  # moved in whole, with plain permissions
+                _save_model(accelerator, setup.model, setup.loaded.tokenizer, staging, out, config, state_dict)
+                if config.plot_loss:
+                    plot.training_loss(progress.history, staging / "training_loss.png",
+                                       title=f"llmneo {config.method}")
             run_dir.write_json(out / "train_results.json", results)
     accelerator.wait_for_everyone()
     accelerator.end_training()
@@ -374,8 +379,10 @@ def _log_row(step, epoch, window, kd_ratio, has_teacher, lr, grad_norm, elapsed,
     return row
 
 
-def _save_model(accelerator, model, tokenizer, directory: Path, config: Config, state_dict: dict | None = None) -> None:
-    """The final adapter (LoRA arms) or full model, in safetensors, plus the tokenizer.
+def _save_model(accelerator, model, tokenizer, directory: Path, out: Path, config: Config,
+                state_dict: dict | None = None) -> None:
+    """The final adapter (LoRA arms) or full model, in safetensors, plus the tokenizer, into `directory` (a
+    staging folder in output_dir `out`, which holds the initial adapter that PiSSA / OLoRA convert against).
 
     MoSLoRA is saved folded (A ← M·A) and PiSSA / OLoRA converted to a LoRA on the original base, so
     the result is a plain PEFT adapter whatever the variant (see adapters.py).
@@ -386,6 +393,6 @@ def _save_model(accelerator, model, tokenizer, directory: Path, config: Config, 
     if folded is not None:
         extra["state_dict"] = folded
     if adapters.rewrites_base(config):
-        extra["path_initial_model_for_weight_conversion"] = str(directory / training_setup.INITIAL_ADAPTER)
+        extra["path_initial_model_for_weight_conversion"] = str(out / training_setup.INITIAL_ADAPTER)
     unwrapped.save_pretrained(directory, safe_serialization=True, **extra)
     tokenizer.save_pretrained(directory)

@@ -1,12 +1,17 @@
 """Everything a training run sets up before its first optimizer step, in one object.
 
-`prepare(config)` builds the accelerator, the output directory (and its llmneo_config.yaml), the student
+`prepare(config)` checks the output directory (writing nothing), builds the accelerator, the student
 with its adapters, the data and loader, the optimizer and schedule, the progress (resumed from a
 checkpoint when asked), and the three seams of the loop, each chosen once from the config:
   - `steps`: where each step's micro-batches come from (step_source.py);
   - `teacher`: where the teacher signal comes from (teacher.choose: live model, cache, or None);
   - `aligner`: how teacher positions meet student positions (alignment.py).
 train.py then runs one function per optimizer step over this object, and finishes.
+
+Nothing is written into output_dir until set-up has succeeded (and a resumed checkpoint is accepted): then
+`claim` makes the folder this run's (its llmneo_config.yaml, initial adapter, metrics so far). A folder that
+holds an earlier run's results is claimed only once this run has its own, at its first complete checkpoint
+(or its end): a run that fails before leaves the earlier results as they were.
 """
 
 from __future__ import annotations
@@ -22,11 +27,12 @@ from pathlib import Path
 
 import torch
 
-from llmneo import adapters, alignment, checkpoint, crosstok, data, engines, memory, models, rollout, run_dir
+from llmneo import adapters, alignment, checkpoint, config_paths, crosstok, data, engines, memory, models, rollout
+from llmneo import run_dir
 from llmneo import step_source, templates
 from llmneo import teacher
 from llmneo import tracking
-from llmneo.config import SAVED_CONFIG, Config, input_paths, to_yaml
+from llmneo.config import SAVED_CONFIG, Config, input_paths, report_to, to_yaml
 from llmneo.errors import LlmneoError
 from llmneo.losses import KDSettings
 
@@ -57,6 +63,10 @@ class TrainingSetup:
     settings: KDSettings
     kd_ratio: float  # 0 without a teacher signal
     params: list  # what the optimizer trains, for clipping
+    output: run_dir.Output  # output_dir as checked, with the earlier results this run replaces when it claims it
+    recorded: str = ""  # llmneo_config.yaml: the config as given, local paths absolute
+    initial_adapter: dict | None = None  # PiSSA / OLoRA: the adapter's weights as initialised
+    claimed: bool = False  # output_dir is this run's (see claim)
 
     @property
     def main(self) -> bool:
@@ -102,7 +112,9 @@ def prepare(config: Config) -> TrainingSetup:
     main = accelerator.is_main_process
     if main:
         _warn_about_teacher(config)
-    out, resume_from = _output_dir(config, main)
+    output, resume_from = _output_dir(config, main)
+    out = output.path
+    recorded = to_yaml(config_paths.recorded(config))  # every key of this run; eval and export read it
     accelerator.wait_for_everyone()
     set_seed(config.seed)
     memory.reset_peak(accelerator.device)
@@ -124,7 +136,7 @@ def prepare(config: Config) -> TrainingSetup:
         _route(splits, config)
     for i, example in enumerate(splits.train):
         example["index"] = i  # lets a teacher cache find the example's rows
-    model = _student(config, loaded, out, main)
+    model, initial_adapter = _student(config, loaded)
     trainable, total = adapters.count_params(model)
     collate = partial(data.collate, pad_token_id=loaded.tokenizer.pad_token_id)
     # The loader's own generator: creating an iterator (each epoch, or on resume) must not draw from the
@@ -152,18 +164,13 @@ def prepare(config: Config) -> TrainingSetup:
     if resume_from is not None:
         progress = checkpoint.load(resume_from, accelerator, model, optimizer, scheduler, config)
         if main:
-            with writable(out / "metrics.jsonl"):  # the steps after the checkpoint will be logged again
-                (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in progress.history))
             print(f"llmneo: resuming from {resume_from} (step {progress.step} of {total_steps})", flush=True)
     stop_ids = rollout.turn_end_ids(splits.train, loaded.tokenizer) if config.generates else None
     retokenizer = None
     if teacher_side is not None and config.generates:  # the student's replies, tokenized again for the teacher
         retokenizer = crosstok.Retokenizer(loaded.tokenizer, loaded.teacher_tokenizer, stop_ids,
                                            crosstok.turn_end(loaded.teacher_tokenizer, teacher_side.template))
-    tracking.start(accelerator, config, resumed_step=progress.step)
-    if main:
-        _announce(config, trainable, total, len(splits.train), teacher.uses_cache(config), loaded.tokenizer)
-    return TrainingSetup(
+    setup = TrainingSetup(
         config=config, accelerator=accelerator, precision=precision, out=out, resume_from=resume_from,
         loaded=loaded, splits=splits, collate=collate, model=model, loader=loader, optimizer=optimizer,
         scheduler=scheduler, progress=progress, total_steps=total_steps, trainable=trainable, total=total,
@@ -174,7 +181,32 @@ def prepare(config: Config) -> TrainingSetup:
         aligner=alignment.choose(crossing.vocab if crossing else None, accelerator.device, config.kd_unaligned),
         settings=KDSettings.from_config(config) if signal is not None else KDSettings(),
         kd_ratio=config.kd_ratio if signal is not None else 0.0,
-        params=[p for p in model.parameters() if p.requires_grad])
+        params=[p for p in model.parameters() if p.requires_grad], output=output, recorded=recorded,
+        initial_adapter=initial_adapter)
+    tracking.start(accelerator, config, resumed_step=progress.step)
+    if main:
+        _announce(config, trainable, total, len(splits.train), teacher.uses_cache(config), loaded.tokenizer)
+    if not output.stale:  # a new or empty folder, or a resume: nothing to replace, the folder is this run's now
+        claim(setup)
+    return setup
+
+
+def claim(setup: TrainingSetup) -> None:
+    """Make output_dir this run's (once): remove the earlier run's results, write this run's llmneo_config.yaml,
+    initial adapter and metrics so far (on resume: up to the checkpoint, as the later steps are logged again)."""
+    if setup.claimed:
+        return
+    if setup.main:
+        out = setup.output.create()
+        with writable(out):
+            setup.output.replace_stale()
+            run_dir.write_text(out / SAVED_CONFIG, setup.recorded)
+            if setup.initial_adapter is not None:  # to convert the final adapter into a LoRA on the original base
+                with run_dir.replacing(run_dir.Output(out)) as staging:
+                    setup.accelerator.unwrap_model(setup.model).save_pretrained(
+                        staging / INITIAL_ADAPTER, safe_serialization=True, state_dict=setup.initial_adapter)
+            run_dir.write_text(out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in setup.progress.history))
+    setup.claimed = True
 
 
 @dataclasses.dataclass
@@ -215,36 +247,40 @@ def _route(splits: data.Splits, config: Config) -> None:
             example["teacher"] = index
 
 
-def _output_dir(config: Config, main: bool) -> tuple[Path, Path | None]:
-    """The output directory, ready (with this run's llmneo_config.yaml), and the checkpoint to resume from."""
+def _output_dir(config: Config, main: bool) -> tuple[run_dir.Output, Path | None]:
+    """The output directory, checked (nothing is written yet), and the checkpoint to resume from."""
     if not config.output_dir:
         raise LlmneoError("output_dir is not set; give a directory for the results, e.g. output_dir=out/run1")
     resume_from = checkpoint.resolve(config)
-    out = Path(config.output_dir)
-    if main:
-        # Resuming continues in the run's own output_dir: no overwrite flag needed, nothing cleared.
-        overwrite = config.overwrite_output_dir or config.resume_from_checkpoint == "auto"
-        if resume_from is None:
-            run_dir.prepare(config.output_dir, overwrite, inputs=input_paths(config))
-        else:
-            with writable(out):
-                out.mkdir(parents=True, exist_ok=True)
-        with writable(out / SAVED_CONFIG):  # every key of this run; eval and export read its template, cutoff
-            run_dir.write_text(out / SAVED_CONFIG, to_yaml(config))
-    return out, resume_from
+    if resume_from is not None or not main:  # resuming continues in the run's own output_dir: nothing replaced
+        return run_dir.Output(Path(config.output_dir)), resume_from
+    overwrite = config.overwrite_output_dir or config.resume_from_checkpoint == "auto"
+    output = run_dir.check(config.output_dir, overwrite, _writes(config), inputs=input_paths(config))
+    trackers = Path(tracking.logging_dir(config), tracking.run_name(config))
+    if report_to(config) and not config.logging_dir and trackers.is_dir():  # the earlier run's tracker files
+        output.stale += sorted(p for p in trackers.rglob("*") if not p.is_dir())
+    return output, None
 
 
-def _student(config: Config, loaded: models.Loaded, out: Path, main: bool) -> torch.nn.Module:
-    """The student with its adapters (or every weight) trainable."""
+def _writes(config: Config) -> tuple[str, ...]:
+    """What a training run writes into output_dir: only these kinds of earlier results does it replace (a LoRA
+    run never removes a model.safetensors, a full run never an adapter)."""
+    return (*run_dir.TRAIN_FILES, *(run_dir.ADAPTER_FILES if config.finetuning_type == "lora" else run_dir.MODEL_FILES),
+            *(("training_loss.png",) if config.plot_loss else ()),
+            *((INITIAL_ADAPTER,) if adapters.rewrites_base(config) else ()))
+
+
+def _student(config: Config, loaded: models.Loaded) -> tuple[torch.nn.Module, dict | None]:
+    """The student with its adapters (or every weight) trainable, and for PiSSA / OLoRA the initial adapter's
+    weights (written by `claim`, to convert the final adapter into a LoRA on the original base)."""
     model = adapters.apply(loaded.student, config)
     for adapter_config in getattr(model, "peft_config", {}).values():
         # The base as loaded (absolute for a local path): adapters saved here then merge from any directory.
         adapter_config.base_model_name_or_path = loaded.student.name_or_path
-    if adapters.rewrites_base(config) and main:
-        # PiSSA / OLoRA: keep the initial adapter, to convert the final one into a LoRA on the original base.
-        with writable(out / INITIAL_ADAPTER):
-            model.save_pretrained(out / INITIAL_ADAPTER, safe_serialization=True)
-    return model
+    initial = None
+    if adapters.rewrites_base(config):
+        initial = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items() if "lora_" in k}
+    return model, initial
 
 
 def _optimizer(model: torch.nn.Module, config: Config) -> torch.optim.Optimizer:
