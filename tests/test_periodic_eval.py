@@ -124,6 +124,25 @@ def test_eval_strategy_config(tmp_path, alpaca_file, capsys):
         assert words in err and "\n" not in err, err
 
 
+@pytest.mark.slow
+def test_eval_strategy_without_a_scorable_held_out_row_stops_before_training(tmp_path, base_overrides, capsys):
+    """The one held-out row's prompt is longer than cutoff_len: refused in one line before the first step."""
+    from conftest import ALPACA_ROWS, write_jsonl
+    from llmneo import data
+
+    rows = [dict(r) for r in ALPACA_ROWS]
+    _, held_out = data._split(list(range(len(rows))), 1, base_overrides["seed"])
+    rows[held_out[0]]["instruction"] = "word " * 200
+    dataset = write_jsonl(tmp_path / "rows.jsonl", rows)
+    out = tmp_path / "out"
+    assert _train({**base_overrides, "dataset": dataset, "output_dir": out, "val_size": 1,
+                   "eval_strategy": "steps"}) == 2
+    err = capsys.readouterr().err
+    assert "eval_strategy: steps, but no held-out example has a response token within cutoff_len=64" in err
+    metrics = out / "metrics.jsonl"
+    assert not list(out.glob("checkpoint-*")) and not (metrics.is_file() and metrics.read_text())  # no step ran
+
+
 def test_loss_plot_with_eval_rows():
     """Eval rows have no training loss: the training curves stay drawn and eval_loss is drawn beside them."""
     pytest.importorskip("matplotlib")

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from llmneo import evaluate, run_dir, tracking
 from llmneo.alignment import IdentityAligner
+from llmneo.errors import LlmneoError
 from llmneo.losses import KDSettings
 from llmneo.teacher import uses_cache
 from llmneo.training_setup import TrainingSetup, writable
@@ -45,6 +46,9 @@ class Periodic:
     def __init__(self, setup: TrainingSetup, bar, clock):
         self.setup, self.bar, self.clock = setup, bar, clock
         self.strategy = setup.config.effective_eval_strategy
+        if self.strategy != "no" and not setup.splits.eval:  # refused before the first step, not at the first eval
+            raise LlmneoError(f"eval_strategy: {self.strategy}, but no held-out example has a response token within "
+                              f"cutoff_len={setup.config.cutoff_len}; raise cutoff_len or check the held-out data")
         self.every = setup.config.eval_steps or setup.config.logging_steps
         self.epochs = self._epochs_done()
 
@@ -67,9 +71,10 @@ class Periodic:
             found = scores(setup)
         row = {"step": step, "epoch": round(setup.progress.micro_seen / len(setup.loader), 4), **found}
         setup.progress.history.append(row)
-        if setup.main:
+        if setup.main and setup.claimed:  # until then the rows wait in progress.history (training_setup.claim)
             with writable(setup.out / "metrics.jsonl"):
                 run_dir.append_jsonl(setup.out / "metrics.jsonl", row)
+        if setup.main:
             self.bar.write(f"llmneo: step {step} held-out " + ", ".join(
                 f"{k[5:]} {v:.4g}" for k, v in found.items() if isinstance(v, float)))
         tracking.log(setup.accelerator, row, step)
