@@ -146,3 +146,23 @@ def test_fractional_epochs_stop_inside_an_epoch_with_its_steps_cut_at_its_end():
                                                            "gradient_accumulation_steps": 16}), len(loader))
     sizes = [len(steps.next_step().micro) for _ in range(total)]
     assert sizes == [16, 9, 16] and sum(sizes) / len(loader) == pytest.approx(1.64)
+
+
+class Recorder:
+    """A served teacher's prefetch side: which micro-batches were requested."""
+
+    def __init__(self):
+        self.requested = []
+
+    def prefetch(self, batch, positions):
+        self.requested.append(batch["index"].tolist())
+
+
+def test_a_served_teachers_prefetch_follows_the_short_steps():
+    loader, accelerator = _loader(10, 2)
+    teacher = Recorder()
+    steps = step_source.PrefetchSteps(step_source.DatasetSteps(loader, accelerator, accumulation=2), teacher,
+                                      step=0, last=4)
+    taken = [steps.next_step() for _ in range(4)]
+    assert [len(s.micro) for s in taken] == [2, 2, 1, 2]
+    assert teacher.requested == [batch["index"].tolist() for s in taken for batch in s.micro]  # none past the last
