@@ -60,6 +60,33 @@ def _split(args: list[str]) -> tuple[str | None, list[str]]:
     return None, args
 
 
+def _flag_style(argv: list[str]) -> str | None:
+    """The one-line error for a setting written as a flag, `--lora_rank 8` or `--lora_rank=8` (argparse alone
+    would say only "unrecognized arguments"); None when there is none."""
+    for i, arg in enumerate(argv[1:], 1):  # argv[0] is the command
+        if not arg.startswith("--") or arg in ("--", "--help"):
+            continue
+        name, eq, value = arg[2:].partition("=")
+        following = argv[i + 1] if i + 1 < len(argv) else ""
+        if not eq and following and not following.startswith("-") and "=" not in following:
+            arg, value = f"{arg} {following}", following
+        name = name.replace("-", "_")
+        if name == "teacher_api_key_env":  # an API key pasted as its value is never echoed
+            arg, value = f"--{name}", ""
+        return f"'{arg}' is flag syntax; llmneo takes settings as key=value: {name}={value or 'VALUE'}"
+    return None
+
+
+def _cpu_defaults() -> None:
+    """What the demo pins for speed, for every command: passive OpenMP waits, unless the user chose a policy.
+
+    OpenMP's default spin-wait keeps idle threads busy at every barrier; on a CPU shared with other work a
+    training step was 40x slower (20 s against 0.5 s passive). OpenMP reads the policy once, when torch loads
+    it, so this runs before any command imports torch.
+    """
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
 def _quiet_libraries() -> None:
     def show(message, category, filename, lineno, file=None, line=None):
         # Under torchrun every rank runs the same checks on the same config and data, so rank 0 says it all.
@@ -175,7 +202,13 @@ def _is_main_process() -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    _cpu_defaults()
     parser = _parser()
+    flag = _flag_style(argv)
+    if flag is not None and argv[0] in COMMANDS:
+        print(f"llmneo: error: {flag}", file=sys.stderr)
+        return 2
     ns = parser.parse_args(argv)
     if ns.command is None:
         parser.print_help()
