@@ -119,8 +119,8 @@ def _split(rows: list, val_size: float, seed: int) -> tuple[list, list]:
 
 
 class _Encoder:
-    """Rows → examples; counts what it drops, what cutoff_len cuts (per split: examples cut, trained tokens lost,
-    examples kept) and the tool rows its chat template could not render."""
+    """Rows → examples; counts what it drops, what cutoff_len cuts (per split: examples kept but cut, trained tokens
+    they lost, rows) and the tool rows its chat template could not render."""
 
     def __init__(self, tokenizer, template: str, own: bool, cutoff_len: int | None):
         self.tokenizer, self.template, self.own, self.cutoff_len = tokenizer, template, own, cutoff_len
@@ -168,7 +168,7 @@ class _Encoder:
                 cut, lost = cut + (beyond > 0), lost + beyond
             else:
                 self.dropped += 1
-        self.cut[split] = (cut, lost, len(examples))
+        self.cut[split] = (cut, lost, len(rows))
         return examples
 
     def _rendered(self, messages, tools):
