@@ -137,7 +137,7 @@ def test_api_key_comes_from_the_named_environment_variable_only(tmp_path, served
                   "max_steps": 1}
         monkeypatch.delenv("LLMNEO_TEST_KEY", raising=False)
         assert cli.main(["train", write_yaml(tmp_path, "a.yaml", values)]) == 2
-        assert "LLMNEO_TEST_KEY, which is not set" in capsys.readouterr().err
+        assert "LLMNEO_TEST_KEY is not set" in capsys.readouterr().err
         monkeypatch.setenv("LLMNEO_TEST_KEY", "wrong")
         assert cli.main(["train", write_yaml(tmp_path, "b.yaml", values)]) == 2
         err = capsys.readouterr().err.strip()
@@ -264,6 +264,25 @@ def test_config_checks_for_a_served_teacher(tmp_path, served_overrides, teacher_
         assert cli.main(["train", write_yaml(tmp_path, "x.yaml", {**served_overrides, **extra})]) == 2
         err = capsys.readouterr().err.strip()
         assert message in err and len(err.splitlines()) == 1 and "secret" not in err
+
+
+@pytest.mark.parametrize("pasted", ["hf_PastedTokenAbc123xyz", "sk-proj-Pasted_Key-123", "a1b2c3d4e5f6a7b8c9d0"])
+def test_an_api_key_pasted_into_teacher_api_key_env_is_never_echoed(tmp_path, served_overrides, capsys, pasted):
+    """A key that looks like a variable name (hf_..., letters, digits and _) too: it is not printed back."""
+    assert cli.main(["train", write_yaml(tmp_path, "k.yaml", {**served_overrides, "teacher_api_key_env": pasted})]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "NAME of an environment variable" in err and "OPENAI_API_KEY" in err and len(err.splitlines()) == 1
+    assert pasted not in err and "Pasted" not in err
+    with pytest.raises(served.LlmneoError) as error:  # the endpoint itself, as a library caller builds it
+        served.Endpoint("http://127.0.0.1:9/v1", "m", pasted)
+    assert pasted not in str(error.value) and "OPENAI_API_KEY" in str(error.value)
+
+
+def test_a_variable_name_that_is_set_may_be_lower_case(tmp_path, served_overrides, monkeypatch):
+    from llmneo import config
+
+    monkeypatch.setenv("my_teacher_key", "x")
+    assert config.load(overrides={**served_overrides, "teacher_api_key_env": "my_teacher_key"}).teacher_api_key_env
 
 
 @pytest.mark.slow

@@ -4,6 +4,7 @@ other), and the choices themselves. `config.load` runs `validate` on every confi
 from __future__ import annotations
 
 import math
+import os
 import re
 
 from llmneo.errors import LlmneoError
@@ -72,9 +73,10 @@ def validate(c) -> None:
     _require(not (c.teacher_endpoint and c.teacher_model_name_or_path),
              "teacher_endpoint and teacher_model_name_or_path are both set; the teacher is either served or loaded here: "
              "drop one of them")
-    _require(not c.teacher_api_key_env or re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", c.teacher_api_key_env),
-             "teacher_api_key_env must be the NAME of an environment variable (letters, digits, _), not the key "
-             "itself; export TEACHER_API_KEY=... and set teacher_api_key_env: TEACHER_API_KEY")
+    _require(names_a_variable(c.teacher_api_key_env),
+             "teacher_api_key_env must be the NAME of an environment variable, and its value is not one (it is not "
+             "shown, in case it is the key itself); export OPENAI_API_KEY=... and set teacher_api_key_env: "
+             "OPENAI_API_KEY")
     _require(not c.teacher_endpoint or c.teacher_endpoint.startswith(("http://", "https://")),
              f"teacher_endpoint must be an http(s) URL such as http://localhost:8000/v1, got '{c.teacher_endpoint}'")
     _check_generation(c)
@@ -83,6 +85,15 @@ def validate(c) -> None:
     unknown = [t for t in report_to(c) if t not in TRACKERS and t != "all"]
     _require(not unknown, f"report_to: unknown tracker '{unknown[0] if unknown else ''}'; use none, all or a comma "
              f"list of {', '.join(TRACKERS)}")
+
+
+def names_a_variable(name: str | None) -> bool:
+    """Whether teacher_api_key_env looks like what it must be, an environment variable's name: upper case (as such
+    names are by convention) or set here. Anything else may be the API key itself, so no error shows it."""
+    if not name:
+        return True
+    return bool(re.fullmatch(r"[A-Z_][A-Z0-9_]*", name)) or (
+        name in os.environ and bool(re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name)))
 
 
 def report_to(c) -> list[str]:

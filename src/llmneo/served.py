@@ -31,6 +31,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 
+from llmneo.config_checks import names_a_variable
 from llmneo.errors import LlmneoError
 from llmneo.rows import SampledRows, SparseRows
 
@@ -50,8 +51,11 @@ class Endpoint:
         if api_key_env:
             self.api_key = os.environ.get(api_key_env)
             if not self.api_key:
-                raise LlmneoError(f"teacher_api_key_env names {api_key_env}, which is not set in the environment; "
-                                  f"export it (the key never goes into a config)")
+                # The name is shown only when it looks like one: a key pasted into teacher_api_key_env is not echoed.
+                named = api_key_env if names_a_variable(api_key_env) else "the variable it names"
+                raise LlmneoError(f"teacher_api_key_env: {named} is not set in the environment; export it (the key "
+                                  f"never goes into a config), and give teacher_api_key_env a variable's NAME, e.g. "
+                                  f"OPENAI_API_KEY")
         self.model = model or self._only_model()
 
     # --- requests --------------------------------------------------------------------------------------------
