@@ -155,8 +155,12 @@ class Config:
     dataset_dir: str = _f("data", "Folder holding dataset_info.json and relative dataset files.")
     template: str | None = _f(
         None, "Prompt template when the tokenizer has no chat template: default, llama3, qwen, chatml, "
-        "mistral, llama2, gemma, alpaca, vicuna. The tokenizer's own chat template wins when it has one.")
-    cutoff_len: int = _f(2048, "Maximum tokens per example; longer examples are truncated.")
+        "mistral, llama2, gemma, alpaca, vicuna. The tokenizer's own chat template wins when it has one. The "
+        "template's special tokens (chatml/qwen: im_start, im_end; llama3: eot_id and the header tokens; gemma: "
+        "start_of_turn, end_of_turn) must be tokens of the tokenizer: a run is refused without them, except full "
+        "fine-tuning without a teacher, which adds them (rows at the mean embedding; the end of turn becomes EOS).")
+    cutoff_len: int = _f(2048, "Maximum tokens per example; longer examples are truncated (a warning counts the "
+                         "replies cut and the tokens lost).")
     packing: bool | None = _f(
         None, "Concatenate the tokenized examples and cut them into cutoff_len blocks (LLaMA-Factory's packing). "
         "Default: true for stage: pt, false for sft.")

@@ -68,11 +68,7 @@ def build(config, tokenizer, teacher_side=None) -> Splits:
     else:
         train_rows, eval_rows = _split(rows, config.val_size, config.seed)
     if any("messages" in row for _, _, row in train_rows + eval_rows):
-        templates.check_tokens(tokenizer, config.template)
-        if not own and not config.template:
-            warnings.warn(f"template is unset and the tokenizer has no chat template: conversations are rendered with "
-                          f"the built-in 'default' template (System: / Human: / Assistant:, replies end with EOS "
-                          f"{tokenizer.eos_token!r}); set template to the format the model knows", stacklevel=2)
+        templates.check_for_conversations(tokenizer, config.template)
     # Packed text is cut into blocks after concatenation, so it is not truncated first.
     cutoff = None if config.effective_packing and config.stage == "pt" else config.cutoff_len
     encoder = _Encoder(tokenizer, template, own, cutoff)

@@ -30,6 +30,7 @@ stays prompt. The token sequence is always the template's own rendering of the w
 from __future__ import annotations
 
 import os
+import warnings
 
 from llmneo.errors import LlmneoError
 
@@ -137,6 +138,16 @@ def check_tokens(tokenizer, name: str | None, whose: str = "the tokenizer", fixe
         f"('{tokenizer.name_or_path}') lacks: each would be split into characters and replies would not end in "
         f"one end-of-turn token; use a template whose tokens it has ({', '.join(fitting)}) or a tokenizer with its "
         f"own chat template{fixes}")
+
+
+def check_for_conversations(tokenizer, name: str | None) -> None:
+    """Before conversations are rendered: refuse missing markers (check_tokens); warn when a tokenizer without a
+    chat template meets an unset template, which is a guess of the model's format."""
+    check_tokens(tokenizer, name)
+    if not name and not getattr(tokenizer, "chat_template", None):
+        warnings.warn(f"template is unset and the tokenizer has no chat template: conversations are rendered with the "
+                      f"built-in 'default' template (System: / Human: / Assistant:, replies end with EOS "
+                      f"{tokenizer.eos_token!r}); set template to the format the model knows", stacklevel=3)
 
 
 def turn_end_id(tokenizer, name: str | None) -> int | None:
