@@ -7,7 +7,8 @@ kd_loss is the run's own divergence) and, when no dataset or eval_dataset is giv
 held-out split (HELD_OUT_KEYS: the same rows split by the same seed and val_size, or its eval_dataset), so
 that by default it scores exactly the rows the run held out, the rows of train_results.json's eval_* scores.
 A run that held out nothing has no such rows: eval then asks for a dataset in one line rather than score the
-rows the run trained on, as LLaMA-Factory's do_eval reads only eval_dataset / val_size.
+rows the run trained on and call that held-out (LLaMA-Factory's do_eval, too, scores eval_dataset or the
+val_size split).
 """
 
 from __future__ import annotations
