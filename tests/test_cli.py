@@ -65,3 +65,28 @@ def test_bad_dataset_row_is_one_line_exit_2(tmp_path, base_overrides):
     assert len(errors) == 1 and "row 2" in errors[0] and "output" in errors[0], result.stderr
     assert "Traceback" not in result.stderr
     assert not (Path(base_overrides["output_dir"]) / "train_results.json").exists()
+
+
+def _openmp_spin_count(*args: str, policy: str | None, cwd: Path) -> str:
+    """GOMP_SPINCOUNT as the OpenMP runtime that torch loaded reports it (OMP_DISPLAY_ENV): 0 for passive waits,
+    300000 for the default spin-then-sleep, 30000000000 for ACTIVE."""
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    env.update({"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_DISPLAY_ENV": "VERBOSE"})
+    if policy is not None:
+        env["OMP_WAIT_POLICY"] = policy
+    result = subprocess.run([*LLMNEO, *args], capture_output=True, text=True, timeout=300, cwd=cwd, env=env)
+    assert result.returncode == 2 and "llmneo: error: model_name_or_path: './missing' does not exist" in result.stderr
+    counts = [line.split("=", 1)[1].strip(" '") for line in result.stderr.splitlines() if "GOMP_SPINCOUNT" in line]
+    if not counts:
+        pytest.skip("torch's OpenMP runtime is not libgomp (no GOMP_SPINCOUNT to read)")
+    return counts[0]
+
+
+@pytest.mark.parametrize("command", ["train", "eval"])
+def test_every_command_waits_passively_unless_the_user_chose(tmp_path, command):
+    """OpenMP's default spin-wait made a training step 40x slower on a shared CPU: every command starts torch with
+    OMP_WAIT_POLICY=PASSIVE, as the demo does, and a policy the user set wins."""
+    args = (command, "model_name_or_path=./missing", "dataset=d.jsonl", f"output_dir={tmp_path / 'out'}")
+    assert _openmp_spin_count(*args, policy=None, cwd=tmp_path) == "0"
+    if command == "train":
+        assert _openmp_spin_count(*args, policy="ACTIVE", cwd=tmp_path) == "30000000000"
