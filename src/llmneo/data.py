@@ -85,8 +85,8 @@ def build(config, tokenizer, teacher_side=None) -> Splits:
     cut = [f"{n} of {total} {split} examples ({lost:,} {'response ' if config.stage == 'sft' else ''}tokens lost)"
            for split, (n, lost, total) in encoder.cut.items() if n]
     if cut:
-        warnings.warn(f"cutoff_len={config.cutoff_len} cut the replies of {' and '.join(cut)}; raise cutoff_len to "
-                      f"keep them", stacklevel=2)
+        warnings.warn(f"cutoff_len={config.cutoff_len} cut {'the replies of ' if config.stage == 'sft' else ''}"
+                      f"{' and '.join(cut)}; raise cutoff_len to keep them", stacklevel=2)
     if encoder.tools_as_text:
         warnings.warn(f"the tokenizer's chat template ignores tool schemas, tool calls or tool results in "
                       f"{encoder.tools_as_text} examples; those are rendered as text instead (schemas in the "
