@@ -189,3 +189,15 @@ def test_the_saved_config_runs_from_another_directory(tmp_path, monkeypatch, stu
     monkeypatch.chdir(elsewhere)
     assert cli.main(["train", str(here / "out" / "run" / "llmneo_config.yaml"), "output_dir=again"]) == 0
     assert (elsewhere / "again" / "adapter_model.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_a_new_run_replaces_the_earlier_runs_tracker_files(tmp_path, base_overrides):
+    pytest.importorskip("tensorboard")
+    values = {**base_overrides, "max_steps": 1, "report_to": "tensorboard"}
+    assert train(tmp_path, values, "first.yaml") == 0
+    out = Path(values["output_dir"])
+    first = {p.name for p in (out / "runs" / out.name).iterdir()}
+    assert train(tmp_path, {**values, "overwrite_output_dir": True}) == 0
+    second = {p.name for p in (out / "runs" / out.name).iterdir()}
+    assert second and not second & first

@@ -170,7 +170,9 @@ class Config:
         None, "Held-out data by name (LLaMA-Factory's key), resolved like `dataset`; used instead of val_size.")
     # --- training ---------------------------------------------------------------------------
     output_dir: str | None = _f(None, "Where the adapter/model, metrics and checkpoints go.")
-    overwrite_output_dir: bool = _f(False, "Allow writing into a non-empty output_dir.")
+    overwrite_output_dir: bool = _f(
+        False, "Allow writing into a non-empty output_dir (export_dir, teacher_cache). The earlier results of the "
+        "kinds this command writes are replaced once it has its own (a run's first checkpoint); other files stay.")
     per_device_train_batch_size: int = _f(8, "Micro-batch size per device.")
     per_device_eval_batch_size: int = _f(8, "Batch size for held-out evaluation.")
     gradient_accumulation_steps: int = _f(1, "Micro-batches per optimizer step.")

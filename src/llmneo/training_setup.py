@@ -258,7 +258,7 @@ def _output_dir(config: Config, main: bool) -> tuple[run_dir.Output, Path | None
     output = run_dir.check(config.output_dir, overwrite, _writes(config), inputs=input_paths(config))
     trackers = Path(tracking.logging_dir(config), tracking.run_name(config))
     if report_to(config) and not config.logging_dir and trackers.is_dir():  # the earlier run's tracker files
-        output.stale += sorted(p for p in trackers.rglob("*") if not p.is_dir())
+        output.stale += sorted(trackers.iterdir())  # new runs add entries of new names (event files, hparams)
     return output, None
 
 
