@@ -279,6 +279,13 @@ def test_dataset_info_registrations_with_column_and_tag_mappings(tmp_path):
     assert chat["messages"] == [system, *EXPECTED[0]]
 
 
+def _in_datasets_cache(tmp_path, monkeypatch, *repo_ids: str) -> None:
+    """These Hub ids have a folder in datasets' cache, so the offline check lets them through to load_dataset."""
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "datasets_cache"))
+    for repo_id in repo_ids:
+        (tmp_path / "datasets_cache" / repo_id.replace("/", "___")).mkdir(parents=True)
+
+
 def test_hub_datasets_go_through_load_dataset(tmp_path, monkeypatch):
     datasets = pytest.importorskip("datasets")
     calls = []
@@ -288,6 +295,7 @@ def test_hub_datasets_go_through_load_dataset(tmp_path, monkeypatch):
         return datasets.Dataset.from_list(ROWS)
 
     monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    _in_datasets_cache(tmp_path, monkeypatch, "someone/direct", "someone/registered")
     (tmp_path / "dataset_info.json").write_text(json.dumps(
         {"hub": {"hf_hub_url": "someone/registered", "subset": "en", "split": "validation"}}))
     loaded = data.load_rows(config(tmp_path, "someone/direct,hub"))
@@ -321,6 +329,7 @@ def test_hub_failure_says_not_found_locally_or_on_the_hub(tmp_path, monkeypatch)
         raise ConnectionError("no network")
 
     monkeypatch.setattr(datasets, "load_dataset", offline)
+    _in_datasets_cache(tmp_path, monkeypatch, "someone/missing")  # past llmneo's own offline check (hub.require)
     message = error(data.load_rows, config(tmp_path, "someone/missing"))
     assert "'someone/missing'" in message and "Hub" in message
 

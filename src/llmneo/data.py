@@ -36,7 +36,7 @@ from pathlib import Path
 
 import torch
 
-from llmneo import formats, packing, templates
+from llmneo import formats, hub, packing, templates
 from llmneo import tools as tool_data
 from llmneo.config import looks_like_hub_id
 from llmneo.errors import LlmneoError
@@ -358,6 +358,7 @@ def _read_json(path: Path) -> list:
 
 
 def _read_hub(name: str, dataset_dir: str, limit: int | None, subset=None, split="train", folder=None) -> list:
+    hub.require(name, "dataset", "dataset")  # one line, not the library's retries, when the Hub cannot be reached
     try:
         import datasets
 

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from llmneo import templates
+from llmneo import hub
 from llmneo.config import Config, looks_like_hub_id, looks_local
 from llmneo.errors import LlmneoError
 
@@ -89,7 +90,8 @@ def _check_exists(path: str, key: str) -> None:
     if os.path.exists(path):
         return
     if looks_like_hub_id(path) and not looks_local(path):
-        return  # a Hub id: from_pretrained will fetch or fail with its own reason
+        hub.require(path, "model", key)  # one line, not the library's retries, when the Hub cannot be reached
+        return  # a Hub id that can be fetched: from_pretrained will fetch it or fail with its own reason
     # A missing local path must not reach from_pretrained, which would try it as a Hub id (and retry for long).
     raise LlmneoError(f"{key}: '{path}' does not exist; give a local model directory or a Hub id (owner/name)")
 
