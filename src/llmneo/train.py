@@ -115,14 +115,14 @@ def optimizer_step(setup: TrainingSetup, step: int) -> dict:
             kd_ratio, settings=setup.settings, aligner=setup.aligner,
             check_before_boundary=setup.steps_in_backward and setup.guards_non_finite)
     except NonFiniteLoss as exc:
-        raise _non_finite(setup.out, step, exc.loss, float("nan")) from None
+        raise _non_finite(setup, step, exc.loss, float("nan")) from None
     norm = accelerator.clip_grad_norm_(setup.params, setup.config.max_grad_norm or float("inf"))
     grad_norm = float(norm) if norm is not None else float("nan")  # DeepSpeed clips inside its engine
     totals = accelerator.reduce(torch.stack([ce_sum, kd_sum, seen.float()]), "sum")
     step_ce, step_kd, step_loss = step_losses(totals, n_global, kd_ratio, setup.teacher is not None)
     finite = math.isfinite(step_loss) and (norm is None or math.isfinite(grad_norm))
     if not finite and setup.guards_non_finite:
-        raise _non_finite(setup.out, step, step_loss, grad_norm)
+        raise _non_finite(setup, step, step_loss, grad_norm)
     setup.optimizer.step()
     setup.scheduler.step()
     setup.optimizer.zero_grad(set_to_none=True)
@@ -169,8 +169,8 @@ def step_losses(totals: torch.Tensor, n_global: int, kd_ratio: float, has_teache
     return step_ce, step_kd, step_ce if step_kd is None else (1 - kd_ratio) * step_ce + kd_ratio * step_kd
 
 
-def _non_finite(out: Path, step: int, loss: float, grad_norm: float) -> LlmneoError:
-    kept = run_dir.checkpoints(out)
+def _non_finite(setup: TrainingSetup, step: int, loss: float, grad_norm: float) -> LlmneoError:
+    kept = run_dir.checkpoints(setup.out) if setup.claimed else []  # before, they are an earlier run's
     return LlmneoError(f"non-finite loss or gradient at step {step} (loss={loss}, grad_norm={grad_norm}); "
                        f"lower learning_rate or use bf16 instead of fp16"
                        + (f"; the last good checkpoint is {kept[-1][1]}" if kept else ""))
