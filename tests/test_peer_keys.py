@@ -100,3 +100,8 @@ def test_help_flags_still_work(capsys):
     with pytest.raises(SystemExit) as done:
         cli.main(["train", "--help"])
     assert done.value.code == 0 and "lora_rank" in capsys.readouterr().out
+
+
+def test_a_key_and_its_value_as_two_words_shows_the_key_value_form(capsys):
+    assert cli.main(["train", "model_name_or_path=m", "lora_rank", "8"]) == 2
+    assert "e.g. lora_rank=8" in capsys.readouterr().err

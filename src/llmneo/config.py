@@ -321,9 +321,11 @@ def check_key(key: str) -> None:
 
 def parse_overrides(items: list[str]) -> dict[str, str]:
     out: dict[str, str] = {}
-    for item in items:
+    for i, item in enumerate(items):
         if "=" not in item:
-            raise LlmneoError(f"override '{item}' is not key=value; e.g. learning_rate=1e-4")
+            given = items[i + 1] if item in FIELDS and i + 1 < len(items) and "=" not in items[i + 1] else None
+            example = f"{item}={given}" if given and item != "teacher_api_key_env" else "learning_rate=1e-4"
+            raise LlmneoError(f"override '{item}' is not key=value; e.g. {example}")
         key, value = item.split("=", 1)
         out[key.strip().lstrip("-").replace("-", "_")] = value
     return out
