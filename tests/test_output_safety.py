@@ -202,3 +202,17 @@ def test_a_new_run_replaces_the_earlier_runs_tracker_files(tmp_path, base_overri
     assert train(tmp_path, {**values, "overwrite_output_dir": True}) == 0
     second = {p.name for p in (out / "runs" / out.name).iterdir()}
     assert second and not second & first
+
+
+@pytest.mark.slow
+def test_a_failed_sweep_retry_leaves_the_cell_as_it_was(tmp_path, base_overrides, capsys):
+    config = write_yaml(tmp_path, "sweep.yaml", {**base_overrides, "val_size": 2, "max_steps": 1,
+                                                 "output_dir": str(tmp_path / "sweep")})
+    assert cli.main(["sweep", config, "lora_rank=2,4"]) == 0
+    cell = tmp_path / "sweep" / "lora_rank=2"
+    before = snapshot(cell)
+    assert cli.main(["sweep", config, "lora_rank=2,4", "lora_target=no_such_module"]) == 1  # every retry fails
+    assert snapshot(cell) == before
+    capsys.readouterr()
+    assert cli.main(["sweep", config, "lora_rank=2,4"]) == 0  # the cells still hold their results
+    assert capsys.readouterr().out.count("skipped (done)") == 2
