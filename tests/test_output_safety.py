@@ -80,6 +80,15 @@ def test_a_lora_run_never_removes_a_model_it_does_not_write(tmp_path, base_overr
     assert train(tmp_path, {**base_overrides, "output_dir": str(folder), "overwrite_output_dir": True}) == 0
     assert {name: (folder / name).read_bytes() for name in model_files} == model_files
     assert (folder / "adapter_model.safetensors").is_file()
+    # The model there still loads as itself: transformers would apply the adapter files beside it on its own.
+    import torch
+    from llmneo import models
+
+    loaded = models.load_model(str(folder), "model_name_or_path", torch.float32)
+    original = models.load_model(str(teacher_dir), "model_name_or_path", torch.float32)
+    assert loaded.state_dict().keys() == original.state_dict().keys()
+    assert all(torch.equal(v, original.state_dict()[k]) for k, v in loaded.state_dict().items())
+    assert loaded.name_or_path == str(folder.resolve())
 
 
 @pytest.mark.slow
@@ -216,3 +225,25 @@ def test_a_failed_sweep_retry_leaves_the_cell_as_it_was(tmp_path, base_overrides
     capsys.readouterr()
     assert cli.main(["sweep", config, "lora_rank=2,4"]) == 0  # the cells still hold their results
     assert capsys.readouterr().out.count("skipped (done)") == 2
+
+
+@pytest.mark.slow
+def test_a_full_run_over_a_lora_run_is_read_as_the_full_model(tmp_path, finished, student_dir, capsys):
+    """A full run into a LoRA run's folder keeps the old adapter files (not its kind), so eval and export must
+    go by the saved config: eval scores the new full model, export refuses to merge the stale adapter."""
+    out, values, _ = finished
+    assert (out / "adapter_config.json").is_file()
+    assert train(tmp_path, {**values, "finetuning_type": "full", "overwrite_output_dir": True}, "full.yaml") == 0
+    assert (out / "adapter_config.json").is_file() and (out / "model.safetensors").is_file()
+    scored = {}
+    for name, model in (("folder", out), ("copy", tmp_path / "full_copy")):
+        if name == "copy":  # the same full model without the stale adapter files beside it
+            shutil.copytree(out, model, ignore=shutil.ignore_patterns("adapter_*", "checkpoint-*"))
+        assert cli.main(["eval", f"model_name_or_path={model}", f"dataset={values['dataset']}",
+                         "cutoff_len=64", f"output_dir={tmp_path / ('eval_' + name)}"]) == 0
+        scored[name] = json.loads((tmp_path / f"eval_{name}" / "eval_results.json").read_text())["ce_loss"]
+    assert scored["folder"] == scored["copy"]
+    capsys.readouterr()
+    assert cli.main(["export", f"adapter_name_or_path={out}", f"model_name_or_path={student_dir}",
+                     f"export_dir={tmp_path / 'merged'}"]) == 2
+    assert "full model, not an adapter" in capsys.readouterr().err

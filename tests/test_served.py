@@ -225,7 +225,7 @@ def test_capture_resumes_after_kill_9_and_after_a_dead_server_without_losing_or_
 
     # 1. kill -9 once a shard is on disk
     config = write_yaml(tmp_path, "r.yaml", {**base, "teacher_cache": str(resumed)})
-    server.delay = 0.15
+    server.delay = 0.5  # the last 3 examples take 1.5 s: time to see the first shard, even on a loaded machine
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     process = subprocess.Popen(_capture_command(config), stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
     progress = tmp_path / ".resumed.partial" / "progress.json"

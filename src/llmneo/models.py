@@ -7,18 +7,21 @@ entries only, so padding rows never receive probability mass.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import json
 
 import os
+import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from llmneo import templates
+from llmneo import templates, trained_run
 from llmneo import hub
-from llmneo.config import Config, looks_like_hub_id, looks_local
+from llmneo.config import SAVED_CONFIG, Config, looks_like_hub_id, looks_local
 from llmneo.errors import LlmneoError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -132,9 +135,12 @@ def load_model(path: str, key: str, dtype: torch.dtype, trust_remote_code: bool 
         model_config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError, KeyError) as exc:
         raise LlmneoError(f"{key}: could not read the model config of '{path}': {_first_line(exc)}") from None
+    source = _local_or_hub(path)
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            _local_or_hub(path), config=model_config, dtype=dtype, trust_remote_code=trust_remote_code)
+        with _weights_only(source) as weights:
+            model = AutoModelForCausalLM.from_pretrained(
+                weights, config=model_config, dtype=dtype, trust_remote_code=trust_remote_code)
+        model.name_or_path = model.config._name_or_path = source  # the folder, not _weights_only's view of it
     except ValueError as exc:
         if "Unrecognized configuration class" in str(exc) or "AutoModelForCausalLM" in str(exc):
             raise LlmneoError(f"{key}: '{path}' is not a causal language model (model type "
@@ -143,6 +149,24 @@ def load_model(path: str, key: str, dtype: torch.dtype, trust_remote_code: bool 
     except OSError as exc:
         raise LlmneoError(f"{key}: could not load weights from '{path}': {_first_line(exc)}") from None
     return model
+
+
+@contextlib.contextmanager
+def _weights_only(path: str):
+    """`path`, or where it holds a model and adapter files side by side (an earlier LoRA run's, kept by a full
+    run into the same folder, or a LoRA run into a model's folder), a view of it without the adapter files.
+
+    transformers' from_pretrained applies an adapter_config.json it finds beside a model's weights; llmneo
+    applies adapters explicitly (adapters.py, load_trained), so a model path loads the model's own weights."""
+    folder = Path(path)
+    if not (folder.is_dir() and (folder / "adapter_config.json").is_file() and (folder / "config.json").is_file()):
+        yield path
+        return
+    with tempfile.TemporaryDirectory(prefix="llmneo-model-") as view:
+        for child in folder.iterdir():
+            if not child.name.startswith("adapter_"):
+                os.symlink(child.resolve(), Path(view, child.name))
+        yield view
 
 
 def _first_line(exc: BaseException) -> str:
@@ -319,12 +343,13 @@ def _has_tokenizer(path: str | None) -> bool:
 
 
 def adapter_base(adapter_dir: str) -> str | None:
-    """The base model an adapter dir records, or None when `adapter_dir` is not an adapter."""
-    config_file = Path(adapter_dir, "adapter_config.json")
-    if not config_file.is_file():
-        return None
-    import json
+    """The base model an adapter dir records, or None when `adapter_dir` is not an adapter.
 
+    The output_dir of a full fine-tune is no adapter even where it holds adapter files: they are an earlier
+    LoRA run's, which a full run into that folder leaves in place (it removes only files of its own kinds)."""
+    config_file = Path(adapter_dir, "adapter_config.json")
+    if not config_file.is_file() or trained_run.finetuning_type(adapter_dir) == "full":
+        return None
     base = json.loads(config_file.read_text()).get("base_model_name_or_path")
     if not base:
         raise LlmneoError(f"{config_file} does not name its base model; set model_name_or_path to the base "
@@ -332,11 +357,19 @@ def adapter_base(adapter_dir: str) -> str | None:
     return base
 
 
+def not_an_adapter(adapter_dir: str) -> LlmneoError:
+    if Path(adapter_dir, "adapter_config.json").is_file():  # a full fine-tune's folder (see adapter_base)
+        return LlmneoError(f"adapter_name_or_path: '{adapter_dir}' holds a full fine-tune (its {SAVED_CONFIG} says "
+                           f"finetuning_type: full), a plain model; its adapter files are an earlier run's. Use "
+                           f"model_name_or_path={adapter_dir}")
+    return LlmneoError(f"adapter_name_or_path: '{adapter_dir}' has no adapter_config.json; give a PEFT adapter dir")
+
+
 def recorded_base(adapter_dir: str) -> str:
     """The base model an adapter records, checked here: a missing local path is one line, not a Hub lookup."""
     base = adapter_base(adapter_dir)
     if base is None:
-        raise LlmneoError(f"adapter_name_or_path: '{adapter_dir}' has no adapter_config.json; give a PEFT adapter dir")
+        raise not_an_adapter(adapter_dir)
     if not os.path.exists(base) and (looks_local(base) or not looks_like_hub_id(base)):
         raise LlmneoError(f"the base model '{base}' recorded in {Path(adapter_dir, 'adapter_config.json')} does "
                           f"not exist here; set model_name_or_path to the base model")
@@ -359,7 +392,7 @@ def load_trained(config: Config, dtype: torch.dtype):
     check_vocab(tokenizer, model, "model_name_or_path", path)
     if adapter is not None:
         if adapter_base(adapter) is None:
-            raise LlmneoError(f"adapter_name_or_path: '{adapter}' has no adapter_config.json; give a PEFT adapter dir")
+            raise not_an_adapter(adapter)
         try:
             model = PeftModel.from_pretrained(model, adapter)
         except (ValueError, RuntimeError, KeyError) as exc:

@@ -137,7 +137,12 @@ def replacing(output: Output):
 
 
 def umask() -> int:
-    """The process's umask (read by setting it and setting it back; 0o077 meanwhile, never looser)."""
+    """The process's umask: from /proc on Linux, else by setting it and setting it back (0o077 meanwhile,
+    never looser, but for that instant another thread's new files would get it)."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
     mask = os.umask(0o077)
     os.umask(mask)
     return mask

@@ -46,6 +46,12 @@ def saved_config_of(model_dir: str | None) -> Path | None:
     return None
 
 
+def finetuning_type(model_dir: str | None) -> str | None:
+    """The finetuning_type of the run that last wrote `model_dir`, from its saved config; None without one."""
+    saved = saved_config_of(model_dir)
+    return config_mod.read_yaml(saved).get("finetuning_type") if saved is not None else None
+
+
 def defaults(values: dict[str, Any], command: str) -> dict[str, Any]:
     """The keys `command` takes from the saved config of the run the adapter (or model) path points at."""
     for key in ("adapter_name_or_path", "model_name_or_path"):
