@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import time
 import shutil
 from pathlib import Path
 
@@ -67,6 +68,10 @@ def test_tensorboard_survives_a_resume(base_overrides, tmp_path):
     first = _metrics(out)
     shutil.rmtree(out / "checkpoint-4")
     (out / "train_results.json").unlink()
+    # TensorBoard reads event files in name order: <second>.<host>.<pid>.<writer count>. Within one second of
+    # one process the count decides, and in a pytest worker that has made 9 writers ".10" sorts before ".9".
+    # A user's resume is a new process, later; here the resumed run starts in a later second.
+    time.sleep(1 - time.time() % 1)
     assert _train({**settings, "resume_from_checkpoint": "auto"}) == 0
     assert json.loads((out / "train_results.json").read_text())["resumed_from"].endswith("checkpoint-2")
     rows = _metrics(out)
