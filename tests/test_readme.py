@@ -62,7 +62,7 @@ def world(tmp_path_factory) -> Path:
     tiny.save_pair(tiny.build_model(tokenizer, hidden_size=32, num_layers=2, seed=1),
                    tokenizer, root / "meta-llama/Llama-3.2-1B-Instruct")
     # The teacher is larger than the student and deep enough for the README's num_layers=16 prune.
-    tiny.save_pair(tiny.build_model(tokenizer, hidden_size=48, num_layers=18, seed=2),
+    tiny.save_pair(tiny.build_model(tokenizer, hidden_size=32, num_layers=17, seed=2),
                    tokenizer, root / "meta-llama/Llama-3.1-8B-Instruct")
     tiny.save_pair(tiny.build_model(tokenizer, family="qwen2", hidden_size=32, num_layers=28, seed=3),
                    tokenizer, root / "Qwen/Qwen2.5-7B-Instruct")
