@@ -57,6 +57,13 @@ def test_bad_values_are_one_line_errors(override, needle):
     assert "\n" not in str(err.value)
 
 
+def test_a_lone_value_that_is_no_key_is_not_echoed():
+    """`llmneo train neo.yaml sk-proj-Abc123` (a key pasted without its name) names the position, not the value."""
+    with pytest.raises(LlmneoError) as err:
+        config.load(overrides=["lora_rank=8", "sk-proj-Abc123"])
+    assert "override 2 (not shown" in str(err.value) and "Abc123" not in str(err.value)
+
+
 def test_null_passes_the_range_checks_of_optional_keys():
     c = config.load(overrides=["lora_alpha=null", "learning_rate=null", "save_total_limit=null", "num_fewshot=null"])
     assert c.lora_alpha is c.learning_rate is c.save_total_limit is c.num_fewshot is None

@@ -199,6 +199,17 @@ def test_a_timeout_and_an_unreachable_server_are_one_line(server, teacher_dir, t
     assert len(str(caught.value).splitlines()) == 1
 
 
+def test_credentials_in_the_endpoint_url_are_never_printed(tmp_path, served_overrides, capsys):
+    """A URL may carry user:password@; the errors name the endpoint without them."""
+    with pytest.raises(served.LlmneoError) as caught:
+        served.Endpoint("http://alice:s3cretpass@127.0.0.1:9/v1", None, retries=0)
+    assert "s3cretpass" not in str(caught.value) and "http://***@127.0.0.1:9/v1" in str(caught.value)
+    values = {**served_overrides, "teacher_endpoint": "ftp://alice:s3cretpass@host/v1"}
+    assert cli.main(["train", write_yaml(tmp_path, "u.yaml", values)]) == 2
+    err = capsys.readouterr().err
+    assert "http(s) URL" in err and "s3cretpass" not in err
+
+
 def test_a_teacher_with_another_tokenizer_is_refused_before_training(tmp_path, served_overrides, teacher_dir,
                                                                      tokenizer, capsys):
     from llmneo.demo import tiny

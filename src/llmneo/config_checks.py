@@ -78,13 +78,18 @@ def validate(c) -> None:
              "shown, in case it is the key itself); export OPENAI_API_KEY=... and set teacher_api_key_env: "
              "OPENAI_API_KEY")
     _require(not c.teacher_endpoint or c.teacher_endpoint.startswith(("http://", "https://")),
-             f"teacher_endpoint must be an http(s) URL such as http://localhost:8000/v1, got '{c.teacher_endpoint}'")
+             f"teacher_endpoint must be an http(s) URL such as http://localhost:8000/v1, got '{shown_url(c.teacher_endpoint)}'")
     _check_generation(c)
     _check_teachers(c)
     _check_evaluation(c)
     unknown = [t for t in report_to(c) if t not in TRACKERS and t != "all"]
     _require(not unknown, f"report_to: unknown tracker '{unknown[0] if unknown else ''}'; use none, all or a comma "
              f"list of {', '.join(TRACKERS)}")
+
+
+def shown_url(url: str | None) -> str | None:
+    """`url` as messages show it: credentials in it (http://user:password@host/...) replaced by ***."""
+    return re.sub(r"^([a-zA-Z][a-zA-Z0-9+.-]*://)[^/@]*@", r"\1***@", url) if url else url
 
 
 def names_a_variable(name: str | None) -> bool:

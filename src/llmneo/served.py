@@ -31,7 +31,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 
-from llmneo.config_checks import names_a_variable
+from llmneo.config_checks import names_a_variable, shown_url
 from llmneo.errors import LlmneoError
 from llmneo.rows import SampledRows, SparseRows
 
@@ -45,6 +45,7 @@ class Endpoint:
                  retries: int = 4, backoff: float = 0.25):
         self.url = url.rstrip("/")
         self.root = self.url[: -len("/v1")] if self.url.endswith("/v1") else self.url
+        self.shown = shown_url(self.url)  # for messages: no credentials a URL may carry
         self.timeout, self.retries, self.backoff = timeout, retries, backoff
         self._stopping = threading.Event()  # set by stop(): no new attempt starts (a failed run exits promptly)
         self.api_key = None
@@ -92,10 +93,10 @@ class Endpoint:
                     problem = f"cannot connect ({getattr(reason, 'strerror', None) or reason})"
             except (ConnectionError, http.client.HTTPException, json.JSONDecodeError, UnicodeDecodeError) as exc:
                 if isinstance(exc, http.client.InvalidURL):
-                    raise LlmneoError(f"teacher_endpoint {self.url} is not a valid URL ({exc}); e.g. "
+                    raise LlmneoError(f"teacher_endpoint {self.shown} is not a valid URL ({exc}); e.g. "
                                       f"http://localhost:8000/v1") from None
                 problem = f"a broken answer ({type(exc).__name__})"
-        raise LlmneoError(f"teacher_endpoint {self.url}: {problem} after {self.retries + 1} attempts; check that "
+        raise LlmneoError(f"teacher_endpoint {self.shown}: {problem} after {self.retries + 1} attempts; check that "
                           f"the server is up and reachable (vllm serve ...), or raise its capacity")
 
     def stop(self) -> None:
@@ -111,17 +112,17 @@ class Endpoint:
             return LlmneoError(f"teacher_endpoint cannot return prompt log-probs with prefix caching on ({message}); "
                                f"start vLLM with --no-enable-prefix-caching, or use a vLLM that supports both")
         if code in (401, 403):
-            return LlmneoError(f"teacher_endpoint {self.url} refused the request (HTTP {code}: {message}); set the "
+            return LlmneoError(f"teacher_endpoint {self.shown} refused the request (HTTP {code}: {message}); set the "
                                f"API key's environment variable and name it in teacher_api_key_env")
         if code == 404:
-            return LlmneoError(f"teacher_endpoint {self.url}: HTTP 404 ({message}); check the URL (it ends in /v1) "
+            return LlmneoError(f"teacher_endpoint {self.shown}: HTTP 404 ({message}); check the URL (it ends in /v1) "
                                f"and teacher_endpoint_model")
-        return LlmneoError(f"teacher_endpoint {self.url} answered HTTP {code}: {message}")
+        return LlmneoError(f"teacher_endpoint {self.shown} answered HTTP {code}: {message}")
 
     def _only_model(self) -> str:
         served = [m.get("id") for m in self.request("GET", f"{self.url}/models").get("data", [])]
         if len(served) != 1:
-            raise LlmneoError(f"teacher_endpoint {self.url} serves {len(served)} models ({', '.join(map(str, served))});"
+            raise LlmneoError(f"teacher_endpoint {self.shown} serves {len(served)} models ({', '.join(map(str, served))});"
                               f" name one in teacher_endpoint_model")
         return served[0]
 
@@ -132,12 +133,12 @@ class Endpoint:
             "prompt_logprobs": k, "temperature": 0.0})
         choices = sorted(answer.get("choices", []), key=lambda c: c.get("index", 0))
         if len(choices) != len(sequences):
-            raise LlmneoError(f"teacher_endpoint {self.url} answered {len(choices)} choices for {len(sequences)} "
+            raise LlmneoError(f"teacher_endpoint {self.shown} answered {len(choices)} choices for {len(sequences)} "
                               f"prompts; is it a vLLM OpenAI-compatible server?")
         entries = [c.get("prompt_logprobs") for c in choices]
         for seq, got in zip(sequences, entries):
             if not isinstance(got, list) or len(got) != len(seq):
-                raise LlmneoError(f"teacher_endpoint {self.url} gave no prompt_logprobs (or the wrong count) for a "
+                raise LlmneoError(f"teacher_endpoint {self.shown} gave no prompt_logprobs (or the wrong count) for a "
                                   f"prompt of {len(seq)} tokens; serve the teacher with vLLM, which supports "
                                   f"prompt_logprobs")
         return entries

@@ -33,6 +33,7 @@ from llmneo import step_source, templates
 from llmneo import teacher
 from llmneo import tracking
 from llmneo.config import SAVED_CONFIG, Config, input_paths, report_to, to_yaml
+from llmneo.config_checks import shown_url
 from llmneo.errors import LlmneoError
 from llmneo.losses import KDSettings
 
@@ -311,7 +312,7 @@ def _warn_about_teacher(config: Config) -> None:
 
 def _announce(config: Config, trainable: int, total: int, examples: int, cached: bool, tokenizer) -> None:
     source = ("teacher cache " + str(config.teacher_cache)) if cached else (
-        "teacher " + str(config.teacher_model_name_or_path or config.teacher_endpoint) if config.uses_kd
+        "teacher " + str(config.teacher_model_name_or_path or shown_url(config.teacher_endpoint)) if config.uses_kd
         else "no teacher")
     print(f"llmneo: {config.method} | trainable {trainable:,} of {total:,} parameters "
           f"({100 * trainable / max(total, 1):.2f}%) | {source} | {examples} training examples"
