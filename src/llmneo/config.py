@@ -326,8 +326,7 @@ def parse_overrides(items: list[str]) -> dict[str, str]:
             given = items[i + 1] if item in FIELDS and i + 1 < len(items) and "=" not in items[i + 1] else None
             example = f"{item}={given}" if given and item != "teacher_api_key_env" else "learning_rate=1e-4"
             # A lone word that is no key may be a pasted value (an API key): not echoed.
-            shown = f"'{item}'" if item in FIELDS or re.fullmatch(r"[a-z][a-z0-9_]{0,40}", item) else (
-                f"{i + 1} (not shown: it is no key name)")
+            shown = f"'{item}'" if re.fullmatch(r"[a-z][a-z0-9_]{0,40}", item) else f"{i + 1} (not shown: no key name)"
             raise LlmneoError(f"override {shown} is not key=value; e.g. {example}")
         key, value = item.split("=", 1)
         out[key.strip().lstrip("-").replace("-", "_")] = value

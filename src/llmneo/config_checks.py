@@ -78,7 +78,8 @@ def validate(c) -> None:
              "shown, in case it is the key itself); export OPENAI_API_KEY=... and set teacher_api_key_env: "
              "OPENAI_API_KEY")
     _require(not c.teacher_endpoint or c.teacher_endpoint.startswith(("http://", "https://")),
-             f"teacher_endpoint must be an http(s) URL such as http://localhost:8000/v1, got '{shown_url(c.teacher_endpoint)}'")
+             f"teacher_endpoint must be an http(s) URL such as http://localhost:8000/v1, got "
+             f"'{shown_url(c.teacher_endpoint)}'")
     _check_generation(c)
     _check_teachers(c)
     _check_evaluation(c)

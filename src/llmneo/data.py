@@ -63,10 +63,8 @@ def build(config, tokenizer, teacher_side=None) -> Splits:
         warnings.warn(f"the tokenizer has its own chat template, which is used; template='{config.template}' "
                       f"is ignored", stacklevel=2)
     rows = _numbered(load_rows(config))
-    if config.eval_dataset:
-        train_rows, eval_rows = rows, _numbered(load_rows(config, config.eval_dataset, "eval_dataset"))
-    else:
-        train_rows, eval_rows = _split(rows, config.val_size, config.seed)
+    train_rows, eval_rows = ((rows, _numbered(load_rows(config, config.eval_dataset, "eval_dataset")))
+                             if config.eval_dataset else _split(rows, config.val_size, config.seed))
     if any("messages" in row for _, _, row in train_rows + eval_rows):
         templates.check_for_conversations(tokenizer, config.template)
     # Packed text is cut into blocks after concatenation, so it is not truncated first.
@@ -150,8 +148,7 @@ class _Encoder:
                     raise LlmneoError(f"{source} row {n}: the chat template failed: {exc}; fix the row or "
                                       f"the template") from None
             beyond = 0 if self.cutoff_len is None else sum(label != IGNORE_INDEX for label in labels[self.cutoff_len:])
-            if self.cutoff_len is not None:
-                ids, labels = ids[:self.cutoff_len], labels[:self.cutoff_len]
+            ids, labels = ids[:self.cutoff_len], labels[:self.cutoff_len]  # [:None] keeps all
             # labels[0] is never scored: the loop predicts token t+1 from position t.
             if any(label != IGNORE_INDEX for label in labels[1:]):
                 example = {"input_ids": ids, "labels": labels, **({"route": row["route"]} if "route" in row else {})}

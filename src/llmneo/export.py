@@ -11,15 +11,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from llmneo import models, run_dir, templates
+from llmneo import models, run_dir, templates, trained_run
 from llmneo.config import Config, input_paths
 from llmneo.errors import LlmneoError
 
 
 def base_model_of(adapter_dir: str) -> str:
     """The base model recorded in an adapter's config (what `model_name_or_path` defaults to)."""
-    if models.adapter_base(adapter_dir) is not None:
-        return models.recorded_base(adapter_dir)
+    if trained_run.adapter_base(adapter_dir) is not None:
+        return trained_run.recorded_base(adapter_dir)
     if Path(adapter_dir, "config.json").is_file():
         raise LlmneoError(f"adapter_name_or_path '{adapter_dir}' is a full model, not an adapter; "
                           f"it already loads with AutoModelForCausalLM, nothing to merge")
@@ -37,7 +37,7 @@ def run(config: Config) -> Path:
                           "adapter_name_or_path=out/neo")
     if config.model_name_or_path:
         base_path = config.model_name_or_path
-        if models.adapter_base(adapter) is None:
+        if trained_run.adapter_base(adapter) is None:
             base_model_of(adapter)  # one line: a full model or no adapter at all
     else:
         base_path = base_model_of(adapter)

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
-
 import os
 import tempfile
 import warnings
@@ -21,7 +19,7 @@ import torch
 
 from llmneo import templates, trained_run
 from llmneo import hub
-from llmneo.config import SAVED_CONFIG, Config, looks_like_hub_id, looks_local
+from llmneo.config import Config, looks_like_hub_id, looks_local
 from llmneo.errors import LlmneoError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -342,40 +340,6 @@ def _has_tokenizer(path: str | None) -> bool:
     return bool(path) and Path(path, "tokenizer_config.json").is_file()
 
 
-def adapter_base(adapter_dir: str) -> str | None:
-    """The base model an adapter dir records, or None when `adapter_dir` is not an adapter.
-
-    The output_dir of a full fine-tune is no adapter even where it holds adapter files: they are an earlier
-    LoRA run's, which a full run into that folder leaves in place (it removes only files of its own kinds)."""
-    config_file = Path(adapter_dir, "adapter_config.json")
-    if not config_file.is_file() or trained_run.finetuning_type(adapter_dir) == "full":
-        return None
-    base = json.loads(config_file.read_text()).get("base_model_name_or_path")
-    if not base:
-        raise LlmneoError(f"{config_file} does not name its base model; set model_name_or_path to the base "
-                          f"and adapter_name_or_path={adapter_dir}")
-    return base
-
-
-def not_an_adapter(adapter_dir: str) -> LlmneoError:
-    if Path(adapter_dir, "adapter_config.json").is_file():  # a full fine-tune's folder (see adapter_base)
-        return LlmneoError(f"adapter_name_or_path: '{adapter_dir}' holds a full fine-tune (its {SAVED_CONFIG} says "
-                           f"finetuning_type: full), a plain model; its adapter files are an earlier run's. Use "
-                           f"model_name_or_path={adapter_dir}")
-    return LlmneoError(f"adapter_name_or_path: '{adapter_dir}' has no adapter_config.json; give a PEFT adapter dir")
-
-
-def recorded_base(adapter_dir: str) -> str:
-    """The base model an adapter records, checked here: a missing local path is one line, not a Hub lookup."""
-    base = adapter_base(adapter_dir)
-    if base is None:
-        raise not_an_adapter(adapter_dir)
-    if not os.path.exists(base) and (looks_local(base) or not looks_like_hub_id(base)):
-        raise LlmneoError(f"the base model '{base}' recorded in {Path(adapter_dir, 'adapter_config.json')} does "
-                          f"not exist here; set model_name_or_path to the base model")
-    return base
-
-
 def load_trained(config: Config, dtype: torch.dtype):
     """(model, tokenizer) for evaluation: a model dir / Hub id, an adapter dir, or base + adapter."""
     from peft import PeftModel
@@ -384,15 +348,15 @@ def load_trained(config: Config, dtype: torch.dtype):
     if not path:
         raise LlmneoError("model_name_or_path is not set; give a model dir, a Hub id or a trained adapter dir")
     adapter = config.adapter_name_or_path
-    if adapter is None and adapter_base(path) is not None:
-        path, adapter = recorded_base(path), path
+    if adapter is None and trained_run.adapter_base(path) is not None:
+        path, adapter = trained_run.recorded_base(path), path
     remote = config.trust_remote_code
     tokenizer = load_tokenizer(adapter if _has_tokenizer(adapter) else path, "model_name_or_path", remote)
     model = load_model(path, "model_name_or_path", dtype, remote)
     check_vocab(tokenizer, model, "model_name_or_path", path)
     if adapter is not None:
-        if adapter_base(adapter) is None:
-            raise not_an_adapter(adapter)
+        if trained_run.adapter_base(adapter) is None:
+            raise trained_run.not_an_adapter(adapter)
         try:
             model = PeftModel.from_pretrained(model, adapter)
         except (ValueError, RuntimeError, KeyError) as exc:

@@ -1,5 +1,6 @@
 """What `llmneo eval` and `llmneo export` take from the trained run that model_name_or_path (or
-adapter_name_or_path) points at: its saved llmneo_config.yaml, for the keys the user did not give.
+adapter_name_or_path) points at: its saved llmneo_config.yaml, for the keys the user did not give, and
+whether the folder is an adapter and on which base (adapter_base, recorded_base).
 
 Both take the run's RUN_KEYS: scoring or shipping a run with another template, cutoff or stage would measure
 (or render) other tokens than it trained on. `llmneo eval` also takes the run's KD settings (KD_KEYS: its
@@ -13,6 +14,7 @@ val_size split).
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from functools import partial
@@ -20,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from llmneo import config as config_mod
-from llmneo.config import SAVED_CONFIG, Config
+from llmneo.config import SAVED_CONFIG, Config, looks_like_hub_id, looks_local
 from llmneo.errors import LlmneoError
 
 RUN_KEYS = ("template", "cutoff_len", "stage", "packing")
@@ -72,3 +74,37 @@ def defaults(values: dict[str, Any], command: str) -> dict[str, Any]:
                               f"are no held-out rows to score; give dataset=...{trained_on}, or train with val_size "
                               f"or eval_dataset")
     return {k: config_mod.coerce(k, stored[k]) for k in keys if k in stored}
+
+
+def adapter_base(adapter_dir: str) -> str | None:
+    """The base model an adapter dir records, or None when `adapter_dir` is not an adapter.
+
+    The output_dir of a full fine-tune is no adapter even where it holds adapter files: they are an earlier
+    LoRA run's, which a full run into that folder leaves in place (it removes only files of its own kinds)."""
+    config_file = Path(adapter_dir, "adapter_config.json")
+    if not config_file.is_file() or finetuning_type(adapter_dir) == "full":
+        return None
+    base = json.loads(config_file.read_text()).get("base_model_name_or_path")
+    if not base:
+        raise LlmneoError(f"{config_file} does not name its base model; set model_name_or_path to the base "
+                          f"and adapter_name_or_path={adapter_dir}")
+    return base
+
+
+def not_an_adapter(adapter_dir: str) -> LlmneoError:
+    if Path(adapter_dir, "adapter_config.json").is_file():  # a full fine-tune's folder (see adapter_base)
+        return LlmneoError(f"adapter_name_or_path: '{adapter_dir}' holds a full fine-tune (its {SAVED_CONFIG} says "
+                           f"finetuning_type: full), a plain model; its adapter files are an earlier run's. Use "
+                           f"model_name_or_path={adapter_dir}")
+    return LlmneoError(f"adapter_name_or_path: '{adapter_dir}' has no adapter_config.json; give a PEFT adapter dir")
+
+
+def recorded_base(adapter_dir: str) -> str:
+    """The base model an adapter records, checked here: a missing local path is one line, not a Hub lookup."""
+    base = adapter_base(adapter_dir)
+    if base is None:
+        raise not_an_adapter(adapter_dir)
+    if not os.path.exists(base) and (looks_local(base) or not looks_like_hub_id(base)):
+        raise LlmneoError(f"the base model '{base}' recorded in {Path(adapter_dir, 'adapter_config.json')} does "
+                          f"not exist here; set model_name_or_path to the base model")
+    return base
