@@ -14,6 +14,7 @@ from llmneo import config as config_mod
 from llmneo import config_docs, trained_run
 from llmneo.errors import LlmneoError
 from llmneo.preemption import Preempted
+from llmneo.process import is_main_process
 
 # name -> (summary, whether it needs settings: a YAML file and/or key=value; both work alone)
 COMMANDS = {
@@ -90,7 +91,7 @@ def _cpu_defaults() -> None:
 def _quiet_libraries() -> None:
     def show(message, category, filename, lineno, file=None, line=None):
         # Under torchrun every rank runs the same checks on the same config and data, so rank 0 says it all.
-        if issubclass(category, (DeprecationWarning, FutureWarning)) or not _is_main_process():
+        if issubclass(category, (DeprecationWarning, FutureWarning)) or not is_main_process():
             return
         print(f"llmneo: warning: {str(message).splitlines()[0]}", file=sys.stderr)
 
@@ -132,7 +133,7 @@ def dispatch(command: str, args: list[str]) -> int:
         from llmneo import train
 
         results = train.run(cfg)
-        if _is_main_process():
+        if is_main_process():
             final = results["final_loss"]
             shown = "n/a" if final is None else f"{final:.4f}"
             print(f"llmneo: trained {results['method']} in {results['train_runtime']:.1f}s, "
@@ -197,10 +198,6 @@ def _convert_cache(verb: str, args: list[str]) -> int:
     return 0
 
 
-def _is_main_process() -> bool:
-    return os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")) == "0"
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     _cpu_defaults()
@@ -220,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"llmneo: error: {exc}", file=sys.stderr)
         return 2
     except Preempted as stop:
-        if _is_main_process():
+        if is_main_process():
             print(f"llmneo: stopped by {stop.signal_name} after step {stop.step}; checkpoint written to "
                   f"{stop.checkpoint_dir}. Resume with the same command plus resume_from_checkpoint=auto",
                   file=sys.stderr)

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 import warnings
 from pathlib import Path
 
@@ -30,6 +29,7 @@ from tqdm.auto import tqdm
 from llmneo import data, heads, models, rollout, run_dir
 from llmneo.config import Config
 from llmneo.errors import LlmneoError
+from llmneo.process import is_main_process
 from llmneo.losses import KDSettings, response_positions, token_cross_entropy, token_divergence
 
 KD_SETTING_NAMES = ("kind", "temperature", "beta", "skew")
@@ -318,7 +318,7 @@ def run(config: Config) -> dict:
         results.update(held_out(model, teacher, examples, pad_token_id=tokenizer.pad_token_id,
                                 vocab_size=len(tokenizer), kd=KDSettings.from_config(config),
                                 batch_size=config.per_device_eval_batch_size, chunk_size=config.kd_chunk_size,
-                                device=device, show_progress=os.environ.get("RANK", "0") == "0"))
+                                device=device, show_progress=is_main_process()))
     if config.tasks:
         results["lm_eval"] = lm_eval_tasks(model, tokenizer, config.tasks, num_fewshot=config.num_fewshot,
                                            limit=config.eval_limit, batch_size=config.per_device_eval_batch_size,

@@ -9,7 +9,6 @@ bit-exact; the result is a plain HF model whose config matches its depth.
 
 from __future__ import annotations
 
-import os
 
 import torch
 from tqdm.auto import tqdm
@@ -17,6 +16,7 @@ from tqdm.auto import tqdm
 from llmneo import data, models, run_dir
 from llmneo.config import Config, input_paths
 from llmneo.errors import LlmneoError
+from llmneo.process import is_main_process
 
 # Per-layer lists in some configs (e.g. Qwen2's layer_types) must shrink with the layers.
 _PER_LAYER_CONFIG_KEYS = ("layer_types",)
@@ -134,7 +134,7 @@ def run(config: Config) -> dict:
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         model.to(device)
         importance = block_influence(model, [{k: v.to(device) for k, v in b.items()} for b in batches],
-                                     show_progress=os.environ.get("RANK", "0") == "0")
+                                     show_progress=is_main_process())
         model.to("cpu")
         keep = least_influential(importance, config.num_layers)
     keep_only(model, keep)

@@ -101,8 +101,8 @@ BUILTIN_TEMPLATES: dict[str, str] = {
 }
 
 
-# The special tokens each built-in template writes as markers, and the one that ends its turns (the others end
-# them with the tokenizer's EOS). A tokenizer must hold each marker as one token: spelled out in characters, a
+# The special tokens each built-in template writes as markers; the last one ends its turns (the other templates
+# end them with the tokenizer's EOS). A tokenizer must hold each marker as one token: spelled out in characters, a
 # marker is noise to learn, and a reply would end in a dozen ordinary tokens that nothing stops on.
 MARKERS: dict[str, tuple[str, ...]] = {
     "chatml": ("<|im_start|>", "<|im_end|>"),
@@ -110,7 +110,7 @@ MARKERS: dict[str, tuple[str, ...]] = {
     "llama3": ("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"),
     "gemma": ("<start_of_turn>", "<end_of_turn>"),
 }
-TURN_END = {"chatml": "<|im_end|>", "qwen": "<|im_end|>", "llama3": "<|eot_id|>", "gemma": "<end_of_turn>"}
+TURN_END = {name: markers[-1] for name, markers in MARKERS.items()}
 
 
 def missing_tokens(tokenizer, name: str | None) -> list[str]:

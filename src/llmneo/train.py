@@ -276,10 +276,8 @@ def log_window(setup: TrainingSetup, step: int, grad_norm: float, clock: Clock, 
     row = _log_row(step, progress.micro_seen / len(setup.loader), progress.window, setup.kd_ratio,
                    setup.teacher is not None, setup.scheduler.get_last_lr()[0], grad_norm, clock.window(),
                    generates=setup.config.generates)
-    progress.history.append(row)
-    if setup.main and setup.claimed:  # until then the rows wait in progress.history (training_setup.claim)
-        with writable(setup.out / "metrics.jsonl"):
-            run_dir.append_jsonl(setup.out / "metrics.jsonl", row)
+    setup.record(row)
+    if setup.main:
         bar.set_postfix(loss=f"{row['loss']:.4f}", ce="-" if row["ce_loss"] is None else f"{row['ce_loss']:.4f}",
                         kd="-" if row["kd_loss"] is None else f"{row['kd_loss']:.4f}",
                         lr=f"{row['learning_rate']:.2e}", tok_s=f"{row['tokens_per_second']:.0f}")

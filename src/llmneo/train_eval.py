@@ -14,12 +14,12 @@ with eval rows trains exactly as one without, and a resumed run exactly as an un
 
 from __future__ import annotations
 
-from llmneo import evaluate, run_dir, tracking
+from llmneo import evaluate, tracking
 from llmneo.alignment import IdentityAligner
 from llmneo.errors import LlmneoError
 from llmneo.losses import KDSettings
 from llmneo.teacher import uses_cache
-from llmneo.training_setup import TrainingSetup, writable
+from llmneo.training_setup import TrainingSetup
 
 
 def scores(setup: TrainingSetup) -> dict:
@@ -70,10 +70,7 @@ class Periodic:
         with self.clock.paused():
             found = scores(setup)
         row = {"step": step, "epoch": round(setup.progress.micro_seen / len(setup.loader), 4), **found}
-        setup.progress.history.append(row)
-        if setup.main and setup.claimed:  # until then the rows wait in progress.history (training_setup.claim)
-            with writable(setup.out / "metrics.jsonl"):
-                run_dir.append_jsonl(setup.out / "metrics.jsonl", row)
+        setup.record(row)
         if setup.main:
             self.bar.write(f"llmneo: step {step} held-out " + ", ".join(
                 f"{k[5:]} {v:.4g}" for k, v in found.items() if isinstance(v, float)))

@@ -69,6 +69,14 @@ class TrainingSetup:
     initial_adapter: dict | None = None  # PiSSA / OLoRA: the adapter's weights as initialised
     claimed: bool = False  # output_dir is this run's (see claim)
 
+    def record(self, row: dict) -> None:
+        """A metrics.jsonl row (training or eval): into the progress history and, once output_dir is this run's,
+        into metrics.jsonl; until then it waits in the history, which `claim` writes."""
+        self.progress.history.append(row)
+        if self.main and self.claimed:
+            with writable(self.out / "metrics.jsonl"):
+                run_dir.append_jsonl(self.out / "metrics.jsonl", row)
+
     @property
     def main(self) -> bool:
         return self.accelerator.is_main_process
