@@ -8,10 +8,10 @@ names registered in dataset_info.json and lm-eval task names stay as given.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from pathlib import Path
 
+from llmneo import data
 from llmneo.config import Config, looks_local
 
 MODEL_KEYS = ("model_name_or_path", "teacher_model_name_or_path", "adapter_name_or_path")  # comma lists allowed
@@ -26,9 +26,8 @@ def recorded(config: Config) -> Config:
         changes[key] = _each(getattr(config, key), lambda item: _absolute(item) if looks_local(item) else item)
     for key in FOLDER_KEYS:
         changes[key] = _absolute(getattr(config, key)) if getattr(config, key) else getattr(config, key)
-    registered = _registered_names(config.dataset_dir)
     for key in DATASET_KEYS:
-        changes[key] = _each(getattr(config, key), lambda item: _dataset(item, config.dataset_dir, registered))
+        changes[key] = _each(getattr(config, key), lambda item: _dataset(item, config.dataset_dir))
     if config.resume_from_checkpoint not in (None, "auto"):
         changes["resume_from_checkpoint"] = _absolute(config.resume_from_checkpoint)
     changes["tasks"] = _each(config.tasks, lambda item: _absolute(item) if os.path.exists(item) else item)
@@ -46,20 +45,10 @@ def _absolute(path: str) -> str:
     return os.path.abspath(os.path.expanduser(path))
 
 
-def _dataset(name: str, dataset_dir: str, registered: set[str]) -> str:
-    """A dataset entry as data.py resolves it: a dataset_info.json name first, then a file or folder as given,
-    then under dataset_dir; anything else (a Hub id) as it is."""
-    if name in registered:
+def _dataset(name: str, dataset_dir: str) -> str:
+    """A dataset entry as data.py resolves it: a dataset_info.json name first (kept), then a file or folder as
+    given, then under dataset_dir (made absolute); anything else (a Hub id) as it is."""
+    if data.registered(name, Path(dataset_dir)) is not None:
         return name
-    for candidate in (Path(name).expanduser(), Path(dataset_dir) / name):
-        if candidate.exists():
-            return os.path.abspath(candidate)
-    return name
-
-
-def _registered_names(dataset_dir: str) -> set[str]:
-    try:
-        info = json.loads((Path(dataset_dir) / "dataset_info.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return set()
-    return set(info) if isinstance(info, dict) else set()
+    found = data.local_dataset(name, dataset_dir)
+    return os.path.abspath(found) if found is not None else name

@@ -245,19 +245,23 @@ def load_rows(config, datasets: str | None = None, key: str = "dataset") -> list
 def _read_dataset(name: str, dataset_dir: str, limit: int | None,
                   key: str = "dataset") -> tuple[str, list[tuple[str, list]], formats.Layout]:
     """(source, [(file, raw rows)], layout) for one dataset name; `limit` spares reading a whole Hub dataset."""
-    entry = _registered(name, Path(dataset_dir))
+    entry = registered(name, Path(dataset_dir))
     if entry is not None:
         return _read_registered(name, entry, Path(dataset_dir), limit)
-    for candidate in (Path(name).expanduser(), Path(dataset_dir) / name):
-        if candidate.exists():
-            return str(candidate), _read_path(candidate), formats.Layout()
+    if (found := local_dataset(name, dataset_dir)) is not None:
+        return str(found), _read_path(found), formats.Layout()
     if looks_like_hub_id(name) and Path(name).suffix.lower() not in FILE_TYPES:
         return name, [(name, _read_hub(name, dataset_dir, limit))], formats.Layout()
     raise LlmneoError(f"{key} '{name}' not found: no file {name}, no file {Path(dataset_dir) / name}, and no "
                       f"'{name}' entry in {Path(dataset_dir) / 'dataset_info.json'}; check the name or dataset_dir")
 
 
-def _registered(name: str, dataset_dir: Path) -> dict | None:
+def local_dataset(name: str, dataset_dir: str) -> Path | None:
+    """The file or folder a dataset name (not a dataset_info.json entry) means: as given, else under dataset_dir."""
+    return next((p for p in (Path(name).expanduser(), Path(dataset_dir) / name) if p.exists()), None)
+
+
+def registered(name: str, dataset_dir: Path) -> dict | None:
     info_path = dataset_dir / "dataset_info.json"
     if not info_path.is_file():
         return None
