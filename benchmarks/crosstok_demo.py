@@ -37,7 +37,7 @@ import time
 import warnings
 from pathlib import Path
 
-from llmneo import config as config_mod
+from llmneo.config import schema as config_mod
 from llmneo.demo import runner, world
 
 # Another family's chat template: a system prompt the student's template never has, `role:` headers, and its
@@ -93,7 +93,7 @@ def _with_vocab(demo, size: int):
 
 def _longest(tokenizer, path: Path) -> int:
     """The longest conversation of a data file in `tokenizer`'s rendering, in tokens (the demo cuts at 64)."""
-    from llmneo import data
+    from llmneo.data import dataset as data
 
     examples = data.build(config_mod.load(overrides={"dataset": str(path), "cutoff_len": 1024}), tokenizer).train
     return max(len(example["input_ids"]) for example in examples)
@@ -102,8 +102,9 @@ def _longest(tokenizer, path: Path) -> int:
 def _alignable(heldout_file: Path, tokenizer, other):
     """The held-out batch in the student's tokens, its response positions (bool (B, T)), and which of them the other
     teacher's tokenizer aligns ((N,) bool, as alignment.teacher_spans decides: the predicted token has a span)."""
-    from llmneo import crosstok, data
-    from llmneo.losses import response_positions
+    from llmneo.crosstok import offsets as crosstok
+    from llmneo.data import dataset as data
+    from llmneo.loss.divergences import response_positions
 
     cfg = config_mod.load(overrides={"dataset": str(heldout_file), "cutoff_len": CUTOFF})
     batch = data.collate(data.build(cfg, tokenizer, crosstok.TeacherSide(other, None)).train, tokenizer.pad_token_id)
@@ -115,8 +116,8 @@ def _kl_by_alignment(model, yardstick, vocab_size: int, batch, positions, aligne
     """KL(demo teacher ‖ model) averaged over the held-out positions the other tokenizer aligns, and over the rest."""
     import torch
 
-    from llmneo import heads
-    from llmneo.losses import token_divergence
+    from llmneo.loss.divergences import token_divergence
+    from llmneo.models import heads
 
     def logits(m):  # (N, V) at the response positions
         hidden = heads.final_hidden_states(m, batch["input_ids"], batch["attention_mask"])[positions]
@@ -130,7 +131,8 @@ def _kl_by_alignment(model, yardstick, vocab_size: int, batch, positions, aligne
 def _reply_nats(model, tokenizer, heldout_file: Path) -> float:
     """Mean over held-out replies of the summed token CE of the reply (end of turn included), on the model's own
     tokens: comparable across tokenizers."""
-    from llmneo import data, evaluate
+    from llmneo import evaluate
+    from llmneo.data import dataset as data
 
     examples = data.build(config_mod.load(overrides={"dataset": str(heldout_file), "cutoff_len": 1024}),
                           tokenizer).train
@@ -142,8 +144,12 @@ def _reply_nats(model, tokenizer, heldout_file: Path) -> float:
 def one_seed(seed: int, args, numerics: dict) -> dict:
     import torch
 
-    from llmneo import crosstok, data, evaluate, prune, train
+    from llmneo import evaluate
+    from llmneo.crosstok import offsets as crosstok
+    from llmneo.data import dataset as data
     from llmneo.demo import tiny
+    from llmneo.models import prune
+    from llmneo.train import loop
 
     started = time.perf_counter()
     demo = runner.DemoSettings(seed=seed, max_steps=args.max_steps, teacher_steps=args.teacher_steps)
@@ -192,7 +198,7 @@ def one_seed(seed: int, args, numerics: dict) -> dict:
             "dataset": str(files["train"]), "output_dir": str(arm_dir), "overwrite_output_dir": True,
             "max_steps": demo.max_steps, "per_device_train_batch_size": demo.per_device_train_batch_size,
             "seed": seed})
-        results = train.run(cfg)
+        results = loop.run(cfg)
         rows[name] = score(arm_dir) | {"train_seconds": results["train_runtime"]}
         if teacher == "other":
             vocab = crosstok.vocab_for(cfg, tokenizer, other)
@@ -211,9 +217,9 @@ def one_seed(seed: int, args, numerics: dict) -> dict:
 def _load(path: Path):
     import torch
 
-    from llmneo import models
+    from llmneo.models import loading
 
-    return models.load_trained(config_mod.load(overrides={"model_name_or_path": str(path)}), torch.float32)[0]
+    return loading.load_trained(config_mod.load(overrides={"model_name_or_path": str(path)}), torch.float32)[0]
 
 
 def _spread(values: list[float], digits: int = 4) -> str:

@@ -3,7 +3,7 @@
 Variants, each in --runs fresh processes:
   official  the official LLM-Neo code's loss: full [N, V] logits of both models, fp32 log_softmax /
             softmax over them (what its patched LLaMA-Factory trainer does after masking)
-  llmneo    llmneo.chunked.fused_loss (chunk sizes from --chunks)
+  llmneo    llmneo.loss.chunked.fused_loss (chunk sizes from --chunks)
   liger     Liger's LigerFusedLinearJSDLoss (beta=0, i.e. forward KL), when liger-kernel is installed
 
 Memory, above the state once the inputs and weights exist (CUDA: max allocated above the baseline):
@@ -29,7 +29,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 from measure import in_fresh_process, measure, measure_cuda, tensor_peak  # noqa: E402
-
 
 VARIANTS = ("official", "llmneo", "liger")
 
@@ -57,9 +56,9 @@ def one(variant: str, tokens: int, hidden: int, vocab: int, chunk: int, device: 
             kl = (p_t * (F.log_softmax(t, dim=-1) - F.log_softmax(s, dim=-1))).sum(-1).mean()
             (0.5 * ce + 0.5 * kl).backward()
     elif variant == "llmneo":
-        from llmneo.chunked import fused_loss
-        from llmneo.losses import KDSettings
-        from llmneo.rows import DenseRows
+        from llmneo.loss.chunked import fused_loss
+        from llmneo.loss.divergences import KDSettings
+        from llmneo.loss.rows import DenseRows
 
         settings = KDSettings("fkl", temperature=1.0, beta=0.5, skew=0.1)
 

@@ -110,12 +110,13 @@ def _student(root: Path, dev, dtype):
     from peft.tuners.lora import LoraLayer
     from transformers import PreTrainedTokenizerFast
 
-    from llmneo import adapters, config
+    from llmneo.config import schema
     from llmneo.demo import tiny
+    from llmneo.models import adapters
 
     tokenizer = PreTrainedTokenizerFast.from_pretrained(root / "tokenizer")
     model = tiny.build_model(tokenizer, seed=2, **STUDENT).to(dev, dtype)
-    cfg = config.load(overrides={"finetuning_type": "lora", "lora_rank": LORA_RANK, "kd_chunk_size": 256,
+    cfg = schema.load(overrides={"finetuning_type": "lora", "lora_rank": LORA_RANK, "kd_chunk_size": 256,
                                  "max_new_tokens": NEW_TOKENS})
     model = adapters.apply(model, cfg)
     draw = torch.Generator().manual_seed(3)
@@ -128,7 +129,7 @@ def _student(root: Path, dev, dtype):
 
 
 def _generator(model, tokenizer, temperature: float, merge_lora: bool = True):
-    from llmneo import rollout
+    from llmneo.models import generate as rollout
 
     generator = rollout.HFGenerator(model, tokenizer, rollout.Sampling(NEW_TOKENS, temperature, 1.0), merge_lora)
     generator.eos = set()  # every row runs to NEW_TOKENS, so every variant generates the same number of tokens
@@ -141,7 +142,7 @@ def _merged_copy(model):
 
 def _timed_merge(timer: Timer):
     """rollout.merged_lora with its entry and exit (the shadow merge and the rebinding back) timed."""
-    from llmneo import rollout
+    from llmneo.models import generate as rollout
 
     original = rollout.merged_lora
 
@@ -227,7 +228,7 @@ class _Fixed:
         self.batch = batch
 
     def next_step(self):
-        from llmneo.step_source import Step
+        from llmneo.train.steps import Step
 
         return Step([self.batch])
 
@@ -236,11 +237,15 @@ def _steps(model, tokenizer, cfg, examples: list[dict], dev, dtype, repeats: int
     import torch
     from accelerate import Accelerator
 
-    from llmneo import checkpoint, data, rollout, rows, step_source, train
-    from llmneo.alignment import IdentityAligner
+    from llmneo.data import dataset as data
     from llmneo.demo import tiny
-    from llmneo.losses import KDSettings
-    from llmneo.teacher import LiveTeacher
+    from llmneo.loss import rows
+    from llmneo.loss.divergences import KDSettings
+    from llmneo.models import generate as rollout
+    from llmneo.teachers.aligner import IdentityAligner
+    from llmneo.teachers.choose import LiveTeacher
+    from llmneo.train import checkpoint, loop
+    from llmneo.train import steps as step_source
 
     dataset = data.collate([{"input_ids": e["prompt"] + e["reply"], "labels": [-100] * len(e["prompt"]) + e["reply"]}
                             for e in examples], tokenizer.pad_token_id)
@@ -250,7 +255,7 @@ def _steps(model, tokenizer, cfg, examples: list[dict], dev, dtype, repeats: int
     timers = {name: Timer(cuda) for name in ("step", "generate", "merge", "accumulate", "teacher")}
     teacher.rows = timers["teacher"].wrap(teacher.rows)
     rows.DenseRows.__getitem__ = timers["teacher"].wrap(rows.DenseRows.__getitem__)  # the teacher's projection
-    train.accumulate = timers["accumulate"].wrap(train.accumulate)
+    loop.accumulate = timers["accumulate"].wrap(loop.accumulate)
     _timed_merge(timers["merge"])
     generator = _generator(model, tokenizer, cfg.temperature)
     generator.generate = timers["generate"].wrap(generator.generate)
@@ -277,7 +282,7 @@ def _steps(model, tokenizer, cfg, examples: list[dict], dev, dtype, repeats: int
         for kind, source in (("on", on_policy), ("off", off_policy)):
             setup.steps = source
             with timers["step"]():
-                out = train.optimizer_step(setup, n + 1)
+                out = loop.optimizer_step(setup, n + 1)
             assert out["replies"] == ("student" if kind == "on" else "dataset"), out
             parts = {name: timer.take() for name, timer in timers.items()}
             # student forward + backward: train.accumulate less the teacher inside it; the rest: prompts,

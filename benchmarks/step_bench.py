@@ -68,14 +68,15 @@ def _model(hidden, layers, vocab, seq, seed, dtype):
 
 def _cached_teacher(live, batch, vocab, directory: Path, device):
     """Write the batch's top-k teacher rows as a real cache (shards + index.json) and open it for reading."""
-    from llmneo import cache, cache_reader
+    from llmneo.cache import write
+    from llmneo.teachers import cached
 
     examples = [{"input_ids": ids.tolist(), "labels": labels.tolist()}
                 for ids, labels in zip(batch["input_ids"].cpu(), batch["labels"].cpu())]
     fingerprint = {"dataset rows": "step-bench"}
-    cache.write_examples(directory, live.model, examples, pad_id=0, vocab=vocab, k=CACHE_TOPK,
+    write.write_examples(directory, live.model, examples, pad_id=0, vocab=vocab, k=CACHE_TOPK,
                          fingerprint=fingerprint, chunk=256, device=device)
-    return cache_reader.CachedTeacher(str(directory), fingerprint, device)
+    return cached.CachedTeacher(str(directory), fingerprint, device)
 
 
 def vocab_map(student_vocab: int, teacher_vocab: int, shared: int, seed: int = 3):
@@ -85,7 +86,7 @@ def vocab_map(student_vocab: int, teacher_vocab: int, shared: int, seed: int = 3
 
     import torch
 
-    from llmneo.crossvocab import VocabMap
+    from llmneo.crosstok.vocab import VocabMap
 
     gen = torch.Generator().manual_seed(seed)
     if shared == student_vocab == teacher_vocab:
@@ -107,7 +108,7 @@ def cross_fields(batch: dict, teacher_vocab: int, identity: bool, seed: int = 4)
     every reply token aligned 1:1 to itself; else random teacher tokens aligned block by block (CROSS_BLOCKS)."""
     import random
 
-    from llmneo import crosstok
+    from llmneo.crosstok import offsets
 
     rng = random.Random(seed)
     kinds, weights = zip(*CROSS_BLOCKS)
@@ -129,7 +130,7 @@ def cross_fields(batch: dict, teacher_vocab: int, identity: bool, seed: int = 4)
                          "teacher_prompt_len": prompt_len})
     total = sum(counts.values())
     shares = {name: count / total for name, count in sorted(counts.items())}
-    return crosstok.collate_teacher(examples, batch["input_ids"].shape[1]), shares
+    return offsets.collate_teacher(examples, batch["input_ids"].shape[1]), shares
 
 
 def one(arm: str, device: str, dtype_name: str, sizes: dict, repeats: int = 5) -> dict:
@@ -138,9 +139,12 @@ def one(arm: str, device: str, dtype_name: str, sizes: dict, repeats: int = 5) -
     import torch
     from accelerate import Accelerator
 
-    from llmneo import adapters, alignment, config, models, train
-    from llmneo.losses import response_positions
-    from llmneo.teacher import LiveTeacher
+    from llmneo.config import schema
+    from llmneo.loss.divergences import response_positions
+    from llmneo.models import adapters, loading
+    from llmneo.teachers import aligner as alignment
+    from llmneo.teachers.choose import LiveTeacher
+    from llmneo.train import loop
 
     dtype = getattr(torch, dtype_name)
     dev = torch.device(device)
@@ -152,7 +156,7 @@ def one(arm: str, device: str, dtype_name: str, sizes: dict, repeats: int = 5) -
     batch = {"input_ids": ids.to(dev), "attention_mask": torch.ones_like(ids).to(dev), "labels": labels.to(dev),
              "index": torch.arange(batch_size)}
     finetuning = "full" if arm == "full_kd" else "lora"
-    cfg = config.load(overrides={"finetuning_type": finetuning, "kd_chunk_size": 256, "lora_rank": sizes["lora_rank"]})
+    cfg = schema.load(overrides={"finetuning_type": finetuning, "kd_chunk_size": 256, "lora_rank": sizes["lora_rank"]})
     teacher = aligner = None
     teacher_vocab = sizes["teacher_vocab"] if arm == "neo_cross_other" else vocab
     if arm in CROSS_ARMS:
@@ -163,7 +167,7 @@ def one(arm: str, device: str, dtype_name: str, sizes: dict, repeats: int = 5) -
     if arm != "lora_sft":
         teacher_model = _model(sizes["teacher_hidden"], sizes["teacher_layers"], teacher_vocab,
                                max(seq, batch.get("teacher_input_ids", ids).shape[1]), 1, dtype).to(dev)
-        teacher = LiveTeacher(models.freeze(teacher_model), teacher_vocab)
+        teacher = LiveTeacher(loading.freeze(teacher_model), teacher_vocab)
     scratch = tempfile.TemporaryDirectory(prefix="llmneo-step-bench-")
     if arm == "neo_cache":  # the cache is written before the timed steps; every step reads it from disk
         teacher = _cached_teacher(teacher, batch, vocab, Path(scratch.name), dev)
@@ -184,7 +188,7 @@ def one(arm: str, device: str, dtype_name: str, sizes: dict, repeats: int = 5) -
         kd_ratio = 0.5 if teacher is not None else 0.0
 
         def step():
-            train.accumulate(accelerator, model, teacher, [batch], cfg, vocab, kd_ratio, aligner=aligner)
+            loop.accumulate(accelerator, model, teacher, [batch], cfg, vocab, kd_ratio, aligner=aligner)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
 
@@ -218,9 +222,9 @@ def chunk_costs(device: str, dtype_name: str, sizes: dict, repeats: int = 10, ch
     closed forms) and rkl (autograd); on the CPU also the chunk's tensor peak (measure.tensor_peak)."""
     import torch
 
-    from llmneo.chunked import fused_loss
-    from llmneo.losses import KDSettings
-    from llmneo.rows import LogitRows, SpanRows
+    from llmneo.loss.chunked import fused_loss
+    from llmneo.loss.divergences import KDSettings
+    from llmneo.loss.rows import LogitRows, SpanRows
 
     dev, dtype = torch.device(device), getattr(torch, dtype_name)
     vocab, teacher_vocab = sizes["vocab"], sizes["teacher_vocab"]

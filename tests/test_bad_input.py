@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import ALPACA_ROWS, write_jsonl
 
 from llmneo import cli
 from llmneo.demo import tiny
-from conftest import ALPACA_ROWS, write_jsonl
 
 
 def _run(tmp_path: Path, capsys, values: dict | None = None, raw: str | None = None, command: str = "train",

@@ -71,9 +71,9 @@ def test_chunked_forward_kl_stays_within_the_documented_buffers_per_chunk():
     # docs/benchmarks.md counts the chunked loss's peak as five chunk x V fp32 buffers (student and teacher
     # logits, p_S -> gradient, log p_T, p_T) plus small vectors; a sixth (such as a copy of the teacher's
     # logits at T = 1) costs a fifth more memory, and a seventh breaks the README's 0.10 budget.
-    from llmneo.chunked import fused_loss
-    from llmneo.losses import KDSettings
-    from llmneo.rows import DenseRows
+    from llmneo.loss.chunked import fused_loss
+    from llmneo.loss.divergences import KDSettings
+    from llmneo.loss.rows import DenseRows
 
     torch.manual_seed(0)
     tokens, hidden_size, vocab, chunk = 512, 32, 4000, 64

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from llmneo import config
+from llmneo.config import schema
 
 LLMNEO = [sys.executable, "-m", "llmneo"]
 
@@ -24,7 +24,7 @@ def run(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
 def test_help_lists_every_key(args):
     result = run(*args)
     assert result.returncode == 0
-    for name in config.FIELDS:
+    for name in schema.FIELDS:
         assert f"  {name} (default:" in result.stdout, name
     assert "lora_rank (default: 128)" in result.stdout and "kd_ratio (default: 0.5)" in result.stdout
 

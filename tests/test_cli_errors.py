@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from llmneo import cli, config
+from llmneo import cli
+from llmneo.config import schema
 from llmneo.errors import LlmneoError
 
 
@@ -27,7 +28,7 @@ from llmneo.errors import LlmneoError
 ])
 def test_unsupported_feature_keys_name_the_feature(key, feature):
     with pytest.raises(LlmneoError) as err:
-        config.load(overrides=[f"{key}=1"])
+        schema.load(overrides=[f"{key}=1"])
     message = str(err.value)
     assert message.startswith(f"config key '{key}' is for {feature}")
     assert "llmneo does not support" in message and "stage: sft" in message and "pt" in message
@@ -41,16 +42,16 @@ def test_unsupported_stage_comes_before_its_keys(tmp_path, stage):
     path.write_text(yaml.safe_dump({"model_name_or_path": "m", "pref_beta": 0.1, "pref_loss": "sigmoid",
                                     "stage": stage, "learnin_rate": 1e-5}))
     with pytest.raises(LlmneoError) as err:
-        config.load(path)
+        schema.load(path)
     assert str(err.value).startswith(f"stage '{stage}' is not supported (")
     assert "stage: sft (supervised) or pt (raw text)" in str(err.value)
 
 
 def test_feature_keys_come_before_unknown_keys():
     with pytest.raises(LlmneoError, match="config key 'pref_beta' is for preference"):
-        config.load(overrides={"learnin_rate": 1, "pref_beta": 0.1})
+        schema.load(overrides={"learnin_rate": 1, "pref_beta": 0.1})
     with pytest.raises(LlmneoError, match="did you mean 'learning_rate'"):
-        config.load(overrides={"learnin_rate": 1})
+        schema.load(overrides={"learnin_rate": 1})
 
 
 def test_unsupported_key_through_the_cli(capsys):

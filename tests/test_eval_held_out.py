@@ -6,10 +6,10 @@ import json
 from pathlib import Path
 
 import pytest
-
-from llmneo import cli, sweep
-
 from conftest import write_jsonl
+
+from llmneo import cli
+from llmneo.sweep import grid
 
 HELD_OUT = [
     {"instruction": "Name a fruit.", "input": "", "output": "An apple, crisp and red."},
@@ -36,7 +36,7 @@ def test_eval_scores_eval_dataset_not_dataset(tmp_path, student_dir, alpaca_file
 
 def test_sweep_accepts_eval_dataset_instead_of_val_size(tmp_path, alpaca_file):
     held_out = write_jsonl(tmp_path / "held_out.jsonl", HELD_OUT)
-    _, _, cells, _ = sweep.plan(None, [f"dataset={alpaca_file}", f"eval_dataset={held_out}",
+    _, _, cells, _ = grid.plan(None, [f"dataset={alpaca_file}", f"eval_dataset={held_out}",
                                        f"output_dir={tmp_path / 'sw'}", "lora_rank=2,4"])
     assert [c.config.eval_dataset for c in cells] == [str(held_out)] * 2
     assert all(c.config.val_size == 0 for c in cells)

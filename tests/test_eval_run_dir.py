@@ -6,10 +6,10 @@ import json
 from pathlib import Path
 
 import pytest
-
-from llmneo import cli, trained_run
-
 from conftest import write_jsonl
+
+from llmneo import cli
+from llmneo.models import trained_run
 
 HELD_OUT_KEYS = ("ce_loss", "perplexity", "tokens", "kl_to_teacher", "top1_agreement", "kd_loss")
 HELD_OUT = [

@@ -9,13 +9,16 @@ import math
 import pytest
 import torch
 
-from llmneo import cli, config, data, evaluate, models
+from llmneo import cli, evaluate
+from llmneo.config import schema
+from llmneo.data import dataset as data
+from llmneo.models import loading
 
 
 def _examples(student_dir, alpaca_file):
-    cfg = config.load(overrides={"model_name_or_path": str(student_dir), "dataset": str(alpaca_file),
+    cfg = schema.load(overrides={"model_name_or_path": str(student_dir), "dataset": str(alpaca_file),
                                  "cutoff_len": 64})
-    tokenizer = models.load_tokenizer(str(student_dir), "model_name_or_path")
+    tokenizer = loading.load_tokenizer(str(student_dir), "model_name_or_path")
     return data.build(cfg, tokenizer).train, tokenizer
 
 
@@ -155,8 +158,8 @@ def test_eval_with_val_size_scores_the_held_out_rows(tmp_path, student_dir):
             for i, w in enumerate(words)]
     dataset = write_jsonl(tmp_path / "rows.jsonl", rows)
     settings = {"model_name_or_path": str(student_dir), "dataset": str(dataset), "cutoff_len": 128, "val_size": 2}
-    tokenizer = models.load_tokenizer(str(student_dir), "model_name_or_path")
-    splits = data.build(config.load(overrides=settings), tokenizer)
+    tokenizer = loading.load_tokenizer(str(student_dir), "model_name_or_path")
+    splits = data.build(schema.load(overrides=settings), tokenizer)
     # the two splits partition the rows: each instruction is in exactly one of them
     held_out = {w for w in words if any(f"Repeat {w}." in tokenizer.decode(ex["input_ids"]) for ex in splits.eval)}
     trained = {w for w in words if any(f"Repeat {w}." in tokenizer.decode(ex["input_ids"]) for ex in splits.train)}
@@ -239,7 +242,7 @@ def test_lm_eval_bridge_on_a_local_task(tmp_path, student_dir):
     assert cli.main(["eval", f"model_name_or_path={student_dir}", f"tasks={task_file}", f"output_dir={out}"]) == 0
     acc = json.loads((out / "eval_results.json").read_text())["lm_eval"]["llmneo_local_mc"]["acc,none"]
     # Independently: pick the choice with the highest summed log-likelihood of its tokens.
-    tokenizer = models.load_tokenizer(str(student_dir), "model_name_or_path")
+    tokenizer = loading.load_tokenizer(str(student_dir), "model_name_or_path")
     model = AutoModelForCausalLM.from_pretrained(student_dir, dtype=torch.float32).eval()
     correct = 0
     with torch.no_grad():

@@ -14,9 +14,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import ALPACA_ROWS, write_jsonl
 
 from llmneo import cli
-from conftest import ALPACA_ROWS, write_jsonl
 
 
 def _closed_port() -> int:

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import ALPACA_ROWS, read_metrics, write_jsonl, write_yaml
 
 from llmneo import cli, run_dir
 from llmneo.demo import tiny
-from conftest import ALPACA_ROWS, read_metrics, write_jsonl, write_yaml
 
 
 def snapshot(folder: Path) -> dict[str, str]:
@@ -82,10 +82,11 @@ def test_a_lora_run_never_removes_a_model_it_does_not_write(tmp_path, base_overr
     assert (folder / "adapter_model.safetensors").is_file()
     # The model there still loads as itself: transformers would apply the adapter files beside it on its own.
     import torch
-    from llmneo import models
 
-    loaded = models.load_model(str(folder), "model_name_or_path", torch.float32)
-    original = models.load_model(str(teacher_dir), "model_name_or_path", torch.float32)
+    from llmneo.models import loading
+
+    loaded = loading.load_model(str(folder), "model_name_or_path", torch.float32)
+    original = loading.load_model(str(teacher_dir), "model_name_or_path", torch.float32)
     assert loaded.state_dict().keys() == original.state_dict().keys()
     assert all(torch.equal(v, original.state_dict()[k]) for k, v in loaded.state_dict().items())
     assert loaded.name_or_path == str(folder.resolve())

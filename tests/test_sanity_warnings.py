@@ -10,10 +10,11 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-
 from conftest import write_yaml
-from llmneo import cli, data
-from llmneo.config import Config
+
+from llmneo import cli
+from llmneo.config.schema import Config
+from llmneo.data import dataset as data
 from llmneo.demo import tiny
 
 IGNORE = -100

@@ -10,11 +10,12 @@ import os
 import sys
 import warnings
 
-from llmneo import config as config_mod
-from llmneo import config_docs, trained_run
+from llmneo.config import reference
+from llmneo.config import schema as config_mod
 from llmneo.errors import LlmneoError
-from llmneo.preemption import Preempted
+from llmneo.models import trained_run
 from llmneo.process import is_main_process
+from llmneo.train.preemption import Preempted
 
 # name -> (summary, whether it needs settings: a YAML file and/or key=value; both work alone)
 COMMANDS = {
@@ -38,7 +39,7 @@ Config keys:
 
 
 def _parser() -> argparse.ArgumentParser:
-    keys = config_docs.help_text()
+    keys = reference.help_text()
     parser = argparse.ArgumentParser(
         prog="llmneo",
         description="Parameter-efficient knowledge distillation of LLMs (LLM-NEO: LoRA + KD).",
@@ -120,9 +121,9 @@ def dispatch(command: str, args: list[str]) -> int:
         demo.run(path, overrides)
         return 0
     if command == "sweep":
-        from llmneo import sweep
+        from llmneo.sweep import grid
 
-        return sweep.run(path, overrides)
+        return grid.run(path, overrides)
     # eval and export of a trained output_dir default to its saved keys (trained_run.py: template, cutoff_len, ...;
     # eval also the run's held-out split when no dataset is given)
     if command in trained_run.COMMANDS:
@@ -130,21 +131,21 @@ def dispatch(command: str, args: list[str]) -> int:
     else:
         cfg = config_mod.load(path, overrides)
     if command == "train":
-        from llmneo import train
+        from llmneo.train import loop
 
-        results = train.run(cfg)
+        results = loop.run(cfg)
         if is_main_process():
             final = results["final_loss"]
             shown = "n/a" if final is None else f"{final:.4f}"
             print(f"llmneo: trained {results['method']} in {results['train_runtime']:.1f}s, "
                   f"final loss {shown}; results in {cfg.output_dir}")
     elif command == "export":
-        from llmneo import export
+        from llmneo.models import export
 
         out = export.run(cfg)
         print(f"llmneo: merged model written to {out}")
     elif command == "cache":
-        from llmneo import cache
+        from llmneo.cache import write as cache
 
         done = cache.write(cfg)
         print(f"llmneo: cached top-{done['k']} teacher log-probs for {done['tokens']:,} response tokens of "
@@ -156,7 +157,7 @@ def dispatch(command: str, args: list[str]) -> int:
 
         print(evaluate.summary(evaluate.run(cfg)))
     elif command == "prune":
-        from llmneo import prune
+        from llmneo.models import prune
 
         done = prune.run(cfg)
         print(f"llmneo: kept layers {done['kept_layers']} of {done['original_num_layers']} "
@@ -169,14 +170,14 @@ CACHE_CONVERSIONS = ("export", "import")
 
 def _convert_cache(verb: str, args: list[str]) -> int:
     """`llmneo cache export|import FORMAT [CONFIG.yaml] FILE [key=value ...]`."""
-    from llmneo import cache_formats
+    from llmneo.cache import axolotl
 
     usage = f"llmneo cache {verb} FORMAT [CONFIG.yaml] FILE [key=value ...], e.g. llmneo cache {verb} axolotl " \
             f"config.yaml {'out' if verb == 'export' else 'in'}.jsonl"
     if not args or "=" in args[0] or args[0].endswith((".yaml", ".yml", ".jsonl", ".parquet")):
-        raise LlmneoError(f"llmneo cache {verb} needs a format ({', '.join(cache_formats.FORMATS)}): {usage}")
+        raise LlmneoError(f"llmneo cache {verb} needs a format ({', '.join(axolotl.FORMATS)}): {usage}")
     fmt, rest = args[0], args[1:]
-    cache_formats.check_format(fmt, verb)
+    axolotl.check_format(fmt, verb)
     files = [a for a in rest if "=" not in a]
     overrides = [a for a in rest if "=" in a]
     if len(files) not in (1, 2):
@@ -185,13 +186,13 @@ def _convert_cache(verb: str, args: list[str]) -> int:
     path, file = (None, files[0]) if len(files) == 1 else files
     cfg = config_mod.load(path, overrides)
     if verb == "export":
-        done = cache_formats.export_cache(cfg, fmt, file)
+        done = axolotl.export_cache(cfg, fmt, file)
         print(f"llmneo: exported {done['examples']} examples ({done['tokens']:,} teacher rows, top-{done['k']}) from "
               f"{cfg.teacher_cache} to {done['file']} as {fmt}'s KD dataset; target_logprobs at kd_temperature "
               f"{done['temperature']:g}, renormalized over the top-{done['k']}; the tail mass dropped (axolotl keeps "
               f"none) was {100 * done['tail_mass']:.2f} % on average at T = 1 (more at a higher kd_temperature)")
     else:
-        done = cache_formats.import_cache(cfg, fmt, file)
+        done = axolotl.import_cache(cfg, fmt, file)
         print(f"llmneo: imported top-{done['k']} teacher log-probs for {done['tokens']:,} response tokens of "
               f"{done['examples']} examples from {file} into {done['dir']} ({done['bytes_per_token']:.0f} bytes "
               f"per token; tail mass 0, as axolotl keeps none)")

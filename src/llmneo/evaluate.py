@@ -26,11 +26,14 @@ import torch
 import yaml
 from tqdm.auto import tqdm
 
-from llmneo import data, heads, models, rollout, run_dir
-from llmneo.config import Config
+from llmneo import run_dir
+from llmneo.config.schema import Config
+from llmneo.data import dataset as data
 from llmneo.errors import LlmneoError
+from llmneo.loss.divergences import KDSettings, response_positions, token_cross_entropy, token_divergence
+from llmneo.models import generate as rollout
+from llmneo.models import heads, loading
 from llmneo.process import is_main_process
-from llmneo.losses import KDSettings, response_positions, token_cross_entropy, token_divergence
 
 KD_SETTING_NAMES = ("kind", "temperature", "beta", "skew")
 
@@ -286,7 +289,7 @@ def _same_vocabulary(config: Config, tokenizer) -> bool:
     """Whether the teacher can score token by token. A teacher with another tokenizer (cross-tokenizer KD) cannot:
     a warning says so and the scores are CE and perplexity; kd_cross_tokenizer: false keeps that an error."""
     path = config.teacher_model_name_or_path
-    own = models.load_tokenizer(path, "teacher_model_name_or_path", config.trust_remote_code)
+    own = loading.load_tokenizer(path, "teacher_model_name_or_path", config.trust_remote_code)
     if own.get_vocab() == tokenizer.get_vocab() or config.cross_tokenizer == "false":
         return True  # load_teacher refuses a different tokenizer in one line
     warnings.warn(f"teacher '{path}' has another tokenizer than the model; KL to teacher, top-1 agreement and kd_loss "
@@ -300,14 +303,14 @@ def run(config: Config) -> dict:
     if not config.dataset and not config.tasks:
         raise LlmneoError("nothing to evaluate: set dataset=... (perplexity, KL, agreement) and/or tasks=...")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = models.weight_dtype(config, "eval")  # bf16 on a bf16 GPU under auto (models.py says why)
-    model, tokenizer = models.load_trained(config, dtype)
+    dtype = loading.weight_dtype(config, "eval")  # bf16 on a bf16 GPU under auto (models.py says why)
+    model, tokenizer = loading.load_trained(config, dtype)
     model.to(device)
     results: dict = {"model": config.model_name_or_path}
     if config.dataset:
         teacher = None
         if config.teacher_model_name_or_path and _same_vocabulary(config, tokenizer):
-            teacher = models.load_teacher(config, tokenizer, dtype).to(device)
+            teacher = loading.load_teacher(config, tokenizer, dtype).to(device)
         splits = data.build(config, tokenizer)
         split_off = config.val_size > 0 or bool(config.eval_dataset)
         if split_off and not splits.eval:

@@ -22,7 +22,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from llmneo.config import SAVED_CONFIG
+from llmneo.config.schema import SAVED_CONFIG
 from llmneo.errors import LlmneoError
 
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")

@@ -42,7 +42,7 @@ from pathlib import Path
 
 # Only torch-free modules here: the numerics below must be in the environment before torch is loaded,
 # so torch and the modules that import it are imported inside the functions that run the demo.
-from llmneo import config as config_mod
+from llmneo.config import schema as config_mod
 from llmneo.demo import report, world
 from llmneo.demo.report import ON_POLICY, verdict  # noqa: F401  (verdict: the demo's API, tested here)
 from llmneo.errors import LlmneoError
@@ -208,8 +208,8 @@ def _fingerprint(demo: DemoSettings, numerics: dict) -> str:
 
 
 def _teacher(demo: DemoSettings, numerics: dict, files: dict, out: Path, tokenizer) -> tuple[Path, dict]:
-    from llmneo import train
     from llmneo.demo import tiny
+    from llmneo.train import loop as train
 
     cached = out / "cache" / f"teacher-{_fingerprint(demo, numerics)}"
     if (cached / "train_results.json").is_file():
@@ -253,7 +253,8 @@ def reply_budget(tokenizer, data_rows: list[dict]) -> int:
 def _metrics(path: Path, teacher, examples, tokenizer, max_new_tokens: int) -> dict:
     import torch
 
-    from llmneo import evaluate, models
+    from llmneo import evaluate
+    from llmneo.models import loading as models
 
     model, _ = models.load_trained(config_mod.load(overrides={"model_name_or_path": str(path)}), torch.float32)
     scores = evaluate.held_out(model, teacher, examples, pad_token_id=tokenizer.pad_token_id,
@@ -275,9 +276,11 @@ def run(path: str | None, overrides: list[str]) -> dict:
 def _run(demo: DemoSettings, shared: dict, numerics: dict) -> dict:
     import torch
 
-    from llmneo import data, models, prune, train
-
+    from llmneo.data import dataset as data
     from llmneo.demo import tiny
+    from llmneo.models import loading as models
+    from llmneo.models import prune
+    from llmneo.train import loop as train
 
     torch.manual_seed(demo.seed)
     started = time.perf_counter()

@@ -1,0 +1,136 @@
+"""`llmneo cache` from a served teacher (teacher_endpoint): many requests in flight, resumable shard by shard.
+
+Examples go out `batch_size` per request, up to IN_FLIGHT requests at once (a bounded window, answered in
+order); each answer's prompt log-probs become top-k rows (served.sparse_rows), and a position without
+them is an error naming the example, never a gap. Rows are written as shards of `shard_size` positions
+(whole examples) into `.NAME.partial` next to the cache, each shard atomically, and `progress.json` there
+records the shards done, the examples they hold and the fingerprint and k they were made with. A capture
+that stops (kill -9, a server that dies) is resumed by running the same command: it keeps the recorded
+shards, requests the examples after them, and only when every example is in renames the folder to the
+cache. A partial capture for another fingerprint or k is discarded, with a line saying so.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from llmneo import run_dir
+from llmneo.errors import LlmneoError
+from llmneo.loss.divergences import IGNORE_INDEX
+from llmneo.loss.rows import SparseRows
+from llmneo.teachers import served
+
+IN_FLIGHT = 8  # requests in flight at once
+PROGRESS = "progress.json"
+
+
+def _targets(example: dict) -> list[int]:
+    """Indices of the tokens the example's response positions predict (labels[t + 1] is a response token)."""
+    labels = example["labels"]
+    return [t for t in range(1, len(labels)) if labels[t] != IGNORE_INDEX]
+
+
+def _resume(partial: Path, fingerprint: dict, k: int, dtype: str) -> dict:
+    """The recorded progress of an earlier capture of the same cache, or a fresh start."""
+    fresh = {"k": k, "fingerprint": fingerprint, "logprobs_dtype": dtype, "examples": 0, "offsets": [0], "shards": []}
+    state_file = partial / PROGRESS
+    if partial.is_dir() and state_file.is_file():
+        try:
+            state = json.loads(state_file.read_text())
+        except json.JSONDecodeError:
+            state = None
+        if state and state.get("k") == k and state.get("fingerprint") == fingerprint and state.get(
+                "logprobs_dtype") == dtype and all(
+                (partial / shard["file"]).is_file() for shard in state["shards"]):
+            if state["examples"]:
+                print(f"llmneo cache: resuming an interrupted capture after {state['examples']} examples", flush=True)
+            return state
+        print(f"llmneo cache: discarding an interrupted capture in {partial} (another teacher, data, k or "
+              f"log-prob dtype)", flush=True)
+    if partial.exists():
+        shutil.rmtree(partial)
+    partial.mkdir(parents=True)
+    return fresh
+
+
+def capture(target: Path, endpoint, examples: list[dict], k: int, vocab: int, fingerprint: dict, *,
+            batch_size: int = 8, shard_size: int = 1 << 18, logprobs_dtype: torch.dtype = torch.float32) -> dict:
+    """Capture the cache for `examples` from `endpoint` into `target`; returns its index."""
+    from llmneo.cache.write import make_index, save_shard
+
+    partial = target.parent / f".{target.name}.partial"
+    try:
+        state = _resume(partial, fingerprint, k, str(logprobs_dtype).removeprefix("torch."))
+    except OSError as exc:
+        raise LlmneoError(f"cannot write teacher_cache '{target}': {exc.strerror or exc}") from None
+    buffer: list[SparseRows] = []
+    counts: list[int] = []  # rows per buffered example
+
+    def flush() -> None:
+        if not counts:
+            return
+        start = state["offsets"][-1]
+        name = f"shard-{len(state['shards']):05d}.safetensors"
+        staged = partial / f"{name}.tmp"
+        save_shard(staged, buffer, logprobs_dtype)
+        os.replace(staged, partial / name)
+        for count in counts:
+            state["offsets"].append(state["offsets"][-1] + count)
+        state["shards"].append({"file": name, "start": start, "end": state["offsets"][-1]})
+        state["examples"] += len(counts)
+        run_dir.write_json(partial / PROGRESS, state)  # the shard is on disk before progress names it
+        buffer.clear()
+        counts.clear()
+
+    def ask(first: int):
+        part = examples[first:first + batch_size]
+        return endpoint.prompt_logprobs([e["input_ids"] for e in part], k)
+
+    bar = tqdm(total=len(examples), initial=state["examples"], desc="llmneo cache", unit="ex", dynamic_ncols=True)
+    starts = iter(range(state["examples"], len(examples), batch_size))
+    window: deque = deque()
+    with ThreadPoolExecutor(max_workers=IN_FLIGHT, thread_name_prefix="llmneo-cache") as pool:
+        try:
+            for first in starts:
+                window.append((first, pool.submit(ask, first)))
+                if len(window) >= IN_FLIGHT:
+                    _take(window, examples, batch_size, k, vocab, buffer, counts, bar, shard_size, flush)
+            while window:
+                _take(window, examples, batch_size, k, vocab, buffer, counts, bar, shard_size, flush)
+            flush()
+        except BaseException:
+            endpoint.stop()  # no further attempts: the error (or Ctrl-C) ends the capture promptly
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
+        finally:
+            bar.close()
+    index = make_index(k, state["offsets"], state["shards"], fingerprint, logprobs_dtype)
+    (partial / "index.json").write_text(json.dumps(index, indent=1))
+    (partial / PROGRESS).unlink()
+    run_dir.plain_modes(partial)  # safetensors writes 0600 shards
+    if target.exists():
+        shutil.rmtree(target)
+    os.replace(partial, target)
+    return index
+
+
+def _take(window: deque, examples, batch_size, k, vocab, buffer, counts, bar, shard_size, flush) -> None:
+    """The oldest request's answer, as rows per example, into the buffer, a shard written whenever it holds
+    `shard_size` rows (requests finish out of order; rows are kept in example order)."""
+    first, future = window.popleft()
+    entries = future.result()
+    for offset, (example, got) in enumerate(zip(examples[first:first + batch_size], entries)):
+        wanted = _targets(example)
+        buffer.append(served.sparse_rows(got, wanted, k, vocab, f"training example {first + offset + 1}"))
+        counts.append(len(wanted))
+        if sum(counts) >= shard_size:
+            flush()
+    bar.update(len(entries))

@@ -1,0 +1,1 @@
+"""`llmneo sweep`: `grid` (the axes and the runs), `report` (the table, CSV and heatmap)."""

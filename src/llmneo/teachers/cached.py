@@ -1,0 +1,123 @@
+"""Reading a teacher cache (`llmneo cache` writes it, cache.py says the format): `CachedTeacher` checks the
+fingerprint, opens the shards lazily and returns each batch's rows (SparseRows) in position order; for a
+cross-tokenizer cache also which positions are aligned, and `cross_tokenizer` gives the teacher tokenizer
+it stored."""
+
+from __future__ import annotations
+
+import bisect
+import json
+from pathlib import Path
+
+import torch
+
+from llmneo.cache.write import FORMAT, TEACHER_TOKENIZER
+from llmneo.config.schema import Config
+from llmneo.errors import LlmneoError
+from llmneo.loss.rows import SparseRows
+from llmneo.models import loading
+
+
+def cross_tokenizer(config: Config):
+    """The teacher tokenizer a cross-tokenizer cache stored, or None for a cache over the student's tokenizer."""
+    folder = Path(config.teacher_cache) / TEACHER_TOKENIZER
+    if len(config.teachers) > 1 or not folder.is_dir():
+        return None
+    return loading.load_tokenizer(str(folder), "teacher_cache", config.trust_remote_code)
+
+
+class CachedTeacher:
+    """Teacher rows read from a `llmneo cache` directory (no teacher model is loaded)."""
+
+    def __init__(self, directory: str, expected: dict, device: torch.device):
+        root = Path(directory)
+        index_file = root / "index.json"
+        if not index_file.is_file():
+            raise LlmneoError(f"teacher_cache '{root}' has no index.json; build it with llmneo cache CONFIG.yaml")
+        try:
+            index = json.loads(index_file.read_text())
+        except json.JSONDecodeError:
+            raise LlmneoError(f"teacher_cache '{root}/index.json' is corrupt; rebuild it with llmneo cache") from None
+        if index.get("format") != FORMAT:
+            raise LlmneoError(f"teacher_cache '{root}' has format {index.get('format')!r}, expected {FORMAT}; "
+                              f"rebuild it with llmneo cache")
+        found = index.get("fingerprint")
+        if not isinstance(found, dict) or "offsets" not in index or "shards" not in index:
+            raise LlmneoError(f"teacher_cache '{root}/index.json' is incomplete; rebuild it with llmneo cache")
+        for part, value in expected.items():  # in fingerprint order: named settings before the dataset rows
+            if part == "teacher" and (value is None or found.get(part) is None):
+                continue  # no teacher named in this run: nothing to compare
+            if part not in found:
+                continue  # a cache written before this part was recorded; the dataset rows still guard it
+            if found.get(part) != value:
+                raise LlmneoError(f"teacher_cache '{root}' does not match this run: the {part} differs "
+                                  f"(cache {found.get(part)}, run {value}); rebuild it with llmneo cache CONFIG.yaml")
+        self.offsets = index["offsets"]
+        self.k = index["k"]
+        self.has_tail = index.get("tail") != "none"  # an imported axolotl cache has no tail mass
+        self.cross = bool(index.get("cross_tokenizer"))  # rows over the teacher's own vocabulary, with `aligned`
+        self.device = device
+        self._open(root, index["shards"])
+
+    def _open(self, root: Path, shards: list[dict]) -> None:
+        """Open every shard lazily: rows are read per batch, so a cache larger than RAM still trains."""
+        from safetensors import safe_open
+
+        self.shard_starts, self.handles = [], []
+        expected = 0
+        for shard in shards:
+            file = root / shard["file"]
+            if not file.is_file():
+                raise LlmneoError(f"teacher_cache shard {file} is missing; rebuild the cache with llmneo cache")
+            try:
+                handle = safe_open(str(file), framework="pt")
+                rows = handle.get_slice("ids").get_shape()[0]
+            except Exception:  # safetensors raises its own error type for a damaged file
+                rows, handle = -1, None
+            if shard["start"] != expected or rows != shard["end"] - shard["start"]:
+                raise LlmneoError(f"teacher_cache shard {file} is truncated or does not match index.json; "
+                                  f"rebuild the cache with llmneo cache")
+            self.shard_starts.append(shard["start"])
+            self.handles.append(handle)
+            expected = shard["end"]
+        if expected != self.offsets[-1]:
+            raise LlmneoError("teacher_cache shards do not add up to the index; rebuild the cache with llmneo cache")
+
+    def _read(self, start: int, end: int) -> SparseRows:
+        """Rows [start, end) of the cache; an example's rows never straddle two shards. Log-probs come back
+        as float32 whatever they were stored as (float16, or float32 in older caches)."""
+        shard = bisect.bisect_right(self.shard_starts, start) - 1
+        handle, base = self.handles[shard], self.shard_starts[shard]
+        piece = slice(start - base, end - base)
+        return SparseRows(handle.get_slice("ids")[piece].long(), handle.get_slice("logprobs")[piece].float(),
+                          handle.get_slice("tail")[piece].float())
+
+    def _ranges(self, batch: dict, positions: torch.Tensor) -> list[tuple[int, int]]:
+        """The cache row ranges of the examples of `batch` (by their `index`) that have response positions."""
+        ranges = []
+        for example, count in zip(batch["index"].tolist(), positions.sum(dim=1).tolist()):
+            start, end = self.offsets[example], self.offsets[example + 1]
+            if end - start != count:
+                raise LlmneoError(f"teacher_cache rows for example {example} do not match its response tokens "
+                                  f"({end - start} vs {count}); the cache is stale, rebuild it with llmneo cache")
+            if count:
+                ranges.append((start, end))
+        return ranges
+
+    def aligned(self, batch: dict, positions: torch.Tensor) -> torch.Tensor:
+        """A cross-tokenizer cache: whether each response position of `batch` has a teacher span (bool (N,))."""
+        pieces = []
+        for start, end in self._ranges(batch, positions):
+            shard = bisect.bisect_right(self.shard_starts, start) - 1
+            base = self.shard_starts[shard]
+            pieces.append(self.handles[shard].get_slice("aligned")[start - base:end - base].bool())
+        return (torch.cat(pieces) if pieces else torch.zeros(0, dtype=torch.bool)).to(self.device)
+
+    def rows(self, batch: dict, positions: torch.Tensor) -> SparseRows:
+        """Cache rows for the examples of `batch` (by their `index`), in position order."""
+        pieces = [self._read(start, end) for start, end in self._ranges(batch, positions)]
+        if not pieces:
+            empty = torch.zeros(0, self.k)
+            return SparseRows(empty.long(), empty, torch.zeros(0)).to(self.device)
+        return SparseRows(torch.cat([p.ids for p in pieces]), torch.cat([p.logprobs for p in pieces]),
+                          torch.cat([p.tail for p in pieces])).to(self.device)

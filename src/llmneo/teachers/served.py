@@ -1,0 +1,293 @@
+"""A teacher served by an inference engine: vLLM's OpenAI-compatible `/v1/completions` with `prompt_logprobs`.
+
+The protocol (vLLM's; nothing here imports vllm):
+  POST {teacher_endpoint}/completions  {"model", "prompt": [[ids...], ...], "max_tokens": 1, "prompt_logprobs": k}
+    → choices[i].prompt_logprobs: one entry per prompt token; the first is null, every other one a dict
+      keyed by token id (a string) → {"logprob", "rank", "decoded_token"} holding the top-k (rank ≤ k)
+      and also the actual token, which is not one of the top-k when it ranks lower.
+    vLLM caps k at its --max-logprobs (default 20) and answers HTTP 400 above it.
+  POST {server root}/tokenize  {"model", "prompt": text, "add_special_tokens": false} → {"tokens": [...], ...}
+  GET  {teacher_endpoint}/models → {"data": [{"id": name, ...}]}
+
+`Endpoint` sends those requests with retries (exponential back-off on timeouts, refused connections and
+5xx) and turns every failure into one line saying what to do. `sparse_rows` reads the entry that predicts
+each response token into the top-k ids, log-probs and tail mass the sparse losses already take (rows.py).
+`ServedTeacher` is the training-time teacher signal (`rows(batch, positions)`), fetching batches ahead on a
+thread pool (`prefetch`) so the student does not wait; `cache.write` captures from an Endpoint the same way.
+The API key comes from the environment variable named by `teacher_api_key_env`, never from a config or log.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import http.client
+import json
+import os
+import socket
+import threading
+import urllib.error
+import urllib.request
+from concurrent.futures import Future, ThreadPoolExecutor
+
+import torch
+
+from llmneo.config.checks import names_a_variable, shown_url
+from llmneo.errors import LlmneoError
+from llmneo.loss.rows import SampledRows, SparseRows
+
+PROBE = "llmneo checks the teacher's tokenizer: Hello, world! 123 ümlaut 東京"
+
+
+class Endpoint:
+    """vLLM's OpenAI-compatible server at `url` (…/v1) serving `model`."""
+
+    def __init__(self, url: str, model: str | None, api_key_env: str | None = None, *, timeout: float = 120.0,
+                 retries: int = 4, backoff: float = 0.25):
+        self.url = url.rstrip("/")
+        self.root = self.url[: -len("/v1")] if self.url.endswith("/v1") else self.url
+        self.shown = shown_url(self.url)  # for messages: no credentials a URL may carry
+        self.timeout, self.retries, self.backoff = timeout, retries, backoff
+        self._stopping = threading.Event()  # set by stop(): no new attempt starts (a failed run exits promptly)
+        self.api_key = None
+        if api_key_env:
+            self.api_key = os.environ.get(api_key_env)
+            if not self.api_key:
+                # The name is shown only when it looks like one: a key pasted into teacher_api_key_env is not echoed.
+                named = api_key_env if names_a_variable(api_key_env) else "the variable it names"
+                raise LlmneoError(f"teacher_api_key_env: {named} is not set in the environment; export it (the key "
+                                  f"never goes into a config), and give teacher_api_key_env a variable's NAME, e.g. "
+                                  f"OPENAI_API_KEY")
+        self.model = model or self._only_model()
+
+    # --- requests --------------------------------------------------------------------------------------------
+    def request(self, method: str, url: str, payload: dict | None = None) -> dict:
+        """JSON in, JSON out; retried on timeouts, refused connections and 5xx; one-line errors otherwise."""
+        body = None if payload is None else json.dumps(payload).encode()
+        headers = {"Content-Type": "application/json"}
+        if self.api_key:
+            headers["Authorization"] = f"Bearer {self.api_key}"
+        problem = ""
+        for attempt in range(self.retries + 1):
+            if attempt and self._stopping.wait(self.backoff * 2 ** (attempt - 1)):
+                break
+            if self._stopping.is_set():
+                problem = "stopped"
+                break
+            try:
+                req = urllib.request.Request(url, data=body, headers=headers, method=method)
+                with urllib.request.urlopen(req, timeout=self.timeout) as answer:
+                    return json.loads(answer.read().decode())
+            except urllib.error.HTTPError as exc:
+                message = _error_message(exc)
+                if exc.code >= 500:
+                    problem = f"HTTP {exc.code} ({message})"
+                    continue
+                raise self._client_error(exc.code, message, payload) from None
+            except (TimeoutError, socket.timeout):
+                problem = f"no answer within {self.timeout:g} s"
+            except urllib.error.URLError as exc:
+                reason = exc.reason
+                if isinstance(reason, (TimeoutError, socket.timeout)):
+                    problem = f"no answer within {self.timeout:g} s"
+                else:
+                    problem = f"cannot connect ({getattr(reason, 'strerror', None) or reason})"
+            except (ConnectionError, http.client.HTTPException, json.JSONDecodeError, UnicodeDecodeError) as exc:
+                if isinstance(exc, http.client.InvalidURL):
+                    raise LlmneoError(f"teacher_endpoint {self.shown} is not a valid URL ({exc}); e.g. "
+                                      f"http://localhost:8000/v1") from None
+                problem = f"a broken answer ({type(exc).__name__})"
+        raise LlmneoError(f"teacher_endpoint {self.shown}: {problem} after {self.retries + 1} attempts; check that "
+                          f"the server is up and reachable (vllm serve ...), or raise its capacity")
+
+    def stop(self) -> None:
+        """Start no further attempt: requests in flight end within their timeout, queued ones fail at once."""
+        self._stopping.set()
+
+    def _client_error(self, code: int, message: str, payload: dict | None) -> LlmneoError:
+        k = (payload or {}).get("prompt_logprobs")
+        if code == 400 and k is not None and "max allowed" in message.lower():  # vLLM: "... greater than max allowed: 20"
+            return LlmneoError(f"teacher_endpoint refused prompt_logprobs={k} ({message}); start vLLM with "
+                               f"--max-logprobs {k} or more, or lower teacher_topk to what it allows")
+        if code == 400 and "prefix caching" in message.lower():
+            return LlmneoError(f"teacher_endpoint cannot return prompt log-probs with prefix caching on ({message}); "
+                               f"start vLLM with --no-enable-prefix-caching, or use a vLLM that supports both")
+        if code in (401, 403):
+            return LlmneoError(f"teacher_endpoint {self.shown} refused the request (HTTP {code}: {message}); set the "
+                               f"API key's environment variable and name it in teacher_api_key_env")
+        if code == 404:
+            return LlmneoError(f"teacher_endpoint {self.shown}: HTTP 404 ({message}); check the URL (it ends in /v1) "
+                               f"and teacher_endpoint_model")
+        return LlmneoError(f"teacher_endpoint {self.shown} answered HTTP {code}: {message}")
+
+    def _only_model(self) -> str:
+        served = [m.get("id") for m in self.request("GET", f"{self.url}/models").get("data", [])]
+        if len(served) != 1:
+            raise LlmneoError(f"teacher_endpoint {self.shown} serves {len(served)} models ({', '.join(map(str, served))});"
+                              f" name one in teacher_endpoint_model")
+        return served[0]
+
+    def prompt_logprobs(self, sequences: list[list[int]], k: int) -> list[list]:
+        """Each sequence's prompt_logprobs (one entry per token, the first null), in the order given."""
+        answer = self.request("POST", f"{self.url}/completions", {
+            "model": self.model, "prompt": [list(map(int, s)) for s in sequences], "max_tokens": 1,
+            "prompt_logprobs": k, "temperature": 0.0})
+        choices = sorted(answer.get("choices", []), key=lambda c: c.get("index", 0))
+        if len(choices) != len(sequences):
+            raise LlmneoError(f"teacher_endpoint {self.shown} answered {len(choices)} choices for {len(sequences)} "
+                              f"prompts; is it a vLLM OpenAI-compatible server?")
+        entries = [c.get("prompt_logprobs") for c in choices]
+        for seq, got in zip(sequences, entries):
+            if not isinstance(got, list) or len(got) != len(seq):
+                raise LlmneoError(f"teacher_endpoint {self.shown} gave no prompt_logprobs (or the wrong count) for a "
+                                  f"prompt of {len(seq)} tokens; serve the teacher with vLLM, which supports "
+                                  f"prompt_logprobs")
+        return entries
+
+    def tokenize(self, text: str) -> list[int]:
+        answer = self.request("POST", f"{self.root}/tokenize",
+                              {"model": self.model, "prompt": text, "add_special_tokens": False})
+        return [int(t) for t in answer.get("tokens", [])]
+
+
+def _error_message(exc: urllib.error.HTTPError) -> str:
+    try:
+        body = json.loads(exc.read().decode() or "{}")
+    except (json.JSONDecodeError, UnicodeDecodeError, OSError):
+        return exc.reason or "no message"
+    error = body.get("error", body) if isinstance(body, dict) else body  # {"error": {...}}, {"error": "..."} or flat
+    message = error.get("message") if isinstance(error, dict) else error if isinstance(error, str) else None
+    return (str(message or exc.reason or "no message").splitlines() or ["no message"])[0][:300]
+
+
+def check_endpoint(endpoint: Endpoint, tokenizer, k: int) -> None:
+    """Before the first batch: the tokenizer (check_tokenizer), and one request at `k` prompt log-probs, so a
+    k above the server's --max-logprobs is refused before any work starts."""
+    check_tokenizer(endpoint, tokenizer)
+    endpoint.prompt_logprobs([tokenizer(PROBE, add_special_tokens=False)["input_ids"][:8]], k)
+
+
+def check_tokenizer(endpoint: Endpoint, tokenizer) -> None:
+    """The served teacher must tokenize like the student: a probe string through /tokenize, and the student's
+    last vocabulary ids through /detokenize (the vocabulary reaches as far, with the same tokens). Ids past
+    it are refused when they come back in log-probs (`sparse_rows`)."""
+    ours = tokenizer(PROBE, add_special_tokens=False)["input_ids"]
+    theirs = endpoint.tokenize(PROBE)
+    if theirs != ours:
+        raise LlmneoError(f"the teacher at {endpoint.url} ({endpoint.model}) tokenizes differently from the student "
+                          f"(a probe string gives {len(theirs)} tokens there and {len(ours)} here); serve a teacher "
+                          f"that shares the student's tokenizer")
+    last = [len(tokenizer) - 1]
+    answer = endpoint.request("POST", f"{endpoint.root}/detokenize", {"model": endpoint.model, "tokens": last})
+    if answer.get("prompt") != tokenizer.decode(last):
+        raise LlmneoError(f"the teacher at {endpoint.url} ({endpoint.model}) has another vocabulary: its token "
+                          f"{last[0]} is {answer.get('prompt')!r}, the student's is {tokenizer.decode(last)!r} "
+                          f"({len(tokenizer)} tokens); serve a teacher that shares the student's tokenizer")
+
+
+# --- responses → rows ----------------------------------------------------------------------------------------
+
+def sparse_rows(entries: list, targets: list[int], k: int, vocab_size: int, where: str) -> SparseRows:
+    """Top-k rows for the positions predicting tokens `targets` (indices into `entries`, each ≥ 1).
+
+    The entry at index t is the teacher's distribution over token t given tokens < t. Its top-k are the
+    tokens of rank ≤ k, in rank order; tail = log(1 - their mass). A missing entry is an error naming `where`.
+    """
+    ids = torch.empty(len(targets), k, dtype=torch.long)
+    logprobs = torch.empty(len(targets), k, dtype=torch.float32)
+    for row, t in enumerate(targets):
+        entry = entries[t] if 0 < t < len(entries) else None
+        if not isinstance(entry, dict):
+            raise LlmneoError(f"the teacher endpoint gave no log-probs at token {t} of {where}; nothing is trained "
+                              f"on a gap (check the server's logs)")
+        top = sorted(((v["rank"], int(i), float(v["logprob"])) for i, v in entry.items() if v["rank"] <= k))
+        if len(top) < k:
+            raise LlmneoError(f"the teacher endpoint gave {len(top)} of the top {k} log-probs at token {t} of {where};"
+                              f" lower teacher_topk or check the server")
+        ids[row] = torch.tensor([i for _, i, _ in top[:k]])
+        logprobs[row] = torch.tensor([lp for _, _, lp in top[:k]])
+    if ids.numel() and int(ids.max()) >= vocab_size:
+        raise LlmneoError(f"the teacher endpoint ranked token id {int(ids.max())} in its top {k} at {where}, outside "
+                          f"the student's vocabulary of {vocab_size}: its output head has more rows than the tokenizer "
+                          f"(vLLM normalises over all of them) and those rows carry mass; serve a teacher whose head "
+                          f"matches the student's tokenizer, or use it in-process (teacher_model_name_or_path)")
+    mass = torch.logsumexp(logprobs.double(), dim=-1).clamp(max=0.0)
+    tail = torch.log(-torch.expm1(mass)).float()  # log(1 - top-k mass); -inf when the top-k hold it all
+    if k >= vocab_size:  # nothing lies outside: what rounding leaves over is no tail
+        tail = torch.full_like(tail, -torch.inf)
+    return SparseRows(ids, logprobs, tail)
+
+
+def token_logprobs(entries: list, sequence: list[int], targets: list[int], where: str) -> torch.Tensor:
+    """The teacher's log-prob of the actual token at each index of `targets` (the entry always holds it)."""
+    out = []
+    for t in targets:
+        entry = entries[t] if 0 < t < len(entries) else None
+        value = entry.get(str(sequence[t])) if isinstance(entry, dict) else None
+        if value is None:
+            raise LlmneoError(f"the teacher endpoint gave no log-prob for token {t} of {where}; nothing is trained "
+                              f"on a gap (check the server's logs)")
+        out.append(float(value["logprob"]))
+    return torch.tensor(out, dtype=torch.float32)
+
+
+def _sequences(batch: dict, positions: torch.Tensor) -> tuple[list[list[int]], list[list[int]]]:
+    """Each row's unpadded ids, and the indices of the tokens its response positions predict (t + 1)."""
+    sequences, targets = [], []
+    for ids, mask, chosen in zip(batch["input_ids"].cpu(), batch["attention_mask"].cpu(), positions.cpu()):
+        n = int(mask.sum())
+        sequences.append(ids[:n].tolist())
+        targets.append([int(t) + 1 for t in chosen.nonzero().flatten().tolist()])
+    return sequences, targets
+
+
+class ServedTeacher:
+    """Teacher rows from an Endpoint: sparse top-k rows (SparseRows), or, for sampled_rkl, the actual tokens'
+    log-probs (SampledRows). `prefetch(batch, positions)` starts a batch's request on a thread pool of
+    `in_flight` workers; `rows` then waits for it (or asks now, for a batch nobody prefetched)."""
+
+    def __init__(self, endpoint: Endpoint, k: int, vocab_size: int, *, sampled: bool = False, in_flight: int = 4):
+        self.endpoint, self.k, self.vocab_size, self.sampled = endpoint, k, vocab_size, sampled
+        self._pool = ThreadPoolExecutor(max_workers=in_flight, thread_name_prefix="llmneo-teacher")
+        self._pending: dict[str, Future] = {}
+        self.requests = 0
+
+    @staticmethod
+    def _key(batch: dict, positions: torch.Tensor) -> str:
+        digest = hashlib.sha256(str(tuple(batch["input_ids"].shape)).encode())
+        digest.update(batch["input_ids"].cpu().numpy().tobytes())
+        digest.update(positions.cpu().numpy().tobytes())
+        return digest.hexdigest()
+
+    def prefetch(self, batch: dict, positions: torch.Tensor) -> None:
+        key = self._key(batch, positions)
+        if key not in self._pending:
+            self._pending[key] = self._pool.submit(self._fetch, *_sequences(batch, positions))
+
+    def _fetch(self, sequences: list[list[int]], targets: list[list[int]]):
+        self.requests += 1
+        entries = self.endpoint.prompt_logprobs(sequences, self.k)
+        parts = []
+        for n, (seq, got, wanted) in enumerate(zip(sequences, entries, targets)):
+            where = f"batch row {n} ({len(seq)} tokens)"
+            if self.sampled:
+                parts.append(SampledRows(torch.tensor([seq[t] for t in wanted], dtype=torch.long),
+                                         token_logprobs(got, seq, wanted, where)))
+            else:
+                parts.append(sparse_rows(got, wanted, self.k, self.vocab_size, where))
+        if self.sampled:
+            return SampledRows(torch.cat([p.ids for p in parts]), torch.cat([p.logprobs for p in parts]))
+        return SparseRows(torch.cat([p.ids for p in parts]), torch.cat([p.logprobs for p in parts]),
+                          torch.cat([p.tail for p in parts]))
+
+    def rows(self, batch: dict, positions: torch.Tensor):
+        future = self._pending.pop(self._key(batch, positions), None)
+        found = future.result() if future is not None else self._fetch(*_sequences(batch, positions))
+        device = batch["input_ids"].device
+        if isinstance(found, SampledRows):
+            return SampledRows(found.ids.to(device), found.logprobs.to(device))
+        return found.to(device)
+
+    def close(self) -> None:
+        self.endpoint.stop()
+        self._pool.shutdown(wait=False, cancel_futures=True)
+

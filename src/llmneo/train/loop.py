@@ -1,0 +1,399 @@
+"""One explicit training loop on accelerate for all four arms (Neo, KD, LoRA, SFT).
+
+The arms differ only in what trains (adapters or every weight) and whether a teacher signal is
+present. Per optimizer step:
+
+    loss = (1 - kd_ratio) * CE + kd_ratio * KD
+
+where both terms are *sums* over response tokens divided by the number of response tokens in the
+whole optimizer step, across gradient-accumulation micro-batches and data-parallel ranks. So one
+batch of 8 and four accumulated batches of 2 give the same gradient.
+
+`run` reads top to bottom: set up (training_setup.py), one `optimizer_step` per step (its micro-batches
+from the step source, the teacher's rows through the aligner into the fused loss), logging and
+checkpoints between steps, then `finish` (held-out scores, the final model, results).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from llmneo import plot, run_dir
+from llmneo.config.schema import Config
+from llmneo.errors import LlmneoError
+from llmneo.loss.chunked import fused_loss, kd_values
+from llmneo.loss.divergences import (IGNORE_INDEX, SAMPLED_KINDS, KDSettings, response_positions, targets_at,
+                                     token_cross_entropy)
+from llmneo.models import adapters, engines, heads
+from llmneo.teachers.aligner import IdentityAligner
+from llmneo.train import checkpoint, memory, periodic_eval, preemption
+from llmneo.train import setup as training_setup
+from llmneo.train import tracking
+from llmneo.train.setup import TrainingSetup, writable
+
+
+def run(config: Config) -> dict:
+    """Train as configured; return (and write) train_results."""
+    setup = training_setup.prepare(config)
+    progress, config = setup.progress, setup.config
+    bar = tqdm(total=setup.total_steps, initial=progress.step, desc=f"llmneo {config.method}",
+               disable=not setup.main, dynamic_ncols=True)
+    clock = Clock()
+    evaluation = periodic_eval.Periodic(setup, bar, clock)  # eval_strategy's held-out rows
+    setup.model.train()
+    last: dict = {}
+    try:
+        with preemption.StopRequests() as stop:
+            for step in range(progress.step + 1, setup.total_steps + 1):
+                last = optimizer_step(setup, step)
+                bar.update(1)
+                if step % config.logging_steps == 0 or step == setup.total_steps:
+                    log_window(setup, step, last["grad_norm"], clock, bar)
+                last["held_out"] = evaluation.after_step(step)
+                stopping = preemption.stop_agreed(setup.accelerator, stop.signal_name is not None)
+                if step % config.save_steps == 0 or step == setup.total_steps or stopping:
+                    saved = save_checkpoint(setup, clock)
+                if stopping:
+                    raise preemption.Preempted(stop.signal_name or "SIGTERM", step, saved)
+    except BaseException:
+        if hasattr(setup.teacher, "close"):  # a served teacher's queued requests must not hold the exit
+            setup.teacher.close()
+        raise
+    finally:
+        bar.close()  # ends the bar's line, so an error message starts on its own
+    progress.runtime += clock.lap()
+    return finish(setup, last)
+
+
+class Clock:
+    """Wall time since the last checkpoint (the run's runtime) and since the last logged row (throughput)."""
+
+    def __init__(self):
+        self.started = self.window_start = time.perf_counter()
+
+    def lap(self) -> float:
+        now = time.perf_counter()
+        elapsed, self.started = now - self.started, now
+        return elapsed
+
+    def window(self) -> float:
+        now = time.perf_counter()
+        elapsed, self.window_start = now - self.window_start, now
+        return elapsed
+
+    @contextlib.contextmanager
+    def paused(self):
+        """Time spent inside (held-out evaluation) counts in the runtime, not in the window's throughput."""
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.window_start += time.perf_counter() - started
+
+
+class NonFiniteLoss(Exception):
+    """The step's loss is not finite; raised before the update (see `accumulate`)."""
+
+    def __init__(self, loss: float):
+        super().__init__(loss)
+        self.loss = loss
+
+
+def optimizer_step(setup: TrainingSetup, step: int) -> dict:
+    """One optimizer step: the step's micro-batches from the step source, forward and backward over them,
+    clipping, the non-finite guard, the update. Returns the step's loss, ce, kd and grad_norm."""
+    accelerator = setup.accelerator
+    batches = setup.steps.next_step()
+    # On the student's own replies there are no labels to learn: the step's loss is the KD term alone (GKD).
+    kd_ratio = 1.0 if batches.on_policy else setup.kd_ratio
+    try:
+        ce_sum, kd_sum, seen, n_global = accumulate(
+            accelerator, setup.model, setup.teacher, batches.micro, setup.config, setup.vocab_size,
+            kd_ratio, settings=setup.settings, aligner=setup.aligner,
+            check_before_boundary=setup.steps_in_backward and setup.guards_non_finite)
+    except NonFiniteLoss as exc:
+        raise _non_finite(setup, step, exc.loss, float("nan")) from None
+    norm = accelerator.clip_grad_norm_(setup.params, setup.config.max_grad_norm or float("inf"))
+    grad_norm = float(norm) if norm is not None else float("nan")  # DeepSpeed clips inside its engine
+    totals = accelerator.reduce(torch.stack([ce_sum, kd_sum, seen.float()]), "sum")
+    step_ce, step_kd, step_loss = step_losses(totals, n_global, kd_ratio, setup.teacher is not None)
+    finite = math.isfinite(step_loss) and (norm is None or math.isfinite(grad_norm))
+    if not finite and setup.guards_non_finite:
+        raise _non_finite(setup, step, step_loss, grad_norm)
+    setup.optimizer.step()
+    setup.scheduler.step()
+    setup.optimizer.zero_grad(set_to_none=True)
+
+    progress = setup.progress
+    # the micro-batches this step consumed: fewer than gradient_accumulation_steps at an epoch's end
+    progress.step, progress.micro_seen = step, progress.micro_seen + len(batches.micro)
+    window = progress.window
+    if batches.on_policy:
+        window["op_kd"] += float(totals[1])
+        window["op_tokens"] += n_global
+        window["op_steps"] += 1
+    else:
+        window["ce"] += float(totals[0])
+        window["kd"] += float(totals[1])
+        window["tokens"] += n_global
+    window["steps"] += 1
+    window["seen"] += int(totals[2])
+    if hasattr(setup.teacher, "take_sums"):  # several teachers: each one's KD sum and positions, over all ranks
+        per_teacher = accelerator.reduce(setup.teacher.take_sums(), "sum")
+        sums = window.setdefault("teachers", [[0.0, 0] for _ in range(per_teacher.shape[0])])
+        for i, (kd_sum, count) in enumerate(per_teacher.tolist()):
+            sums[i][0] += kd_sum
+            sums[i][1] += int(count)
+    aligned = setup.aligner.take_counts()
+    # cross-tokenizer KD: the positions the aligner could align, over all ranks
+    if not isinstance(setup.aligner, IdentityAligner):
+        both = accelerator.reduce(torch.tensor(aligned, dtype=torch.float64, device=accelerator.device), "sum")
+        counts = window.setdefault("aligned", [0, 0])
+        for i, value in enumerate(both.tolist()):
+            counts[i] += int(value)
+            progress.aligned[i] += int(value)
+    progress.train_tokens += int(totals[2])
+    if batches.replies != "dataset":
+        progress.generated_steps[batches.replies] += 1
+    return {"loss": step_loss, "ce": None if batches.on_policy else step_ce, "kd": step_kd, "grad_norm": grad_norm,
+            "replies": batches.replies}
+
+
+def step_losses(totals: torch.Tensor, n_global: int, kd_ratio: float, has_teacher: bool):
+    """(ce, kd | None, loss) per response token of the step, from the step's global (ce_sum, kd_sum, ...)."""
+    step_ce = float(totals[0]) / max(n_global, 1)
+    step_kd = float(totals[1]) / max(n_global, 1) if has_teacher else None
+    return step_ce, step_kd, step_ce if step_kd is None else (1 - kd_ratio) * step_ce + kd_ratio * step_kd
+
+
+def _non_finite(setup: TrainingSetup, step: int, loss: float, grad_norm: float) -> LlmneoError:
+    kept = run_dir.checkpoints(setup.out) if setup.claimed else []  # before, they are an earlier run's
+    return LlmneoError(f"non-finite loss or gradient at step {step} (loss={loss}, grad_norm={grad_norm}); "
+                       f"lower learning_rate or use bf16 instead of fp16"
+                       + (f"; the last good checkpoint is {kept[-1][1]}" if kept else ""))
+
+
+def micro_batch_sums(model, teacher, batch: dict, config: Config, vocab_size: int, kd_ratio: float, *,
+                     settings: KDSettings | None = None, aligner=None):
+    """(loss_sum, ce_sum, kd_sum | None, n_tokens) for one micro-batch; loss_sum carries the gradient.
+
+    With kd_chunk_size > 0 (the default) the fused chunked loss projects only the response positions,
+    chunk by chunk; with 0, full logits are materialised (the reference path, kept for checking).
+    `settings` default to the config's; `aligner` to the identity. A routed teacher (several teachers,
+    teacher_column) splits the positions by row: one student forward, then the loss once per teacher.
+    """
+    settings = settings or (KDSettings.from_config(config) if teacher is not None else KDSettings())
+    positions, targets = response_positions(batch["labels"])
+    if config.kd_chunk_size > 0:
+        final = heads.final_hidden_states(model, batch["input_ids"], batch["attention_mask"])  # (B, T, H)
+        head, head_params = heads.output_head(model)
+
+        def part(chosen, chosen_targets, rows):
+            return fused_loss(final[chosen], chosen_targets, head, head_params, rows,
+                              vocab_size=vocab_size, kd_ratio=kd_ratio, settings=settings,
+                              chunk_size=config.kd_chunk_size)
+    else:
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+
+        def part(chosen, chosen_targets, rows):
+            student = logits[chosen][:, :vocab_size]  # (N, V): padded vocab rows dropped
+            ce = token_cross_entropy(student, chosen_targets).sum()
+            kd = None if rows is None else kd_values(student, rows, settings).sum()
+            return combine(ce, kd, kd_ratio), ce, kd
+
+    groups = teacher.groups(batch) if hasattr(teacher, "groups") else [(None, None)]
+    loss = ce = kd = None
+    for index, rows_of in groups:
+        signal = teacher if index is None else teacher.teachers[index]
+        if rows_of is None:
+            chosen, chosen_targets, sub, sub_positions = positions, targets, batch, positions
+        else:  # this teacher's rows only
+            chosen = positions & rows_of[:, None]
+            chosen_targets = targets_at(batch["labels"], chosen)
+            sub = {key: value[rows_of] for key, value in batch.items()}
+            sub_positions = positions[rows_of]
+        rows = None
+        if signal is not None:
+            rows = (aligner or IdentityAligner()).rows(signal, sub, sub_positions)
+            if settings.kind in SAMPLED_KINDS:  # the teacher's log-prob of each sampled token is all it needs
+                rows = rows.sampled(chosen_targets)
+        part_loss, part_ce, part_kd = part(chosen, chosen_targets, rows)
+        if index is not None:
+            teacher.add(index, part_kd, int(chosen.sum()))
+        loss = part_loss if loss is None else loss + part_loss
+        ce = part_ce if ce is None else ce + part_ce
+        kd = part_kd if kd is None else kd + part_kd
+    return loss, ce, kd, targets.numel()
+
+
+def combine(ce: torch.Tensor, kd: torch.Tensor | None, kd_ratio: float) -> torch.Tensor:
+    return ce if kd is None else (1.0 - kd_ratio) * ce + kd_ratio * kd
+
+
+def accumulate(accelerator, model, teacher, micro: list[dict], config: Config, vocab_size: int, kd_ratio: float, *,
+               settings: KDSettings | None = None, aligner=None, check_before_boundary: bool = False):
+    """Forward and backward over one optimizer step's micro-batches; gradients are left in `.grad`.
+
+    Returns the step's local (ce_sum, kd_sum, non-pad tokens) and the global response-token count.
+    `check_before_boundary`: the engine updates the weights inside the last micro-batch's backward
+    (DeepSpeed), so the step's loss sums are all-reduced after that micro-batch's forward and a non-finite
+    loss raises NonFiniteLoss before the backward, and so before the update.
+    """
+    local_tokens = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro)
+    n_global = int(accelerator.reduce(torch.tensor(local_tokens, device=accelerator.device), "sum"))
+    # DDP averages gradients over ranks; multiplying by the world size turns that mean back into
+    # the sum over ranks, so the step's loss is a mean over the *global* response tokens.
+    scale = accelerator.num_processes / max(n_global, 1)
+    ce_sum = torch.zeros((), device=accelerator.device)
+    kd_sum = torch.zeros((), device=accelerator.device)
+    seen = torch.zeros((), device=accelerator.device)
+    deepspeed = accelerator.distributed_type == "DEEPSPEED"
+    for i, batch in enumerate(micro):
+        sync = i == len(micro) - 1
+        if deepspeed:  # accelerate's DeepSpeed backward steps the engine unless told this is not a boundary
+            accelerator.gradient_state._set_sync_gradients(sync)
+        with contextlib.nullcontext() if sync else accelerator.no_sync(model):
+            loss, ce, kd, _ = micro_batch_sums(model, teacher, batch, config, vocab_size, kd_ratio,
+                                               settings=settings, aligner=aligner)
+            ce_sum += ce.detach()
+            kd_sum += kd.detach() if kd is not None else 0.0
+            if sync and check_before_boundary:
+                totals = accelerator.reduce(torch.stack([ce_sum, kd_sum]), "sum")
+                step_loss = step_losses(totals, n_global, kd_ratio, kd is not None)[2]
+                if not math.isfinite(step_loss):
+                    raise NonFiniteLoss(step_loss)
+            accelerator.backward(loss * scale)
+        seen += batch["attention_mask"].sum()
+    return ce_sum, kd_sum, seen, n_global
+
+
+def log_window(setup: TrainingSetup, step: int, grad_norm: float, clock: Clock, bar) -> None:
+    """The logging window's row: into metrics.jsonl, the progress bar and report_to's trackers; then a new window."""
+    progress = setup.progress
+    row = _log_row(step, progress.micro_seen / len(setup.loader), progress.window, setup.kd_ratio,
+                   setup.teacher is not None, setup.scheduler.get_last_lr()[0], grad_norm, clock.window(),
+                   generates=setup.config.generates)
+    setup.record(row)
+    if setup.main:
+        bar.set_postfix(loss=f"{row['loss']:.4f}", ce="-" if row["ce_loss"] is None else f"{row['ce_loss']:.4f}",
+                        kd="-" if row["kd_loss"] is None else f"{row['kd_loss']:.4f}",
+                        lr=f"{row['learning_rate']:.2e}", tok_s=f"{row['tokens_per_second']:.0f}")
+    tracking.log(setup.accelerator, row, step)  # the same row to report_to's trackers
+    progress.window = dict(checkpoint.EMPTY_WINDOW)
+
+
+def save_checkpoint(setup: TrainingSetup, clock: Clock) -> Path:
+    setup.progress.runtime += clock.lap()
+    # The run's first checkpoint, once complete, replaces an earlier run's results (training_setup.claim).
+    return checkpoint.save(setup.accelerator, setup.model, setup.loaded.tokenizer, setup.optimizer, setup.scheduler,
+                           setup.out, setup.progress, setup.config,
+                           before_commit=None if setup.claimed else lambda: training_setup.claim(setup))
+
+
+def finish(setup: TrainingSetup, last: dict) -> dict:
+    """Held-out scores, the final adapter or model, the loss plot and train_results.json; end the trackers."""
+    config, progress, accelerator, out = setup.config, setup.progress, setup.accelerator, setup.out
+    runtime = progress.runtime
+    results = {
+        "method": config.method,
+        "train_runtime": runtime,
+        "train_tokens": progress.train_tokens,
+        "tokens_per_second": progress.train_tokens / runtime if runtime > 0 else 0.0,
+        "trainable_params": setup.trainable,
+        "total_params": setup.total,
+        "peak_memory_bytes": memory.peak_bytes(accelerator.device),
+        "final_loss": last.get("loss", next((r["loss"] for r in reversed(progress.history) if "loss" in r), None)),
+        "final_ce_loss": last.get("ce"),
+        "final_kd_loss": last.get("kd"),
+        "global_step": setup.total_steps,
+        "epoch": progress.micro_seen / len(setup.loader),
+        "kd_ratio": setup.kd_ratio,
+        "kd_loss_kind": config.kd_loss if setup.teacher is not None else None,
+        "resumed_from": str(setup.resume_from) if setup.resume_from is not None else None,
+    }
+    if config.generates:  # the fraction of steps trained on the student's (on-policy) or teacher's replies
+        done = max(progress.step, 1)
+        results["on_policy_fraction"] = progress.generated_steps["student"] / done
+        results["seq_kd_fraction"] = progress.generated_steps["teacher"] / done
+    if progress.aligned[1]:
+        results["kd_aligned_fraction"] = progress.aligned[0] / progress.aligned[1]
+    if setup.splits.eval:
+        # The one held-out evaluator (llmneo eval's), while both models are loaded: sweep reads these scores.
+        # An eval row at the last step (eval_strategy) has them already, and has sent them to the trackers.
+        scores = last.get("held_out") or periodic_eval.scores(setup)
+        results.update(scores)
+        if not last.get("held_out"):
+            tracking.log(accelerator, scores, setup.total_steps)
+    accelerator.wait_for_everyone()
+    state_dict = engines.state_dict_for_saving(accelerator, setup.model)  # every rank takes part when sharded
+    training_setup.claim(setup)  # already done at the last checkpoint, unless no step ran
+    if setup.main:
+        with writable(out):
+            with run_dir.replacing(run_dir.Output(out)) as staging:  # moved in whole, with plain permissions
+                _save_model(accelerator, setup.model, setup.loaded.tokenizer, staging, out, config, state_dict)
+                if config.plot_loss:
+                    plot.training_loss(progress.history, staging / "training_loss.png",
+                                       title=f"llmneo {config.method}")
+            run_dir.write_json(out / "train_results.json", results)
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    if hasattr(setup.teacher, "close"):  # a served teacher's request threads
+        setup.teacher.close()
+    return results
+
+
+def _log_row(step, epoch, window, kd_ratio, has_teacher, lr, grad_norm, elapsed, generates: bool = False) -> dict:
+    """The window's means per response token. With generated replies the row also says how many of its steps
+    were on-policy (`on_policy`: all of them); their tokens count in kd_loss and loss (as KD alone), not in
+    ce_loss (None when every step was on-policy)."""
+    tokens = max(window["tokens"], 1)
+    ce = window["ce"] / tokens
+    kd = window["kd"] / tokens if has_teacher else None
+    row = {
+        "step": step,
+        "epoch": round(epoch, 4),
+        "loss": ce if kd is None else (1 - kd_ratio) * ce + kd_ratio * kd,
+        "ce_loss": ce,
+        "kd_loss": kd,
+        "learning_rate": lr,
+        "grad_norm": grad_norm,
+        "tokens_per_second": window["seen"] / elapsed if elapsed > 0 else 0.0,
+    }
+    if generates:
+        if window["op_tokens"]:
+            both = window["tokens"] + window["op_tokens"]
+            row["loss"] = ((1 - kd_ratio) * window["ce"] + kd_ratio * window["kd"] + window["op_kd"]) / both
+            row["kd_loss"] = (window["kd"] + window["op_kd"]) / both
+            row["ce_loss"] = ce if window["tokens"] else None
+        row["on_policy"] = window["op_steps"] == window["steps"] > 0
+        row["on_policy_steps"] = window["op_steps"]
+    if "aligned" in window:  # cross-tokenizer KD: the fraction of response positions with a teacher span
+        row["kd_aligned_fraction"] = window["aligned"][0] / max(window["aligned"][1], 1)
+    if "teachers" in window:  # several teachers: each one's KD per position it scored (mixture: to each teacher)
+        row["kd_loss_per_teacher"] = [kd_sum / count if count else None for kd_sum, count in window["teachers"]]
+    return row
+
+
+def _save_model(accelerator, model, tokenizer, directory: Path, out: Path, config: Config,
+                state_dict: dict | None = None) -> None:
+    """The final adapter (LoRA arms) or full model, in safetensors, plus the tokenizer, into `directory` (a
+    staging folder in output_dir `out`, which holds the initial adapter that PiSSA / OLoRA convert against).
+
+    MoSLoRA is saved folded (A ← M·A) and PiSSA / OLoRA converted to a LoRA on the original base, so
+    the result is a plain PEFT adapter whatever the variant (see adapters.py).
+    """
+    unwrapped = accelerator.unwrap_model(model)
+    extra = {} if state_dict is None else {"state_dict": state_dict}
+    folded = adapters.folded_state_dict(unwrapped, state_dict)
+    if folded is not None:
+        extra["state_dict"] = folded
+    if adapters.rewrites_base(config):
+        extra["path_initial_model_for_weight_conversion"] = str(out / training_setup.INITIAL_ADAPTER)
+    unwrapped.save_pretrained(directory, safe_serialization=True, **extra)
+    tokenizer.save_pretrained(directory)
