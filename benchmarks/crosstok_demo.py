@@ -104,7 +104,7 @@ def _alignable(heldout_file: Path, tokenizer, other):
     teacher's tokenizer aligns ((N,) bool, as alignment.teacher_spans decides: the predicted token has a span)."""
     from llmneo.crosstok import offsets as crosstok
     from llmneo.data import dataset as data
-    from llmneo.loss.divergences import response_positions
+    from llmneo.data.labels import response_positions
 
     cfg = config_mod.load(overrides={"dataset": str(heldout_file), "cutoff_len": CUTOFF})
     batch = data.collate(data.build(cfg, tokenizer, crosstok.TeacherSide(other, None)).train, tokenizer.pad_token_id)

@@ -140,7 +140,7 @@ def one(arm: str, device: str, dtype_name: str, sizes: dict, repeats: int = 5) -
     from accelerate import Accelerator
 
     from llmneo.config import schema
-    from llmneo.loss.divergences import response_positions
+    from llmneo.data.labels import response_positions
     from llmneo.models import adapters, loading
     from llmneo.teachers import aligner as alignment
     from llmneo.teachers.choose import LiveTeacher
@@ -222,9 +222,10 @@ def chunk_costs(device: str, dtype_name: str, sizes: dict, repeats: int = 10, ch
     closed forms) and rkl (autograd); on the CPU also the chunk's tensor peak (measure.tensor_peak)."""
     import torch
 
+    from llmneo.crosstok.span_rows import SpanRows
     from llmneo.loss.chunked import fused_loss
     from llmneo.loss.divergences import KDSettings
-    from llmneo.loss.rows import LogitRows, SpanRows
+    from llmneo.loss.rows import LogitRows
 
     dev, dtype = torch.device(device), getattr(torch, dtype_name)
     vocab, teacher_vocab = sizes["vocab"], sizes["teacher_vocab"]

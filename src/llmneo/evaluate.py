@@ -29,8 +29,9 @@ from tqdm.auto import tqdm
 from llmneo import run_dir
 from llmneo.config.schema import Config
 from llmneo.data import dataset as data
+from llmneo.data.labels import response_positions
 from llmneo.errors import LlmneoError
-from llmneo.loss.divergences import KDSettings, response_positions, token_cross_entropy, token_divergence
+from llmneo.loss.divergences import KDSettings, token_cross_entropy, token_divergence
 from llmneo.models import generate as rollout
 from llmneo.models import heads, loading
 from llmneo.process import is_main_process

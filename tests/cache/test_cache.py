@@ -145,7 +145,7 @@ def test_multi_shard_cache_reads_the_same_rows_as_one_shard(tmp_path, base_overr
     from llmneo.cache import write as cache
     from llmneo.config import schema as config_mod
     from llmneo.data import dataset
-    from llmneo.loss.divergences import response_positions
+    from llmneo.data.labels import response_positions
     from llmneo.teachers import cached as cache_reader
 
     values = {**base_overrides, "teacher_topk": 8, "per_device_eval_batch_size": batch}

@@ -23,7 +23,8 @@ from llmneo.cache import write
 from llmneo.config import schema
 from llmneo.crosstok import offsets as crosstok
 from llmneo.crosstok import vocab as crossvocab
-from llmneo.data import dataset
+from llmneo.data import dataset, formats
+from llmneo.data.labels import response_positions
 from llmneo.demo import tiny
 from llmneo.loss import divergences as losses
 from llmneo.loss.divergences import KDSettings
@@ -109,7 +110,7 @@ def _views(student_tok, teacher_tok, rows=ALPACA_ROWS, cutoff=64):
     side = crosstok.TeacherSide(teacher_tok, None)
     template, own = dataset.templates.resolve(student_tok, None)
     encoder = dataset._Encoder(student_tok, template, own, cfg.cutoff_len)
-    numbered = [("rows", n, r) for n, r in enumerate(dataset.formats.normalise("rows", rows, dataset.formats.Layout()), 1)]
+    numbered = [("rows", n, r) for n, r in enumerate(formats.normalise("rows", rows, formats.Layout()), 1)]
     return encoder.encode(numbered, side)
 
 
@@ -223,8 +224,9 @@ def test_the_closed_form_hybrid_equals_autograd(temperature, weight, wider, unal
     through hybrid_divergence, with unaligned positions (KD 0, or their CE under kd_unaligned: ce), continuation
     shifts and either side's unshared tokens the wider (ULD's topk of the wider side); against dense teacher
     logits and against top-k rows (a cross-tokenizer cache: the shared tokens outside the top-k one bucket)."""
+    from llmneo.crosstok.span_rows import SpanRows
     from llmneo.loss.divergences import token_cross_entropy
-    from llmneo.loss.rows import LogitRows, SpanRows
+    from llmneo.loss.rows import LogitRows
 
     generator = torch.Generator().manual_seed(1)
     v_s, v_t, shared = (50, 80, 30) if wider == "teacher" else (80, 50, 30)
@@ -512,7 +514,7 @@ def test_unaligned_tokens_of_the_datas_replies_fall_back_to_ce_and_the_students_
     teacher = LiveTeacher(loading.load_model(str(other_teacher_dir), "teacher", torch.float32).eval(), len(teacher_tok))
     aligner = alignment.choose(crosstok.vocab_for(schema.load(overrides={}), tokenizer, teacher_tok),
                                unaligned=unaligned)
-    positions, targets = losses.response_positions(batch["labels"])
+    positions, targets = response_positions(batch["labels"])
     rows = aligner.rows(teacher, batch, positions)
     row_of = positions.nonzero()[:, 0]
     assert torch.equal(rows.targets, targets)

@@ -10,7 +10,7 @@ import torch
 
 from llmneo.config.schema import Config, load
 from llmneo.data import dataset as data
-from llmneo.data import formats, templates
+from llmneo.data import formats, sources, templates
 from llmneo.demo import tiny
 from llmneo.errors import LlmneoError
 
@@ -74,7 +74,7 @@ def test_only_the_response_is_trained_with_the_tokenizer_template(tmp_path, chat
 def test_alpaca_input_and_history_become_turns(tmp_path, chatml):
     row = {"instruction": "Add.", "input": "2 2", "output": "Four.", "system": "Be brief.",
            "history": [["Say hello.", "Hello there!"]]}
-    [(_, [normalised])] = data.load_rows(config(tmp_path, write_jsonl(tmp_path / "a.jsonl", [row])))
+    [(_, [normalised])] = sources.load_rows(config(tmp_path, write_jsonl(tmp_path / "a.jsonl", [row])))
     assert normalised["messages"] == [
         {"role": "system", "content": "Be brief."},
         {"role": "user", "content": "Say hello."}, {"role": "assistant", "content": "Hello there!"},
@@ -229,14 +229,14 @@ EXPECTED = [[{"role": "user", "content": "Say hello."}, {"role": "assistant", "c
 @pytest.mark.parametrize("filename", sorted(WRITERS))
 def test_each_file_type_loads(tmp_path, filename):
     WRITERS[filename](tmp_path / filename, ROWS)
-    [(source, rows)] = data.load_rows(config(tmp_path, tmp_path / filename))
+    [(source, rows)] = sources.load_rows(config(tmp_path, tmp_path / filename))
     assert source.endswith(filename)
     assert [r["messages"] for r in rows] == EXPECTED
 
 
 def test_parquet_keeps_nested_conversations(tmp_path):
     _write_parquet(tmp_path / "c.parquet", [MULTI_TURN])
-    [(_, [row])] = data.load_rows(config(tmp_path, tmp_path / "c.parquet"))
+    [(_, [row])] = sources.load_rows(config(tmp_path, tmp_path / "c.parquet"))
     assert [m["role"] for m in row["messages"]] == ["system", "user", "assistant", "user", "assistant"]
 
 
@@ -246,9 +246,9 @@ def test_a_folder_loads_its_files_sorted_and_max_samples_spans_them(tmp_path):
     write_jsonl(folder / "b.jsonl", [ROWS[1]])
     write_jsonl(folder / "a.jsonl", [ROWS[0]])
     (folder / "notes.md").write_text("not data")
-    [(_, rows)] = data.load_rows(config(tmp_path, folder))
+    [(_, rows)] = sources.load_rows(config(tmp_path, folder))
     assert [r["messages"] for r in rows] == EXPECTED
-    [(_, rows)] = data.load_rows(config(tmp_path, folder, max_samples=1))
+    [(_, rows)] = sources.load_rows(config(tmp_path, folder, max_samples=1))
     assert [r["messages"] for r in rows] == EXPECTED[:1]
 
 
@@ -256,7 +256,7 @@ def test_comma_separated_datasets_concatenate_in_order_and_resolve_under_dataset
     write_jsonl(tmp_path / "a.jsonl", [ROWS[1]])
     (tmp_path / "b.txt").write_text("Hello there!\n")
     monkeypatch.chdir(tmp_path.parent)  # "a.jsonl" is not in the working directory, only in dataset_dir
-    loaded = data.load_rows(config(tmp_path, "a.jsonl, b.txt"))
+    loaded = sources.load_rows(config(tmp_path, "a.jsonl, b.txt"))
     assert [rows for _, rows in loaded] == [[{"messages": EXPECTED[1]}], [{"text": "Hello there!"}]]
 
 
@@ -273,7 +273,7 @@ def test_dataset_info_registrations_with_column_and_tag_mappings(tmp_path):
                  "columns": {"messages": "dialog", "system": "sys"},
                  "tags": {"role_tag": "speaker", "content_tag": "text", "user_tag": "me", "assistant_tag": "bot"}},
     }))
-    [(_, [qa]), (_, [chat])] = data.load_rows(load(overrides={"dataset": "qa,chat", "dataset_dir": str(tmp_path)}))
+    [(_, [qa]), (_, [chat])] = sources.load_rows(load(overrides={"dataset": "qa,chat", "dataset_dir": str(tmp_path)}))
     system = {"role": "system", "content": "Be brief."}
     assert qa["messages"] == [system, *EXPECTED[0], {"role": "user", "content": "Add.\n2 2"},
                               {"role": "assistant", "content": "Four."}]
@@ -299,10 +299,10 @@ def test_hub_datasets_go_through_load_dataset(tmp_path, monkeypatch):
     _in_datasets_cache(tmp_path, monkeypatch, "someone/direct", "someone/registered")
     (tmp_path / "dataset_info.json").write_text(json.dumps(
         {"hub": {"hf_hub_url": "someone/registered", "subset": "en", "split": "validation"}}))
-    loaded = data.load_rows(config(tmp_path, "someone/direct,hub"))
+    loaded = sources.load_rows(config(tmp_path, "someone/direct,hub"))
     assert calls == [("someone/direct", None, "train", None), ("someone/registered", "en", "validation", None)]
     assert [[r["messages"] for r in rows] for _, rows in loaded] == [EXPECTED, EXPECTED]
-    [(source, rows)] = data.load_rows(config(tmp_path, "someone/direct", max_samples=1))
+    [(source, rows)] = sources.load_rows(config(tmp_path, "someone/direct", max_samples=1))
     assert source == "someone/direct" and [r["messages"] for r in rows] == EXPECTED[:1]
 
 
@@ -318,7 +318,7 @@ def error(call, *args) -> str:
 
 
 def test_missing_file_names_it_and_where_it_looked(tmp_path):
-    message = error(data.load_rows, config(tmp_path, "nope.jsonl"))
+    message = error(sources.load_rows, config(tmp_path, "nope.jsonl"))
     assert "'nope.jsonl' not found" in message and str(tmp_path / "nope.jsonl") in message
     assert "dataset_info.json" in message
 
@@ -331,19 +331,19 @@ def test_hub_failure_says_not_found_locally_or_on_the_hub(tmp_path, monkeypatch)
 
     monkeypatch.setattr(datasets, "load_dataset", offline)
     _in_datasets_cache(tmp_path, monkeypatch, "someone/missing")  # past llmneo's own offline check (hub.require)
-    message = error(data.load_rows, config(tmp_path, "someone/missing"))
+    message = error(sources.load_rows, config(tmp_path, "someone/missing"))
     assert "'someone/missing'" in message and "Hub" in message
 
 
 def test_unknown_format_names_the_file_and_columns(tmp_path):
     path = write_jsonl(tmp_path / "odd.jsonl", [{"question": "q", "answer": "a"}])
-    message = error(data.load_rows, config(tmp_path, path))
+    message = error(sources.load_rows, config(tmp_path, path))
     assert str(path) in message and "answer, question" in message and "alpaca" in message
 
 
 def test_row_missing_its_response_names_file_row_and_field(tmp_path):
     path = write_jsonl(tmp_path / "train.jsonl", [ALPACA, ALPACA, {"instruction": "Say hello.", "input": ""}])
-    assert error(data.load_rows, config(tmp_path, path)) == (
+    assert error(sources.load_rows, config(tmp_path, path)) == (
         f"{path} row 3: missing 'output' (alpaca format needs instruction and output)")
 
 
@@ -356,17 +356,17 @@ def test_row_missing_its_response_names_file_row_and_field(tmp_path):
     ({"instruction": "Say hello.", "output": ""}, "row 1: empty 'output'"),
 ])
 def test_malformed_conversations_are_errors(tmp_path, row, needle):
-    assert needle in error(data.load_rows, config(tmp_path, write_jsonl(tmp_path / "bad.jsonl", [row])))
+    assert needle in error(sources.load_rows, config(tmp_path, write_jsonl(tmp_path / "bad.jsonl", [row])))
 
 
 def test_invalid_json_lines_name_the_line(tmp_path):
     (tmp_path / "bad.jsonl").write_text(json.dumps(ALPACA) + "\n{oops\n")
-    assert "bad.jsonl line 2: invalid JSON" in error(data.load_rows, config(tmp_path, tmp_path / "bad.jsonl"))
+    assert "bad.jsonl line 2: invalid JSON" in error(sources.load_rows, config(tmp_path, tmp_path / "bad.jsonl"))
 
 
 def test_empty_dataset_is_an_error(tmp_path):
     (tmp_path / "empty.jsonl").write_text("")
-    message = error(data.load_rows, config(tmp_path, tmp_path / "empty.jsonl"))
+    message = error(sources.load_rows, config(tmp_path, tmp_path / "empty.jsonl"))
     assert f"'{tmp_path / 'empty.jsonl'}'" in message and "no rows" in message
 
 
@@ -403,7 +403,7 @@ def test_cutoff_len_keeps_the_start_and_drops_examples_left_without_a_response(t
 def test_max_samples_takes_the_first_rows_of_each_dataset(tmp_path, chatml):
     write_jsonl(tmp_path / "a.jsonl", [ALPACA, ROWS[1], ALPACA])
     write_jsonl(tmp_path / "b.jsonl", [ROWS[1], ALPACA])
-    loaded = data.load_rows(config(tmp_path, "a.jsonl,b.jsonl", max_samples=1))
+    loaded = sources.load_rows(config(tmp_path, "a.jsonl,b.jsonl", max_samples=1))
     assert [[r["messages"] for r in rows] for _, rows in loaded] == [EXPECTED[:1], EXPECTED[1:]]
 
 

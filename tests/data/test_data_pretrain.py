@@ -11,7 +11,7 @@ import yaml
 from llmneo import cli
 from llmneo.config.schema import Config
 from llmneo.data import dataset as data
-from llmneo.data import templates
+from llmneo.data import sources, templates
 from llmneo.demo import tiny
 from llmneo.errors import LlmneoError
 
@@ -39,7 +39,7 @@ def stream(tok, texts) -> list[int]:
 
 
 def test_a_registered_c4_style_dataset_loads_by_name_as_text(tmp_path):
-    [(_, rows)] = data.load_rows(Config(dataset="c4_demo", dataset_dir=str(c4_dir(tmp_path)), stage="pt"))
+    [(_, rows)] = sources.load_rows(Config(dataset="c4_demo", dataset_dir=str(c4_dir(tmp_path)), stage="pt"))
     assert rows == [{"text": t} for t in TEXTS]
 
 

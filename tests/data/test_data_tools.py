@@ -9,6 +9,7 @@ import pytest
 
 from llmneo.config.schema import Config
 from llmneo.data import dataset as data
+from llmneo.data import sources
 from llmneo.demo import tiny
 from llmneo.errors import LlmneoError
 
@@ -78,7 +79,7 @@ def split(tok, example) -> tuple[str, str]:
 
 
 def test_rows_normalise_to_the_hf_tool_calling_shape(tmp_path):
-    [(_, [tooled, plain])] = data.load_rows(registered(tmp_path, [GLAIVE_ROW, PLAIN_ROW]))
+    [(_, [tooled, plain])] = sources.load_rows(registered(tmp_path, [GLAIVE_ROW, PLAIN_ROW]))
     assert tooled["tools"] == [{"type": "function", "function": AREA}, {"type": "function", "function": DISCOUNT}]
     assert tooled["messages"] == [
         {"role": "user", "content": "Area of a 5 by 3 rectangle?"},
@@ -172,6 +173,6 @@ def test_openai_messages_with_tool_calls_and_several_tool_results(tmp_path):
 ])
 def test_malformed_tool_rows_are_one_line_errors(tmp_path, change, needle):
     with pytest.raises(LlmneoError) as info:
-        data.load_rows(registered(tmp_path, [{**GLAIVE_ROW, **change}]))
+        sources.load_rows(registered(tmp_path, [{**GLAIVE_ROW, **change}]))
     assert needle in str(info.value) and "\n" not in str(info.value)
 

@@ -12,6 +12,7 @@ import yaml
 from llmneo import cli
 from llmneo.config.schema import Config
 from llmneo.data import dataset as data
+from llmneo.data import sources
 from llmneo.errors import LlmneoError
 
 ROLE_TAGS = {"role_tag": "role", "content_tag": "content", "user_tag": "user", "assistant_tag": "assistant"}
@@ -51,7 +52,7 @@ def data_dir(tmp_path):
 
 def error(dataset, data_dir) -> str:
     with pytest.raises(LlmneoError) as info:
-        data.load_rows(Config(dataset=dataset, dataset_dir=str(data_dir)))
+        sources.load_rows(Config(dataset=dataset, dataset_dir=str(data_dir)))
     message = str(info.value)
     assert "\n" not in message
     return message
@@ -101,7 +102,7 @@ def test_harmless_metadata_fields_still_load(tmp_path):
             {"id": "b", "messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"}]}]
     (tmp_path / "a.jsonl").write_text(json.dumps(rows[0]) + "\n")
     (tmp_path / "b.jsonl").write_text(json.dumps(rows[1]) + "\n")
-    loaded = data.load_rows(Config(dataset="a.jsonl,b.jsonl", dataset_dir=str(tmp_path)))
+    loaded = sources.load_rows(Config(dataset="a.jsonl,b.jsonl", dataset_dir=str(tmp_path)))
     assert [len(rows) for _, rows in loaded] == [1, 1]
 
 
@@ -135,5 +136,5 @@ def test_a_dataset_info_that_is_not_utf8_is_one_line_naming_it(tmp_path):
 
 def test_utf8_with_a_byte_order_mark_still_loads(tmp_path):
     (tmp_path / "bom.csv").write_bytes("instruction,output\nCafé?,Oui.\n".encode("utf-8-sig"))
-    [(_, [row])] = data.load_rows(Config(dataset=str(tmp_path / "bom.csv")))
+    [(_, [row])] = sources.load_rows(Config(dataset=str(tmp_path / "bom.csv")))
     assert row["messages"][0]["content"] == "Café?"

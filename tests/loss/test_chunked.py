@@ -7,6 +7,7 @@ import torch
 
 from llmneo.config import schema
 from llmneo.data import dataset
+from llmneo.data.labels import response_positions
 from llmneo.demo import tiny
 from llmneo.loss import divergences
 from llmneo.loss.rows import SparseRows
@@ -132,7 +133,7 @@ def test_chunked_loss_with_sparse_rows_matches_reference(base_overrides):
     from llmneo.cache.write import topk_rows
 
     cfg, loaded, model, teacher, batch = _setup(base_overrides)
-    positions, _ = divergences.response_positions(batch["labels"])
+    positions, _ = response_positions(batch["labels"])
     dense = teacher.rows(batch, positions)
     sparse = topk_rows(dense[0:len(dense)].logits, k=8)
 

@@ -4,14 +4,16 @@ so a new kind of teacher signal needs no branch in the loss. KD settings are one
 from __future__ import annotations
 
 import dataclasses
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 from llmneo.config import schema
-from llmneo.data import dataset, templates
+from llmneo.data import labels, templates
 from llmneo.errors import LlmneoError
 from llmneo.loss import divergences as losses
 from llmneo.loss.chunked import fused_loss
@@ -89,12 +91,18 @@ def test_kd_settings_are_validated_once_when_built(bad):
 
 def test_one_list_of_kinds_and_one_ignore_index():
     assert losses.KINDS is schema.DIVERGENCES
-    assert losses.IGNORE_INDEX is templates.IGNORE_INDEX and dataset.IGNORE_INDEX is templates.IGNORE_INDEX
+    assert losses.IGNORE_INDEX is labels.IGNORE_INDEX and templates.IGNORE_INDEX is labels.IGNORE_INDEX
+    source = Path(labels.__file__).parents[1]
+    defined = [p.relative_to(source).as_posix() for p in source.rglob("*.py")
+               if re.search(r"^IGNORE_INDEX\s*=", p.read_text(), re.MULTILINE)]
+    assert defined == ["data/labels.py"]
 
 
 def test_the_fused_loss_does_not_import_the_teacher_side():
-    """Teachers produce rows and losses consume them: chunked.py (and rows.py) never load teacher.py or cache.py."""
+    """Teachers produce rows and losses consume them: chunked.py (and rows.py) never load teachers/, cache/ or
+    crosstok/ (the cross-tokenizer rows live in crosstok.span_rows)."""
     code = ("import sys, llmneo.loss.chunked, llmneo.loss.rows; "
-            "print(sorted(m for m in sys.modules if m in ('llmneo.teachers.choose', 'llmneo.cache.write')))")
+            "print(sorted(m for m in sys.modules if m.startswith(('llmneo.teachers', 'llmneo.cache', "
+            "'llmneo.crosstok'))))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"

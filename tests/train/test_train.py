@@ -13,7 +13,7 @@ import yaml
 from llmneo import cli
 from llmneo.config import schema
 from llmneo.data import dataset
-from llmneo.loss import divergences
+from llmneo.data.labels import response_positions
 from llmneo.models import loading
 from llmneo.teachers.choose import LiveTeacher
 from llmneo.train import loop
@@ -130,7 +130,7 @@ def test_accumulation_end_to_end_same_first_step(tmp_path, base_overrides):
 
 def test_response_positions_shift():
     labels = torch.tensor([[-100, -100, 7, 8, -100], [-100, 5, 6, -100, -100]])
-    positions, targets = divergences.response_positions(labels)
+    positions, targets = response_positions(labels)
     # logits at t predict token t+1: positions 1,2 (→7,8) and 0,1 (→5,6)
     assert positions.tolist() == [[False, True, True, False, False], [True, True, False, False, False]]
     assert targets.tolist() == [7, 8, 5, 6]
@@ -149,7 +149,7 @@ def test_padded_vocab_teacher_scores_real_tokens_only(base_overrides, tokenizer)
         loaded.teacher.get_output_embeddings().weight[len(tokenizer):] = 50.0
     teacher = LiveTeacher(loaded.teacher, loaded.vocab_size)
     batch = dataset.collate(dataset.build(cfg, loaded.tokenizer).train[:2], tokenizer.pad_token_id)
-    positions, _ = divergences.response_positions(batch["labels"])
+    positions, _ = response_positions(batch["labels"])
     rows = teacher.rows(batch, positions)
     signal = rows[0:len(rows)].logits
     assert signal.shape == (int(positions.sum()), len(tokenizer))
@@ -163,7 +163,7 @@ def test_padded_vocab_teacher_scores_real_tokens_only(base_overrides, tokenizer)
     student = loaded.student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     log_q = torch.log_softmax(student[positions].double(), -1)  # (N, V): the student has no padding rows
     log_p = torch.log_softmax(full[positions][:, :len(tokenizer)].double(), -1)
-    _, targets = divergences.response_positions(batch["labels"])
+    _, targets = response_positions(batch["labels"])
     assert n == int(positions.sum()) == len(targets)
     assert float(kd) == pytest.approx(float((log_p.exp() * (log_p - log_q)).sum()), rel=1e-4)
     assert float(ce) == pytest.approx(float(-log_q[torch.arange(n), targets].sum()), rel=1e-5)

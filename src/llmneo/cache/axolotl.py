@@ -35,8 +35,8 @@ import torch
 from llmneo.cache import write as cache
 from llmneo.config.schema import Config, input_paths
 from llmneo.data import dataset
+from llmneo.data.labels import response_indices, response_positions
 from llmneo.errors import LlmneoError
-from llmneo.loss.divergences import IGNORE_INDEX, response_positions
 from llmneo.loss.rows import SparseRows
 from llmneo.teachers import cached
 
@@ -152,7 +152,7 @@ def _cache_rows(row: dict, example: dict, where: str, k: int | None, vocab: int,
             found = len(row[column]) if isinstance(row[column], list) else type(row[column]).__name__
             raise LlmneoError(f"{where}: {column} has {found} positions but input_ids has {len(ids)}; "
                               f"there must be one row of top-k per token")
-    used = [t for t in range(len(ids) - 1) if example["labels"][t + 1] != IGNORE_INDEX]
+    used = response_indices(example["labels"])
     for t in used:
         entries = [row[column][t] for column in TARGETS]
         if not all(isinstance(e, list) for e in entries) or len({len(e) for e in entries}) != 1:

@@ -23,8 +23,8 @@ import torch
 from tqdm.auto import tqdm
 
 from llmneo import run_dir
+from llmneo.data.labels import response_indices
 from llmneo.errors import LlmneoError
-from llmneo.loss.divergences import IGNORE_INDEX
 from llmneo.loss.rows import SparseRows
 from llmneo.teachers import served
 
@@ -34,8 +34,7 @@ PROGRESS = "progress.json"
 
 def _targets(example: dict) -> list[int]:
     """Indices of the tokens the example's response positions predict (labels[t + 1] is a response token)."""
-    labels = example["labels"]
-    return [t for t in range(1, len(labels)) if labels[t] != IGNORE_INDEX]
+    return [t + 1 for t in response_indices(example["labels"])]
 
 
 def _resume(partial: Path, fingerprint: dict, k: int, dtype: str) -> dict:

@@ -43,8 +43,8 @@ from tqdm.auto import tqdm
 from llmneo import run_dir
 from llmneo.config.schema import Config, input_paths
 from llmneo.data import dataset
+from llmneo.data.labels import response_positions
 from llmneo.errors import LlmneoError
-from llmneo.loss.divergences import response_positions
 from llmneo.loss.rows import SparseRows
 from llmneo.models import heads, loading
 

@@ -26,7 +26,10 @@ from dataclasses import dataclass
 
 import torch
 
+from llmneo.config.checks import SAMPLED_KD_LOSSES
+from llmneo.crosstok import vocab as crossvocab
 from llmneo.data import templates
+from llmneo.data.labels import response_indices
 from llmneo.errors import LlmneoError
 
 
@@ -255,14 +258,12 @@ class Retokenizer:
 
 def check_supported(config) -> None:
     """What cross-tokenizer KD does not do yet, refused in one line each."""
-    from llmneo.loss.divergences import SAMPLED_KINDS
-
     refusals = [
         (config.effective_packing, "packing (packed blocks mix conversations; set packing: false)"),
         (config.stage == "pt", "stage: pt (raw text has no replies to align; use conversation data with stage: sft)"),
         (config.teacher_endpoint is not None, "a served teacher (teacher_endpoint); load the teacher here with "
          "teacher_model_name_or_path, or cache it with llmneo cache"),
-        (config.kd_loss in SAMPLED_KINDS, f"kd_loss: {config.kd_loss} (it needs the teacher's log-prob of the "
+        (config.kd_loss in SAMPLED_KD_LOSSES, f"kd_loss: {config.kd_loss} (it needs the teacher's log-prob of the "
          f"student's own tokens); use rkl"),
         (config.seq_kd, "seq_kd (the teacher's replies would be in its own tokens); use lmbda for on-policy steps"),
         (len(config.teachers) > 1, "several teachers; give one teacher"),
@@ -275,8 +276,6 @@ def check_supported(config) -> None:
 
 def vocab_for(config, student_tok, teacher_tok, template_name: str | None = None):
     """The run's crossvocab.VocabMap: shared tokens, plus EOS and the end-of-turn tokens paired."""
-    from llmneo.crosstok import vocab as crossvocab
-
     student_end = turn_end(student_tok, templates.resolve(student_tok, config.template)[0])
     teacher_end = turn_end(teacher_tok, templates.resolve(teacher_tok, template_name or config.teacher_template
                                                          or config.template)[0])
@@ -290,10 +289,9 @@ def aligned_share(examples: list[dict]) -> float:
     """The share of the examples' reply tokens (past the first) that have a teacher span."""
     labelled = aligned = 0
     for example in examples:
-        for label, start in zip(example["labels"][1:], example["teacher_start"][1:]):
-            if label != templates.IGNORE_INDEX:
-                labelled += 1
-                aligned += start >= 1
+        for t in response_indices(example["labels"]):  # the reply token t + 1 is aligned when it has a span
+            labelled += 1
+            aligned += example["teacher_start"][t + 1] >= 1
     return aligned / max(labelled, 1)
 
 

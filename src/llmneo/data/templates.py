@@ -32,9 +32,8 @@ from __future__ import annotations
 import os
 import warnings
 
+from llmneo.data.labels import IGNORE_INDEX
 from llmneo.errors import LlmneoError
-
-IGNORE_INDEX = -100
 
 # Expressions, not `{% if %}` blocks: HF renders with trim_blocks, which eats a newline after a block tag.
 _BOS = "{{ bos_token or '' }}"

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from llmneo.config.checks import DIVERGENCES as KINDS  # divergences over the teacher's whole distribution
 from llmneo.config.checks import SAMPLED_KD_LOSSES as SAMPLED_KINDS  # estimators scored on sampled tokens
-from llmneo.data.templates import IGNORE_INDEX  # the label of prompt and padding positions, as in HF
+from llmneo.data.labels import IGNORE_INDEX  # the label of prompt and padding positions, as in HF
 from llmneo.errors import LlmneoError
 
 
@@ -274,22 +274,3 @@ def _check_kind(kind: str) -> None:
     if kind not in KINDS:
         raise LlmneoError(f"unknown divergence kind {kind!r}; choose one of: {', '.join(KINDS)}")
 
-
-def response_positions(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Positions whose logits predict a response token, and those tokens (the next-token shift).
-
-    The logits at position t are scored against token t+1, so position t is selected when
-    labels[t+1] is a response token.
-    """
-    positions = torch.zeros_like(labels, dtype=torch.bool)  # (B, T)
-    positions[:, :-1] = labels[:, 1:] != IGNORE_INDEX
-    targets = labels[:, 1:][labels[:, 1:] != IGNORE_INDEX]  # (N,)
-    return positions, targets
-
-
-def targets_at(labels: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
-    """The tokens the `chosen` positions (bool [B, T], a subset of the response positions) predict, in position
-    order: labels[t+1] for each chosen t."""
-    following = torch.zeros_like(chosen)
-    following[:, 1:] = chosen[:, :-1]
-    return labels[following]

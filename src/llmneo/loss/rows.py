@@ -1,14 +1,14 @@
 """Teacher rows: the teacher's signal at a batch's N response positions, as the loss consumes it.
 
-Teachers produce rows (teacher.py, cache.py) and the loss consumes them (chunked.py); each row type
-knows how to compute its own divergence against a chunk of student logits, so the loss never asks
-which kind it holds. Every type supports `len`, slicing by a position range (`rows[a:b]`, chunk by
-chunk), and:
+Teachers produce rows (teachers/) and the loss consumes them (chunked.py); each row type knows how to
+compute its own divergence against a chunk of student logits, so the loss never asks which kind it holds.
+Every type supports `len`, slicing by a position range (`rows[a:b]`, chunk by chunk), and:
 
     check_vocab(vocab_size)                       refuse a teacher over another vocabulary (one line)
     divergence(student_logits, settings) -> (C,)  per position, T² included, differentiable
     closed_form(logits, targets, kd_ratio, settings) -> (ce_sum, kd_sum, grad) | None
                                                   CE + KD and d/d logits without autograd, where one exists
+    sampled(tokens) -> SampledRows                the teacher's log-prob of `tokens` (N,), or a one-line refusal
 
 - `DenseRows`: a live teacher's final hidden states and its output head; a slice is projected then
   (never [B, T, V] logits) and becomes `LogitRows`.
@@ -18,6 +18,10 @@ chunk), and:
 - `SampledRows`: the teacher's log-prob of one sampled token per position, all that `kd_loss:
   sampled_rkl` needs (on-policy steps; what a served teacher returns). Dense and logit rows give them with
   `sampled(tokens)`, one slice at a time.
+- `MixtureRows`: several teachers' dense or logit rows mixed in probability (teacher_weights); a slice
+  becomes `MixedLogitRows`, the mixture as logits, which also adds each teacher's own divergence to a sink
+  for the metrics.
+A teacher with another tokenizer gives `crosstok.span_rows.SpanRows`, which has the same interface.
 """
 
 from __future__ import annotations
@@ -28,8 +32,7 @@ import torch
 
 from llmneo.errors import LlmneoError
 from llmneo.loss import closed_form
-from llmneo.loss.divergences import (KDSettings, sampled_reverse_kl, sparse_token_divergence, token_cross_entropy,
-                                     token_divergence)
+from llmneo.loss.divergences import KDSettings, sampled_reverse_kl, sparse_token_divergence, token_divergence
 
 
 @dataclass
@@ -238,66 +241,3 @@ class MixtureRows:
 
     def sampled(self, tokens: torch.Tensor) -> SampledRows:
         return self[0:len(self)].sampled(tokens)
-
-
-@dataclass
-class SpanRows:
-    """A teacher with another tokenizer, met at the student's N positions (alignment.CrossTokenizerAligner):
-    for each aligned position the teacher's distribution of its span's first token over the *teacher's*
-    vocabulary (`first`: dense, logit or top-k rows) and the log-prob of the span's continuation (`shift`).
-    The divergence is crossvocab.hybrid_divergence; an unaligned position adds 0, or its CE where `fallback`."""
-
-    first: DenseRows | LogitRows | SparseRows | None  # one row per position (any row where unaligned); None: none
-    shift: torch.Tensor  # (N,)
-    aligned: torch.Tensor  # (N,) bool
-    vocab: object  # crossvocab.VocabMap
-    targets: torch.Tensor | None = None  # (N,) the positions' targets, for `fallback`
-    fallback: torch.Tensor | None = None  # (N,) bool: unaligned positions whose KD term is their CE (kd_unaligned)
-
-    def __len__(self) -> int:
-        return self.aligned.shape[0]
-
-    def __getitem__(self, rows: slice) -> "SpanRows":
-        first = None if self.first is None or not bool(self.aligned[rows].any()) else self.first[rows]
-        return SpanRows(first, self.shift[rows], self.aligned[rows], self.vocab,
-                        None if self.targets is None else self.targets[rows],
-                        None if self.fallback is None else self.fallback[rows])
-
-    def check_vocab(self, vocab_size: int) -> None:
-        if self.vocab.student_only.numel() != vocab_size:
-            raise LlmneoError(f"the cross-tokenizer vocabulary map is for a student vocabulary of "
-                              f"{self.vocab.student_only.numel()} tokens, but the student has {vocab_size}")
-
-    def divergence(self, student_logits: torch.Tensor, settings: KDSettings) -> torch.Tensor:
-        from llmneo.crosstok.vocab import hybrid_divergence
-
-        values = student_logits.float().sum(-1) * 0.0  # (C,): zeros still attached to the student's graph
-        if self.fallback is not None and bool(self.fallback.any()):
-            falls = self.fallback.nonzero().squeeze(-1)
-            values = values.index_put((falls,), token_cross_entropy(student_logits[falls], self.targets[falls]))
-        if self.first is None:
-            return values
-        index = self.aligned.nonzero().squeeze(-1)
-        first = self.first[0:len(self)] if isinstance(self.first, DenseRows) else self.first
-        teacher = first.take(index)
-        teacher = teacher.logits if isinstance(teacher, LogitRows) else teacher
-        part = hybrid_divergence(student_logits[index], teacher, self.shift[index], self.vocab, settings)
-        return values.index_put((index,), part)
-
-    def closed_form(self, logits, targets, kd_ratio: float, settings: KDSettings):
-        """fkl: crossvocab.hybrid_fkl_grad (dense or top-k teacher rows); other kinds: autograd (None)."""
-        from llmneo.crosstok.vocab import hybrid_fkl_grad
-
-        if settings.kind != "fkl":
-            return None
-        first = self.first[0:len(self)] if isinstance(self.first, DenseRows) else self.first
-        teacher = first.logits if isinstance(first, LogitRows) else first  # logits, SparseRows or None
-        return hybrid_fkl_grad(logits, targets, teacher, self.shift, self.aligned, self.vocab, kd_ratio,
-                               settings.temperature, self.fallback)
-
-    def sampled(self, tokens: torch.Tensor) -> SampledRows:
-        raise LlmneoError("kd_loss: sampled_rkl needs the teacher's log-prob of the student's own tokens, which a "
-                          "teacher with another tokenizer does not have; use rkl (or fkl, jsd ...) instead")
-
-
-TeacherRows = DenseRows | LogitRows | SparseRows | SampledRows | MixtureRows | SpanRows

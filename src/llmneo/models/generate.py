@@ -29,7 +29,7 @@ import torch
 
 from llmneo.crosstok import offsets
 from llmneo.data import dataset
-from llmneo.data.templates import IGNORE_INDEX
+from llmneo.data.labels import IGNORE_INDEX
 from llmneo.errors import LlmneoError
 from llmneo.models import heads
 

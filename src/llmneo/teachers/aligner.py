@@ -13,7 +13,7 @@ the teacher is position t of the student, and everything aligns.
 teacher's own tokens of each conversation and, per student token, the teacher span a..b-1 covering the same
 text (crosstok.TeacherSide, or crosstok.Retokenizer for generated replies). The teacher runs on its own
 tokens, and only at the positions the spans need: a-1 (the first token's distribution) and a..b-2 (the
-continuation tokens' log-probs, summed into the span's `shift`). The result is rows.SpanRows. A
+continuation tokens' log-probs, summed into the span's `shift`). The result is span_rows.SpanRows. A
 cross-tokenizer cache has done this already: it returns the first-token rows at the student's positions
 and says which are aligned.
 """
@@ -24,8 +24,8 @@ from typing import Protocol
 
 import torch
 
-from llmneo.loss.divergences import targets_at
-from llmneo.loss.rows import SpanRows
+from llmneo.crosstok.span_rows import SpanRows
+from llmneo.data.labels import targets_at
 
 
 class Aligner(Protocol):

@@ -26,10 +26,10 @@ from tqdm.auto import tqdm
 
 from llmneo import plot, run_dir
 from llmneo.config.schema import Config
+from llmneo.data.labels import response_count, response_positions, targets_at
 from llmneo.errors import LlmneoError
 from llmneo.loss.chunked import fused_loss, kd_values
-from llmneo.loss.divergences import (IGNORE_INDEX, SAMPLED_KINDS, KDSettings, response_positions, targets_at,
-                                     token_cross_entropy)
+from llmneo.loss.divergences import SAMPLED_KINDS, KDSettings, token_cross_entropy
 from llmneo.models import adapters, engines, heads
 from llmneo.teachers.aligner import IdentityAligner
 from llmneo.train import checkpoint, memory, periodic_eval, preemption
@@ -245,7 +245,7 @@ def accumulate(accelerator, model, teacher, micro: list[dict], config: Config, v
     (DeepSpeed), so the step's loss sums are all-reduced after that micro-batch's forward and a non-finite
     loss raises NonFiniteLoss before the backward, and so before the update.
     """
-    local_tokens = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro)
+    local_tokens = sum(response_count(b["labels"]) for b in micro)
     n_global = int(accelerator.reduce(torch.tensor(local_tokens, device=accelerator.device), "sum"))
     # DDP averages gradients over ranks; multiplying by the world size turns that mean back into
     # the sum over ranks, so the step's loss is a mean over the *global* response tokens.

@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 
 from llmneo.config.schema import Config, looks_local
-from llmneo.data import dataset
+from llmneo.data import sources
 
 MODEL_KEYS = ("model_name_or_path", "teacher_model_name_or_path", "adapter_name_or_path")  # comma lists allowed
 FOLDER_KEYS = ("teacher_cache", "dataset_dir", "output_dir", "logging_dir", "export_dir")  # always local
@@ -46,9 +46,9 @@ def _absolute(path: str) -> str:
 
 
 def _dataset(name: str, dataset_dir: str) -> str:
-    """A dataset entry as data.py resolves it: a dataset_info.json name first (kept), then a file or folder as
+    """A dataset entry as data.sources resolves it: a dataset_info.json name first (kept), then a file or folder as
     given, then under dataset_dir (made absolute); anything else (a Hub id) as it is."""
-    if dataset.registered(name, Path(dataset_dir)) is not None:
+    if sources.registered(name, Path(dataset_dir)) is not None:
         return name
-    found = dataset.local_dataset(name, dataset_dir)
+    found = sources.local_dataset(name, dataset_dir)
     return os.path.abspath(found) if found is not None else name

@@ -24,7 +24,9 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from llmneo.data import dataset as data
+from llmneo.data.labels import response_positions
 from llmneo.errors import LlmneoError
+from llmneo.models import engines
 from llmneo.models import generate as rollout
 
 
@@ -126,8 +128,6 @@ class PrefetchSteps:
         self._ahead: Step | None = None
 
     def _fetch(self) -> Step:
-        from llmneo.loss.divergences import response_positions
-
         step = self.source.next_step()
         for batch in step.micro:
             self.teacher.prefetch(batch, response_positions(batch["labels"])[0])
@@ -150,8 +150,6 @@ def choose(config, loader, accelerator, micro_seen: int, *, model=None, teacher=
         if hasattr(teacher, "prefetch"):
             return PrefetchSteps(dataset, teacher, step, last)
         return dataset
-    from llmneo.models import engines
-
     if engines.sharded(accelerator):
         raise LlmneoError("lmbda > 0 / seq_kd generate with the model's own generate, which FSDP and ZeRO-3 "
                           "shard; train on-policy under DDP (accelerate launch without an FSDP/DeepSpeed config)")
