@@ -243,7 +243,7 @@ def _steps(model, tokenizer, cfg, examples: list[dict], dev, dtype, repeats: int
     from llmneo.loss.divergences import KDSettings
     from llmneo.models import generate as rollout
     from llmneo.teachers.aligner import IdentityAligner
-    from llmneo.teachers.choose import LiveTeacher
+    from llmneo.teachers.live import LiveTeacher
     from llmneo.train import checkpoint, loop
     from llmneo.train import steps as step_source
 

@@ -143,7 +143,7 @@ def one(arm: str, device: str, dtype_name: str, sizes: dict, repeats: int = 5) -
     from llmneo.data.labels import response_positions
     from llmneo.models import adapters, loading
     from llmneo.teachers import aligner as alignment
-    from llmneo.teachers.choose import LiveTeacher
+    from llmneo.teachers.live import LiveTeacher
     from llmneo.train import loop
 
     dtype = getattr(torch, dtype_name)

@@ -31,7 +31,7 @@ from llmneo.loss.divergences import KDSettings
 from llmneo.loss.rows import SparseRows
 from llmneo.models import adapters, loading
 from llmneo.teachers import aligner as alignment
-from llmneo.teachers.choose import LiveTeacher
+from llmneo.teachers.live import LiveTeacher
 from llmneo.train import loop, steps
 
 

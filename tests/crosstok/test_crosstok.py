@@ -64,7 +64,7 @@ def test_teacher_spans_are_the_first_tokens_distribution_times_the_continuation(
     log p(first token) at position a-1 plus log p of each actual continuation token a+1..b-1."""
     from llmneo.demo import tiny
     from llmneo.teachers.aligner import teacher_spans
-    from llmneo.teachers.choose import LiveTeacher
+    from llmneo.teachers.live import LiveTeacher
 
     model = tiny.build_model(tokenizer, hidden_size=32, num_layers=2, seed=4).eval()
     teacher_ids = torch.randint(5, len(tokenizer), (2, 12), generator=torch.Generator().manual_seed(0))

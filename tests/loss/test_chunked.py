@@ -12,7 +12,8 @@ from llmneo.demo import tiny
 from llmneo.loss import divergences
 from llmneo.loss.rows import SparseRows
 from llmneo.models import adapters, heads, loading
-from llmneo.teachers.choose import LiveTeacher
+from llmneo.teachers.live import LiveTeacher
+from llmneo.teachers.signal import TeacherSignal
 from llmneo.train import loop
 
 ALL_LORA = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj,lm_head"
@@ -137,7 +138,7 @@ def test_chunked_loss_with_sparse_rows_matches_reference(base_overrides):
     dense = teacher.rows(batch, positions)
     sparse = topk_rows(dense[0:len(dense)].logits, k=8)
 
-    class Fixed:
+    class Fixed(TeacherSignal):
         def rows(self, batch, positions):
             return SparseRows(sparse.ids, sparse.logprobs, sparse.tail)
 

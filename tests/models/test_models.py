@@ -65,7 +65,7 @@ def test_every_command_resolves_dtypes_in_one_function(monkeypatch, bf16_gpu):
 def test_teacher_freezing_has_one_owner(student_dir, teacher_dir):
     """models.freeze is the one place a teacher is frozen: the live teacher signal relies on it and does not
     change a model it is given."""
-    from llmneo.teachers.choose import LiveTeacher
+    from llmneo.teachers.live import LiveTeacher
 
     cfg = schema.load(overrides={"model_name_or_path": str(student_dir)})
     model = loading.load(cfg, loading.resolve_precision(cfg), with_teacher=False).student.train()

@@ -13,7 +13,7 @@ from llmneo.config import schema
 from llmneo.data import dataset
 from llmneo.models import adapters, loading
 from llmneo.teachers import aligner as alignment
-from llmneo.teachers.choose import LiveTeacher
+from llmneo.teachers.live import LiveTeacher
 from llmneo.train import loop
 from llmneo.train import setup as training_setup
 from llmneo.train import steps as step_source

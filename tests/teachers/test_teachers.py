@@ -16,7 +16,8 @@ from llmneo.config import schema
 from llmneo.data import dataset
 from llmneo.data.templates import IGNORE_INDEX
 from llmneo.models import loading
-from llmneo.teachers import choose as teacher_mod
+from llmneo.teachers import several
+from llmneo.teachers.live import LiveTeacher
 
 
 @pytest.fixture(scope="module")
@@ -59,8 +60,8 @@ def test_a_mixture_mixes_probabilities_not_logits(tokenizer, teacher_dir, second
                                  "teacher_model_name_or_path": f"{teacher_dir},{second_teacher_dir}"})
     loaded = loading.load(cfg, loading.resolve_precision(cfg), with_teacher=True)
     assert len(loaded.teachers) == 2
-    signal = teacher_mod.MixtureTeacher([teacher_mod.LiveTeacher(t, loaded.vocab_size) for t in loaded.teachers],
-                                        cfg.mixture_weights, "cpu")
+    signal = several.MixtureTeacher([LiveTeacher(t, loaded.vocab_size) for t in loaded.teachers],
+                                    cfg.mixture_weights, "cpu")
     batch = dataset.collate(dataset.build(cfg, tokenizer).train[:3], tokenizer.pad_token_id)
     positions = torch.zeros_like(batch["labels"], dtype=torch.bool)
     positions[:, :-1] = batch["labels"][:, 1:] != IGNORE_INDEX
@@ -149,10 +150,10 @@ def test_on_policy_steps_keep_each_rows_teacher(tmp_path, base_overrides, teache
 
 def test_route_index_takes_an_index_or_an_entry():
     entries = ["models/llama-8b", "http://host:8000/v1"]
-    assert teacher_mod.route_index(1, entries) == 1 and teacher_mod.route_index("0", entries) == 0
-    assert teacher_mod.route_index("llama-8b", entries) == 0 and teacher_mod.route_index("models/llama-8b", entries) == 0
-    assert teacher_mod.route_index("v1", entries) == 1 and teacher_mod.route_index(2, entries) is None
-    assert teacher_mod.route_index("nobody", entries) is None
+    assert several.route_index(1, entries) == 1 and several.route_index("0", entries) == 0
+    assert several.route_index("llama-8b", entries) == 0 and several.route_index("models/llama-8b", entries) == 0
+    assert several.route_index("v1", entries) == 1 and several.route_index(2, entries) is None
+    assert several.route_index("nobody", entries) is None
 
 
 @pytest.mark.slow

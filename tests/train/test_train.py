@@ -15,7 +15,7 @@ from llmneo.config import schema
 from llmneo.data import dataset
 from llmneo.data.labels import response_positions
 from llmneo.models import loading
-from llmneo.teachers.choose import LiveTeacher
+from llmneo.teachers.live import LiveTeacher
 from llmneo.train import loop
 
 METRIC_KEYS = {"step", "epoch", "loss", "ce_loss", "kd_loss", "learning_rate", "grad_norm", "tokens_per_second"}

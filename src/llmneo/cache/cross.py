@@ -23,7 +23,7 @@ from llmneo.data import dataset
 from llmneo.errors import LlmneoError
 from llmneo.loss.rows import SparseRows
 from llmneo.teachers.aligner import teacher_spans
-from llmneo.teachers.choose import LiveTeacher
+from llmneo.teachers.live import LiveTeacher
 
 
 def span_topk(first, shift: torch.Tensor, aligned: torch.Tensor, k: int, chunk: int):

@@ -242,6 +242,21 @@ class Config:
         return self.has_teacher and self.kd_ratio > 0
 
     @property
+    def uses_cache(self) -> bool:
+        """KD from an offline top-k cache: no teacher model is loaded."""
+        return self.uses_kd and self.teacher_cache is not None
+
+    @property
+    def uses_endpoint(self) -> bool:
+        """KD online from a served teacher (teacher_endpoint): no teacher model is loaded."""
+        return self.uses_kd and self.teacher_endpoint is not None and self.teacher_cache is None
+
+    @property
+    def loads_model(self) -> bool:
+        """Whether the run loads a teacher model in-process."""
+        return self.uses_kd and not self.uses_cache and not self.uses_endpoint
+
+    @property
     def teachers(self) -> list[str]:
         """The teacher models (or, for a served teacher, endpoints), one entry per teacher."""
         value = self.teacher_model_name_or_path or self.teacher_endpoint or ""

@@ -42,7 +42,6 @@ from llmneo.config import schema as config_mod
 from llmneo.config.schema import SAVED_CONFIG, Config
 from llmneo.errors import LlmneoError
 from llmneo.sweep.report import METRICS, RESULT_COLUMNS, best, describe, write_csv, write_heatmap, write_markdown
-from llmneo.teachers.choose import uses_cache
 from llmneo.train import loop, preemption
 
 LIST_KEYS = ("lora_target", "dataset", "tasks", "keep_layers")  # comma lists by nature: ';' separates values
@@ -175,10 +174,10 @@ def _check_cell(cfg: Config, cell: dict[str, str]) -> None:
         raise LlmneoError(f"sweep_metric={cfg.sweep_metric} compares the student with a teacher, but "
                           f"teacher_model_name_or_path is not set (cell {where}); set it or use "
                           f"sweep_metric=perplexity")
-    if cfg.sweep_metric != "perplexity" and (not cfg.uses_kd or uses_cache(cfg)):
+    if cfg.sweep_metric != "perplexity" and (not cfg.uses_kd or cfg.uses_cache):
         # Training scores the held-out rows against the teacher model it distils from; without one loaded
         # there is nothing to compare with (a cache holds the training rows only).
-        reason = "trains from teacher_cache" if uses_cache(cfg) else f"has kd_ratio={cfg.kd_ratio}"
+        reason = "trains from teacher_cache" if cfg.uses_cache else f"has kd_ratio={cfg.kd_ratio}"
         raise LlmneoError(f"sweep_metric={cfg.sweep_metric} compares each cell with the teacher it distils from "
                           f"live, but cell {where} {reason}; use sweep_metric=perplexity, then score the cells you "
                           f"pick with llmneo eval teacher_model_name_or_path=...")

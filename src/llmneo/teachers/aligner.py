@@ -6,7 +6,7 @@ positions, counting the positions it could align (the loss leaves the KD term of
     rows(teacher, batch, positions) -> rows   rows for the student's `positions` (bool [B, T])
     take_counts() -> (aligned, positions)     since the metrics last took them
 
-`IdentityAligner` serves teacher and student sharing one tokenizer (models.py checks that): position t of
+`IdentityAligner` serves teacher and student sharing one tokenizer (models.loading checks that): position t of
 the teacher is position t of the student, and everything aligns.
 
 `CrossTokenizerAligner` serves a teacher with another tokenizer (kd_cross_tokenizer). The batch carries the
@@ -59,7 +59,7 @@ class CrossTokenizerAligner:
         return counts
 
     def rows(self, teacher, batch: dict, positions: torch.Tensor) -> SpanRows:
-        if getattr(teacher, "cross", False):  # a cross-tokenizer cache: rows and alignment stored per student position
+        if teacher.cross:  # a cross-tokenizer cache: rows and alignment stored per student position
             first = teacher.rows(batch, positions)
             aligned = teacher.aligned(batch, positions)
             shift = torch.zeros(aligned.shape[0], device=aligned.device)

@@ -16,6 +16,7 @@ from llmneo.config.schema import Config
 from llmneo.errors import LlmneoError
 from llmneo.loss.rows import SparseRows
 from llmneo.models import loading
+from llmneo.teachers.signal import TeacherSignal
 
 
 def cross_tokenizer(config: Config):
@@ -26,8 +27,9 @@ def cross_tokenizer(config: Config):
     return loading.load_tokenizer(str(folder), "teacher_cache", config.trust_remote_code)
 
 
-class CachedTeacher:
-    """Teacher rows read from a `llmneo cache` directory (no teacher model is loaded)."""
+class CachedTeacher(TeacherSignal):
+    """Teacher rows read from a `llmneo cache` directory (no teacher model is loaded); `cross`: a cross-tokenizer
+    cache, whose rows sit on the student's positions already, with `aligned` saying which have a teacher span."""
 
     def __init__(self, directory: str, expected: dict, device: torch.device):
         root = Path(directory)

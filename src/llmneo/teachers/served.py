@@ -34,6 +34,7 @@ import torch
 from llmneo.config.checks import names_a_variable, shown_url
 from llmneo.errors import LlmneoError
 from llmneo.loss.rows import SampledRows, SparseRows
+from llmneo.teachers.signal import TeacherSignal
 
 PROBE = "llmneo checks the teacher's tokenizer: Hello, world! 123 ümlaut 東京"
 
@@ -240,10 +241,12 @@ def _sequences(batch: dict, positions: torch.Tensor) -> tuple[list[list[int]], l
     return sequences, targets
 
 
-class ServedTeacher:
+class ServedTeacher(TeacherSignal):
     """Teacher rows from an Endpoint: sparse top-k rows (SparseRows), or, for sampled_rkl, the actual tokens'
     log-probs (SampledRows). `prefetch(batch, positions)` starts a batch's request on a thread pool of
     `in_flight` workers; `rows` then waits for it (or asks now, for a batch nobody prefetched)."""
+
+    prefetches = True
 
     def __init__(self, endpoint: Endpoint, k: int, vocab_size: int, *, sampled: bool = False, in_flight: int = 4):
         self.endpoint, self.k, self.vocab_size, self.sampled = endpoint, k, vocab_size, sampled

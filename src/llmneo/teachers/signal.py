@@ -22,11 +22,17 @@ class Group:
     index: int | None = None  # this teacher's place among several (its KD sum); None for a lone teacher
 
 
+def sub_batch(batch: dict, rows: torch.Tensor) -> dict:
+    """The rows `rows` (bool [B]) of every field of `batch`: what one group's teacher is asked about."""
+    return {key: value[rows] for key, value in batch.items()}
+
+
 class TeacherSignal(Protocol):
     """The teacher's rows (loss.rows) at the response positions of a batch, and the loop's few other needs."""
 
     model: torch.nn.Module | None = None  # the in-process teacher model (held-out teacher perplexity), else None
     cross: bool = False  # True: rows are stored per student position already (a cross-tokenizer cache)
+    prefetches: bool = False  # True: `prefetch` starts real work (a served teacher), so steps are read a step ahead
 
     def rows(self, batch: dict, positions: torch.Tensor):
         """The teacher's signal at `positions` (bool [B, T]) of `batch`: one of loss.rows' types."""

@@ -32,6 +32,7 @@ from llmneo.loss.chunked import fused_loss, kd_values
 from llmneo.loss.divergences import SAMPLED_KINDS, KDSettings, token_cross_entropy
 from llmneo.models import adapters, engines, heads
 from llmneo.teachers.aligner import IdentityAligner
+from llmneo.teachers.signal import Group, sub_batch
 from llmneo.train import checkpoint, memory, periodic_eval, preemption
 from llmneo.train import setup as training_setup
 from llmneo.train import tracking
@@ -62,7 +63,7 @@ def run(config: Config) -> dict:
                 if stopping:
                     raise preemption.Preempted(stop.signal_name or "SIGTERM", step, saved)
     except BaseException:
-        if hasattr(setup.teacher, "close"):  # a served teacher's queued requests must not hold the exit
+        if setup.teacher is not None:  # a served teacher's queued requests must not hold the exit
             setup.teacher.close()
         raise
     finally:
@@ -207,25 +208,22 @@ def micro_batch_sums(model, teacher, batch: dict, config: Config, vocab_size: in
             kd = None if rows is None else kd_values(student, rows, settings).sum()
             return combine(ce, kd, kd_ratio), ce, kd
 
-    groups = teacher.groups(batch) if hasattr(teacher, "groups") else [(None, None)]
     loss = ce = kd = None
-    for index, rows_of in groups:
-        signal = teacher if index is None else teacher.teachers[index]
-        if rows_of is None:
+    for group in (teacher.groups(batch) if teacher is not None else [Group(None)]):
+        if group.rows is None:
             chosen, chosen_targets, sub, sub_positions = positions, targets, batch, positions
         else:  # this teacher's rows only
-            chosen = positions & rows_of[:, None]
+            chosen = positions & group.rows[:, None]
             chosen_targets = targets_at(batch["labels"], chosen)
-            sub = {key: value[rows_of] for key, value in batch.items()}
-            sub_positions = positions[rows_of]
+            sub, sub_positions = sub_batch(batch, group.rows), positions[group.rows]
         rows = None
-        if signal is not None:
-            rows = (aligner or IdentityAligner()).rows(signal, sub, sub_positions)
+        if group.signal is not None:
+            rows = (aligner or IdentityAligner()).rows(group.signal, sub, sub_positions)
             if settings.kind in SAMPLED_KINDS:  # the teacher's log-prob of each sampled token is all it needs
                 rows = rows.sampled(chosen_targets)
         part_loss, part_ce, part_kd = part(chosen, chosen_targets, rows)
-        if index is not None:
-            teacher.add(index, part_kd, int(chosen.sum()))
+        if teacher is not None:  # several teachers note each one's KD sum; a lone one keeps none
+            teacher.add(group, part_kd, len(chosen_targets))
         loss = part_loss if loss is None else loss + part_loss
         ce = part_ce if ce is None else ce + part_ce
         kd = part_kd if kd is None else kd + part_kd
@@ -343,7 +341,7 @@ def finish(setup: TrainingSetup, last: dict) -> dict:
             run_dir.write_json(out / "train_results.json", results)
     accelerator.wait_for_everyone()
     accelerator.end_training()
-    if hasattr(setup.teacher, "close"):  # a served teacher's request threads
+    if setup.teacher is not None:  # a served teacher's request threads
         setup.teacher.close()
     return results
 

@@ -18,7 +18,6 @@ from llmneo import evaluate
 from llmneo.errors import LlmneoError
 from llmneo.loss.divergences import KDSettings
 from llmneo.teachers.aligner import IdentityAligner
-from llmneo.teachers.choose import uses_cache
 from llmneo.train import tracking
 from llmneo.train.setup import TrainingSetup
 
@@ -28,8 +27,8 @@ def scores(setup: TrainingSetup) -> dict:
     training split only, and a teacher with another tokenizer cannot compare token by token."""
     config, accelerator = setup.config, setup.accelerator
     crossing = not isinstance(setup.aligner, IdentityAligner)
-    teacher = None if uses_cache(config) or crossing else setup.teacher
-    found = evaluate.held_out(setup.model, getattr(teacher, "model", None), setup.splits.eval,
+    teacher_model = None if config.uses_cache or crossing or setup.teacher is None else setup.teacher.model
+    found = evaluate.held_out(setup.model, teacher_model, setup.splits.eval,
                               pad_token_id=setup.loaded.tokenizer.pad_token_id, vocab_size=setup.vocab_size,
                               kd=KDSettings.from_config(config), batch_size=config.per_device_eval_batch_size,
                               chunk_size=config.kd_chunk_size, device=accelerator.device,

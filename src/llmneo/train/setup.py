@@ -4,7 +4,7 @@
 with its adapters, the data and loader, the optimizer and schedule, the progress (resumed from a
 checkpoint when asked), and the three seams of the loop, each chosen once from the config:
   - `steps`: where each step's micro-batches come from (step_source.py);
-  - `teacher`: where the teacher signal comes from (teacher.choose: live model, cache, or None);
+  - `teacher`: where the teacher signal comes from (teacher.choose: live, cache, served, mixture, routed, or None);
   - `aligner`: how teacher positions meet student positions (alignment.py).
 train.py then runs one function per optimizer step over this object, and finishes.
 
@@ -37,6 +37,8 @@ from llmneo.loss.divergences import KDSettings
 from llmneo.models import adapters, engines, generate, loading
 from llmneo.teachers import aligner as alignment
 from llmneo.teachers import choose as teacher
+from llmneo.teachers import several
+from llmneo.teachers.signal import TeacherSignal
 from llmneo.train import checkpoint, memory, recorded_config
 from llmneo.train import steps as step_source
 from llmneo.train import tracking
@@ -63,7 +65,7 @@ class TrainingSetup:
     trainable: int
     total: int
     steps: step_source.StepSource
-    teacher: object  # teacher.LiveTeacher | cache_reader.CachedTeacher | None
+    teacher: TeacherSignal | None  # teacher.choose's: live, cache, served, mixture, routed, or None (CE alone)
     aligner: alignment.Aligner
     settings: KDSettings
     kd_ratio: float  # 0 without a teacher signal
@@ -132,7 +134,7 @@ def prepare(config: Config) -> TrainingSetup:
     set_seed(config.seed)
     memory.reset_peak(accelerator.device)
 
-    loaded = loading.load(config, precision, with_teacher=teacher.loads_model(config))
+    loaded = loading.load(config, precision, with_teacher=config.loads_model)
     crossing = _crossing(config, loaded)
     teacher_side = None
     if crossing is not None and loaded.teacher_tokenizer is not None:  # live: the teacher's view of every example
@@ -198,7 +200,7 @@ def prepare(config: Config) -> TrainingSetup:
         initial_adapter=initial_adapter)
     tracking.start(accelerator, config, resumed_step=progress.step)
     if main:
-        _announce(config, trainable, total, len(splits.train), teacher.uses_cache(config), loaded.tokenizer)
+        _announce(config, trainable, total, len(splits.train), config.uses_cache, loaded.tokenizer)
     if not output.stale:  # a new or empty folder, or a resume: nothing to replace, the folder is this run's now
         claim(setup)
     return setup
@@ -236,7 +238,7 @@ def _crossing(config: Config, loaded: loading.Loaded) -> Crossing | None:
     from llmneo.teachers import cached as cache_reader
 
     own = loaded.teacher_tokenizer
-    if own is None and teacher.uses_cache(config):
+    if own is None and config.uses_cache:
         own = cache_reader.cross_tokenizer(config)
         if own is not None and config.cross_tokenizer == "false":
             raise LlmneoError(f"teacher_cache '{config.teacher_cache}' was written by a teacher with another "
@@ -252,7 +254,7 @@ def _route(splits: dataset.Splits, config: Config) -> None:
     """Each example's teacher index from its teacher_column value; a value naming no teacher is an error."""
     for name, examples in (("training", splits.train), ("held-out", splits.eval or [])):
         for n, example in enumerate(examples, 1):
-            index = teacher.route_index(example.get("route"), config.teachers)
+            index = several.route_index(example.get("route"), config.teachers)
             if index is None:
                 raise LlmneoError(f"{name} example {n}: {config.teacher_column}={example.get('route')!r} names none of "
                                   f"the {len(config.teachers)} teachers; use 0..{len(config.teachers) - 1} or a "

@@ -147,7 +147,7 @@ def choose(config, loader, accelerator, micro_seen: int, *, model=None, teacher=
     last completed step)."""
     dataset = DatasetSteps(loader, accelerator, config.gradient_accumulation_steps, start=micro_seen)
     if not config.generates:
-        if hasattr(teacher, "prefetch"):
+        if teacher is not None and teacher.prefetches:
             return PrefetchSteps(dataset, teacher, step, last)
         return dataset
     if engines.sharded(accelerator):
