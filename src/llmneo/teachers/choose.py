@@ -35,7 +35,8 @@ def choose(config, loaded, train_examples: list[dict], accelerator,
             parts.append(cache_reader.CachedTeacher(alone.teacher_cache, expected, accelerator.device))
         return RoutedTeacher(parts, accelerator.device)
     if config.uses_cache:
-        expected = write.fingerprint(config, loaded.tokenizer, train_examples, teacher_tokenizer=cache_teacher_tokenizer)
+        expected = write.fingerprint(config, loaded.tokenizer, train_examples,
+                                     teacher_tokenizer=cache_teacher_tokenizer)
         cached = cache_reader.CachedTeacher(config.teacher_cache, expected, accelerator.device)
         if not cached.has_tail and cached.k < loaded.vocab_size and config.kd_loss == "rkl":
             raise LlmneoError(f"teacher_cache '{config.teacher_cache}' keeps no tail mass (imported from a format "

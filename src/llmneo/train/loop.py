@@ -145,8 +145,9 @@ def optimizer_step(setup: TrainingSetup, step: int) -> dict:
         window["tokens"] += n_global
     window["steps"] += 1
     window["seen"] += int(totals[2])
-    if hasattr(setup.teacher, "take_sums"):  # several teachers: each one's KD sum and positions, over all ranks
-        per_teacher = accelerator.reduce(setup.teacher.take_sums(), "sum")
+    per_teacher = setup.teacher.take_sums() if setup.teacher is not None else None  # a lone teacher keeps none
+    if per_teacher is not None:  # several teachers: each one's KD sum and positions, over all ranks
+        per_teacher = accelerator.reduce(per_teacher, "sum")
         sums = window.setdefault("teachers", [[0.0, 0] for _ in range(per_teacher.shape[0])])
         for i, (kd_sum, count) in enumerate(per_teacher.tolist()):
             sums[i][0] += kd_sum
