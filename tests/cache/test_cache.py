@@ -142,7 +142,7 @@ def test_multi_shard_cache_reads_the_same_rows_as_one_shard(tmp_path, base_overr
     that span shards, and the same training run."""
     import torch
 
-    from llmneo.cache import write as cache
+    from llmneo.cache.fingerprint import fingerprint
     from llmneo.config import schema as config_mod
     from llmneo.data import dataset
     from llmneo.data.labels import response_positions
@@ -163,7 +163,7 @@ def test_multi_shard_cache_reads_the_same_rows_as_one_shard(tmp_path, base_overr
     examples = dataset.build(cfg, tokenizer).train
     for i, example in enumerate(examples):
         example["index"] = i
-    expected = cache.fingerprint(cfg, tokenizer, examples)
+    expected = fingerprint(cfg, tokenizer, examples)
     legacy = json.loads((one_dir / "index.json").read_text())  # caches written when k sat in the fingerprint
     (one_dir / "index.json").write_text(json.dumps({**legacy, "fingerprint": {**legacy["fingerprint"], "k": 3}}))
     one = cache_reader.CachedTeacher(str(one_dir), expected, torch.device("cpu"))
@@ -197,10 +197,9 @@ def test_closed_form_sparse_loss_equals_autograd_on_every_kind_of_tail(kd_ratio)
     underflowing in fp32 (below 1e-38: recomputed in log space), or masked with -inf together with the teacher."""
     import torch
 
-    from llmneo.cache.write import topk_rows
+    from llmneo.cache.shards import topk_rows
     from llmneo.loss import closed_form
     from llmneo.loss import divergences as losses
-    from llmneo.loss.rows import SparseRows
 
     gen = torch.Generator().manual_seed(0)
     C, V, k = 6, 300, 8

@@ -13,7 +13,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from llmneo import cli
-from llmneo.cache import write
+from llmneo.cache import shards, write
+from llmneo.cache.fingerprint import fingerprint
 from llmneo.teachers import cached
 
 # An fp16 cache's training metrics (loss, ce_loss, kd_loss, grad_norm) stay within this, relative, of the fp32
@@ -93,7 +94,7 @@ def test_a_top_k_round_trip_keeps_the_renormalized_top_k_and_drops_the_tail(tmp_
     into = write_yaml(tmp_path, "i.yaml", {**values, "teacher_cache": str(imported)})
     assert cli.main(["cache", "import", "axolotl", into, str(file)]) == 0
     examples = _examples(base_overrides, tokenizer)
-    expected = write.fingerprint(config_mod.load(overrides=base_overrides), tokenizer, examples)
+    expected = fingerprint(config_mod.load(overrides=base_overrides), tokenizer, examples)
     first = cached.CachedTeacher(str(original), expected, torch.device("cpu"))
     second = cached.CachedTeacher(str(imported), {**expected, "teacher": None}, torch.device("cpu"))
     a, b = first._read(0, first.offsets[-1]), second._read(0, second.offsets[-1])
@@ -302,9 +303,9 @@ def test_k_entries_cost_6_bytes_each_in_float16_and_8_in_float32(tmp_path):
     rows = SparseRows(torch.randint(0, 128_000, (n, k)), -torch.rand(n, k) * 20, -torch.rand(n) * 5)
     sizes = {}
     for name, dtype in (("float16", torch.float16), ("float32", torch.float32)):
-        write.save_shard(tmp_path / f"{name}.safetensors", [rows], dtype)
+        shards.save_shard(tmp_path / f"{name}.safetensors", [rows], dtype)
         sizes[name] = (tmp_path / f"{name}.safetensors").stat().st_size
-        assert write.make_index(k, [0, n], [], {}, dtype)["logprobs_dtype"] == name
+        assert shards.make_index(k, [0, n], [], {}, dtype)["logprobs_dtype"] == name
     assert sizes["float16"] == pytest.approx(n * (6 * k + 4), abs=256)  # 388 B per token at k = 64
     assert sizes["float32"] == pytest.approx(n * (8 * k + 4), abs=256)  # 516 B
 

@@ -1,2 +1,4 @@
-"""Offline teacher caches (`llmneo cache`): writing top-k rows from a live teacher (`write`) or an endpoint
-(`capture`), cross-tokenizer caches (`cross`), and axolotl's KD format (`axolotl`). `teachers.cached` reads them."""
+"""Offline teacher caches (`llmneo cache`). Below: the folder's format, writing and reading it (`shards`) and what it
+is keyed to (`fingerprint`), neither importing teachers/. Above: the writers, from a loaded teacher (`write`, the
+command), an endpoint (`capture`) or a teacher with another tokenizer (`cross`), and axolotl's KD format
+(`axolotl`). `teachers.cached` reads caches through `shards`."""

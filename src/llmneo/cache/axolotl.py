@@ -33,6 +33,8 @@ from pathlib import Path
 import torch
 
 from llmneo.cache import write as cache
+from llmneo.cache.fingerprint import fingerprint
+from llmneo.cache.shards import make_index, save_shard, shard_name, staged
 from llmneo.config.schema import Config, input_paths
 from llmneo.data import dataset
 from llmneo.data.labels import response_indices, response_positions
@@ -65,8 +67,8 @@ def export_cache(config: Config, fmt: str, path: str) -> dict:
     if not config.teacher_cache:
         raise LlmneoError("teacher_cache is not set; give the cache to export, e.g. teacher_cache=cache/teacher")
     tokenizer, examples = _tokenized(config)
-    teacher = cached.CachedTeacher(config.teacher_cache, cache.fingerprint(config, tokenizer, examples),
-                                         torch.device("cpu"))
+    teacher = cached.CachedTeacher(config.teacher_cache, fingerprint(config, tokenizer, examples),
+                                   torch.device("cpu"))
     if teacher.cross:
         raise LlmneoError(f"teacher_cache '{config.teacher_cache}' is a cross-tokenizer cache: its ids are the "
                           f"teacher's own tokens, aligned to the student's positions, which {fmt}'s format has no "
@@ -94,7 +96,7 @@ def import_cache(config: Config, fmt: str, path: str) -> dict:
     tokenizer, examples = _tokenized(config)
     vocab, temperature = len(tokenizer), config.kd_temperature
     dtype = torch.float32  # the file's teacher and precision are unknown here: keep what it holds
-    with cache.staged(target) as staging:
+    with staged(target) as staging:
         offsets, shards, buffer, k = [0], [], [], None
         count = 0
         for count, row in enumerate(_read_rows(source), start=1):
@@ -110,11 +112,11 @@ def import_cache(config: Config, fmt: str, path: str) -> dict:
             raise LlmneoError(f"{source} has {count} rows but this config tokenizes {len(examples)} training "
                               f"examples; the file must hold exactly those examples, in order")
         _flush(staging, buffer, shards, offsets[-1], dtype)
-        fingerprint = {**cache.fingerprint(config, tokenizer, examples), "teacher": None}  # unknown here
-        index = cache.make_index(k, offsets, shards, fingerprint, dtype)
+        recorded = {**fingerprint(config, tokenizer, examples), "teacher": None}  # unknown here
+        index = make_index(k, offsets, shards, recorded, dtype)
         index["tail"] = "none"  # axolotl keeps no tail: training refuses kd_loss: rkl on it (infinite)
         (staging / "index.json").write_text(json.dumps(index, indent=1))
-    return cache._summary(target, index, k, len(examples))
+    return cache.summary(target, index, k, len(examples))
 
 
 # --- axolotl rows ---------------------------------------------------------------------------------------
@@ -312,7 +314,7 @@ def _tokenized(config: Config):
 def _flush(staging: Path, buffer: list[SparseRows], shards: list[dict], end: int, dtype: torch.dtype) -> None:
     if not buffer:
         return
-    name = f"shard-{len(shards):05d}.safetensors"
-    cache.save_shard(staging / name, buffer, dtype)
+    name = shard_name(len(shards))
+    save_shard(staging / name, buffer, dtype)
     shards.append({"file": name, "start": shards[-1]["end"] if shards else 0, "end": end})
     buffer.clear()

@@ -23,6 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from llmneo import run_dir
+from llmneo.cache.shards import SHARD_ROWS, make_index, save_shard, shard_name
 from llmneo.data.labels import response_indices
 from llmneo.errors import LlmneoError
 from llmneo.loss.rows import SparseRows
@@ -61,10 +62,8 @@ def _resume(partial: Path, fingerprint: dict, k: int, dtype: str) -> dict:
 
 
 def capture(target: Path, endpoint, examples: list[dict], k: int, vocab: int, fingerprint: dict, *,
-            batch_size: int = 8, shard_size: int = 1 << 18, logprobs_dtype: torch.dtype = torch.float32) -> dict:
+            batch_size: int = 8, shard_size: int = SHARD_ROWS, logprobs_dtype: torch.dtype = torch.float32) -> dict:
     """Capture the cache for `examples` from `endpoint` into `target`; returns its index."""
-    from llmneo.cache.write import make_index, save_shard
-
     partial = target.parent / f".{target.name}.partial"
     try:
         state = _resume(partial, fingerprint, k, str(logprobs_dtype).removeprefix("torch."))
@@ -77,7 +76,7 @@ def capture(target: Path, endpoint, examples: list[dict], k: int, vocab: int, fi
         if not counts:
             return
         start = state["offsets"][-1]
-        name = f"shard-{len(state['shards']):05d}.safetensors"
+        name = shard_name(len(state["shards"]))
         staged = partial / f"{name}.tmp"
         save_shard(staged, buffer, logprobs_dtype)
         os.replace(staged, partial / name)

@@ -1,13 +1,13 @@
 """`llmneo cache` for a teacher with another tokenizer: the rows training needs, with nothing left to re-tokenize.
 
-The teacher reads each conversation in its own rendering (crosstok.TeacherSide) once, here. For every
-student response position the cache keeps what alignment.teacher_spans gives: the teacher's top-k over
+The teacher reads each conversation in its own rendering (crosstok.offsets.TeacherSide) once, here. For every
+student response position the cache keeps what teachers.aligner.teacher_spans gives: the teacher's top-k over
 *its* vocabulary for the span's first token, with the span's continuation log-prob added to the top-k and
-to the tail (GOLD's span probability), and `aligned` (uint8:
-whether the position has a span). Rows sit in the student's position order, like a same-tokenizer
-cache, so training reads them by example without the teacher's tokens. The teacher's tokenizer is kept
-in `teacher_tokenizer/` (training builds the vocabulary map from it), and the fingerprint also covers
-the teacher's vocabulary and template.
+to the tail (GOLD's span probability), and `aligned` (uint8: whether the position has a span). Rows sit in
+the student's position order, like a same-tokenizer cache, so training reads them by example without the
+teacher's tokens. The teacher's tokenizer is kept in `teacher_tokenizer/` (training builds the vocabulary map
+from it), and the fingerprint also covers the teacher's vocabulary and template. write.py calls `write` when
+the loaded teacher's tokenizer differs from the student's; the shards go through shards.py.
 """
 
 from __future__ import annotations
@@ -17,7 +17,8 @@ import math
 
 import torch
 
-from llmneo.cache import write as cache
+from llmneo.cache import shards
+from llmneo.cache.fingerprint import fingerprint
 from llmneo.crosstok import offsets
 from llmneo.data import dataset
 from llmneo.errors import LlmneoError
@@ -36,7 +37,7 @@ def span_topk(first, shift: torch.Tensor, aligned: torch.Tensor, k: int, chunk: 
         logprobs = torch.zeros(count, k, device=flags.device)
         tail = torch.full((count,), -math.inf, device=flags.device)
         if first is not None and bool(flags.any()):
-            found = cache.topk_rows(first[part].logits, k)  # (C, k) over the teacher's vocabulary
+            found = shards.topk_rows(first[part].logits, k)  # (C, k) over the teacher's vocabulary
             move = shift[part].float()
             ids = torch.where(flags[:, None], found.ids, ids)
             logprobs = torch.where(flags[:, None], found.logprobs + move[:, None], logprobs)
@@ -63,13 +64,13 @@ def write(config, target, tokenizer, teacher_tokenizer, teacher, k: int, device)
         counted[1] += aligned.numel()
         yield from span_topk(first, shift, aligned, k, chunk)
 
-    expected = cache.fingerprint(config, tokenizer, examples, teacher_tokenizer=teacher_tokenizer)
-    with cache.staged(target) as staging:
-        index = cache.write_rows(staging, rows_of, examples, tokenizer.pad_token_id, k, expected,
-                                 batch_size=config.per_device_eval_batch_size, device=device,
-                                 shard_size=config.cache_shard_size, logprobs_dtype=cache.logprobs_dtype(config),
-                                 extra={"cross_tokenizer": True})
+    expected = fingerprint(config, tokenizer, examples, teacher_tokenizer=teacher_tokenizer)
+    with shards.staged(target) as staging:
+        index = shards.write_rows(staging, rows_of, examples, tokenizer.pad_token_id, k, expected,
+                                  batch_size=config.per_device_eval_batch_size, device=device,
+                                  shard_size=config.cache_shard_size, logprobs_dtype=shards.logprobs_dtype(config),
+                                  extra={"cross_tokenizer": True})
         index["aligned_fraction"] = counted[0] / max(counted[1], 1)
         (staging / "index.json").write_text(json.dumps(index, indent=1))
-        teacher_tokenizer.save_pretrained(staging / cache.TEACHER_TOKENIZER)
+        teacher_tokenizer.save_pretrained(staging / shards.TEACHER_TOKENIZER)
     return index, len(examples)

@@ -1,17 +1,17 @@
-"""Reading a teacher cache (`llmneo cache` writes it, cache.py says the format): `CachedTeacher` checks the
-fingerprint, opens the shards lazily and returns each batch's rows (SparseRows) in position order; for a
-cross-tokenizer cache also which positions are aligned, and `cross_tokenizer` gives the teacher tokenizer
-it stored."""
+"""Reading a teacher cache (`llmneo cache` writes it, cache/shards.py says the format): `CachedTeacher` checks the
+fingerprint (cache/fingerprint.py), opens the shards lazily and returns each batch's rows (SparseRows) in position
+order; for a cross-tokenizer cache also which positions are aligned, and `cross_tokenizer` gives the teacher
+tokenizer it stored."""
 
 from __future__ import annotations
 
 import bisect
-import json
 from pathlib import Path
 
 import torch
 
-from llmneo.cache.write import FORMAT, TEACHER_TOKENIZER
+from llmneo.cache import shards
+from llmneo.cache.fingerprint import refuse_mismatch
 from llmneo.config.schema import Config
 from llmneo.errors import LlmneoError
 from llmneo.loss.rows import SparseRows
@@ -21,7 +21,7 @@ from llmneo.teachers.signal import TeacherSignal
 
 def cross_tokenizer(config: Config):
     """The teacher tokenizer a cross-tokenizer cache stored, or None for a cache over the student's tokenizer."""
-    folder = Path(config.teacher_cache) / TEACHER_TOKENIZER
+    folder = Path(config.teacher_cache) / shards.TEACHER_TOKENIZER
     if len(config.teachers) > 1 or not folder.is_dir():
         return None
     return loading.load_tokenizer(str(folder), "teacher_cache", config.trust_remote_code)
@@ -33,57 +33,14 @@ class CachedTeacher(TeacherSignal):
 
     def __init__(self, directory: str, expected: dict, device: torch.device):
         root = Path(directory)
-        index_file = root / "index.json"
-        if not index_file.is_file():
-            raise LlmneoError(f"teacher_cache '{root}' has no index.json; build it with llmneo cache CONFIG.yaml")
-        try:
-            index = json.loads(index_file.read_text())
-        except json.JSONDecodeError:
-            raise LlmneoError(f"teacher_cache '{root}/index.json' is corrupt; rebuild it with llmneo cache") from None
-        if index.get("format") != FORMAT:
-            raise LlmneoError(f"teacher_cache '{root}' has format {index.get('format')!r}, expected {FORMAT}; "
-                              f"rebuild it with llmneo cache")
-        found = index.get("fingerprint")
-        if not isinstance(found, dict) or "offsets" not in index or "shards" not in index:
-            raise LlmneoError(f"teacher_cache '{root}/index.json' is incomplete; rebuild it with llmneo cache")
-        for part, value in expected.items():  # in fingerprint order: named settings before the dataset rows
-            if part == "teacher" and (value is None or found.get(part) is None):
-                continue  # no teacher named in this run: nothing to compare
-            if part not in found:
-                continue  # a cache written before this part was recorded; the dataset rows still guard it
-            if found.get(part) != value:
-                raise LlmneoError(f"teacher_cache '{root}' does not match this run: the {part} differs "
-                                  f"(cache {found.get(part)}, run {value}); rebuild it with llmneo cache CONFIG.yaml")
+        index = shards.read_index(root)
+        refuse_mismatch(root, index["fingerprint"], expected)
         self.offsets = index["offsets"]
         self.k = index["k"]
         self.has_tail = index.get("tail") != "none"  # an imported axolotl cache has no tail mass
         self.cross = bool(index.get("cross_tokenizer"))  # rows over the teacher's own vocabulary, with `aligned`
         self.device = device
-        self._open(root, index["shards"])
-
-    def _open(self, root: Path, shards: list[dict]) -> None:
-        """Open every shard lazily: rows are read per batch, so a cache larger than RAM still trains."""
-        from safetensors import safe_open
-
-        self.shard_starts, self.handles = [], []
-        expected = 0
-        for shard in shards:
-            file = root / shard["file"]
-            if not file.is_file():
-                raise LlmneoError(f"teacher_cache shard {file} is missing; rebuild the cache with llmneo cache")
-            try:
-                handle = safe_open(str(file), framework="pt")
-                rows = handle.get_slice("ids").get_shape()[0]
-            except Exception:  # safetensors raises its own error type for a damaged file
-                rows, handle = -1, None
-            if shard["start"] != expected or rows != shard["end"] - shard["start"]:
-                raise LlmneoError(f"teacher_cache shard {file} is truncated or does not match index.json; "
-                                  f"rebuild the cache with llmneo cache")
-            self.shard_starts.append(shard["start"])
-            self.handles.append(handle)
-            expected = shard["end"]
-        if expected != self.offsets[-1]:
-            raise LlmneoError("teacher_cache shards do not add up to the index; rebuild the cache with llmneo cache")
+        self.shard_starts, self.handles = shards.open_shards(root, index)
 
     def _read(self, start: int, end: int) -> SparseRows:
         """Rows [start, end) of the cache; an example's rows never straddle two shards. Log-probs come back

@@ -1,0 +1,210 @@
+"""A teacher cache folder on disk: its format, how every writer stores it, and how training opens it.
+
+`teacher_cache` holds:
+  shard-00000.safetensors ...  `ids` (M, k) int32, `logprobs` (M, k) float16 or float32, `tail` (M,) float32:
+                               the teacher's top-k token ids and log-probs (T = 1) at each response
+                               position, and the log of the probability mass outside the top-k; a
+                               cross-tokenizer cache also `aligned` (M,) uint8
+  index.json                   format, k, logprobs_dtype, per-example row offsets, shard row ranges, and
+                               the fingerprint (fingerprint.py)
+  teacher_tokenizer/           a cross-tokenizer cache only: the teacher's tokenizer (TEACHER_TOKENIZER)
+Rows are the response positions of the training split, example by example, in position order.
+Training opens the shards lazily (safetensors `safe_open`, `open_shards`) and reads each batch's rows, so a
+cache larger than RAM works, and DDP ranks do not each hold a full copy.
+
+Log-probs are stored in float16 (6 bytes per top-k entry with its id, not 8) when the teacher computes in
+16 bits (bf16 / fp16, or torch_dtype bfloat16 / float16; for a served teacher, the run's precision): its
+logits are then already rounded at least as coarsely (8 or 11 significant bits) as float16 rounds a
+log-prob. A float32 teacher's are stored in float32, so nothing is lost. Rows are read back as float32
+either way; caches written before `logprobs_dtype` was recorded in index.json hold float32. Every writer
+stores shards through `save_shard` (named by `shard_name`) and the index through `make_index`, in a
+`staged` folder that becomes the cache only when it is complete.
+
+This module knows nothing of teachers: the writers above it (write.py, capture.py, cross.py, axolotl.py)
+give it rows, and teachers.cached reads through `read_index` and `open_shards`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from llmneo import run_dir
+from llmneo.config.schema import Config
+from llmneo.data import dataset
+from llmneo.data.labels import response_positions
+from llmneo.errors import LlmneoError
+from llmneo.loss.rows import SparseRows
+from llmneo.models import loading
+
+FORMAT = "llmneo-teacher-topk-v1"
+SHARD_ROWS = 1 << 18  # rows per shard file: 256k positions, ~100 MB at k = 64
+TEACHER_TOKENIZER = "teacher_tokenizer"  # a cross-tokenizer cache keeps the teacher's tokenizer here
+
+
+def logprobs_dtype(config: Config) -> torch.dtype:
+    """The dtype a cache's log-probs are stored in: float16 when the teacher computes in 16 bits, else float32.
+
+    A bf16 logit keeps 8 significant bits, so a bf16 teacher's log-probs are already off by up to
+    |logit| x 2^-9; float16 rounds a log-prob by at most |log-prob| x 2^-11 (measured on training:
+    docs/benchmarks.md section 5). A float32 teacher's log-probs are kept exactly.
+    """
+    return torch.float32 if loading.weight_dtype(config, "teacher") == torch.float32 else torch.float16
+
+
+@torch.no_grad()
+def topk_rows(logits: torch.Tensor, k: int) -> SparseRows:
+    """Top-k ids and log-probs of (C, V) logits, and the log-mass of the other V - k tokens."""
+    logp = torch.log_softmax(logits.float(), dim=-1)  # (C, V)
+    values, ids = logp.topk(k, dim=-1)  # (C, k)
+    rest = logp.scatter(-1, ids, -math.inf)  # (C, V): top-k removed
+    tail = torch.logsumexp(rest, dim=-1) if k < logp.shape[-1] else torch.full_like(values[:, 0], -math.inf)
+    return SparseRows(ids, values, tail)
+
+
+def shard_name(number: int) -> str:
+    """The file name of a cache's shard `number` (0, 1, ...)."""
+    return f"shard-{number:05d}.safetensors"
+
+
+def save_shard(path: Path, rows: list[SparseRows], logprobs_dtype: torch.dtype,
+               aligned: list[torch.Tensor] | None = None) -> None:
+    """One shard file of `rows` (in order): ids int32, logprobs in `logprobs_dtype`, tail float32; and for a
+    cross-tokenizer cache `aligned` uint8 (which rows hold a teacher span)."""
+    from safetensors.torch import save_file
+
+    tensors = {"ids": torch.cat([r.ids for r in rows]).to(torch.int32).contiguous(),
+               "logprobs": torch.cat([r.logprobs for r in rows]).to(logprobs_dtype).contiguous(),
+               "tail": torch.cat([r.tail for r in rows]).float().contiguous()}
+    if aligned is not None:
+        tensors["aligned"] = torch.cat(aligned).to(torch.uint8).contiguous()
+    save_file(tensors, str(path))
+
+
+def make_index(k: int, offsets: list[int], shards: list[dict], fingerprint: dict, logprobs_dtype: torch.dtype) -> dict:
+    """index.json's contents for a cache whose shards `save_shard` wrote with `logprobs_dtype`."""
+    return {"k": k, "rows": offsets[-1], "offsets": offsets, "shards": shards, "format": FORMAT,
+            "logprobs_dtype": str(logprobs_dtype).removeprefix("torch."), "fingerprint": fingerprint}
+
+
+@contextlib.contextmanager
+def staged(target: Path):
+    """A staging directory beside `target` that replaces it when the block ends well, and is removed otherwise."""
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
+    except OSError as exc:
+        raise LlmneoError(f"cannot write teacher_cache '{target}': {exc.strerror or exc}") from None
+    try:
+        yield staging
+        run_dir.plain_modes(staging)  # mkdtemp and safetensors make 0700 / 0600: a shared cache must be readable
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(staging, target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def write_rows(directory: Path, rows_of, examples: list[dict], pad_id: int, k: int, fingerprint: dict, *,
+               batch_size: int, device: torch.device, shard_size: int, logprobs_dtype: torch.dtype,
+               extra: dict | None = None) -> dict:
+    """Shards and index.json from `rows_of(batch, positions)`, which yields (SparseRows, aligned | None) chunks
+    in position order for each collated batch of `examples`; `extra` goes into the index. Returns the index."""
+    offsets, shards = _write_shards(directory, rows_of, examples, pad_id, batch_size, device, shard_size,
+                                    logprobs_dtype)
+    written = {**make_index(k, offsets, shards, fingerprint, logprobs_dtype), **(extra or {})}
+    (directory / "index.json").write_text(json.dumps(written, indent=1))
+    return written
+
+
+@torch.inference_mode()
+def _write_shards(staging: Path, rows_of, examples, pad_id, batch_size, device, shard_size: int,
+                  logprobs_dtype: torch.dtype) -> tuple[list[int], list[dict]]:
+    offsets = [0]
+    shards: list[dict] = []
+    buffer: list[SparseRows] = []
+    flags: list[torch.Tensor] = []
+    buffered = 0
+
+    def flush():
+        nonlocal buffer, flags, buffered
+        if not buffered:
+            return
+        name = shard_name(len(shards))
+        start = shards[-1]["end"] if shards else 0
+        save_shard(staging / name, buffer, logprobs_dtype, flags or None)
+        shards.append({"file": name, "start": start, "end": start + buffered})
+        buffer, flags, buffered = [], [], 0
+
+    bar = tqdm(total=len(examples), desc="llmneo cache", unit="ex", dynamic_ncols=True)
+    for first in range(0, len(examples), batch_size):
+        part = examples[first:first + batch_size]
+        batch = {key: value.to(device) for key, value in dataset.collate(part, pad_id).items()}
+        positions, _ = response_positions(batch["labels"])
+        for rows, aligned in rows_of(batch, positions):
+            buffer.append(SparseRows(rows.ids.cpu(), rows.logprobs.cpu(), rows.tail.cpu()))
+            if aligned is not None:
+                flags.append(aligned.cpu())
+            buffered += rows.ids.shape[0]
+        for count in positions.sum(dim=1).tolist():
+            offsets.append(offsets[-1] + count)
+        if buffered >= shard_size:
+            flush()
+        bar.update(len(part))
+        bar.set_postfix(tokens=offsets[-1])
+    flush()
+    bar.close()
+    return offsets, shards
+
+
+def read_index(root: Path) -> dict:
+    """index.json of the cache at `root`, refused when missing, corrupt, of another format or incomplete."""
+    index_file = root / "index.json"
+    if not index_file.is_file():
+        raise LlmneoError(f"teacher_cache '{root}' has no index.json; build it with llmneo cache CONFIG.yaml")
+    try:
+        index = json.loads(index_file.read_text())
+    except json.JSONDecodeError:
+        raise LlmneoError(f"teacher_cache '{root}/index.json' is corrupt; rebuild it with llmneo cache") from None
+    if index.get("format") != FORMAT:
+        raise LlmneoError(f"teacher_cache '{root}' has format {index.get('format')!r}, expected {FORMAT}; "
+                          f"rebuild it with llmneo cache")
+    if not isinstance(index.get("fingerprint"), dict) or "offsets" not in index or "shards" not in index:
+        raise LlmneoError(f"teacher_cache '{root}/index.json' is incomplete; rebuild it with llmneo cache")
+    return index
+
+
+def open_shards(root: Path, index: dict) -> tuple[list[int], list]:
+    """Every shard of the cache at `root` opened lazily (rows are read per batch, so a cache larger than RAM
+    still trains): (first row of each shard, its safe_open handle), checked against `index`."""
+    from safetensors import safe_open
+
+    starts, handles = [], []
+    expected = 0
+    for shard in index["shards"]:
+        file = root / shard["file"]
+        if not file.is_file():
+            raise LlmneoError(f"teacher_cache shard {file} is missing; rebuild the cache with llmneo cache")
+        try:
+            handle = safe_open(str(file), framework="pt")
+            rows = handle.get_slice("ids").get_shape()[0]
+        except Exception:  # safetensors raises its own error type for a damaged file
+            rows, handle = -1, None
+        if shard["start"] != expected or rows != shard["end"] - shard["start"]:
+            raise LlmneoError(f"teacher_cache shard {file} is truncated or does not match index.json; "
+                              f"rebuild the cache with llmneo cache")
+        starts.append(shard["start"])
+        handles.append(handle)
+        expected = shard["end"]
+    if expected != index["offsets"][-1]:
+        raise LlmneoError("teacher_cache shards do not add up to the index; rebuild the cache with llmneo cache")
+    return starts, handles
