@@ -10,6 +10,7 @@ routed or none. Each is a `signal.TeacherSignal` whose `rows(batch, positions)` 
 
 from __future__ import annotations
 
+from llmneo.cache.fingerprint import fingerprint, one_teacher
 from llmneo.errors import LlmneoError
 from llmneo.loss.divergences import SAMPLED_KINDS
 from llmneo.models import engines
@@ -25,18 +26,15 @@ def choose(config, loaded, train_examples: list[dict], accelerator,
     """The run's teacher signal, chosen once: a cache (teacher_cache), the loaded teacher model, or None
     (CE alone). The live teacher is placed by the engine (replicated, or sharded with full logits).
     `cache_teacher_tokenizer`: the teacher tokenizer a cross-tokenizer cache stored (its fingerprint covers it)."""
-    from llmneo.cache import write
-
     if config.uses_cache and len(config.teachers) > 1:  # one cache per teacher, routed
         parts = []
         for i in range(len(config.teachers)):
-            alone = write.one_teacher(config, i)
-            expected = write.fingerprint(alone, loaded.tokenizer, train_examples)
+            alone = one_teacher(config, i)
+            expected = fingerprint(alone, loaded.tokenizer, train_examples)
             parts.append(cache_reader.CachedTeacher(alone.teacher_cache, expected, accelerator.device))
         return RoutedTeacher(parts, accelerator.device)
     if config.uses_cache:
-        expected = write.fingerprint(config, loaded.tokenizer, train_examples,
-                                     teacher_tokenizer=cache_teacher_tokenizer)
+        expected = fingerprint(config, loaded.tokenizer, train_examples, teacher_tokenizer=cache_teacher_tokenizer)
         cached = cache_reader.CachedTeacher(config.teacher_cache, expected, accelerator.device)
         if not cached.has_tail and cached.k < loaded.vocab_size and config.kd_loss == "rkl":
             raise LlmneoError(f"teacher_cache '{config.teacher_cache}' keeps no tail mass (imported from a format "
