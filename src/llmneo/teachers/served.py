@@ -13,7 +13,7 @@ The protocol (vLLM's; nothing here imports vllm):
 5xx) and turns every failure into one line saying what to do. `sparse_rows` reads the entry that predicts
 each response token into the top-k ids, log-probs and tail mass the sparse losses already take (rows.py).
 `ServedTeacher` is the training-time teacher signal (`rows(batch, positions)`), fetching batches ahead on a
-thread pool (`prefetch`) so the student does not wait; `cache.write` captures from an Endpoint the same way.
+thread pool (`prefetch`) so the student does not wait; `cache.capture` captures from an Endpoint the same way.
 The API key comes from the environment variable named by `teacher_api_key_env`, never from a config or log.
 """
 
