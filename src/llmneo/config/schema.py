@@ -58,24 +58,20 @@ def _f(default: Any, help: str, **kw: Any) -> Any:
 class Config:
     # --- models -----------------------------------------------------------------------------
     model_name_or_path: str | None = _f(None, "The student: a local HF model dir or a Hub id.")
-    teacher_model_name_or_path: str | None = _f(
-        None, "The teacher: a local HF model dir or a Hub id. Another tokenizer than the student's: see "
-        "kd_cross_tokenizer. Several teachers (sharing the student's tokenizer): "
-        "a YAML list or comma-separated, with teacher_weights (a mixture) or teacher_column (routing).")
-    adapter_name_or_path: str | None = _f(
-        None, "A trained PEFT adapter dir (export, eval; in train: continue training this adapter).")
+    teacher_model_name_or_path: str | None = _f(None, "The teacher: a local HF model dir or a Hub id. Another "
+        "tokenizer than the student's: see kd_cross_tokenizer. Several teachers (sharing the student's tokenizer): a "
+        "YAML list or comma-separated, with teacher_weights (a mixture) or teacher_column (routing).")
+    adapter_name_or_path: str | None = _f(None, "A trained PEFT adapter dir (export, eval; in train: continue "
+        "training this adapter).")
     trust_remote_code: bool = _f(False, "Allow model/tokenizer code from the model repo. Off unless you ask.")
-    torch_dtype: str = _f(
-        "auto", "Weight dtype: auto|float32|bfloat16|float16. auto: the teacher (and a LoRA student's frozen "
-        "base) in the compute dtype (bf16/fp16 when enabled), a fully trained student in float32.")
+    torch_dtype: str = _f("auto", "Weight dtype: auto|float32|bfloat16|float16. auto: the teacher (and a LoRA "
+        "student's frozen base) in the compute dtype (bf16/fp16 when enabled), a fully trained student in float32.")
     # --- method -----------------------------------------------------------------------------
-    stage: str = _f(
-        "sft", "Training stage: sft (supervised distillation: replies are the targets) or pt (distillation on "
-        "raw text, Minitron style: every token is a target). dpo, kto, rm, ppo are not supported.")
+    stage: str = _f("sft", "Training stage: sft (supervised distillation: replies are the targets) or pt "
+        "(distillation on raw text, Minitron style: every token is a target). dpo, kto, rm, ppo are not supported.")
     do_train: bool = _f(True, "Accepted for LLaMA-Factory compatibility; `llmneo train` always trains.")
     finetuning_type: str = _f("lora", "lora (train adapters only) or full (train every weight).")
-    kd_ratio: float = _f(
-        0.5, "Weight of the KD term: loss = (1 - kd_ratio)*CE + kd_ratio*KD. 0 = plain SFT/LoRA. "
+    kd_ratio: float = _f(0.5, "Weight of the KD term: loss = (1 - kd_ratio)*CE + kd_ratio*KD. 0 = plain SFT/LoRA. "
         "Ignored (with a warning) when no teacher is given.")
     kd_loss: str = _f(
         "fkl", "Divergence for KD: " + "|".join(KD_LOSSES) + ". fkl = KL(p_teacher || p_student). sampled_rkl "
@@ -84,53 +80,45 @@ class Config:
     kd_temperature: float = _f(1.0, "Softmax temperature T for KD; the divergence is scaled by T^2.")
     kd_beta: float = _f(0.5, "Mixture weight beta of jsd: m = beta*p_T + (1-beta)*p_S (0 = fkl, 1 = rkl).")
     kd_skew: float = _f(0.1, "Skew alpha of skew_fkl / skew_rkl (DistiLLM).")
-    kd_chunk_size: int = _f(
-        256, "Response positions per chunk of the fused CE+KD loss: at most this many x vocab logits are "
-        "alive per model. 0 materialises full logits (the reference path; more memory).")
-    teacher_cache: str | None = _f(
-        None, "Offline teacher top-k cache dir. `llmneo cache` writes it; `llmneo train` reads it instead of "
-        "loading the teacher.")
-    teacher_topk: int = _f(
-        64, "How many top tokens per position a cache keeps (plus a tail bucket), or a served teacher returns "
-        "(vLLM allows up to its --max-logprobs, 20 by default).")
-    teacher_endpoint: str | None = _f(
-        None, "A teacher served by vLLM's OpenAI-compatible server, e.g. http://host:8000/v1: its top-k prompt "
-        "log-probs (teacher_topk) train the student online, or `llmneo cache` captures them.")
-    teacher_endpoint_model: str | None = _f(
-        None, "The served model's name at teacher_endpoint (default: the one model it serves).")
-    teacher_api_key_env: str | None = _f(
-        None, "The name of the environment variable holding teacher_endpoint's API key (the key never goes in a "
-        "config or a log).")
-    teacher_weights: str | None = _f(
-        None, "Several teachers, mixed: one weight per teacher (YAML list or comma-separated, normalised to sum 1); "
-        "the student learns from the weighted mixture of the teachers' probabilities (not their logits).")
-    teacher_column: str | None = _f(
-        None, "Several teachers, routed: the dataset column naming each row's teacher, by 0-based index or by the "
-        "teacher's entry (its path or URL, or the last part of it).")
-    kd_cross_tokenizer: str = _f(
-        "auto", "A teacher with another tokenizer: auto (when the vocabularies differ, distil across tokenizers: each "
-        "side renders with its own template, tokens aligned by their text, GOLD's hybrid loss; said in one line), "
-        "true (that path even for one tokenizer) or false (another tokenizer is an error).")
-    kd_uld_weight: float | None = _f(
-        None, "Cross-tokenizer KD: the weight w of ULD's sorted-probability term on the tokens the vocabularies do "
-        "not share; KD = (1-w)*divergence over the shared tokens + w*ULD. Default: 1 - the vocabulary overlap.")
-    kd_unaligned: str = _f(
-        "ce", "Cross-tokenizer KD, a reply token no teacher span covers: ce (its KD term is its CE, so it trains on "
-        "full CE) or skip (no KD: (1 - kd_ratio)*CE only). The student's own replies (on-policy) always skip.")
-    teacher_template: str | None = _f(
-        None, "Cross-tokenizer KD: the built-in template for a teacher tokenizer without a chat template "
-        "(default: template). The teacher's own chat template wins when it has one.")
-    cache_shard_size: int = _f(
-        262144, "llmneo cache: response positions per shard file. Capture from an endpoint resumes shard by shard "
-        "after a crash, so smaller shards lose less.")
+    kd_chunk_size: int = _f(256, "Response positions per chunk of the fused CE+KD loss: at most this many x vocab "
+        "logits are alive per model. 0 materialises full logits (the reference path; more memory).")
+    teacher_cache: str | None = _f(None, "Offline teacher top-k cache dir. `llmneo cache` writes it; `llmneo train` "
+        "reads it instead of loading the teacher.")
+    teacher_topk: int = _f(64, "How many top tokens per position a cache keeps (plus a tail bucket), or a served "
+        "teacher returns (vLLM allows up to its --max-logprobs, 20 by default).")
+    teacher_endpoint: str | None = _f(None, "A teacher served by vLLM's OpenAI-compatible server, "
+        "e.g. http://host:8000/v1: "
+        "its top-k prompt log-probs (teacher_topk) train the student online, "
+        "or `llmneo cache` captures them.")
+    teacher_endpoint_model: str | None = _f(None, "The served model's name at teacher_endpoint (default: the one "
+        "model it serves).")
+    teacher_api_key_env: str | None = _f(None, "The name of the environment variable holding teacher_endpoint's API "
+        "key (the key never goes in a config or a log).")
+    teacher_weights: str | None = _f(None, "Several teachers, mixed: one weight per teacher (YAML list or "
+        "comma-separated, normalised to sum 1); the student learns from the weighted mixture of the teachers' "
+        "probabilities (not their logits).")
+    teacher_column: str | None = _f(None, "Several teachers, routed: the dataset column naming each row's teacher, by "
+        "0-based index or by the teacher's entry (its path or URL, or the last part of it).")
+    kd_cross_tokenizer: str = _f("auto", "A teacher with another tokenizer: auto (when the vocabularies differ, "
+        "distil across tokenizers: each side renders with its own template, tokens aligned by their text, GOLD's "
+        "hybrid loss; said in one line), true (that path even for one tokenizer) or false (another tokenizer is an "
+        "error).")
+    kd_uld_weight: float | None = _f(None, "Cross-tokenizer KD: the weight w of ULD's sorted-probability term on the "
+        "tokens the vocabularies do not share; KD = (1-w)*divergence over the shared tokens + w*ULD. Default: 1 - the "
+        "vocabulary overlap.")
+    kd_unaligned: str = _f("ce", "Cross-tokenizer KD, a reply token no teacher span covers: ce (its KD term is its "
+        "CE, so it trains on full CE) or skip (no KD: (1 - kd_ratio)*CE only). The student's own replies (on-policy) "
+        "always skip.")
+    teacher_template: str | None = _f(None, "Cross-tokenizer KD: the built-in template for a teacher tokenizer "
+        "without a chat template (default: template). The teacher's own chat template wins when it has one.")
+    cache_shard_size: int = _f(262144, "llmneo cache: response positions per shard file. Capture from an endpoint "
+        "resumes shard by shard after a crash, so smaller shards lose less.")
     # --- on-policy distillation (TRL GKD's names) -------------------------------------------------
-    lmbda: float = _f(
-        0.0, "On-policy fraction: each optimizer step, with this probability (drawn from the seed and the step "
-        "number, so a resumed run is exact) the student generates the replies to the step's prompts and learns "
-        "the KD term alone on them, scored by the teacher. 0 = the dataset's replies (off-policy).")
-    seq_kd: bool = _f(
-        False, "Sequence-level KD: on the steps that are not on-policy, the teacher generates the replies and "
-        "they are the targets (CE + KD as usual).")
+    lmbda: float = _f(0.0, "On-policy fraction: each optimizer step, with this probability (drawn from the seed and "
+        "the step number, so a resumed run is exact) the student generates the replies to the step's prompts and "
+        "learns the KD term alone on them, scored by the teacher. 0 = the dataset's replies (off-policy).")
+    seq_kd: bool = _f(False, "Sequence-level KD: on the steps that are not on-policy, the teacher generates the "
+        "replies and they are the targets (CE + KD as usual).")
     max_new_tokens: int = _f(128, "On-policy / seq_kd: the most tokens generated per reply.")
     temperature: float = _f(1.0, "On-policy / seq_kd: the sampling temperature; 0 = greedy.")
     top_p: float = _f(1.0, "On-policy / seq_kd: nucleus sampling's top-p (1 = off).")
@@ -138,46 +126,41 @@ class Config:
     lora_rank: int = _f(128, "LoRA rank r (paper: large ranks such as 128 work best).")
     lora_alpha: int | None = _f(None, "LoRA alpha. Default: 2 * lora_rank.")
     lora_dropout: float = _f(0.0, "Dropout on the LoRA branch.")
-    lora_variant: str = _f(
-        "lora", "LoRA variant: lora|dora|rslora|pissa|olora|moslora (the booleans use_dora / use_rslora / "
-        "pissa_init set the same thing, LLaMA-Factory style).")
+    lora_variant: str = _f("lora", "LoRA variant: lora|dora|rslora|pissa|olora|moslora (the booleans use_dora / "
+        "use_rslora / pissa_init set the same thing, LLaMA-Factory style).")
     use_dora: bool = _f(False, "LLaMA-Factory name for lora_variant: dora.")
     use_rslora: bool = _f(False, "LLaMA-Factory name for lora_variant: rslora.")
     pissa_init: bool = _f(False, "LLaMA-Factory name for lora_variant: pissa.")
-    lora_target: str = _f(
-        "all", "Modules to adapt: 'all' = every linear layer except lm_head, or comma-separated module "
-        "names (e.g. q_proj,v_proj; add lm_head explicitly to adapt the output head), each of which must match "
+    lora_target: str = _f("all", "Modules to adapt: 'all' = every linear layer except lm_head, or comma-separated "
+        "module names (e.g. q_proj,v_proj; add lm_head explicitly to adapt the output head), each of which must match "
         "a module: a name that matches none is an error.")
     # --- data -------------------------------------------------------------------------------
-    dataset: str | None = _f(
-        None, "Comma-separated datasets: local files (json, jsonl, parquet, csv, txt) or folders, Hub ids, "
-        "or names registered in dataset_dir/dataset_info.json.")
+    dataset: str | None = _f(None, "Comma-separated datasets: local files (json, jsonl, parquet, csv, txt) or "
+        "folders, Hub ids, or names registered in dataset_dir/dataset_info.json.")
     dataset_dir: str = _f("data", "Folder holding dataset_info.json and relative dataset files.")
-    template: str | None = _f(
-        None, "Prompt template when the tokenizer has no chat template: default, llama3, qwen, chatml, "
-        "mistral, llama2, gemma, alpaca, vicuna. The tokenizer's own chat template wins when it has one. The "
+    template: str | None = _f(None, "Prompt template when the tokenizer has no chat template: default, llama3, qwen, "
+        "chatml, mistral, llama2, gemma, alpaca, vicuna. The tokenizer's own chat template wins when it has one. The "
         "template's special tokens (chatml/qwen: im_start, im_end; llama3: eot_id and the header tokens; gemma: "
         "start_of_turn, end_of_turn) must be tokens of the tokenizer: a run is refused without them, except full "
         "fine-tuning without a teacher, which adds them (rows at the mean embedding; the end of turn becomes EOS).")
     cutoff_len: int = _f(2048, "Maximum tokens per example; longer examples are truncated (a warning counts the "
-                         "replies cut and the tokens lost).")
-    packing: bool | None = _f(
-        None, "Concatenate the tokenized examples and cut them into cutoff_len blocks (LLaMA-Factory's packing). "
-        "Default: true for stage: pt, false for sft.")
+        "replies cut and the tokens lost).")
+    packing: bool | None = _f(None, "Concatenate the tokenized examples and cut them into cutoff_len blocks "
+        "(LLaMA-Factory's packing). Default: true for stage: pt, false for sft.")
     max_samples: int | None = _f(None, "Use at most this many rows of each dataset.")
     val_size: float = _f(0.0, "Held-out split: a fraction in (0, 1) or a row count >= 1. 0 = none.")
-    eval_dataset: str | None = _f(
-        None, "Held-out data by name (LLaMA-Factory's key), resolved like `dataset`; used instead of val_size.")
+    eval_dataset: str | None = _f(None, "Held-out data by name (LLaMA-Factory's key), resolved like `dataset`; used "
+        "instead of val_size.")
     # --- training ---------------------------------------------------------------------------
     output_dir: str | None = _f(None, "Where the adapter/model, metrics and checkpoints go.")
-    overwrite_output_dir: bool = _f(
-        False, "Allow writing into a non-empty output_dir (export_dir, teacher_cache). The earlier results of the "
-        "kinds this command writes are replaced once it has its own (a run's first checkpoint); other files stay.")
+    overwrite_output_dir: bool = _f(False, "Allow writing into a non-empty output_dir (export_dir, teacher_cache). "
+        "The earlier results of the kinds this command writes are replaced once it has its own (a run's first "
+        "checkpoint); other files stay.")
     per_device_train_batch_size: int = _f(8, "Micro-batch size per device.")
     per_device_eval_batch_size: int = _f(8, "Batch size for held-out evaluation.")
     gradient_accumulation_steps: int = _f(1, "Micro-batches per optimizer step.")
-    learning_rate: float | None = _f(
-        None, "Peak learning rate. Default: 2e-4 for lora, 2e-5 for full (paper: LoRA wants ~10x).")
+    learning_rate: float | None = _f(None, "Peak learning rate. Default: 2e-4 for lora, 2e-5 for full (paper: LoRA "
+        "wants ~10x).")
     num_train_epochs: float = _f(3.0, "Epochs over the training split (fractions allowed).")
     max_steps: int = _f(-1, "Optimizer steps; overrides num_train_epochs when > 0.")
     lr_scheduler_type: str = _f("cosine", "Schedule: " + "|".join(SCHEDULERS) + ".")
@@ -193,41 +176,37 @@ class Config:
     gradient_checkpointing: bool = _f(False, "Recompute student activations in backward to save memory.")
     seed: int = _f(42, "Random seed (data order, adapter init, dropout).")
     logging_steps: int = _f(10, "Write a metrics.jsonl row every this many optimizer steps.")
-    eval_strategy: str = _f(
-        "no", "Held-out evaluation during training (HF's and LLaMA-Factory's key): no, steps (every eval_steps) or "
-        "epoch (at each epoch's end and the last step). Each writes an eval row (step, epoch, eval_loss, "
-        "eval_ce_loss, eval_perplexity, ...) to metrics.jsonl, the console and report_to. Needs val_size or "
-        "eval_dataset; train_results.json's final eval_* scores are written either way.")
+    eval_strategy: str = _f("no", "Held-out evaluation during training (HF's and LLaMA-Factory's key): no, steps "
+        "(every eval_steps) or epoch (at each epoch's end and the last step). Each writes an eval row (step, epoch, "
+        "eval_loss, eval_ce_loss, eval_perplexity, ...) to metrics.jsonl, the console and report_to. Needs val_size "
+        "or eval_dataset; train_results.json's final eval_* scores are written either way.")
     eval_steps: int | None = _f(None, "eval_strategy: steps: evaluate every this many optimizer steps. Default: "
-                                "logging_steps.")
+        "logging_steps.")
     evaluation_strategy: str | None = _f(None, "HF's older name for eval_strategy.")
     save_steps: int = _f(500, "Write output_dir/checkpoint-STEP every this many optimizer steps.")
     save_total_limit: int | None = _f(None, "Keep only the newest N checkpoints.")
-    resume_from_checkpoint: str | None = _f(
-        None, "Continue a run exactly: 'auto' (the newest output_dir/checkpoint-STEP; a fresh start if there is "
-        "none) or a checkpoint path. No overwrite flag needed.")
+    resume_from_checkpoint: str | None = _f(None, "Continue a run exactly: 'auto' (the newest "
+        "output_dir/checkpoint-STEP; a fresh start if there is none) or a checkpoint path. No overwrite flag needed.")
     plot_loss: bool = _f(False, "Write training_loss.png (needs matplotlib: pip install llmneo[plot]).")
     report_to: str | None = _f(
         None, "Experiment trackers, through accelerate: none (null), all (every installed one) or a comma list of "
         + ", ".join(TRACKERS) + ". They receive the same rows as metrics.jsonl, and the config as hyperparameters.")
-    logging_dir: str | None = _f(
-        None, "Where file-based trackers (tensorboard, ...) write, in logging_dir/run_name. Default: output_dir/runs.")
+    logging_dir: str | None = _f(None, "Where file-based trackers (tensorboard, ...) write, in logging_dir/run_name. "
+        "Default: output_dir/runs.")
     run_name: str | None = _f(None, "The run's name in the trackers. Default: the name of the output_dir folder.")
     ddp_timeout: int = _f(1800, "Distributed process-group timeout in seconds.")
     # --- evaluation ---------------------------------------------------------------------------
-    tasks: str | None = _f(
-        None, "llmneo eval: comma-separated lm-evaluation-harness tasks (e.g. arc_easy,mmlu), or paths to "
-        "task YAML files/folders for local tasks. Needs `pip install llmneo[eval]`.")
+    tasks: str | None = _f(None, "llmneo eval: comma-separated lm-evaluation-harness tasks (e.g. arc_easy,mmlu), "
+        "or paths to task YAML files/folders for local tasks. "
+        "Needs `pip install llmneo[eval]`.")
     num_fewshot: int | None = _f(None, "llmneo eval: few-shot examples for the lm-eval tasks (task default if null).")
     eval_limit: int | None = _f(None, "llmneo eval: evaluate at most this many documents per lm-eval task.")
-    sweep_metric: str = _f(
-        "perplexity", "llmneo sweep: the held-out metric that picks the best cell: perplexity or kl_to_teacher "
-        "(lower is better), top1_agreement (higher is better).")
+    sweep_metric: str = _f("perplexity", "llmneo sweep: the held-out metric that picks the best cell: perplexity or "
+        "kl_to_teacher (lower is better), top1_agreement (higher is better).")
     # --- pruning ------------------------------------------------------------------------------
-    keep_layers: str | None = _f(
-        None, "llmneo prune: comma-separated 0-based decoder layers to keep (e.g. 0,1,2,7).")
-    num_layers: int | None = _f(
-        None, "llmneo prune: target depth; the least influential blocks on `dataset` are removed.")
+    keep_layers: str | None = _f(None, "llmneo prune: comma-separated 0-based decoder layers to keep (e.g. 0,1,2,7).")
+    num_layers: int | None = _f(None, "llmneo prune: target depth; the least influential blocks on `dataset` are "
+        "removed.")
     # --- export -----------------------------------------------------------------------------
     export_dir: str | None = _f(None, "Where `llmneo export` writes the merged, plain HF model.")
 
@@ -355,10 +334,10 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
+        # A parse error says where and what went wrong; a reader error (a character YAML refuses) says neither.
+        mark, problem = (exc.problem_mark, exc.problem) if isinstance(exc, yaml.MarkedYAMLError) else (None, None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(exc, "problem", None) or "invalid YAML"
-        raise LlmneoError(f"YAML syntax error in {path}{where}: {problem}; fix the file") from None
+        raise LlmneoError(f"YAML syntax error in {path}{where}: {problem or 'invalid YAML'}; fix the file") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
