@@ -59,14 +59,15 @@ def one(variant: str, tokens: int, hidden: int, vocab: int, chunk: int, device: 
         from llmneo.loss.chunked import fused_loss
         from llmneo.loss.divergences import KDSettings
         from llmneo.loss.rows import DenseRows
+        from llmneo.loss.spec import LossSpec
 
         settings = KDSettings("fkl", temperature=1.0, beta=0.5, skew=0.1)
 
         def step():
             student_h.grad = None
             rows = DenseRows(teacher_h, lambda h: h @ teacher_w.T, vocab)
-            loss, _, _ = fused_loss(student_h, labels, lambda h: h @ student_w.T, [], rows, vocab_size=vocab,
-                                    kd_ratio=0.5, settings=settings, chunk_size=chunk)
+            loss, _, _ = fused_loss(student_h, labels, lambda h: h @ student_w.T, [], rows,
+                                    LossSpec(vocab, 0.5, settings, chunk))
             (loss / tokens).backward()
     elif variant == "liger":
         from liger_kernel.chunked_loss import LigerFusedLinearJSDLoss

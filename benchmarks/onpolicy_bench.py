@@ -241,6 +241,7 @@ def _steps(model, tokenizer, cfg, examples: list[dict], dev, dtype, repeats: int
     from llmneo.demo import tiny
     from llmneo.loss import rows
     from llmneo.loss.divergences import KDSettings
+    from llmneo.loss.spec import LossSpec
     from llmneo.models import generate as rollout
     from llmneo.teachers.aligner import IdentityAligner
     from llmneo.teachers.live import LiveTeacher
@@ -272,8 +273,8 @@ def _steps(model, tokenizer, cfg, examples: list[dict], dev, dtype, repeats: int
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-5)
     setup = SimpleNamespace(accelerator=Accelerator(cpu=dev.type == "cpu"), model=model, teacher=teacher, config=cfg,
-                            vocab_size=VOCAB, settings=KDSettings.from_config(cfg), aligner=IdentityAligner(),
-                            kd_ratio=0.5, steps_in_backward=False, guards_non_finite=True, params=params,
+                            loss_spec=LossSpec(VOCAB, 0.5, KDSettings.from_config(cfg), cfg.kd_chunk_size),
+                            aligner=IdentityAligner(), steps_in_backward=False, guards_non_finite=True, params=params,
                             optimizer=optimizer, scheduler=torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0),
                             progress=checkpoint.Progress(), out=Path(tempfile.gettempdir()), steps=None)
     model.train()

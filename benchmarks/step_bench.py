@@ -141,6 +141,7 @@ def one(arm: str, device: str, dtype_name: str, sizes: dict, repeats: int = 5) -
 
     from llmneo.config import schema
     from llmneo.data.labels import response_positions
+    from llmneo.loss.spec import LossSpec
     from llmneo.models import adapters, loading
     from llmneo.teachers import aligner as alignment
     from llmneo.teachers.live import LiveTeacher
@@ -185,10 +186,10 @@ def one(arm: str, device: str, dtype_name: str, sizes: dict, repeats: int = 5) -
         student_params = sum(p.numel() for p in student.parameters())
         model = adapters.apply(student, cfg)
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
-        kd_ratio = 0.5 if teacher is not None else 0.0
+        loss_spec = LossSpec.from_config(cfg, vocab, has_teacher=teacher is not None)  # kd_ratio 0.5 with one
 
         def step():
-            loop.accumulate(accelerator, model, teacher, [batch], cfg, vocab, kd_ratio, aligner=aligner)
+            loop.accumulate(accelerator, model, teacher, [batch], loss_spec, aligner=aligner)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
 
@@ -226,6 +227,7 @@ def chunk_costs(device: str, dtype_name: str, sizes: dict, repeats: int = 10, ch
     from llmneo.loss.chunked import fused_loss
     from llmneo.loss.divergences import KDSettings
     from llmneo.loss.rows import LogitRows
+    from llmneo.loss.spec import LossSpec
 
     dev, dtype = torch.device(device), getattr(torch, dtype_name)
     vocab, teacher_vocab = sizes["vocab"], sizes["teacher_vocab"]
@@ -262,8 +264,7 @@ def chunk_costs(device: str, dtype_name: str, sizes: dict, repeats: int = 10, ch
         for kind in ("fkl", "rkl"):  # fkl: the closed forms; rkl: autograd through the divergence, chunk by chunk
             def loss_step(teacher_rows=teacher_rows, settings=KDSettings(kind)):
                 piece = hidden.clone().requires_grad_(True)
-                total, _, _ = fused_loss(piece, targets, head, [], teacher_rows, vocab_size=vocab, kd_ratio=0.5,
-                                         settings=settings, chunk_size=chunk)
+                total, _, _ = fused_loss(piece, targets, head, [], teacher_rows, LossSpec(vocab, 0.5, settings, chunk))
                 total.backward()
 
             found.setdefault(name, {})[kind] = {"seconds": median_seconds(loss_step)}

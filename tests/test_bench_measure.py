@@ -74,6 +74,7 @@ def test_chunked_forward_kl_stays_within_the_documented_buffers_per_chunk():
     from llmneo.loss.chunked import fused_loss
     from llmneo.loss.divergences import KDSettings
     from llmneo.loss.rows import DenseRows
+    from llmneo.loss.spec import LossSpec
 
     torch.manual_seed(0)
     tokens, hidden_size, vocab, chunk = 512, 32, 4000, 64
@@ -87,8 +88,8 @@ def test_chunked_forward_kl_stays_within_the_documented_buffers_per_chunk():
     def step():
         hidden.grad = None
         rows = DenseRows(teacher_hidden, lambda h: h @ teacher_head.T, vocab)
-        loss, _, _ = fused_loss(hidden, labels, lambda h: h @ student_head.T, [], rows, vocab_size=vocab,
-                                kd_ratio=0.5, settings=settings, chunk_size=chunk)
+        loss, _, _ = fused_loss(hidden, labels, lambda h: h @ student_head.T, [], rows,
+                                LossSpec(vocab, 0.5, settings, chunk))
         loss.backward()
 
     peak = tensor_peak(step)["tensor_peak_bytes"]

@@ -74,9 +74,9 @@ def _response_logits(model, batch: dict, positions: torch.Tensor, vocab_size: in
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
         logits = logits[positions][:, :vocab_size]  # (N, V): padded vocab rows dropped
         return lambda rows: logits[rows]
-    hidden = heads.final_hidden_states(model, batch["input_ids"], batch["attention_mask"])[positions]  # (N, H)
-    head, _ = heads.output_head(model)
-    return lambda rows: head(hidden[rows])[:, :vocab_size]  # (C, V)
+    final = heads.final_states(model, batch, vocab_size)
+    hidden = final.hidden[positions]  # (N, H)
+    return lambda rows: final.logits(hidden[rows])  # (C, V)
 
 
 @contextlib.contextmanager

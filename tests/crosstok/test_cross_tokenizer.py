@@ -29,6 +29,7 @@ from llmneo.demo import tiny
 from llmneo.loss import divergences as losses
 from llmneo.loss.divergences import KDSettings
 from llmneo.loss.rows import SparseRows
+from llmneo.loss.spec import LossSpec
 from llmneo.models import adapters, loading
 from llmneo.teachers import aligner as alignment
 from llmneo.teachers.live import LiveTeacher
@@ -62,14 +63,13 @@ def test_one_tokenizer_forced_through_the_cross_path_equals_the_same_tokenizer_p
     assert torch.equal(vocab.student_ids, vocab.teacher_ids)  # every token shared with itself
     model = adapters.apply(loaded.student, cfg)
     teacher = LiveTeacher(loaded.teacher, len(loaded.tokenizer))
-    settings = KDSettings.from_config(cfg)
+    loss_spec = LossSpec(loaded.vocab_size, 0.5, KDSettings.from_config(cfg), cfg.kd_chunk_size)
     aligner = alignment.choose(vocab)
-    crossed = loop.micro_batch_sums(model, teacher, batch, cfg, loaded.vocab_size, 0.5, settings=settings,
-                                     aligner=aligner)
+    crossed = loop.micro_batch_sums(model, teacher, batch, loss_spec, aligner=aligner)
     crossed[0].backward()
     crossed_grads = _grads(model)
     assert aligner.take_counts() == (crossed[3], crossed[3])  # every response position aligned
-    same = loop.micro_batch_sums(model, teacher, batch, cfg, loaded.vocab_size, 0.5, settings=settings)
+    same = loop.micro_batch_sums(model, teacher, batch, loss_spec)
     same[0].backward()
     same_grads = _grads(model)
     for a, b in zip(crossed[:3], same[:3]):

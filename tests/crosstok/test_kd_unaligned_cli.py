@@ -18,7 +18,7 @@ from llmneo import cli
 from llmneo.config import schema
 from llmneo.crosstok import offsets as crosstok
 from llmneo.data import dataset
-from llmneo.loss.divergences import KDSettings
+from llmneo.loss.spec import LossSpec
 from llmneo.models import adapters, loading
 from llmneo.teachers import aligner as alignment
 from llmneo.teachers.live import LiveTeacher
@@ -45,8 +45,8 @@ def first_kd_by_the_function(values: dict) -> float:
     teacher = LiveTeacher(loaded.teacher, len(loaded.teacher_tokenizer))
     aligner = alignment.choose(vocab, unaligned=cfg.kd_unaligned)
     with torch.no_grad():
-        _, _, kd, count = loop.micro_batch_sums(adapters.apply(loaded.student, cfg), teacher, batch, cfg,
-                                                loaded.vocab_size, cfg.kd_ratio, settings=KDSettings.from_config(cfg),
+        _, _, kd, count = loop.micro_batch_sums(adapters.apply(loaded.student, cfg), teacher, batch,
+                                                LossSpec.from_config(cfg, loaded.vocab_size, has_teacher=True),
                                                 aligner=aligner)
     aligned, positions = aligner.take_counts()
     assert 0 < aligned < positions  # some positions are unaligned: the setting has something to change

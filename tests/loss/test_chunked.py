@@ -11,6 +11,7 @@ from llmneo.data.labels import response_positions
 from llmneo.demo import tiny
 from llmneo.loss import divergences
 from llmneo.loss.rows import SparseRows
+from llmneo.loss.spec import LossSpec
 from llmneo.models import adapters, heads, loading
 from llmneo.teachers.live import LiveTeacher
 from llmneo.teachers.signal import TeacherSignal
@@ -35,7 +36,9 @@ def _setup(base_overrides, **extra):
 
 def _loss_and_grads(model, teacher, batch, cfg, vocab, kd_ratio=0.5):
     model.zero_grad(set_to_none=True)
-    loss, ce, kd, n = loop.micro_batch_sums(model, teacher, batch, cfg, vocab, kd_ratio)
+    settings = divergences.KDSettings.from_config(cfg) if teacher is not None else divergences.KDSettings()
+    loss, ce, kd, n = loop.micro_batch_sums(model, teacher, batch,
+                                            LossSpec(vocab, kd_ratio, settings, cfg.kd_chunk_size))
     (loss / n).backward()
     grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.requires_grad}
     return float(loss), float(ce), None if kd is None else float(kd), grads

@@ -15,6 +15,7 @@ from llmneo.loss import divergences as losses
 from llmneo.loss.chunked import fused_loss, kd_values
 from llmneo.loss.divergences import KDSettings
 from llmneo.loss.rows import DenseRows, LogitRows, SparseRows
+from llmneo.loss.spec import LossSpec
 
 N, H, V, PAD = 9, 8, 13, 3  # 9 positions in chunks of 4, 4, 1; V real tokens and PAD padded vocab rows
 KD_RATIO = 0.5
@@ -58,8 +59,8 @@ def _teacher(masked: list[int], rows: str):
 def _fused(head, hidden, targets, teacher_rows, settings):
     hidden = hidden.clone().requires_grad_(True)
     head.zero_grad(set_to_none=True)
-    total, ce, kd = fused_loss(hidden, targets, head, list(head.parameters()), teacher_rows, vocab_size=V,
-                               kd_ratio=KD_RATIO, settings=KDSettings(**settings), chunk_size=4)
+    total, ce, kd = fused_loss(hidden, targets, head, list(head.parameters()), teacher_rows,
+                               LossSpec(V, KD_RATIO, KDSettings(**settings), chunk_size=4))
     total.backward()
     return total.detach(), kd, hidden.grad, head.linear.weight.grad
 
@@ -171,7 +172,7 @@ def test_fused_loss_refuses_a_bad_temperature(kind, temperature, rows):
     for n in (N, 0):  # with no response position too: the settings are wrong whatever the batch
         with pytest.raises(LlmneoError, match="temperature must be a finite number > 0"):
             fused_loss(torch.randn(n, H), torch.zeros(n, dtype=torch.long), head, list(head.parameters()),
-                       teacher_rows if n else teacher_rows[0:0], vocab_size=V, kd_ratio=KD_RATIO, settings=KDSettings(**settings), chunk_size=4)
+                       teacher_rows if n else teacher_rows[0:0], LossSpec(V, KD_RATIO, KDSettings(**settings), 4))
 
 
 # --- B3: a teacher over another vocabulary ----------------------------------------------------------------------
@@ -205,7 +206,7 @@ def test_teacher_over_another_vocabulary_is_refused(kind, case):
     match = "top-k ids span" if case.startswith("sparse") else f"vocabulary columns but the student's vocabulary has {V}"
     with pytest.raises(LlmneoError, match=match):
         fused_loss(torch.randn(N, H), torch.zeros(N, dtype=torch.long), head, list(head.parameters()), rows,
-                   vocab_size=V, kd_ratio=KD_RATIO, settings=KDSettings(**settings), chunk_size=4)
+                   LossSpec(V, KD_RATIO, KDSettings(**settings), chunk_size=4))
     with pytest.raises(LlmneoError, match=match):  # the unfused reference path (kd_chunk_size: 0) too
         kd_values(head(torch.randn(N, H))[:, :V], rows[0:N], KDSettings(**settings))
 
@@ -217,8 +218,8 @@ def test_dense_rows_whose_head_is_as_wide_as_the_student_fit():
     head, teacher_head = torch.nn.Linear(H, V, bias=False), torch.nn.Linear(H, V, bias=False)
     settings = {"kind": "fkl", "temperature": 1.0, "beta": 0.5, "skew": 0.1}
     _, _, kd = fused_loss(hidden, torch.zeros(N, dtype=torch.long), head, list(head.parameters()),
-                          DenseRows(teacher_hidden, teacher_head, V + 5), vocab_size=V, kd_ratio=KD_RATIO,
-                          settings=KDSettings(**settings), chunk_size=4)
+                          DenseRows(teacher_hidden, teacher_head, V + 5),
+                          LossSpec(V, KD_RATIO, KDSettings(**settings), chunk_size=4))
     with torch.no_grad():
         want = losses.divergence(head(hidden), teacher_head(teacher_hidden)) * N
     torch.testing.assert_close(kd, want, rtol=1e-5, atol=1e-5)
@@ -233,7 +234,7 @@ def test_no_response_position_gives_an_attached_zero(kind, rows):
     settings = {"kind": kind, "temperature": 2.0, "beta": 0.3, "skew": 0.2}
     hidden = torch.randn(0, H, requires_grad=True)
     total, ce, kd = fused_loss(hidden, torch.zeros(0, dtype=torch.long), head, list(head.parameters()),
-                               teacher_rows[0:0], vocab_size=V, kd_ratio=KD_RATIO, settings=KDSettings(**settings), chunk_size=4)
+                               teacher_rows[0:0], LossSpec(V, KD_RATIO, KDSettings(**settings), chunk_size=4))
     assert float(total.detach()) == 0.0 and float(ce) == 0.0 and float(kd) == 0.0
     total.backward()
     assert hidden.grad is not None and hidden.grad.shape == (0, H)

@@ -19,6 +19,7 @@ from llmneo.loss import divergences as losses
 from llmneo.loss.chunked import fused_loss
 from llmneo.loss.divergences import KDSettings
 from llmneo.loss.rows import DenseRows, LogitRows
+from llmneo.loss.spec import LossSpec
 
 N, H, V = 9, 8, 11
 
@@ -57,8 +58,8 @@ def test_a_new_row_type_plugs_into_the_fused_loss():
     settings = KDSettings("jsd", temperature=1.5, beta=0.3)
     rows = MixedRows(LogitRows(first), LogitRows(second), 0.25)
     leaf = hidden.clone().requires_grad_(True)
-    total, ce, kd = fused_loss(leaf, targets, head, list(head.parameters()), rows, vocab_size=V, kd_ratio=0.4,
-                               settings=settings, chunk_size=4)
+    total, ce, kd = fused_loss(leaf, targets, head, list(head.parameters()), rows,
+                               LossSpec(V, 0.4, settings, chunk_size=4))
     total.backward()
     want_leaf = hidden.clone().requires_grad_(True)
     student = head(want_leaf)

@@ -11,6 +11,8 @@ import torch
 
 from llmneo.config import schema
 from llmneo.data import dataset
+from llmneo.loss.divergences import KDSettings
+from llmneo.loss.spec import LossSpec
 from llmneo.models import adapters, loading
 from llmneo.teachers import aligner as alignment
 from llmneo.teachers.live import LiveTeacher
@@ -76,11 +78,11 @@ def test_non_finite_loss_stops_before_a_backward_that_would_update(base_override
     model = adapters.apply(loaded.student, cfg)
     batch = dataset.collate(dataset.build(cfg, loaded.tokenizer).train[:2], loaded.tokenizer.pad_token_id)
     teacher = LiveTeacher(loaded.teacher, loaded.vocab_size)
+    loss_spec = LossSpec(loaded.vocab_size, 0.5, KDSettings.from_config(cfg), cfg.kd_chunk_size)
     with pytest.raises(loop.NonFiniteLoss) as caught:
-        loop.accumulate(Accelerator(cpu=True), model, teacher, [batch], cfg, loaded.vocab_size, 0.5,
-                         check_before_boundary=True)
+        loop.accumulate(Accelerator(cpu=True), model, teacher, [batch], loss_spec, check_before_boundary=True)
     assert math.isnan(caught.value.loss)
     assert all(p.grad is None for p in model.parameters() if p.requires_grad)
     # without the engine's in-backward update (DDP, single process) the guard runs after clipping instead
-    loop.accumulate(Accelerator(cpu=True), model, teacher, [batch], cfg, loaded.vocab_size, 0.5)
+    loop.accumulate(Accelerator(cpu=True), model, teacher, [batch], loss_spec)
     assert any(p.grad is not None for p in model.parameters() if p.requires_grad)

@@ -60,8 +60,7 @@ def test_the_short_steps_loss_is_the_mean_over_its_own_tokens(fifty):
         short = setup.steps.next_step()
         assert len(short.micro) == 9
         with torch.no_grad():  # the step's loss by hand: its sums over its own response tokens
-            sums = [loop.micro_batch_sums(setup.model, setup.teacher, batch, setup.config, setup.vocab_size,
-                                           setup.kd_ratio, settings=setup.settings) for batch in short.micro]
+            sums = [loop.micro_batch_sums(setup.model, setup.teacher, batch, setup.loss_spec) for batch in short.micro]
         tokens = sum(n for *_, n in sums)
         assert tokens == sum(int((b["labels"][:, 1:] != -100).sum()) for b in short.micro)
         ce, kd = sum(float(s[1]) for s in sums) / tokens, sum(float(s[2]) for s in sums) / tokens

@@ -27,6 +27,7 @@ from llmneo.data.templates import IGNORE_INDEX
 from llmneo.loss import divergences
 from llmneo.loss.chunked import fused_loss
 from llmneo.loss.rows import SampledRows
+from llmneo.loss.spec import LossSpec
 from llmneo.models import generate as rollout
 from llmneo.train import setup as training_setup
 from llmneo.train import steps as step_source
@@ -157,8 +158,8 @@ def test_sampled_rkl_mean_gradient_approaches_the_exact_reverse_kl_gradient():
     weight = torch.randn(vocab, vocab, generator=generator, dtype=torch.float64)
     head = lambda h: h @ weight.T  # noqa: E731
     rows = SampledRows(samples[:50], teacher_logprobs[:50])
-    loss, _, kd = fused_loss(hidden, samples[:50], head, [], rows, vocab_size=vocab, kd_ratio=1.0,
-                             settings=divergences.KDSettings("sampled_rkl"), chunk_size=7)
+    loss, _, kd = fused_loss(hidden, samples[:50], head, [], rows,
+                             LossSpec(vocab, 1.0, divergences.KDSettings("sampled_rkl"), chunk_size=7))
     loss.backward()
     direct_h = hidden.detach().clone().requires_grad_(True)
     direct = divergences.sampled_reverse_kl(head(direct_h), samples[:50], teacher_logprobs[:50]).sum()

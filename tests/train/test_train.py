@@ -14,6 +14,8 @@ from llmneo import cli
 from llmneo.config import schema
 from llmneo.data import dataset
 from llmneo.data.labels import response_positions
+from llmneo.loss.divergences import KDSettings
+from llmneo.loss.spec import LossSpec
 from llmneo.models import loading
 from llmneo.teachers.live import LiveTeacher
 from llmneo.train import loop
@@ -97,7 +99,8 @@ def _step_grads(cfg, micro: list[dict], loaded, teacher) -> dict[str, torch.Tens
         for name, p in model.named_parameters():
             if "lora_B" in name:
                 p.copy_(torch.randn_like(p) * 0.1)
-    loop.accumulate(Accelerator(cpu=True), model, teacher, micro, cfg, loaded.vocab_size, cfg.kd_ratio)
+    loop.accumulate(Accelerator(cpu=True), model, teacher, micro,
+                    LossSpec.from_config(cfg, loaded.vocab_size, has_teacher=teacher is not None))
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
@@ -159,7 +162,8 @@ def test_padded_vocab_teacher_scores_real_tokens_only(base_overrides, tokenizer)
     # Over the full padded width the padding rows would take most of the teacher's mass at some positions ...
     assert float(torch.softmax(full[positions].double(), -1)[:, len(tokenizer):].sum(-1).max()) > 0.5
     # ... so the loss must equal KL(p_T || p_S) and CE computed by hand over the real vocabulary only.
-    _, ce, kd, n = loop.micro_batch_sums(loaded.student, teacher, batch, cfg, loaded.vocab_size, 0.5)
+    loss_spec = LossSpec(loaded.vocab_size, 0.5, KDSettings.from_config(cfg), cfg.kd_chunk_size)
+    _, ce, kd, n = loop.micro_batch_sums(loaded.student, teacher, batch, loss_spec)
     student = loaded.student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     log_q = torch.log_softmax(student[positions].double(), -1)  # (N, V): the student has no padding rows
     log_p = torch.log_softmax(full[positions][:, :len(tokenizer)].double(), -1)

@@ -4,6 +4,9 @@ The chunked loss never materialises [B, T, V] logits. It takes the decoder's fin
 keeps the response positions, and projects them chunk by chunk through the model's *own* head:
 the `lm_head` module itself (so a LoRA adapter on it trains), then whatever the architecture applies
 after it in `forward`: Cohere's `logit_scale`, Gemma 2/3's final logit soft-capping.
+
+`final_states` is the one place that goes from a batch to the final hidden states, the model's own head and the
+real vocabulary: the student's loss, a live teacher, held-out evaluation and the cache writer all start there.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from __future__ import annotations
 import functools
 import inspect
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
@@ -85,3 +89,25 @@ def final_hidden_states(model: torch.nn.Module, input_ids: torch.Tensor, attenti
     finally:
         handle.remove()
     return captured["hidden"]
+
+
+@dataclass(frozen=True)
+class FinalStates:
+    """A model's final hidden states for one batch and its own head, which makes logits from them on demand."""
+
+    hidden: torch.Tensor  # (B, T, H): what enters the head
+    head: Callable[[torch.Tensor], torch.Tensor]  # hidden (N, H) → logits (N, V_padded), as `output_head`
+    head_params: list[torch.nn.Parameter]  # the head's trainable parameters (a LoRA on lm_head)
+    vocab_size: int  # the real vocabulary: a padded head's extra rows are dropped
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Hidden states (N, H) taken from `self.hidden` → logits (N, V) over the real vocabulary."""
+        return self.head(hidden)[:, :self.vocab_size]
+
+
+def final_states(model: torch.nn.Module, batch: dict, vocab_size: int) -> FinalStates:
+    """One forward of `batch` (input_ids, attention_mask) to the final hidden states, with the model's own head and
+    the real vocabulary it is cut to. Callers keep the positions they score and project those only."""
+    head, head_params = output_head(model)
+    return FinalStates(final_hidden_states(model, batch["input_ids"], batch["attention_mask"]), head, head_params,
+                       vocab_size)

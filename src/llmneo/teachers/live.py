@@ -33,6 +33,5 @@ class LiveTeacher(TeacherSignal):
             logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                                 use_cache=False).logits
             return LogitRows(logits[positions][:, : self.vocab_size])
-        hidden = heads.final_hidden_states(self.model, batch["input_ids"], batch["attention_mask"])
-        head, _ = heads.output_head(self.model)
-        return DenseRows(hidden[positions], head, self.vocab_size)
+        final = heads.final_states(self.model, batch, self.vocab_size)
+        return DenseRows(final.hidden[positions], final.head, final.vocab_size)

@@ -28,8 +28,9 @@ from llmneo import plot, run_dir
 from llmneo.config.schema import Config
 from llmneo.data.labels import response_count, response_positions, targets_at
 from llmneo.errors import LlmneoError
-from llmneo.loss.chunked import fused_loss, kd_values
-from llmneo.loss.divergences import SAMPLED_KINDS, KDSettings, token_cross_entropy
+from llmneo.loss.chunked import fused_loss, unfused_loss
+from llmneo.loss.divergences import SAMPLED_KINDS
+from llmneo.loss.spec import LossSpec
 from llmneo.models import adapters, engines, heads
 from llmneo.teachers.aligner import IdentityAligner
 from llmneo.teachers.signal import Group, sub_batch
@@ -111,19 +112,17 @@ def optimizer_step(setup: TrainingSetup, step: int) -> dict:
     clipping, the non-finite guard, the update. Returns the step's loss, ce, kd and grad_norm."""
     accelerator = setup.accelerator
     batches = setup.steps.next_step()
-    # On the student's own replies there are no labels to learn: the step's loss is the KD term alone (GKD).
-    kd_ratio = 1.0 if batches.on_policy else setup.kd_ratio
+    loss_spec = setup.loss_spec.kd_only() if batches.on_policy else setup.loss_spec  # GKD on the student's replies
     try:
         ce_sum, kd_sum, seen, n_global = accumulate(
-            accelerator, setup.model, setup.teacher, batches.micro, setup.config, setup.vocab_size,
-            kd_ratio, settings=setup.settings, aligner=setup.aligner,
+            accelerator, setup.model, setup.teacher, batches.micro, loss_spec, aligner=setup.aligner,
             check_before_boundary=setup.steps_in_backward and setup.guards_non_finite)
     except NonFiniteLoss as exc:
         raise _non_finite(setup, step, exc.loss, float("nan")) from None
     norm = accelerator.clip_grad_norm_(setup.params, setup.config.max_grad_norm or float("inf"))
     grad_norm = float(norm) if norm is not None else float("nan")  # DeepSpeed clips inside its engine
     totals = accelerator.reduce(torch.stack([ce_sum, kd_sum, seen.float()]), "sum")
-    step_ce, step_kd, step_loss = step_losses(totals, n_global, kd_ratio, setup.teacher is not None)
+    step_ce, step_kd, step_loss = step_losses(totals, n_global, loss_spec.kd_ratio, setup.teacher is not None)
     finite = math.isfinite(step_loss) and (norm is None or math.isfinite(grad_norm))
     if not finite and setup.guards_non_finite:
         raise _non_finite(setup, step, step_loss, grad_norm)
@@ -181,33 +180,27 @@ def _non_finite(setup: TrainingSetup, step: int, loss: float, grad_norm: float) 
                        + (f"; the last good checkpoint is {kept[-1][1]}" if kept else ""))
 
 
-def micro_batch_sums(model, teacher, batch: dict, config: Config, vocab_size: int, kd_ratio: float, *,
-                     settings: KDSettings | None = None, aligner=None):
+def micro_batch_sums(model, teacher, batch: dict, loss_spec: LossSpec, *, aligner=None):
     """(loss_sum, ce_sum, kd_sum | None, n_tokens) for one micro-batch; loss_sum carries the gradient.
 
-    With kd_chunk_size > 0 (the default) the fused chunked loss projects only the response positions,
-    chunk by chunk; with 0, full logits are materialised (the reference path, kept for checking).
-    `settings` default to the config's; `aligner` to the identity. A routed teacher (several teachers,
+    With a chunk size > 0 (kd_chunk_size, the default) the fused chunked loss projects only the response
+    positions through the student's head, chunk by chunk; with 0, full logits are materialised (the reference
+    path, kept for checking). `aligner` defaults to the identity. A routed teacher (several teachers,
     teacher_column) splits the positions by row: one student forward, then the loss once per teacher.
     """
-    settings = settings or (KDSettings.from_config(config) if teacher is not None else KDSettings())
     positions, targets = response_positions(batch["labels"])
-    if config.kd_chunk_size > 0:
-        final = heads.final_hidden_states(model, batch["input_ids"], batch["attention_mask"])  # (B, T, H)
-        head, head_params = heads.output_head(model)
-
-        def part(chosen, chosen_targets, rows):
-            return fused_loss(final[chosen], chosen_targets, head, head_params, rows,
-                              vocab_size=vocab_size, kd_ratio=kd_ratio, settings=settings,
-                              chunk_size=config.kd_chunk_size)
+    fused = loss_spec.chunk_size > 0
+    if fused:
+        final = heads.final_states(model, batch, loss_spec.vocab_size)
     else:
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
 
-        def part(chosen, chosen_targets, rows):
-            student = logits[chosen][:, :vocab_size]  # (N, V): padded vocab rows dropped
-            ce = token_cross_entropy(student, chosen_targets).sum()
-            kd = None if rows is None else kd_values(student, rows, settings).sum()
-            return combine(ce, kd, kd_ratio), ce, kd
+    def part(chosen, chosen_targets, rows):
+        """(loss_sum, ce_sum, kd_sum | None) at the `chosen` positions (bool [B, T]), against their teacher rows."""
+        if fused:
+            return fused_loss(final.hidden[chosen], chosen_targets, final.head, final.head_params, rows, loss_spec)
+        student = logits[chosen][:, :loss_spec.vocab_size]  # (N, V): padded vocab rows dropped
+        return unfused_loss(student, chosen_targets, rows, loss_spec)
 
     loss = ce = kd = None
     for group in (teacher.groups(batch) if teacher is not None else [Group(None)]):
@@ -220,7 +213,7 @@ def micro_batch_sums(model, teacher, batch: dict, config: Config, vocab_size: in
         rows = None
         if group.signal is not None:
             rows = (aligner or IdentityAligner()).rows(group.signal, sub, sub_positions)
-            if settings.kind in SAMPLED_KINDS:  # the teacher's log-prob of each sampled token is all it needs
+            if loss_spec.settings.kind in SAMPLED_KINDS:  # the teacher's log-prob of each sampled token is all it needs
                 rows = rows.sampled(chosen_targets)
         part_loss, part_ce, part_kd = part(chosen, chosen_targets, rows)
         if teacher is not None:  # several teachers note each one's KD sum; a lone one keeps none
@@ -231,12 +224,8 @@ def micro_batch_sums(model, teacher, batch: dict, config: Config, vocab_size: in
     return loss, ce, kd, targets.numel()
 
 
-def combine(ce: torch.Tensor, kd: torch.Tensor | None, kd_ratio: float) -> torch.Tensor:
-    return ce if kd is None else (1.0 - kd_ratio) * ce + kd_ratio * kd
-
-
-def accumulate(accelerator, model, teacher, micro: list[dict], config: Config, vocab_size: int, kd_ratio: float, *,
-               settings: KDSettings | None = None, aligner=None, check_before_boundary: bool = False):
+def accumulate(accelerator, model, teacher, micro: list[dict], loss_spec: LossSpec, *, aligner=None,
+               check_before_boundary: bool = False):
     """Forward and backward over one optimizer step's micro-batches; gradients are left in `.grad`.
 
     Returns the step's local (ce_sum, kd_sum, non-pad tokens) and the global response-token count.
@@ -258,13 +247,12 @@ def accumulate(accelerator, model, teacher, micro: list[dict], config: Config, v
         if deepspeed:  # accelerate's DeepSpeed backward steps the engine unless told this is not a boundary
             accelerator.gradient_state._set_sync_gradients(sync)
         with contextlib.nullcontext() if sync else accelerator.no_sync(model):
-            loss, ce, kd, _ = micro_batch_sums(model, teacher, batch, config, vocab_size, kd_ratio,
-                                               settings=settings, aligner=aligner)
+            loss, ce, kd, _ = micro_batch_sums(model, teacher, batch, loss_spec, aligner=aligner)
             ce_sum += ce.detach()
             kd_sum += kd.detach() if kd is not None else 0.0
             if sync and check_before_boundary:
                 totals = accelerator.reduce(torch.stack([ce_sum, kd_sum]), "sum")
-                step_loss = step_losses(totals, n_global, kd_ratio, kd is not None)[2]
+                step_loss = step_losses(totals, n_global, loss_spec.kd_ratio, kd is not None)[2]
                 if not math.isfinite(step_loss):
                     raise NonFiniteLoss(step_loss)
             accelerator.backward(loss * scale)

@@ -33,7 +33,7 @@ from llmneo.config.schema import SAVED_CONFIG, Config, input_paths, report_to, t
 from llmneo.crosstok import offsets
 from llmneo.data import dataset, templates
 from llmneo.errors import LlmneoError
-from llmneo.loss.divergences import KDSettings
+from llmneo.loss.spec import LossSpec
 from llmneo.models import adapters, engines, generate, loading
 from llmneo.teachers import aligner as alignment
 from llmneo.teachers import choose as teacher
@@ -67,8 +67,7 @@ class TrainingSetup:
     steps: step_source.StepSource
     teacher: TeacherSignal | None  # teacher.choose's: live, cache, served, mixture, routed, or None (CE alone)
     aligner: alignment.Aligner
-    settings: KDSettings
-    kd_ratio: float  # 0 without a teacher signal
+    loss_spec: LossSpec  # the student's vocabulary, kd_ratio (0 without a teacher signal), KD settings, chunk size
     params: list  # what the optimizer trains, for clipping
     output: run_dir.Output  # output_dir as checked, with the earlier results this run replaces when it claims it
     recorded: str = ""  # llmneo_config.yaml: the config as given, local paths absolute
@@ -90,6 +89,11 @@ class TrainingSetup:
     @property
     def vocab_size(self) -> int:
         return self.loaded.vocab_size
+
+    @property
+    def kd_ratio(self) -> float:
+        """The run's KD weight, 0 without a teacher signal (an on-policy step's loss is KD alone: LossSpec.kd_only)."""
+        return self.loss_spec.kd_ratio
 
     @property
     def guards_non_finite(self) -> bool:
@@ -194,8 +198,7 @@ def prepare(config: Config) -> TrainingSetup:
                                  stop_ids=stop_ids, retokenizer=retokenizer),
         teacher=signal,
         aligner=alignment.choose(crossing.vocab if crossing else None, accelerator.device, config.kd_unaligned),
-        settings=KDSettings.from_config(config) if signal is not None else KDSettings(),
-        kd_ratio=config.kd_ratio if signal is not None else 0.0,
+        loss_spec=LossSpec.from_config(config, loaded.vocab_size, has_teacher=signal is not None),
         params=[p for p in model.parameters() if p.requires_grad], output=output, recorded=recorded,
         initial_adapter=initial_adapter)
     tracking.start(accelerator, config, resumed_step=progress.step)
