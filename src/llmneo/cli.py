@@ -9,6 +9,7 @@ import argparse
 import os
 import sys
 import warnings
+from typing import Callable, NamedTuple
 
 from llmneo.config import reference
 from llmneo.config import schema as config_mod
@@ -16,19 +17,6 @@ from llmneo.errors import LlmneoError
 from llmneo.models import trained_run
 from llmneo.process import is_main_process
 from llmneo.train.preemption import Preempted
-
-# name -> (summary, whether it needs settings: a YAML file and/or key=value; both work alone)
-COMMANDS = {
-    "train": ("Train a student (Neo, KD, LoRA or SFT, chosen by the config).", True),
-    "export": ("Merge a LoRA adapter into its base model and save a plain HF model.", False),
-    "eval": ("Perplexity, KL to a teacher and top-1 agreement on a dataset; lm-eval tasks.", False),
-    "prune": ("Derive a shallower student from a model by depth pruning (block influence).", False),
-    "cache": ("Run the teacher once over the training data and cache its top-k log-probs. `llmneo cache "
-              "export|import axolotl [CONFIG.yaml] FILE [key=value ...]` converts teacher_cache to or from "
-              "axolotl's KD dataset (.jsonl or .parquet).", True),
-    "sweep": ("Train and score a grid of settings (key=v1,v2 ...), one run per cell; sweep.csv + heatmap.", True),
-    "demo": ("The four-arm comparison (SFT, LoRA, KD, Neo) on a toy world, on CPU, in minutes.", False),
-}
 
 _EPILOG = """\
 Every config key can be set in the YAML file or as key=value after it (later wins).
@@ -47,9 +35,9 @@ def _parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name, (summary, _) in COMMANDS.items():
-        cmd = sub.add_parser(name, help=summary, description=summary, epilog=_EPILOG.format(keys=keys),
-                             formatter_class=argparse.RawDescriptionHelpFormatter)
+    for name, command in COMMANDS.items():
+        cmd = sub.add_parser(name, help=command.summary, description=command.summary,
+                             epilog=_EPILOG.format(keys=keys), formatter_class=argparse.RawDescriptionHelpFormatter)
         cmd.add_argument("args", nargs="*", metavar="CONFIG.yaml | key=value",
                          help="a YAML config file (first) and/or key=value settings")
     return parser
@@ -108,60 +96,75 @@ def _quiet_libraries() -> None:
     hf_logging.disable_progress_bar()
 
 
-def dispatch(command: str, args: list[str]) -> int:
-    if command == "cache" and args and args[0] in CACHE_CONVERSIONS:
-        return _convert_cache(args[0], args[1:])
-    path, overrides = _split(args)
-    if COMMANDS[command][1] and not args:
-        raise LlmneoError(f"llmneo {command} needs a config: a YAML file and/or key=value settings, e.g. llmneo "
-                          f"{command} config.yaml, or llmneo {command} model_name_or_path=... dataset=... output_dir=...")
-    if command == "demo":
-        from llmneo.demo import runner as demo
+# Each command is one function of (config file, key=value overrides) -> exit code, named in COMMANDS below. It
+# imports what it runs (and with it torch) inside, after loading its config (sweep and demo load theirs), so
+# `llmneo --help` and a config error never load torch.
+def _train(path: str | None, overrides: list[str]) -> int:
+    cfg = config_mod.load(path, overrides)
+    from llmneo.train import loop
 
-        demo.run(path, overrides)
-        return 0
-    if command == "sweep":
-        from llmneo.sweep import grid
+    results = loop.run(cfg)
+    if is_main_process():
+        final = results["final_loss"]
+        shown = "n/a" if final is None else f"{final:.4f}"
+        print(f"llmneo: trained {results['method']} in {results['train_runtime']:.1f}s, "
+              f"final loss {shown}; results in {cfg.output_dir}")
+    return 0
 
-        return grid.run(path, overrides)
-    # eval and export of a trained output_dir default to its saved keys (trained_run.py: template, cutoff_len, ...;
-    # eval also the run's held-out split when no dataset is given)
-    if command in trained_run.COMMANDS:
-        cfg = trained_run.load(path, overrides, command)
-    else:
-        cfg = config_mod.load(path, overrides)
-    if command == "train":
-        from llmneo.train import loop
 
-        results = loop.run(cfg)
-        if is_main_process():
-            final = results["final_loss"]
-            shown = "n/a" if final is None else f"{final:.4f}"
-            print(f"llmneo: trained {results['method']} in {results['train_runtime']:.1f}s, "
-                  f"final loss {shown}; results in {cfg.output_dir}")
-    elif command == "export":
-        from llmneo.models import export
+# eval and export of a trained output_dir default to its saved keys (trained_run.py: template, cutoff_len, ...;
+# eval also the run's held-out split when no dataset is given)
+def _export(path: str | None, overrides: list[str]) -> int:
+    cfg = trained_run.load(path, overrides, "export")
+    from llmneo.models import export
 
-        out = export.run(cfg)
-        print(f"llmneo: merged model written to {out}")
-    elif command == "cache":
-        from llmneo.cache import write as cache
+    out = export.run(cfg)
+    print(f"llmneo: merged model written to {out}")
+    return 0
 
-        done = cache.write(cfg)
-        print(f"llmneo: cached top-{done['k']} teacher log-probs for {done['tokens']:,} response tokens of "
-              f"{done['examples']} examples in {done['dir']} ({done['bytes_per_token']:.0f} bytes per token)"
-              + (f"; {done['aligned_fraction']:.1%} of them aligned to a teacher span" if "aligned_fraction" in done
-                 else ""))
-    elif command == "eval":
-        from llmneo import evaluate
 
-        print(evaluate.summary(evaluate.run(cfg)))
-    elif command == "prune":
-        from llmneo.models import prune
+def _eval(path: str | None, overrides: list[str]) -> int:
+    cfg = trained_run.load(path, overrides, "eval")
+    from llmneo import evaluate
 
-        done = prune.run(cfg)
-        print(f"llmneo: kept layers {done['kept_layers']} of {done['original_num_layers']} "
-              f"({done['params']:,} parameters); pruned model written to {cfg.output_dir}")
+    print(evaluate.summary(evaluate.run(cfg)))
+    return 0
+
+
+def _prune(path: str | None, overrides: list[str]) -> int:
+    cfg = config_mod.load(path, overrides)
+    from llmneo.models import prune
+
+    done = prune.run(cfg)
+    print(f"llmneo: kept layers {done['kept_layers']} of {done['original_num_layers']} "
+          f"({done['params']:,} parameters); pruned model written to {cfg.output_dir}")
+    return 0
+
+
+def _cache(path: str | None, overrides: list[str]) -> int:
+    if path in CACHE_CONVERSIONS:  # `llmneo cache export|import ...`: the first word is the verb, not a config file
+        return _convert_cache(path, overrides)
+    cfg = config_mod.load(path, overrides)
+    from llmneo.cache import write as cache
+
+    done = cache.write(cfg)
+    print(f"llmneo: cached top-{done['k']} teacher log-probs for {done['tokens']:,} response tokens of "
+          f"{done['examples']} examples in {done['dir']} ({done['bytes_per_token']:.0f} bytes per token)"
+          + (f"; {done['aligned_fraction']:.1%} of them aligned to a teacher span" if "aligned_fraction" in done
+             else ""))
+    return 0
+
+
+def _sweep(path: str | None, overrides: list[str]) -> int:
+    from llmneo.sweep import grid
+
+    return grid.run(path, overrides)
+
+
+def _demo(path: str | None, overrides: list[str]) -> int:
+    from llmneo.demo import runner as demo
+
+    demo.run(path, overrides)
     return 0
 
 
@@ -197,6 +200,34 @@ def _convert_cache(verb: str, args: list[str]) -> int:
               f"{done['examples']} examples from {file} into {done['dir']} ({done['bytes_per_token']:.0f} bytes "
               f"per token; tail mass 0, as axolotl keeps none)")
     return 0
+
+
+class Command(NamedTuple):
+    summary: str
+    needs_settings: bool  # a YAML file and/or key=value (both work alone)
+    run: Callable[[str | None, list[str]], int]  # (config file, overrides) -> exit code
+
+
+COMMANDS = {
+    "train": Command("Train a student (Neo, KD, LoRA or SFT, chosen by the config).", True, _train),
+    "export": Command("Merge a LoRA adapter into its base model and save a plain HF model.", False, _export),
+    "eval": Command("Perplexity, KL to a teacher and top-1 agreement on a dataset; lm-eval tasks.", False, _eval),
+    "prune": Command("Derive a shallower student from a model by depth pruning (block influence).", False, _prune),
+    "cache": Command("Run the teacher once over the training data and cache its top-k log-probs. `llmneo cache "
+                     "export|import axolotl [CONFIG.yaml] FILE [key=value ...]` converts teacher_cache to or from "
+                     "axolotl's KD dataset (.jsonl or .parquet).", True, _cache),
+    "sweep": Command("Train and score a grid of settings (key=v1,v2 ...), one run per cell; sweep.csv + heatmap.",
+                     True, _sweep),
+    "demo": Command("The four-arm comparison (SFT, LoRA, KD, Neo) on a toy world, on CPU, in minutes.", False, _demo),
+}
+
+
+def dispatch(command: str, args: list[str]) -> int:
+    if COMMANDS[command].needs_settings and not args:
+        raise LlmneoError(f"llmneo {command} needs a config: a YAML file and/or key=value settings, e.g. llmneo "
+                          f"{command} config.yaml, or llmneo {command} model_name_or_path=... dataset=... "
+                          "output_dir=...")
+    return COMMANDS[command].run(*_split(args))
 
 
 def main(argv: list[str] | None = None) -> int:
