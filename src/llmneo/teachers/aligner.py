@@ -11,11 +11,11 @@ the teacher is position t of the student, and everything aligns.
 
 `CrossTokenizerAligner` serves a teacher with another tokenizer (kd_cross_tokenizer). The batch carries the
 teacher's own tokens of each conversation and, per student token, the teacher span a..b-1 covering the same
-text (crosstok.TeacherSide, or crosstok.Retokenizer for generated replies). The teacher runs on its own
-tokens, and only at the positions the spans need: a-1 (the first token's distribution) and a..b-2 (the
-continuation tokens' log-probs, summed into the span's `shift`). The result is span_rows.SpanRows. A
-cross-tokenizer cache has done this already: it returns the first-token rows at the student's positions
-and says which are aligned.
+text (crosstok.offsets.TeacherSide, or crosstok.offsets.Retokenizer for generated replies). The teacher runs
+on its own tokens, and only at the positions the spans need: a-1 (the first token's distribution) and a..b-2
+(the continuation tokens' log-probs, summed into the span's `shift`). The result is span_rows.SpanRows. A
+cross-tokenizer cache (`teacher.cross`) has done this already: it returns the first-token rows at the
+student's positions and says which are aligned.
 """
 
 from __future__ import annotations
@@ -26,10 +26,11 @@ import torch
 
 from llmneo.crosstok.span_rows import SpanRows
 from llmneo.data.labels import targets_at
+from llmneo.teachers.signal import TeacherSignal
 
 
 class Aligner(Protocol):
-    def rows(self, teacher, batch: dict, positions: torch.Tensor): ...
+    def rows(self, teacher: TeacherSignal, batch: dict, positions: torch.Tensor): ...
 
     def take_counts(self) -> tuple[int, int]: ...
 
@@ -37,7 +38,7 @@ class Aligner(Protocol):
 class IdentityAligner:
     """Same tokenizer on both sides: the teacher's rows already sit on the student's positions."""
 
-    def rows(self, teacher, batch: dict, positions: torch.Tensor):
+    def rows(self, teacher: TeacherSignal, batch: dict, positions: torch.Tensor):
         return teacher.rows(batch, positions)
 
     def take_counts(self) -> tuple[int, int]:
@@ -58,7 +59,7 @@ class CrossTokenizerAligner:
         self.aligned = self.positions = 0
         return counts
 
-    def rows(self, teacher, batch: dict, positions: torch.Tensor) -> SpanRows:
+    def rows(self, teacher: TeacherSignal, batch: dict, positions: torch.Tensor) -> SpanRows:
         if teacher.cross:  # a cross-tokenizer cache: rows and alignment stored per student position
             first = teacher.rows(batch, positions)
             aligned = teacher.aligned(batch, positions)
@@ -76,7 +77,7 @@ class CrossTokenizerAligner:
 
 
 @torch.no_grad()
-def teacher_spans(teacher, batch: dict, positions: torch.Tensor):
+def teacher_spans(teacher: TeacherSignal, batch: dict, positions: torch.Tensor):
     """(first-token rows | None, shift, aligned) per student position, from the teacher run on its own tokens
     (the batch's teacher fields); `llmneo cache` stores what this returns, as top-k rows."""
     # position p predicts token p+1: its span is token p+1's
