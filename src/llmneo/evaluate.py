@@ -291,7 +291,7 @@ def _same_vocabulary(config: Config, tokenizer) -> bool:
     a warning says so and the scores are CE and perplexity; kd_cross_tokenizer: false keeps that an error."""
     path = config.teacher_model_name_or_path
     own = loading.load_tokenizer(path, "teacher_model_name_or_path", config.trust_remote_code)
-    if own.get_vocab() == tokenizer.get_vocab() or config.cross_tokenizer == "false":
+    if loading.tokenizers_match(tokenizer, own) or config.cross_tokenizer == "false":
         return True  # load_teacher refuses a different tokenizer in one line
     warnings.warn(f"teacher '{path}' has another tokenizer than the model; KL to teacher, top-1 agreement and kd_loss "
                   f"compare the two token by token, so only ce_loss and perplexity are reported", stacklevel=2)

@@ -224,7 +224,7 @@ def test_best_is_min_for_perplexity_and_max_for_agreement():
 
 
 def test_heatmap_with_a_failed_cell(tmp_path):
-    axes = [grid.Axis("rank", ["2", "4"]), grid.Axis("lr", ["1", "2"])]
+    axes = [report.Axis("rank", ["2", "4"]), report.Axis("lr", ["1", "2"])]
     assert report.write_heatmap(tmp_path / "h.png", axes, ROWS, "perplexity")
     assert (tmp_path / "h.png").stat().st_size > 5000
 

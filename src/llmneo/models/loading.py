@@ -180,9 +180,15 @@ def check_vocab(tokenizer, model, key: str, path: str) -> None:
                           f"tokens; the model and tokenizer do not belong together")
 
 
+def tokenizers_match(student_tok, teacher_tok) -> bool:
+    """Whether two tokenizers index one vocabulary (every token at the same id): the one answer to "do these
+    tokenizers match?" that training, eval, the cache and the sweep ask, so KD can compare them token by token."""
+    return student_tok.get_vocab() == teacher_tok.get_vocab()
+
+
 def check_same_tokenizer(student_tok, teacher_tok, student_path: str, teacher_path: str) -> None:
     """KD compares distributions token by token, so both sides must index the same vocabulary."""
-    if student_tok.get_vocab() == teacher_tok.get_vocab():
+    if tokenizers_match(student_tok, teacher_tok):
         return
     raise LlmneoError(
         f"teacher and student tokenizers differ: teacher '{teacher_path}' has {len(teacher_tok)} tokens, "
@@ -194,12 +200,24 @@ def check_same_tokenizer(student_tok, teacher_tok, student_path: str, teacher_pa
 def crosses_tokenizers(config: Config, student_tok, teacher_tok, teacher_path: str) -> bool:
     """Whether KD runs across tokenizers: the vocabularies differ (kd_cross_tokenizer auto or true), or they are
     the same and true forces it. false keeps the one-line refusal of a different tokenizer."""
-    same = student_tok.get_vocab() == teacher_tok.get_vocab()
+    same = tokenizers_match(student_tok, teacher_tok)
     if same or config.cross_tokenizer == "false":
         if not same:
             check_same_tokenizer(student_tok, teacher_tok, config.model_name_or_path or teacher_path, teacher_path)
         return config.cross_tokenizer == "true"
     return True
+
+
+def config_crosses_tokenizers(config: Config) -> bool:
+    """`crosses_tokenizers` for a config before any model is loaded (llmneo sweep checks every cell first): what
+    kd_cross_tokenizer decides alone (true, false; several teachers or no student never cross under auto), else
+    the answer for the two tokenizers, loaded here."""
+    if config.cross_tokenizer != "auto" or len(config.teachers) != 1 or not config.model_name_or_path:
+        return config.cross_tokenizer == "true"
+    student = load_tokenizer(config.model_name_or_path, "model_name_or_path", config.trust_remote_code)
+    teacher_path = config.teachers[0]
+    teacher = load_tokenizer(teacher_path, "teacher_model_name_or_path", config.trust_remote_code)
+    return crosses_tokenizers(config, student, teacher, teacher_path)
 
 
 @dataclass

@@ -41,7 +41,9 @@ from llmneo.config import llamafactory
 from llmneo.config import schema as config_mod
 from llmneo.config.schema import SAVED_CONFIG, Config
 from llmneo.errors import LlmneoError
-from llmneo.sweep.report import METRICS, RESULT_COLUMNS, best, describe, write_csv, write_heatmap, write_markdown
+from llmneo.models import loading
+from llmneo.sweep.report import (METRICS, RESULT_COLUMNS, Axis, best, describe, write_csv, write_heatmap,
+                                 write_markdown)
 from llmneo.train import loop, preemption
 
 LIST_KEYS = ("lora_target", "dataset", "tasks", "keep_layers")  # comma lists by nature: ';' separates values
@@ -57,12 +59,6 @@ RUN_CONTROL_KEYS = ("output_dir", "overwrite_output_dir", "resume_from_checkpoin
                     "tasks", "num_fewshot", "eval_limit", "export_dir", "report_to", "logging_dir", "run_name",
                     "eval_strategy", "eval_steps", "evaluation_strategy")
 CELL_FILE = "sweep_cell.json"
-
-
-@dataclass
-class Axis:
-    key: str
-    texts: list[str]  # the values as the user wrote them: CSV cells, folder names, tick labels
 
 
 @dataclass
@@ -181,22 +177,9 @@ def _check_cell(cfg: Config, cell: dict[str, str]) -> None:
         raise LlmneoError(f"sweep_metric={cfg.sweep_metric} compares each cell with the teacher it distils from "
                           f"live, but cell {where} {reason}; use sweep_metric=perplexity, then score the cells you "
                           f"pick with llmneo eval teacher_model_name_or_path=...")
-    if cfg.sweep_metric != "perplexity" and _crosses_tokenizers(cfg):
+    if cfg.sweep_metric != "perplexity" and loading.config_crosses_tokenizers(cfg):
         raise LlmneoError(f"sweep_metric={cfg.sweep_metric} compares the student with the teacher token by token, but "
                           f"cell {where} distils across tokenizers; use sweep_metric=perplexity")
-
-
-def _crosses_tokenizers(cfg: Config) -> bool:
-    """Whether the cell's (one) teacher runs cross-tokenizer KD, from the two tokenizers alone."""
-    from llmneo.models import loading
-
-    if cfg.cross_tokenizer == "true":
-        return True
-    if cfg.cross_tokenizer == "false" or len(cfg.teachers) != 1 or not cfg.model_name_or_path:
-        return False
-    student = loading.load_tokenizer(cfg.model_name_or_path, "model_name_or_path", cfg.trust_remote_code)
-    teacher = loading.load_tokenizer(cfg.teachers[0], "teacher_model_name_or_path", cfg.trust_remote_code)
-    return student.get_vocab() != teacher.get_vocab()
 
 
 def cell_names(settings: list[dict[str, str]]) -> list[str]:

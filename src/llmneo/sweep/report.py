@@ -2,7 +2,9 @@
 
 Each cell is one row: its axis values, status, held-out metrics and a training summary. `sweep_metric`
 ranks the finished rows (lower perplexity or KL is better, higher top-1 agreement). Files are written
-through a temporary file and a rename (run_dir.write_text), so a crash never leaves half a table.
+through a temporary file and a rename (run_dir.write_text), so a crash never leaves half a table. An `Axis`
+(one swept key and its values) is defined here, where the tables and the heatmap lay the axes out; `grid`
+parses them from the command line.
 """
 
 from __future__ import annotations
@@ -10,17 +12,20 @@ from __future__ import annotations
 import csv
 import io
 import math
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from llmneo import evaluate, plot, run_dir
-
-if TYPE_CHECKING:
-    from llmneo.sweep.grid import Axis
 
 LOWER_IS_BETTER = {"perplexity": True, "kl_to_teacher": True, "top1_agreement": False}
 METRICS = tuple(LOWER_IS_BETTER)
 RESULT_COLUMNS = ("status", *METRICS, "final_loss", "train_runtime", "trainable_params", "cell_dir", "error")
+
+
+@dataclass
+class Axis:
+    key: str
+    texts: list[str]  # the values as the user wrote them: CSV cells, folder names, tick labels
 
 
 def best(rows: list[dict], metric: str) -> dict | None:
