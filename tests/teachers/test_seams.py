@@ -58,7 +58,7 @@ def test_each_step_takes_its_batches_from_the_step_source_and_rows_through_the_a
         assert setup.steps.calls == 1 and setup.aligner.calls == 2  # one step, one alignment per micro-batch
         assert setup.progress.step == 1 and setup.progress.micro_seen == 2
         tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro)
-        assert setup.progress.window["tokens"] == tokens
+        assert setup.progress.window.tokens == tokens
         assert math.isfinite(result["loss"]) and result["kd"] is not None
         assert all(p.grad is None for p in setup.params)  # stepped, then zero_grad(set_to_none=True)
     finally:

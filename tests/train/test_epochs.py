@@ -64,11 +64,11 @@ def test_the_short_steps_loss_is_the_mean_over_its_own_tokens(fifty):
         tokens = sum(n for *_, n in sums)
         assert tokens == sum(int((b["labels"][:, 1:] != -100).sum()) for b in short.micro)
         ce, kd = sum(float(s[1]) for s in sums) / tokens, sum(float(s[2]) for s in sums) / tokens
-        setup.steps, window_tokens = Replay(short), setup.progress.window["tokens"]
+        setup.steps, window_tokens = Replay(short), setup.progress.window.tokens
         result = loop.optimizer_step(setup, 2)
         assert result["ce"] == pytest.approx(ce, rel=1e-5) and result["kd"] == pytest.approx(kd, rel=1e-5)
         assert result["loss"] == pytest.approx((1 - setup.kd_ratio) * ce + setup.kd_ratio * kd, rel=1e-5)
-        assert setup.progress.window["tokens"] - window_tokens == tokens
+        assert setup.progress.window.tokens - window_tokens == tokens
         assert setup.progress.micro_seen == 25  # the micro-batches consumed, not 2 × 16
     finally:
         setup.accelerator.end_training()

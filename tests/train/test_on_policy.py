@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -31,6 +32,7 @@ from llmneo.loss.spec import LossSpec
 from llmneo.models import generate as rollout
 from llmneo.train import setup as training_setup
 from llmneo.train import steps as step_source
+from llmneo.train.window import Window
 
 BIN = Path(sys.executable).parent
 
@@ -341,17 +343,16 @@ def test_replies_stop_at_the_templates_end_of_turn_not_only_at_eos(tokenizer, st
 
 def test_a_logging_window_mixing_on_and_off_policy_steps():
     """Off-policy steps: ce 10 and kd 4 summed over 5 tokens; on-policy: kd 6 over 3 tokens (KD alone)."""
-    from llmneo.train import loop
-
-    window = {"ce": 10.0, "kd": 4.0, "tokens": 5, "seen": 20, "op_kd": 6.0, "op_tokens": 3, "op_steps": 1, "steps": 2}
-    row = loop._log_row(4, 1.0, window, 0.5, True, 1e-4, 1.0, 2.0, generates=True)
+    window = Window(ce=10.0, kd=4.0, tokens=5, seen=20, op_kd=6.0, op_tokens=3, op_steps=1, steps=2)
+    logged = {"learning_rate": 1e-4, "grad_norm": 1.0, "elapsed": 2.0, "kd_ratio": 0.5}
+    row = window.row(4, 1.0, **logged, generates=True)
     assert row["loss"] == pytest.approx((0.5 * 10 + 0.5 * 4 + 6) / 8)
     assert row["kd_loss"] == pytest.approx((4 + 6) / 8) and row["ce_loss"] == pytest.approx(10 / 5)
     assert row["on_policy"] is False and row["on_policy_steps"] == 1 and row["tokens_per_second"] == 10
-    only_on = {**window, "ce": 0.0, "kd": 0.0, "tokens": 0, "op_steps": 2}
-    row = loop._log_row(4, 1.0, only_on, 0.5, True, 1e-4, 1.0, 2.0, generates=True)
+    only_on = replace(window, ce=0.0, kd=0.0, tokens=0, op_steps=2)
+    row = only_on.row(4, 1.0, **logged, generates=True)
     assert row["ce_loss"] is None and row["loss"] == row["kd_loss"] == pytest.approx(2.0) and row["on_policy"] is True
-    plain = loop._log_row(4, 1.0, {**window, "op_kd": 0.0, "op_tokens": 0, "op_steps": 0}, 0.5, True, 1e-4, 1.0, 2.0)
+    plain = replace(window, op_kd=0.0, op_tokens=0, op_steps=0).row(4, 1.0, **logged)
     assert "on_policy" not in plain and plain["loss"] == pytest.approx(0.5 * 2 + 0.5 * 0.8)
 
 

@@ -17,6 +17,7 @@ from conftest import read_metrics, resumed_from, write_yaml
 from safetensors.torch import load_file
 
 from llmneo import cli
+from llmneo.demo import tiny
 
 STATE_FILES = ("trainer_state.json", "optimizer.pt", "scheduler.pt", "rng_state_0.pt", "adapter_model.safetensors",
                "adapter_config.json")
@@ -187,3 +188,42 @@ def test_resume_restores_the_logging_window(tmp_path, resumable):
     assert state["history"] == [] and state["window"]["tokens"] > 0  # saved between two logged steps
     resumed = resumed_from(tmp_path, full, "checkpoint-2", values, name="resumed")
     _assert_same_run(full, resumed)
+
+
+@pytest.fixture(scope="module")
+def second_teacher_dir(tmp_path_factory, tokenizer) -> Path:
+    model = tiny.build_model(tokenizer, hidden_size=40, num_layers=2, seed=7)
+    return tiny.save_pair(model, tokenizer, tmp_path_factory.mktemp("second_teacher"))
+
+
+@pytest.mark.slow
+def test_a_resumed_runs_first_row_inside_a_logging_window_is_the_uninterrupted_runs(
+        tmp_path, resumable, teacher_dir, second_teacher_dir):
+    """Two teachers mixed, the cut inside a logging window: checkpoint-2 holds steps 1-2 of it with each teacher's
+    sums, and the resumed run's step-3 row is the uninterrupted run's, key for key and in order (its throughput
+    aside). So is it from a checkpoint written before window.Window, whose trainer_state held a plain dict."""
+    values = {**resumable, "max_steps": 3, "logging_steps": 3, "teacher_weights": [1, 3],
+              "teacher_model_name_or_path": [str(teacher_dir), str(second_teacher_dir)]}
+    full = tmp_path / "full"
+    assert cli.main(["train", write_yaml(tmp_path, "full.yaml", {**values, "output_dir": str(full)})]) == 0
+    state_file = Path("checkpoint-2", "trainer_state.json")
+    window = json.loads((full / state_file).read_text())["window"]
+    assert window["steps"] == 2 and len(window["per_teacher"]) == 2 and window["aligned"] is None
+    resumed = resumed_from(tmp_path, full, "checkpoint-2", values, name="resumed")
+    old = tmp_path / "old"  # the same checkpoint in the shape of the window before window.Window
+    old.mkdir()
+    shutil.copytree(full / "checkpoint-2", old / "checkpoint-2")
+    state = json.loads((old / state_file).read_text())
+    state["window"] = {**{k: v for k, v in window.items() if k not in ("per_teacher", "aligned")},
+                       "teachers": window["per_teacher"]}
+    (old / state_file).write_text(json.dumps(state))
+    assert cli.main(["train", write_yaml(tmp_path, "old.yaml", {**values, "output_dir": str(old),
+                                                                 "resume_from_checkpoint": "auto"})]) == 0
+    expected = read_metrics(full)[0]
+    assert expected["step"] == 3 and None not in expected["kd_loss_per_teacher"]
+    for cut in (resumed, old):
+        first = read_metrics(cut)[0]
+        assert list(first) == list(expected)
+        for key, value in expected.items():
+            if key != "tokens_per_second":
+                assert first[key] == pytest.approx(value, abs=1e-6, rel=0), (cut.name, key)

@@ -5,7 +5,8 @@
   optimizer.pt, scheduler.pt      state dicts (tensors and numbers only: loaded with weights_only=True)
   rng_state_RANK.pt               python, numpy, torch (and CUDA) RNG states of every rank
   trainer_state.json              step, micro-batches consumed, tokens, runtime, metrics so far, the
-                                  config keys that must match to resume, the world size
+                                  logging window's sums (window.Window), the config keys that must
+                                  match to resume, the world size
 Every rank writes into `.tmp-checkpoint-STEP/`; only when all files exist does the main process rename
 it into place (an atomic rename on one filesystem) and drop checkpoints beyond `save_total_limit`.
 """
@@ -27,6 +28,7 @@ from llmneo.config.schema import FIELDS as CONFIG_FIELDS
 from llmneo.config.schema import Config
 from llmneo.errors import LlmneoError
 from llmneo.models import engines
+from llmneo.train.window import Window
 
 STATE = "trainer_state.json"
 # Keys that shape the model, the data order or the optimizer state: resuming with another value would
@@ -49,15 +51,10 @@ class Progress:
     train_tokens: int = 0
     runtime: float = 0.0
     history: list = field(default_factory=list)
-    window: dict = field(default_factory=lambda: dict(EMPTY_WINDOW))
+    window: Window = field(default_factory=Window)  # the sums since the last logged row
     # steps whose replies were generated, by writer: student (on-policy) and teacher (seq_kd)
     generated_steps: dict = field(default_factory=lambda: {"student": 0, "teacher": 0})
     aligned: list = field(default_factory=lambda: [0, 0])  # cross-tokenizer KD: positions aligned, of all
-
-
-# The logging window's sums. ce/kd/tokens: the steps on dataset or teacher-written replies; op_*: the
-# on-policy steps (KD alone, over the student's own tokens); seen: every non-pad token; steps: all steps.
-EMPTY_WINDOW = {"ce": 0.0, "kd": 0.0, "tokens": 0, "seen": 0, "op_kd": 0.0, "op_tokens": 0, "op_steps": 0, "steps": 0}
 
 
 def rng_state() -> dict:
@@ -185,7 +182,7 @@ def load(path: Path, accelerator, model, optimizer, scheduler, config: Config) -
         raise LlmneoError(f"checkpoint '{path}' is corrupt: {STATE} lacks {', '.join(missing)}; resume from "
                           f"another checkpoint-STEP")
     progress = Progress(**{k: state[k] for k in ("step", "micro_seen", "train_tokens", "runtime", "history")})
-    progress.window = {**EMPTY_WINDOW, **state["window"]}
+    progress.window = Window.from_state(state["window"])
     progress.generated_steps = {**progress.generated_steps, **state.get("generated_steps", {})}
     progress.aligned = list(state.get("aligned", [0, 0]))
     return progress

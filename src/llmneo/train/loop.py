@@ -38,6 +38,7 @@ from llmneo.train import checkpoint, memory, periodic_eval, preemption
 from llmneo.train import setup as training_setup
 from llmneo.train import tracking
 from llmneo.train.setup import TrainingSetup, writable
+from llmneo.train.window import Window
 
 
 def run(config: Config) -> dict:
@@ -133,32 +134,20 @@ def optimizer_step(setup: TrainingSetup, step: int) -> dict:
     progress = setup.progress
     # the micro-batches this step consumed: fewer than gradient_accumulation_steps at an epoch's end
     progress.step, progress.micro_seen = step, progress.micro_seen + len(batches.micro)
-    window = progress.window
-    if batches.on_policy:
-        window["op_kd"] += float(totals[1])
-        window["op_tokens"] += n_global
-        window["op_steps"] += 1
-    else:
-        window["ce"] += float(totals[0])
-        window["kd"] += float(totals[1])
-        window["tokens"] += n_global
-    window["steps"] += 1
-    window["seen"] += int(totals[2])
-    per_teacher = setup.teacher.take_sums() if setup.teacher is not None else None  # a lone teacher keeps none
-    if per_teacher is not None:  # several teachers: each one's KD sum and positions, over all ranks
-        per_teacher = accelerator.reduce(per_teacher, "sum")
-        sums = window.setdefault("teachers", [[0.0, 0] for _ in range(per_teacher.shape[0])])
-        for i, (kd_sum, count) in enumerate(per_teacher.tolist()):
-            sums[i][0] += kd_sum
-            sums[i][1] += int(count)
+    # several teachers: each one's KD sum and positions, over all ranks (a lone teacher keeps none)
+    per_teacher = setup.teacher.take_sums() if setup.teacher is not None else None
+    if per_teacher is not None:
+        per_teacher = accelerator.reduce(per_teacher, "sum").tolist()
     aligned = setup.aligner.take_counts()
-    # cross-tokenizer KD: the positions the aligner could align, over all ranks
-    if not isinstance(setup.aligner, IdentityAligner):
-        both = accelerator.reduce(torch.tensor(aligned, dtype=torch.float64, device=accelerator.device), "sum")
-        counts = window.setdefault("aligned", [0, 0])
-        for i, value in enumerate(both.tolist()):
-            counts[i] += int(value)
+    if isinstance(setup.aligner, IdentityAligner):
+        aligned = None
+    else:  # cross-tokenizer KD: the positions the aligner could align, over all ranks
+        aligned = accelerator.reduce(torch.tensor(aligned, dtype=torch.float64, device=accelerator.device),
+                                     "sum").tolist()
+        for i, value in enumerate(aligned):
             progress.aligned[i] += int(value)
+    progress.window.add(float(totals[0]), float(totals[1]), n_global, int(totals[2]), on_policy=batches.on_policy,
+                        per_teacher=per_teacher, aligned=aligned)
     progress.train_tokens += int(totals[2])
     if batches.replies != "dataset":
         progress.generated_steps[batches.replies] += 1
@@ -263,16 +252,17 @@ def accumulate(accelerator, model, teacher, micro: list[dict], loss_spec: LossSp
 def log_window(setup: TrainingSetup, step: int, grad_norm: float, clock: Clock, bar) -> None:
     """The logging window's row: into metrics.jsonl, the progress bar and report_to's trackers; then a new window."""
     progress = setup.progress
-    row = _log_row(step, progress.micro_seen / len(setup.loader), progress.window, setup.kd_ratio,
-                   setup.teacher is not None, setup.scheduler.get_last_lr()[0], grad_norm, clock.window(),
-                   generates=setup.config.generates)
+    row = progress.window.row(step, progress.micro_seen / len(setup.loader),
+                              learning_rate=setup.scheduler.get_last_lr()[0], grad_norm=grad_norm,
+                              elapsed=clock.window(), kd_ratio=setup.kd_ratio if setup.teacher is not None else None,
+                              generates=setup.config.generates)
     setup.record(row)
     if setup.main:
         bar.set_postfix(loss=f"{row['loss']:.4f}", ce="-" if row["ce_loss"] is None else f"{row['ce_loss']:.4f}",
                         kd="-" if row["kd_loss"] is None else f"{row['kd_loss']:.4f}",
                         lr=f"{row['learning_rate']:.2e}", tok_s=f"{row['tokens_per_second']:.0f}")
     tracking.log(setup.accelerator, row, step)  # the same row to report_to's trackers
-    progress.window = dict(checkpoint.EMPTY_WINDOW)
+    progress.window = Window()
 
 
 def save_checkpoint(setup: TrainingSetup, clock: Clock) -> Path:
@@ -333,38 +323,6 @@ def finish(setup: TrainingSetup, last: dict) -> dict:
     if setup.teacher is not None:  # a served teacher's request threads
         setup.teacher.close()
     return results
-
-
-def _log_row(step, epoch, window, kd_ratio, has_teacher, lr, grad_norm, elapsed, generates: bool = False) -> dict:
-    """The window's means per response token. With generated replies the row also says how many of its steps
-    were on-policy (`on_policy`: all of them); their tokens count in kd_loss and loss (as KD alone), not in
-    ce_loss (None when every step was on-policy)."""
-    tokens = max(window["tokens"], 1)
-    ce = window["ce"] / tokens
-    kd = window["kd"] / tokens if has_teacher else None
-    row = {
-        "step": step,
-        "epoch": round(epoch, 4),
-        "loss": ce if kd is None else (1 - kd_ratio) * ce + kd_ratio * kd,
-        "ce_loss": ce,
-        "kd_loss": kd,
-        "learning_rate": lr,
-        "grad_norm": grad_norm,
-        "tokens_per_second": window["seen"] / elapsed if elapsed > 0 else 0.0,
-    }
-    if generates:
-        if window["op_tokens"]:
-            both = window["tokens"] + window["op_tokens"]
-            row["loss"] = ((1 - kd_ratio) * window["ce"] + kd_ratio * window["kd"] + window["op_kd"]) / both
-            row["kd_loss"] = (window["kd"] + window["op_kd"]) / both
-            row["ce_loss"] = ce if window["tokens"] else None
-        row["on_policy"] = window["op_steps"] == window["steps"] > 0
-        row["on_policy_steps"] = window["op_steps"]
-    if "aligned" in window:  # cross-tokenizer KD: the fraction of response positions with a teacher span
-        row["kd_aligned_fraction"] = window["aligned"][0] / max(window["aligned"][1], 1)
-    if "teachers" in window:  # several teachers: each one's KD per position it scored (mixture: to each teacher)
-        row["kd_loss_per_teacher"] = [kd_sum / count if count else None for kd_sum, count in window["teachers"]]
-    return row
 
 
 def _save_model(accelerator, model, tokenizer, directory: Path, out: Path, config: Config,

@@ -1,12 +1,12 @@
 """Everything a training run sets up before its first optimizer step, in one object.
 
-`prepare(config)` checks the output directory (writing nothing), builds the accelerator, the student
-with its adapters, the data and loader, the optimizer and schedule, the progress (resumed from a
-checkpoint when asked), and the three seams of the loop, each chosen once from the config:
-  - `steps`: where each step's micro-batches come from (step_source.py);
-  - `teacher`: where the teacher signal comes from (teacher.choose: live, cache, served, mixture, routed, or None);
-  - `aligner`: how teacher positions meet student positions (alignment.py).
-train.py then runs one function per optimizer step over this object, and finishes.
+`prepare(config)` is a short sequence of named steps: precision, checks (output_dir, writing nothing), models,
+data, student, loader and optimizer, teacher, schedule, progress (resumed from a checkpoint when asked), and
+the three seams of the loop, each chosen once from the config:
+  - `steps`: where each step's micro-batches come from (train.steps);
+  - `teacher`: where the teacher signal comes from (teachers.choose: live, cache, served, mixture, routed, or None);
+  - `aligner`: how teacher positions meet student positions (teachers.aligner).
+train.loop then runs one function per optimizer step over this object, and finishes.
 
 Nothing is written into output_dir until set-up has succeeded (and a resumed checkpoint is accepted): then
 `claim` makes the folder this run's (its llmneo_config.yaml, initial adapter, metrics so far). A folder that
@@ -119,29 +119,77 @@ def writable(what):
 
 
 def prepare(config: Config) -> TrainingSetup:
-    """Set up the run `config` describes, up to its first optimizer step."""
-    from accelerate.utils import InitProcessGroupKwargs, set_seed
+    """Set up the run `config` describes, up to its first optimizer step, one named step per concern. The order is
+    part of the run: the seed is set before the adapters are initialised, the teacher is chosen from the config as
+    given, and output_dir is claimed only once everything else has succeeded."""
+    from accelerate.utils import set_seed
+
+    precision, accelerator = _precision(config)
+    output, resume_from, recorded = _checked(config, accelerator)
+    set_seed(config.seed)
+    memory.reset_peak(accelerator.device)
+    loaded = loading.load(config, precision, with_teacher=config.loads_model)
+    crossing = _crossing(config, loaded)
+    splits, teacher_side = _data(config, loaded, crossing, accelerator.is_main_process)
+    model, initial_adapter = _student(config, loaded)
+    trainable, total = adapters.count_params(model)
+    collate = partial(dataset.collate, pad_token_id=loaded.tokenizer.pad_token_id)
+    loader = _loader(config, splits.train, collate)
+    model, optimizer, loader = accelerator.prepare(model, _optimizer(model, config), loader)
+    signal = teacher.choose(config, loaded, splits.train, accelerator,
+                            cache_teacher_tokenizer=crossing.teacher_tokenizer if crossing else None)
+    config = _as_run(config, accelerator)
+    total_steps, scheduler = _schedule(config, optimizer, len(loader))
+    progress = _progress(config, resume_from, accelerator, model, optimizer, scheduler, total_steps)
+    stop_ids, retokenizer = _reply_ends(config, loaded, splits, teacher_side)
+    setup = TrainingSetup(
+        config=config, accelerator=accelerator, precision=precision, out=output.path, resume_from=resume_from,
+        loaded=loaded, splits=splits, collate=collate, model=model, loader=loader, optimizer=optimizer,
+        scheduler=scheduler, progress=progress, total_steps=total_steps, trainable=trainable, total=total,
+        steps=step_source.choose(config, loader, accelerator, progress.micro_seen, model=model, teacher=signal,
+                                 tokenizer=loaded.tokenizer, step=progress.step, last=total_steps,
+                                 stop_ids=stop_ids, retokenizer=retokenizer),
+        teacher=signal,
+        aligner=alignment.choose(crossing.vocab if crossing else None, accelerator.device, config.kd_unaligned),
+        loss_spec=LossSpec.from_config(config, loaded.vocab_size, has_teacher=signal is not None),
+        params=[p for p in model.parameters() if p.requires_grad], output=output, recorded=recorded,
+        initial_adapter=initial_adapter)
+    _begin(setup)
+    return setup
+
+
+def _precision(config: Config) -> tuple[loading.Precision, object]:
+    """The run's precision and the accelerator that runs at it: CPU when there is no GPU; FSDP2 when launched for it,
+    also on CPU."""
+    from accelerate.utils import InitProcessGroupKwargs
 
     precision = loading.resolve_precision(config)
-    accelerator = engines.create_accelerator(  # CPU when there is no GPU; FSDP2 when launched for it, also on CPU
+    accelerator = engines.create_accelerator(
         mixed_precision=precision.mixed_precision,
         kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=config.ddp_timeout))],
         **tracking.accelerator_kwargs(config),
     )
+    return precision, accelerator
+
+
+def _checked(config: Config, accelerator) -> tuple[run_dir.Output, Path | None, str]:
+    """The checks before anything loads: the teacher warnings, output_dir (nothing is written yet) and the checkpoint
+    to resume from; and llmneo_config.yaml's text, every key of this run (eval and export read it)."""
     main = accelerator.is_main_process
     if main:
         _warn_about_teacher(config)
     output, resume_from = _output_dir(config, main)
-    out = output.path
-    recorded = to_yaml(recorded_config.recorded(config))  # every key of this run; eval and export read it
+    recorded = to_yaml(recorded_config.recorded(config))
     accelerator.wait_for_everyone()
-    set_seed(config.seed)
-    memory.reset_peak(accelerator.device)
+    return output, resume_from, recorded
 
-    loaded = loading.load(config, precision, with_teacher=config.loads_model)
-    crossing = _crossing(config, loaded)
+
+def _data(config: Config, loaded: loading.Loaded, crossing: Crossing | None,
+          main: bool) -> tuple[dataset.Splits, offsets.TeacherSide | None]:
+    """The splits, each training example numbered (a teacher cache finds its rows by it) and routed (teacher_column);
+    and for a cross-tokenizer run with a live teacher, the teacher's view of every example (else None)."""
     teacher_side = None
-    if crossing is not None and loaded.teacher_tokenizer is not None:  # live: the teacher's view of every example
+    if crossing is not None and loaded.teacher_tokenizer is not None:
         teacher_side = offsets.TeacherSide(loaded.teacher_tokenizer, config.teacher_template or config.template)
     splits = dataset.build(config, loaded.tokenizer, teacher_side)
     if crossing is not None and main:
@@ -154,59 +202,71 @@ def prepare(config: Config) -> TrainingSetup:
     if config.teacher_column:
         _route(splits, config)
     for i, example in enumerate(splits.train):
-        example["index"] = i  # lets a teacher cache find the example's rows
-    model, initial_adapter = _student(config, loaded)
-    trainable, total = adapters.count_params(model)
-    collate = partial(dataset.collate, pad_token_id=loaded.tokenizer.pad_token_id)
-    # The loader's own generator: creating an iterator (each epoch, or on resume) must not draw from the
-    # global RNG that dropout uses, or a resumed run would drift from an uninterrupted one.
-    loader = torch.utils.data.DataLoader(splits.train, batch_size=config.per_device_train_batch_size,
-                                         sampler=dataset.EpochSampler(len(splits.train), config.seed), collate_fn=collate,
-                                         generator=torch.Generator().manual_seed(config.seed))
-    optimizer = _optimizer(model, config)
-    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
-    signal = teacher.choose(config, loaded, splits.train, accelerator,
-                            cache_teacher_tokenizer=crossing.teacher_tokenizer if crossing else None)
-    if engines.sharded(accelerator) and config.kd_chunk_size:
-        if main:
-            warnings.warn("FSDP / ZeRO-3 shard the output head outside forward: using full logits at the response "
-                          "positions (kd_chunk_size=0) under this engine")
-        config = dataclasses.replace(config, kd_chunk_size=0)
+        example["index"] = i
+    return splits, teacher_side
 
-    total_steps = step_source.total_steps(config, len(loader))
+
+def _loader(config: Config, train: list, collate) -> torch.utils.data.DataLoader:
+    """The training loader, with its own generator: creating an iterator (each epoch, or on resume) must not draw from
+    the global RNG that dropout uses, or a resumed run would drift from an uninterrupted one."""
+    return torch.utils.data.DataLoader(train, batch_size=config.per_device_train_batch_size,
+                                       sampler=dataset.EpochSampler(len(train), config.seed), collate_fn=collate,
+                                       generator=torch.Generator().manual_seed(config.seed))
+
+
+def _as_run(config: Config, accelerator) -> Config:
+    """The config as run: FSDP / ZeRO-3 shard the output head outside forward, so kd_chunk_size is 0 under them."""
+    if not (engines.sharded(accelerator) and config.kd_chunk_size):
+        return config
+    if accelerator.is_main_process:
+        warnings.warn("FSDP / ZeRO-3 shard the output head outside forward: using full logits at the response "
+                      "positions (kd_chunk_size=0) under this engine")
+    return dataclasses.replace(config, kd_chunk_size=0)
+
+
+def _schedule(config: Config, optimizer: torch.optim.Optimizer, loader_length: int) -> tuple[int, object]:
+    """The run's number of optimizer steps and its learning-rate schedule (warmup_steps, else warmup_ratio of them)."""
     from transformers import get_scheduler
 
+    total_steps = step_source.total_steps(config, loader_length)
     warmup = config.warmup_steps or math.ceil(config.warmup_ratio * total_steps)
-    scheduler = get_scheduler(config.lr_scheduler_type, optimizer, num_warmup_steps=warmup,
-                              num_training_steps=total_steps)
-    progress = checkpoint.Progress()
-    if resume_from is not None:
-        progress = checkpoint.load(resume_from, accelerator, model, optimizer, scheduler, config)
-        if main:
-            print(f"llmneo: resuming from {resume_from} (step {progress.step} of {total_steps})", flush=True)
-    stop_ids = generate.turn_end_ids(splits.train, loaded.tokenizer) if config.generates else None
+    return total_steps, get_scheduler(config.lr_scheduler_type, optimizer, num_warmup_steps=warmup,
+                                      num_training_steps=total_steps)
+
+
+def _progress(config: Config, resume_from: Path | None, accelerator, model, optimizer, scheduler,
+              total_steps: int) -> checkpoint.Progress:
+    """A new run's progress, or the checkpoint's (with the weights, optimizer, schedule and RNG it restores)."""
+    if resume_from is None:
+        return checkpoint.Progress()
+    progress = checkpoint.load(resume_from, accelerator, model, optimizer, scheduler, config)
+    if accelerator.is_main_process:
+        print(f"llmneo: resuming from {resume_from} (step {progress.step} of {total_steps})", flush=True)
+    return progress
+
+
+def _reply_ends(config: Config, loaded: loading.Loaded, splits: dataset.Splits,
+                teacher_side: offsets.TeacherSide | None) -> tuple[set[int] | None, offsets.Retokenizer | None]:
+    """What generated replies need (None, None when nothing is generated): the ids that end the student's turn, and
+    for a live cross-tokenizer teacher the retokenizer that turns the student's replies into the teacher's tokens."""
+    if not config.generates:
+        return None, None
+    stop_ids = generate.turn_end_ids(splits.train, loaded.tokenizer)
     retokenizer = None
-    if teacher_side is not None and config.generates:  # the student's replies, tokenized again for the teacher
+    if teacher_side is not None:
         retokenizer = offsets.Retokenizer(loaded.tokenizer, loaded.teacher_tokenizer, stop_ids,
                                            offsets.turn_end(loaded.teacher_tokenizer, teacher_side.template))
-    setup = TrainingSetup(
-        config=config, accelerator=accelerator, precision=precision, out=out, resume_from=resume_from,
-        loaded=loaded, splits=splits, collate=collate, model=model, loader=loader, optimizer=optimizer,
-        scheduler=scheduler, progress=progress, total_steps=total_steps, trainable=trainable, total=total,
-        steps=step_source.choose(config, loader, accelerator, progress.micro_seen, model=model, teacher=signal,
-                                 tokenizer=loaded.tokenizer, step=progress.step, last=total_steps,
-                                 stop_ids=stop_ids, retokenizer=retokenizer),
-        teacher=signal,
-        aligner=alignment.choose(crossing.vocab if crossing else None, accelerator.device, config.kd_unaligned),
-        loss_spec=LossSpec.from_config(config, loaded.vocab_size, has_teacher=signal is not None),
-        params=[p for p in model.parameters() if p.requires_grad], output=output, recorded=recorded,
-        initial_adapter=initial_adapter)
-    tracking.start(accelerator, config, resumed_step=progress.step)
-    if main:
-        _announce(config, trainable, total, len(splits.train), config.uses_cache, loaded.tokenizer)
-    if not output.stale:  # a new or empty folder, or a resume: nothing to replace, the folder is this run's now
+    return stop_ids, retokenizer
+
+
+def _begin(setup: TrainingSetup) -> None:
+    """Start report_to's trackers, say what trains on what, and claim output_dir now unless it holds an earlier run's
+    results (then the first complete checkpoint claims it)."""
+    tracking.start(setup.accelerator, setup.config, resumed_step=setup.progress.step)
+    if setup.main:
+        _announce(setup.config, setup.trainable, setup.total, len(setup.splits.train), setup.loaded.tokenizer)
+    if not setup.output.stale:  # a new or empty folder, or a resume: nothing to replace, the folder is this run's now
         claim(setup)
-    return setup
 
 
 def claim(setup: TrainingSetup) -> None:
@@ -327,8 +387,8 @@ def _warn_about_teacher(config: Config) -> None:
                       f"student back to where it started; give a larger teacher_model_name_or_path")
 
 
-def _announce(config: Config, trainable: int, total: int, examples: int, cached: bool, tokenizer) -> None:
-    source = ("teacher cache " + str(config.teacher_cache)) if cached else (
+def _announce(config: Config, trainable: int, total: int, examples: int, tokenizer) -> None:
+    source = ("teacher cache " + str(config.teacher_cache)) if config.uses_cache else (
         "teacher " + str(config.teacher_model_name_or_path or shown_url(config.teacher_endpoint)) if config.uses_kd
         else "no teacher")
     print(f"llmneo: {config.method} | trainable {trainable:,} of {total:,} parameters "
