@@ -36,6 +36,7 @@ from llmneo.errors import LlmneoError
 from llmneo.loss.spec import LossSpec
 from llmneo.models import adapters, engines, generate, loading
 from llmneo.teachers import aligner as alignment
+from llmneo.teachers import cached
 from llmneo.teachers import choose as teacher
 from llmneo.teachers import several
 from llmneo.teachers.signal import TeacherSignal
@@ -298,11 +299,9 @@ class Crossing:
 
 def _crossing(config: Config, loaded: loading.Loaded) -> Crossing | None:
     """The cross-tokenizer part of the run, when the teacher (or the cache's teacher) has another tokenizer."""
-    from llmneo.teachers import cached as cache_reader
-
     own = loaded.teacher_tokenizer
     if own is None and config.uses_cache:
-        own = cache_reader.cross_tokenizer(config)
+        own = cached.cross_tokenizer(config)
         if own is not None and config.cross_tokenizer == "false":
             raise LlmneoError(f"teacher_cache '{config.teacher_cache}' was written by a teacher with another "
                               f"tokenizer (cross-tokenizer KD), which kd_cross_tokenizer: false refuses; set it to "
