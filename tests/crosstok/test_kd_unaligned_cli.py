@@ -12,12 +12,13 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import ALPACA_ROWS, read_metrics, write_jsonl, write_yaml
-from test_cross_tokenizer import other_teacher_dir  # noqa: F401 (a fixture)
+from test_cross_tokenizer import other_family_tokenizer
 
 from llmneo import cli
 from llmneo.config import schema
 from llmneo.crosstok import offsets as crosstok
 from llmneo.data import dataset
+from llmneo.demo import tiny
 from llmneo.loss.spec import LossSpec
 from llmneo.models import adapters, loading
 from llmneo.teachers import aligner as alignment
@@ -25,11 +26,21 @@ from llmneo.teachers.live import LiveTeacher
 from llmneo.train import loop
 
 
+@pytest.fixture(scope="module")
+def other_teacher(tmp_path_factory) -> Path:
+    """A teacher of another family (its own tokenizer, end of turn and padded head), sure of itself."""
+    other = other_family_tokenizer()
+    model = tiny.build_model(other, hidden_size=48, num_layers=3, seed=5, vocab_size=len(other) + 64 - len(other) % 64)
+    with torch.no_grad():
+        model.get_output_embeddings().weight.mul_(40.0)
+    return tiny.save_pair(model, other, tmp_path_factory.mktemp("other_family"))
+
+
 @pytest.fixture
-def unaligned_overrides(base_overrides, other_teacher_dir, tmp_path) -> dict:  # noqa: F811
+def unaligned_overrides(base_overrides, other_teacher, tmp_path) -> dict:
     """One step over four rows in one batch, from a teacher with another tokenizer."""
     rows = write_jsonl(tmp_path / "four.jsonl", ALPACA_ROWS[:4])
-    return {**base_overrides, "teacher_model_name_or_path": str(other_teacher_dir), "dataset": str(rows),
+    return {**base_overrides, "teacher_model_name_or_path": str(other_teacher), "dataset": str(rows),
             "max_steps": 1}
 
 
