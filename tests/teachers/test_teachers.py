@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from llmneo import cli
 from llmneo.config import schema
 from llmneo.data import dataset
-from llmneo.data.templates import IGNORE_INDEX
+from llmneo.data.labels import IGNORE_INDEX
 from llmneo.models import loading
 from llmneo.teachers import several
 from llmneo.teachers.live import LiveTeacher

@@ -24,7 +24,7 @@ from conftest import assert_same_training, read_metrics, resumed_from, write_yam
 from llmneo import cli
 from llmneo.config import schema
 from llmneo.data import dataset
-from llmneo.data.templates import IGNORE_INDEX
+from llmneo.data.labels import IGNORE_INDEX
 from llmneo.loss import divergences
 from llmneo.loss.chunked import fused_loss
 from llmneo.loss.rows import SampledRows

@@ -11,7 +11,7 @@ import torch
 from llmneo import evaluate
 from llmneo.config import schema as config_mod
 from llmneo.data import dataset
-from llmneo.data.templates import IGNORE_INDEX
+from llmneo.data.labels import IGNORE_INDEX
 from llmneo.models import loading
 
 
