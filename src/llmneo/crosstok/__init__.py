@@ -1,2 +1,3 @@
 """Knowledge distillation across tokenizers: `offsets` (the teacher's tokens of each example and the alignment
-by characters), `vocab` (shared tokens, the GOLD hybrid and ULD losses)."""
+by characters), `vocab` (shared tokens, the GOLD hybrid and ULD losses), `span_rows` (the teacher rows they give
+the loss)."""
