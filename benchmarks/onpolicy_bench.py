@@ -13,7 +13,7 @@ to read on a shared machine. Variants:
                 (`rollout.merged_lora`, W0 + scaling·B·A rebound for the call; its own cost reported)
   gen_merged    the same generator on a truly merged copy (`merge_and_unload` on a deep copy)
   step          `train.optimizer_step` (clipping and AdamW included) alternating an on-policy step (a
-                `step_source.RolloutSteps` with lmbda 1: generate, rebuild the batch, KD alone) with an
+                `train.steps.RolloutSteps` with lmbda 1: generate, rebuild the batch, KD alone) with an
                 off-policy Neo step (kd_ratio 0.5, live teacher) on the batch the on-policy step built;
                 timers around generate, `train.accumulate`, the teacher's `rows` and its projections
                 (`DenseRows` slices) split them into generate / teacher score / student forward+backward / rest

@@ -80,8 +80,8 @@ def _cached_teacher(live, batch, vocab, directory: Path, device):
 
 
 def vocab_map(student_vocab: int, teacher_vocab: int, shared: int, seed: int = 3):
-    """A crossvocab.VocabMap sharing `shared` tokens: random student ids paired with random teacher ids (the
-    identity map when both vocabularies are `shared` tokens); w = 1 - overlap, as crossvocab.vocab_map sets it."""
+    """A crosstok.vocab.VocabMap sharing `shared` tokens: random student ids paired with random teacher ids (the
+    identity map when both vocabularies are `shared` tokens); w = 1 - overlap, as crosstok.vocab.vocab_map sets it."""
     import dataclasses
 
     import torch

@@ -112,7 +112,7 @@ def _train(path: str | None, overrides: list[str]) -> int:
     return 0
 
 
-# eval and export of a trained output_dir default to its saved keys (trained_run.py: template, cutoff_len, ...;
+# eval and export of a trained output_dir default to its saved keys (models/trained_run.py: template, cutoff_len, ...;
 # eval also the run's held-out split when no dataset is given)
 def _export(path: str | None, overrides: list[str]) -> int:
     cfg = trained_run.load(path, overrides, "export")

@@ -2,7 +2,7 @@
 objective; and the lm-eval bridge.
 
 `held_out` is the one held-out evaluator: `llmneo train` (val_size / eval_dataset: eval_strategy's rows and
-the final scores, train_eval.py), `llmneo eval` and `llmneo sweep` (through train's results) all score with it. Every metric is over the response positions
+the final scores, train/periodic_eval.py), `llmneo eval` and `llmneo sweep` (through train's results) all score with it. Every metric is over the response positions
 training scores (the next-token shift): `ce_loss` is the mean CE per response token and `perplexity` its
 exp (inf where that overflows a float); with a teacher, `kl_to_teacher` is the mean forward KL(p_T ‖ p_S)
 at T = 1 over the real vocabulary, `top1_agreement` the fraction of positions where the two argmaxes

@@ -10,7 +10,7 @@ import re
 from llmneo.errors import LlmneoError
 
 LORA_VARIANTS = ("lora", "dora", "rslora", "pissa", "olora", "moslora")
-# Divergences over the teacher's whole distribution (losses.py), and estimators scored on sampled tokens only.
+# Divergences over the teacher's whole distribution (loss/divergences.py), and estimators scored on sampled tokens only.
 DIVERGENCES = ("fkl", "rkl", "jsd", "skew_fkl", "skew_rkl", "tvd")
 SAMPLED_KD_LOSSES = ("sampled_rkl",)
 KD_LOSSES = DIVERGENCES + SAMPLED_KD_LOSSES

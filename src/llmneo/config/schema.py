@@ -46,7 +46,7 @@ def looks_local(name: str) -> bool:
 
 
 # What `llmneo train` saves in output_dir: every key, loadable again with `llmneo train llmneo_config.yaml`.
-# `llmneo eval` / `llmneo export` of a trained run take some of its keys (trained_run.py).
+# `llmneo eval` / `llmneo export` of a trained run take some of its keys (models/trained_run.py).
 SAVED_CONFIG = "llmneo_config.yaml"
 
 

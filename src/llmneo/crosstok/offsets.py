@@ -17,7 +17,7 @@ decoded and tokenized again by the teacher.
 
 A teacher span a..b-1 gives the student token its distribution as GOLD does: the teacher's distribution of
 the span's first token (at position a-1) times the probabilities of the actual continuation tokens
-(alignment.teacher_spans computes it; the loss is crossvocab.hybrid_divergence).
+(teachers.aligner.teacher_spans computes it; the loss is crosstok.vocab.hybrid_divergence).
 """
 
 from __future__ import annotations
@@ -275,7 +275,7 @@ def check_supported(config) -> None:
 
 
 def vocab_for(config, student_tok, teacher_tok, template_name: str | None = None):
-    """The run's crossvocab.VocabMap: shared tokens, plus EOS and the end-of-turn tokens paired."""
+    """The run's crosstok.vocab.VocabMap: shared tokens, plus EOS and the end-of-turn tokens paired."""
     student_end = turn_end(student_tok, templates.resolve(student_tok, config.template)[0])
     teacher_end = turn_end(teacher_tok, templates.resolve(teacher_tok, template_name or config.teacher_template
                                                          or config.template)[0])

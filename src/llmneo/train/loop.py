@@ -9,7 +9,7 @@ where both terms are *sums* over response tokens divided by the number of respon
 whole optimizer step, across gradient-accumulation micro-batches and data-parallel ranks. So one
 batch of 8 and four accumulated batches of 2 give the same gradient.
 
-`run` reads top to bottom: set up (training_setup.py), one `optimizer_step` per step (its micro-batches
+`run` reads top to bottom: set up (train/setup.py), one `optimizer_step` per step (its micro-batches
 from the step source, the teacher's rows through the aligner into the fused loss), logging and
 checkpoints between steps, then `finish` (held-out scores, the final model, results).
 """
@@ -331,7 +331,7 @@ def _save_model(accelerator, model, tokenizer, directory: Path, out: Path, confi
     staging folder in output_dir `out`, which holds the initial adapter that PiSSA / OLoRA convert against).
 
     MoSLoRA is saved folded (A ← M·A) and PiSSA / OLoRA converted to a LoRA on the original base, so
-    the result is a plain PEFT adapter whatever the variant (see adapters.py).
+    the result is a plain PEFT adapter whatever the variant (see models/adapters.py).
     """
     unwrapped = accelerator.unwrap_model(model)
     extra = {} if state_dict is None else {"state_dict": state_dict}

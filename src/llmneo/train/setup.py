@@ -294,7 +294,7 @@ class Crossing:
     vocabulary map."""
 
     teacher_tokenizer: object
-    vocab: object  # crossvocab.VocabMap
+    vocab: object  # crosstok.vocab.VocabMap
 
 
 def _crossing(config: Config, loaded: loading.Loaded) -> Crossing | None:
