@@ -1,9 +1,9 @@
 """Load the student, the teacher and the tokenizer; decide dtypes; check the vocabularies once.
 
 Teacher and student share a tokenizer (`tokenizers_match` is the one test), unless the run distils across
-tokenizers (crosstok/): then the teacher's own tokenizer is loaded beside it. Embedding matrices may be padded differently
-(Qwen2.5: 151,665 tokens, 151,936 or 152,064 rows): losses then run over the real `len(tokenizer)`
-entries only, so padding rows never receive probability mass.
+tokenizers (crosstok/): then the teacher's own tokenizer is loaded beside it. Embedding matrices may be
+padded differently (Qwen2.5: 151,665 tokens, 151,936 or 152,064 rows): losses then run over the real
+`len(tokenizer)` entries only, so padding rows never receive probability mass.
 """
 
 from __future__ import annotations
