@@ -15,6 +15,7 @@ import random
 import pytest
 import torch
 
+from llmneo.models.generate import Generator
 from llmneo.train.steps import RolloutSteps, Step, on_policy_draw
 
 SEED, LMBDA = 7, 0.3
@@ -32,7 +33,7 @@ class OneBatch:
                       "attention_mask": torch.ones(1, 5, dtype=torch.long)}])
 
 
-class FixedReply:
+class FixedReply(Generator):
     """A student that always replies with the same two tokens and draws from no RNG."""
 
     def generate(self, prompts: list[torch.Tensor]) -> list[torch.Tensor]:

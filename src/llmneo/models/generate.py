@@ -35,7 +35,16 @@ from llmneo.models import heads
 
 
 class Generator(Protocol):
-    def generate(self, prompts: list[torch.Tensor]) -> list[torch.Tensor]: ...
+    """What writes a step's replies (HF `generate` here; an inference engine would be another). Generators
+    subclass it, so `generate_many` has a default: one `generate` per micro-batch."""
+
+    def generate(self, prompts: list[torch.Tensor]) -> list[torch.Tensor]:
+        """One reply (token ids) per prompt."""
+        ...
+
+    def generate_many(self, batches: list[list[torch.Tensor]]) -> list[list[torch.Tensor]]:
+        """Replies for a step's micro-batches of prompts."""
+        return [self.generate(prompts) for prompts in batches]
 
 
 @dataclass(frozen=True)
@@ -131,7 +140,7 @@ def turn_end_ids(examples: list[dict], tokenizer) -> set[int]:
     return ends
 
 
-class HFGenerator:
+class HFGenerator(Generator):
     """HF `generate` on `model` (DDP / accelerate / PEFT wrappers are looked through; PEFT's adapters stay on).
     Replies stop at EOS, at the model's generation_config EOS ids and at `stop_ids` (turn_end_ids), and never
     run past the model's max_position_embeddings."""

@@ -108,8 +108,7 @@ class RolloutSteps:
         else:
             return step
         prompts = [rollout.prompts(batch) for batch in step.micro]
-        replies_of = writer.generate_many(prompts) if hasattr(writer, "generate_many") else [
-            writer.generate(p) for p in prompts]  # one LoRA merge for the whole step
+        replies_of = writer.generate_many(prompts)  # HFGenerator: one LoRA merge for the whole step
         micro = [rollout.with_replies(p, r, self.pad_token_id, self.device) for p, r in zip(prompts, replies_of)]
         for rebuilt, batch, prompt, reply in zip(micro, step.micro, prompts, replies_of):
             if "teacher" in batch:  # routing: each row keeps its teacher
