@@ -12,17 +12,16 @@ from dataclasses import dataclass, fields
 
 @dataclass
 class Window:
-    """The window's sums. ce / kd / tokens: the steps on dataset or teacher-written replies; op_*: the on-policy
-    steps (KD alone, over the student's own tokens); seen: every non-pad token; steps: all steps."""
+    """The window's sums, over all ranks, since its last row."""
 
-    ce: float = 0.0
-    kd: float = 0.0
-    tokens: int = 0
-    seen: int = 0
-    op_kd: float = 0.0
-    op_tokens: int = 0
-    op_steps: int = 0
-    steps: int = 0
+    ce: float = 0.0  # CE sum of the steps on dataset (or teacher-written) replies
+    kd: float = 0.0  # their KD sum
+    tokens: int = 0  # their response tokens
+    seen: int = 0  # every non-pad token the steps read
+    op_kd: float = 0.0  # on-policy steps: the KD sum alone, over the student's own tokens
+    op_tokens: int = 0  # those tokens
+    op_steps: int = 0  # how many on-policy steps
+    steps: int = 0  # all steps
     per_teacher: list | None = None  # several teachers: each one's [KD sum, positions scored]; None for one
     aligned: list | None = None  # cross-tokenizer KD: [positions aligned, positions]; None for one tokenizer
 
