@@ -4,7 +4,7 @@ An aligner asks the teacher signal for its rows and returns rows for exactly the
 positions, counting the positions it could align (the loss leaves the KD term of the others out):
 
     rows(teacher, batch, positions) -> rows   rows for the student's `positions` (bool [B, T])
-    take_counts() -> (aligned, positions)     since the metrics last took them
+    take_counts() -> (aligned, positions)     since the metrics last took them; None where all align
 
 `IdentityAligner` serves teacher and student sharing one tokenizer (models.loading checks that): position t of
 the teacher is position t of the student, and everything aligns.
@@ -32,7 +32,7 @@ from llmneo.teachers.signal import TeacherSignal
 class Aligner(Protocol):
     def rows(self, teacher: TeacherSignal, batch: dict, positions: torch.Tensor): ...
 
-    def take_counts(self) -> tuple[int, int]: ...
+    def take_counts(self) -> tuple[int, int] | None: ...
 
 
 class IdentityAligner:
@@ -41,8 +41,9 @@ class IdentityAligner:
     def rows(self, teacher: TeacherSignal, batch: dict, positions: torch.Tensor):
         return teacher.rows(batch, positions)
 
-    def take_counts(self) -> tuple[int, int]:
-        return 0, 0
+    def take_counts(self) -> None:
+        """Nothing to count: every position aligns (the metrics then carry no kd_aligned_fraction)."""
+        return None
 
 
 class CrossTokenizerAligner:

@@ -139,9 +139,7 @@ def optimizer_step(setup: TrainingSetup, step: int) -> dict:
     if per_teacher is not None:
         per_teacher = accelerator.reduce(per_teacher, "sum").tolist()
     aligned = setup.aligner.take_counts()
-    if isinstance(setup.aligner, IdentityAligner):
-        aligned = None
-    else:  # cross-tokenizer KD: the positions the aligner could align, over all ranks
+    if aligned is not None:  # cross-tokenizer KD: the positions the aligner could align, over all ranks
         aligned = accelerator.reduce(torch.tensor(aligned, dtype=torch.float64, device=accelerator.device),
                                      "sum").tolist()
         for i, value in enumerate(aligned):
