@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from llmneo.config import reference, schema
@@ -115,8 +117,6 @@ def test_help_lists_every_key_with_default():
 
 
 def test_docs_config_reference_is_current():
-    from pathlib import Path
-
     doc = Path(__file__).parents[2] / "docs" / "config.md"
     regenerate = "regenerate: python -m llmneo.config.reference > docs/config.md"
     assert doc.read_text() == reference.reference_markdown(), regenerate

@@ -11,6 +11,7 @@ import yaml
 
 from llmneo import cli
 from llmneo.config import schema
+from llmneo.data import templates
 from llmneo.demo import tiny
 from llmneo.models import trained_run
 
@@ -91,8 +92,6 @@ def test_trained_run_defaults_only_fill_unset_keys(alpaca_run):
 @pytest.mark.slow
 def test_export_carries_the_training_template(tmp_path, alpaca_run):
     from transformers import AutoTokenizer
-
-    from llmneo.data import templates
 
     assert cli.main(["export", f"adapter_name_or_path={alpaca_run}", f"export_dir={tmp_path / 'merged'}"]) == 0
     exported = AutoTokenizer.from_pretrained(tmp_path / "merged")
