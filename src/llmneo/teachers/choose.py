@@ -24,7 +24,8 @@ from llmneo.teachers.signal import TeacherSignal
 def choose(config, loaded, train_examples: list[dict], accelerator,
            cache_teacher_tokenizer=None) -> TeacherSignal | None:
     """The run's teacher signal, chosen once: a cache (teacher_cache; one per teacher, routed), a served
-    teacher, the loaded teacher model, several of the last two (mixed or routed), or None (CE alone). The live teacher is placed by the engine (replicated, or sharded with full logits).
+    teacher, the loaded teacher model, several of the last two (mixed or routed), or None (CE alone). The live
+    teacher is placed by the engine (replicated, or sharded with full logits).
     `cache_teacher_tokenizer`: the teacher tokenizer a cross-tokenizer cache stored (its fingerprint covers it)."""
     if config.uses_cache and len(config.teachers) > 1:  # one cache per teacher, routed
         parts = []
