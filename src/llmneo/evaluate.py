@@ -2,13 +2,13 @@
 objective; and the lm-eval bridge.
 
 `held_out` is the one held-out evaluator: `llmneo train` (val_size / eval_dataset: eval_strategy's rows and
-the final scores, train/periodic_eval.py), `llmneo eval` and `llmneo sweep` (through train's results) all score with it. Every metric is over the response positions
-training scores (the next-token shift): `ce_loss` is the mean CE per response token and `perplexity` its
-exp (inf where that overflows a float); with a teacher, `kl_to_teacher` is the mean forward KL(p_T ‖ p_S)
-at T = 1 over the real vocabulary, `top1_agreement` the fraction of positions where the two argmaxes
-agree, and `kd_loss` the mean of the run's configured divergence (kd_loss, kd_temperature, ...), so
-training's KD objective is reported on held-out rows too. `tasks=...` hands the same in-memory model to
-lm-evaluation-harness through its HF wrapper.
+the final scores, train/periodic_eval.py), `llmneo eval` and `llmneo sweep` (through train's results) all
+score with it. Every metric is over the response positions training scores (the next-token shift): `ce_loss`
+is the mean CE per response token and `perplexity` its exp (inf where that overflows a float); with a teacher,
+`kl_to_teacher` is the mean forward KL(p_T ‖ p_S) at T = 1 over the real vocabulary, `top1_agreement` the
+fraction of positions where the two argmaxes agree, and `kd_loss` the mean of the run's configured divergence
+(kd_loss, kd_temperature, ...), so training's KD objective is reported on held-out rows too. `tasks=...` hands
+the same in-memory model to lm-evaluation-harness through its HF wrapper.
 
 `greedy_teacher_logprob` scores what a model *writes* rather than how it predicts the references: it
 continues each held-out prompt greedily and reports the teacher's mean log-prob per token of those replies,
@@ -155,8 +155,8 @@ def greedy_teacher_logprob(model, teacher, examples: list[dict], tokenizer, *, m
                            batch_size: int = 8, device: torch.device | str = "cpu") -> dict:
     """The teacher's log-prob of `model`'s own greedy replies to the prompts of `examples`.
 
-    Each example's prompt (its tokens before its last reply, rollout.prompts) is continued greedily by
-    `model` (rollout.HFGenerator at temperature 0: up to `max_new_tokens`, cut after the first EOS of the
+    Each example's prompt (its tokens before its last reply, models.generate.prompts) is continued greedily by
+    `model` (models.generate.HFGenerator at temperature 0: up to `max_new_tokens`, cut after the first EOS of the
     tokenizer or the model's generation_config), and the teacher scores prompt + reply under teacher forcing.
     Returns `teacher_logprob`, the mean log p_T per generated token (EOS included, log-softmax over the
     tokenizer's vocabulary), `generated_tokens`, and `replies_ended`, the fraction of replies that reached
@@ -304,7 +304,7 @@ def run(config: Config) -> dict:
     if not config.dataset and not config.tasks:
         raise LlmneoError("nothing to evaluate: set dataset=... (perplexity, KL, agreement) and/or tasks=...")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = loading.weight_dtype(config, "eval")  # bf16 on a bf16 GPU under auto (models.py says why)
+    dtype = loading.weight_dtype(config, "eval")  # bf16 on a bf16 GPU under auto (models/loading.py says why)
     model, tokenizer = loading.load_trained(config, dtype)
     model.to(device)
     results: dict = {"model": config.model_name_or_path}

@@ -6,7 +6,7 @@ decode to; special tokens only by their exact text), plus each side's EOS and en
 other's, which say the same thing in different words.
 
 The hybrid divergence at one aligned position (the student's distribution p over V_S, the teacher's span
-distribution q over V_T from alignment.teacher_spans, whose mass is below 1 when the span continues):
+distribution q over V_T from teachers.aligner.teacher_spans, whose mass is below 1 when the span continues):
 
     KD = (1 - w) · D(q̄ ‖ p̄) + w · ULD(p|unshared, q|unshared)
 

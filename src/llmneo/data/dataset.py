@@ -20,7 +20,7 @@ import torch
 from llmneo.crosstok.offsets import Rendered, collate_teacher, require_fast
 from llmneo.data import packing, sources, templates
 from llmneo.data import tool_calls as tool_data
-from llmneo.data.labels import IGNORE_INDEX, response_indices
+from llmneo.data.labels import IGNORE_INDEX, has_response
 from llmneo.errors import LlmneoError
 
 
@@ -124,7 +124,7 @@ class _Encoder:
                                       f"the template") from None
             beyond = 0 if self.cutoff_len is None else sum(label != IGNORE_INDEX for label in labels[self.cutoff_len:])
             ids, labels = ids[:self.cutoff_len], labels[:self.cutoff_len]  # [:None] keeps all
-            if response_indices(labels):  # a token to train on (labels[0] is never scored)
+            if has_response(labels):  # a token to train on (labels[0] is never scored)
                 example = {"input_ids": ids, "labels": labels, **({"route": row["route"]} if "route" in row else {})}
                 if rendered is not None:
                     try:

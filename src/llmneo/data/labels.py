@@ -36,6 +36,11 @@ def response_count(labels: torch.Tensor) -> int:
     return int((labels[:, 1:] != IGNORE_INDEX).sum())
 
 
+def has_response(labels: Sequence[int]) -> bool:
+    """Whether one example has a response position (a response token after its first), stopping at the first."""
+    return any(label != IGNORE_INDEX for label in labels[1:])
+
+
 def response_indices(labels: Sequence[int]) -> list[int]:
     """One example's response positions as a list: each t whose labels[t+1] is a response token."""
     return [t for t in range(len(labels) - 1) if labels[t + 1] != IGNORE_INDEX]

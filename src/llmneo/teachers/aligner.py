@@ -30,6 +30,8 @@ from llmneo.teachers.signal import TeacherSignal
 
 
 class Aligner(Protocol):
+    crosses: bool  # True: teacher and student tokenize differently (teacher scores cannot compare token by token)
+
     def rows(self, teacher: TeacherSignal, batch: dict, positions: torch.Tensor): ...
 
     def take_counts(self) -> tuple[int, int] | None: ...
@@ -37,6 +39,8 @@ class Aligner(Protocol):
 
 class IdentityAligner:
     """Same tokenizer on both sides: the teacher's rows already sit on the student's positions."""
+
+    crosses = False
 
     def rows(self, teacher: TeacherSignal, batch: dict, positions: torch.Tensor):
         return teacher.rows(batch, positions)
@@ -50,6 +54,8 @@ class CrossTokenizerAligner:
     """A teacher with another tokenizer: SpanRows at the student's positions, over the vocabulary map `vocab`.
     `unaligned_ce` (kd_unaligned: ce): an unaligned position of a row whose replies are the data's takes its CE
     as its KD term, so it trains on full CE; the student's own replies (`reply_is_data` false) never do."""
+
+    crosses = True
 
     def __init__(self, vocab, unaligned_ce: bool = True):
         self.vocab, self.unaligned_ce = vocab, unaligned_ce

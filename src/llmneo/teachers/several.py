@@ -1,7 +1,7 @@
 """Several teachers behind one signal: mixed in probability (`MixtureTeacher`, teacher_weights) or each row
 scored by one of them (`RoutedTeacher`, teacher_column; `route_index` reads a row's teacher_column value).
-Both keep each teacher's (KD sum, positions) for the metrics (`take_sums`), and hand `prefetch` and `close`
-to their members."""
+Both keep each teacher's (KD sum, positions) for the metrics (`take_sums`) and close their members; a routed
+teacher also hands `prefetch` to its members (served teachers; the config refuses teacher_weights with them)."""
 
 from __future__ import annotations
 
@@ -38,10 +38,6 @@ class MixtureTeacher(_SeveralTeachers):
 
     def rows(self, batch: dict, positions: torch.Tensor) -> MixtureRows:
         return MixtureRows([t.rows(batch, positions) for t in self.teachers], self.log_weights, self.sums)
-
-    def prefetch(self, batch: dict, positions: torch.Tensor) -> None:
-        for t in self.teachers:  # each member is asked for every row, as `rows` will ask
-            t.prefetch(batch, positions)
 
 
 class RoutedTeacher(_SeveralTeachers):

@@ -17,7 +17,6 @@ from __future__ import annotations
 from llmneo import evaluate
 from llmneo.errors import LlmneoError
 from llmneo.loss.divergences import KDSettings
-from llmneo.teachers.aligner import IdentityAligner
 from llmneo.train import tracking
 from llmneo.train.setup import TrainingSetup
 
@@ -26,7 +25,7 @@ def scores(setup: TrainingSetup) -> dict:
     """The held-out split's eval_* scores, with the teacher where it can score them: a cache holds the
     training split only, and a teacher with another tokenizer cannot compare token by token."""
     config, accelerator = setup.config, setup.accelerator
-    crossing = not isinstance(setup.aligner, IdentityAligner)
+    crossing = setup.aligner.crosses
     teacher_model = None if config.uses_cache or crossing or setup.teacher is None else setup.teacher.model
     found = evaluate.held_out(setup.model, teacher_model, setup.splits.eval,
                               pad_token_id=setup.loaded.tokenizer.pad_token_id, vocab_size=setup.vocab_size,

@@ -11,7 +11,7 @@ and, for dataset rows, `index`) as a `Step`, and the loss never knows where they
 - `PrefetchSteps`: dataset steps for a served teacher, whose rows are requested a step ahead.
 - `RolloutSteps` (lmbda > 0 or seq_kd): the same dataset batches, whose replies are replaced, per step, by
   the student's own continuations of their prompts (with probability lmbda: on-policy) or else, under
-  seq_kd, by the teacher's (rollout.py). The draw depends on the seed and the step number only, so every
+  seq_kd, by the teacher's (models/generate.py). The draw depends on the seed and the step number only, so every
   rank makes the same one and a resumed run makes the same draws; the sampling itself draws from torch's
   RNG, which checkpoints save per rank.
 """
