@@ -259,7 +259,8 @@ def _steps(model, tokenizer, cfg, examples: list[dict], dev, dtype, repeats: int
     loop.accumulate = timers["accumulate"].wrap(loop.accumulate)
     _timed_merge(timers["merge"])
     generator = _generator(model, tokenizer, cfg.temperature)
-    generator.generate = timers["generate"].wrap(generator.generate)
+    # RolloutSteps asks for a step's replies at once (generate_many: one merge of the LoRA weights per step)
+    generator.generate_many = timers["generate"].wrap(generator.generate_many)
     on_policy = step_source.RolloutSteps(_Fixed(dataset), generator, None, lmbda=1.0, seed=0,
                                          pad_token_id=tokenizer.pad_token_id, device=dev)
     off_policy = _Fixed()
