@@ -182,10 +182,10 @@ def test_a_padded_head_whose_extra_rows_rank_is_one_line_naming_the_cause(tmp_pa
 
 def test_other_400s_are_not_blamed_on_max_logprobs(server):
     endpoint = served.Endpoint(server.url, None)
-    error = endpoint._client_error(400, "Prefix caching with prompt logprobs not yet supported on VLLM V1.",
+    error = endpoint.client_error(400, "Prefix caching with prompt logprobs not yet supported on VLLM V1.",
                                    {"prompt_logprobs": 20})
     assert "--no-enable-prefix-caching" in str(error) and "--max-logprobs" not in str(error)
-    error = endpoint._client_error(400, "Unknown field prompt_logprobs", {"prompt_logprobs": 20})
+    error = endpoint.client_error(400, "Unknown field prompt_logprobs", {"prompt_logprobs": 20})
     assert "--max-logprobs" not in str(error) and "HTTP 400" in str(error)
 
 

@@ -9,8 +9,8 @@ The protocol (vLLM's; nothing here imports vllm):
   POST {server root}/tokenize  {"model", "prompt": text, "add_special_tokens": false} → {"tokens": [...], ...}
   GET  {teacher_endpoint}/models → {"data": [{"id": name, ...}]}
 
-`Endpoint` sends those requests with retries (exponential back-off on timeouts, refused connections and
-5xx) and turns every failure into one line saying what to do. `sparse_rows` reads the entry that predicts
+`Endpoint` sends those requests through llmneo.endpoint (retries with exponential back-off on timeouts,
+refused connections and 5xx; every failure one line saying what to do) and knows vLLM's teacher-side errors. `sparse_rows` reads the entry that predicts
 each response token into the top-k ids, log-probs and tail mass the sparse losses already take (rows.py).
 `ServedTeacher` is the training-time teacher signal (`rows(batch, positions)`), fetching batches ahead on a
 thread pool (`prefetch`) so the student does not wait; `cache.capture` captures from an Endpoint the same way.
@@ -20,18 +20,11 @@ The API key comes from the environment variable named by `teacher_api_key_env`, 
 from __future__ import annotations
 
 import hashlib
-import http.client
-import json
-import os
-import socket
-import threading
-import urllib.error
-import urllib.request
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 
-from llmneo.config.checks import names_a_variable, shown_url
+from llmneo.endpoint import JsonEndpoint
 from llmneo.errors import LlmneoError
 from llmneo.loss.rows import SampledRows, SparseRows
 from llmneo.teachers.signal import TeacherSignal
@@ -39,72 +32,17 @@ from llmneo.teachers.signal import TeacherSignal
 PROBE = "llmneo checks the teacher's tokenizer: Hello, world! 123 ümlaut 東京"
 
 
-class Endpoint:
-    """vLLM's OpenAI-compatible server at `url` (…/v1) serving `model`."""
+class Endpoint(JsonEndpoint):
+    """vLLM's OpenAI-compatible server at `url` (…/v1) serving the teacher `model`."""
+
+    key = "teacher_endpoint"
 
     def __init__(self, url: str, model: str | None, api_key_env: str | None = None, *, timeout: float = 120.0,
                  retries: int = 4, backoff: float = 0.25):
-        self.url = url.rstrip("/")
-        self.root = self.url[: -len("/v1")] if self.url.endswith("/v1") else self.url
-        self.shown = shown_url(self.url)  # for messages: no credentials a URL may carry
-        self.timeout, self.retries, self.backoff = timeout, retries, backoff
-        self._stopping = threading.Event()  # set by stop(): no new attempt starts (a failed run exits promptly)
-        self.api_key = None
-        if api_key_env:
-            self.api_key = os.environ.get(api_key_env)
-            if not self.api_key:
-                # The name is shown only when it looks like one: a key pasted into teacher_api_key_env is not echoed.
-                named = api_key_env if names_a_variable(api_key_env) else "the variable it names"
-                raise LlmneoError(f"teacher_api_key_env: {named} is not set in the environment; export it (the key "
-                                  f"never goes into a config), and give teacher_api_key_env a variable's NAME, e.g. "
-                                  f"OPENAI_API_KEY")
+        super().__init__(url, api_key_env, timeout=timeout, retries=retries, backoff=backoff)
         self.model = model or self._only_model()
 
-    # --- requests --------------------------------------------------------------------------------------------
-    def request(self, method: str, url: str, payload: dict | None = None) -> dict:
-        """JSON in, JSON out; retried on timeouts, refused connections and 5xx; one-line errors otherwise."""
-        body = None if payload is None else json.dumps(payload).encode()
-        headers = {"Content-Type": "application/json"}
-        if self.api_key:
-            headers["Authorization"] = f"Bearer {self.api_key}"
-        problem = ""
-        for attempt in range(self.retries + 1):
-            if attempt and self._stopping.wait(self.backoff * 2 ** (attempt - 1)):
-                break
-            if self._stopping.is_set():
-                problem = "stopped"
-                break
-            try:
-                req = urllib.request.Request(url, data=body, headers=headers, method=method)
-                with urllib.request.urlopen(req, timeout=self.timeout) as answer:
-                    return json.loads(answer.read().decode())
-            except urllib.error.HTTPError as exc:
-                message = _error_message(exc)
-                if exc.code >= 500:
-                    problem = f"HTTP {exc.code} ({message})"
-                    continue
-                raise self._client_error(exc.code, message, payload) from None
-            except (TimeoutError, socket.timeout):
-                problem = f"no answer within {self.timeout:g} s"
-            except urllib.error.URLError as exc:
-                reason = exc.reason
-                if isinstance(reason, (TimeoutError, socket.timeout)):
-                    problem = f"no answer within {self.timeout:g} s"
-                else:
-                    problem = f"cannot connect ({getattr(reason, 'strerror', None) or reason})"
-            except (ConnectionError, http.client.HTTPException, json.JSONDecodeError, UnicodeDecodeError) as exc:
-                if isinstance(exc, http.client.InvalidURL):
-                    raise LlmneoError(f"teacher_endpoint {self.shown} is not a valid URL ({exc}); e.g. "
-                                      f"http://localhost:8000/v1") from None
-                problem = f"a broken answer ({type(exc).__name__})"
-        raise LlmneoError(f"teacher_endpoint {self.shown}: {problem} after {self.retries + 1} attempts; check that "
-                          f"the server is up and reachable (vllm serve ...), or raise its capacity")
-
-    def stop(self) -> None:
-        """Start no further attempt: requests in flight end within their timeout, queued ones fail at once."""
-        self._stopping.set()
-
-    def _client_error(self, code: int, message: str, payload: dict | None) -> LlmneoError:
+    def client_error(self, code: int, message: str, payload: dict | None) -> LlmneoError:
         k = (payload or {}).get("prompt_logprobs")
         if code == 400 and k is not None and "max allowed" in message.lower():  # vLLM: "... greater than max allowed: 20"
             return LlmneoError(f"teacher_endpoint refused prompt_logprobs={k} ({message}); start vLLM with "
@@ -118,10 +56,10 @@ class Endpoint:
         if code == 404:
             return LlmneoError(f"teacher_endpoint {self.shown}: HTTP 404 ({message}); check the URL (it ends in /v1) "
                                f"and teacher_endpoint_model")
-        return LlmneoError(f"teacher_endpoint {self.shown} answered HTTP {code}: {message}")
+        return super().client_error(code, message, payload)
 
     def _only_model(self) -> str:
-        served = [m.get("id") for m in self.request("GET", f"{self.url}/models").get("data", [])]
+        served = self.served_models()
         if len(served) != 1:
             raise LlmneoError(f"teacher_endpoint {self.shown} serves {len(served)} models ({', '.join(map(str, served))});"
                               f" name one in teacher_endpoint_model")
@@ -148,16 +86,6 @@ class Endpoint:
         answer = self.request("POST", f"{self.root}/tokenize",
                               {"model": self.model, "prompt": text, "add_special_tokens": False})
         return [int(t) for t in answer.get("tokens", [])]
-
-
-def _error_message(exc: urllib.error.HTTPError) -> str:
-    try:
-        body = json.loads(exc.read().decode() or "{}")
-    except (json.JSONDecodeError, UnicodeDecodeError, OSError):
-        return exc.reason or "no message"
-    error = body.get("error", body) if isinstance(body, dict) else body  # {"error": {...}}, {"error": "..."} or flat
-    message = error.get("message") if isinstance(error, dict) else error if isinstance(error, str) else None
-    return (str(message or exc.reason or "no message").splitlines() or ["no message"])[0][:300]
 
 
 def check_endpoint(endpoint: Endpoint, tokenizer, k: int) -> None:
