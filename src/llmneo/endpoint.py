@@ -22,6 +22,11 @@ from llmneo.config.checks import names_a_variable, shown_url
 from llmneo.errors import LlmneoError
 
 
+class EndpointGone(LlmneoError):
+    """The server stayed unreachable (refused, timed out, 5xx, broken answers) through every retry, or the
+    endpoint was stopped: the training loop checkpoints its last completed step before saying so."""
+
+
 class JsonEndpoint:
     """The server at `url` (…/v1); `key` names the config key in messages (teacher_endpoint, rollout_endpoint)."""
 
@@ -82,7 +87,7 @@ class JsonEndpoint:
                     raise LlmneoError(f"{self.key} {self.shown} is not a valid URL ({exc}); e.g. "
                                       f"http://localhost:8000/v1") from None
                 problem = f"a broken answer ({type(exc).__name__})"
-        raise LlmneoError(f"{self.key} {self.shown}: {problem} after {self.retries + 1} attempts; check that "
+        raise EndpointGone(f"{self.key} {self.shown}: {problem} after {self.retries + 1} attempts; check that "
                           f"the server is up and reachable (vllm serve ...), or raise its capacity")
 
     def stop(self) -> None:

@@ -320,3 +320,29 @@ def test_served_teachers_can_be_routed_like_live_ones(tmp_path, local_overrides,
     for a, b in zip(read_metrics(live), read_metrics(tmp_path / "served")):
         assert b["kd_loss"] == pytest.approx(a["kd_loss"], abs=1e-5)
         assert b["kd_loss_per_teacher"] == pytest.approx(a["kd_loss_per_teacher"], abs=1e-5)
+
+
+@pytest.mark.slow
+def test_a_server_gone_mid_run_leaves_a_checkpoint_of_the_last_whole_step_that_resumes_exactly(
+        tmp_path, served_overrides, server, capsys):
+    """The server answers the k probe and steps 1 and 2, then only 503s: step 3 fails after its retries. The run
+    checkpoints step 2 with the RNG as step 2 left it (LoRA dropout draws in the failed step's forward), says so
+    in one line and exits 2; resumed once the server is back, it ends like a run that never stopped."""
+    values = {**served_overrides, "lora_dropout": 0.1}
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    assert cli.main(["train", write_yaml(tmp_path, "w.yaml", {**values, "output_dir": str(whole)})]) == 0
+    server.stop_after = server.completions + 3  # step 2's request goes out during step 1, step 3's during step 2
+    capsys.readouterr()
+    assert cli.main(["train", write_yaml(tmp_path, "c.yaml", {**values, "output_dir": str(cut)})]) == 2
+    err = capsys.readouterr().err
+    last = err.strip().splitlines()[-1]
+    assert "Traceback" not in err and err.count("llmneo: error:") == 1 and last.startswith("llmneo: error:")
+    assert "HTTP 503" in last and f"checkpoint written to {cut / 'checkpoint-2'}." in last
+    assert "resume_from_checkpoint=auto" in last
+    assert sorted(p.name for p in cut.glob("checkpoint-*")) == ["checkpoint-2"]
+    assert not (cut / "train_results.json").exists()
+    server.stop_after = None
+    resumed = {**values, "output_dir": str(cut), "resume_from_checkpoint": "auto"}
+    assert cli.main(["train", write_yaml(tmp_path, "r.yaml", resumed)]) == 0
+    assert "resuming from" in capsys.readouterr().out
+    assert_same_training(whole, cut, tol=1e-6)

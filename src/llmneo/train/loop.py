@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 from llmneo import plot, run_dir
 from llmneo.config.schema import Config
 from llmneo.data.labels import response_count, response_positions, targets_at
+from llmneo.endpoint import EndpointGone
 from llmneo.errors import LlmneoError
 from llmneo.loss.chunked import fused_loss, unfused_loss
 from llmneo.loss.divergences import SAMPLED_KINDS
@@ -53,8 +54,13 @@ def run(config: Config) -> dict:
     last: dict = {}
     try:
         with preemption.StopRequests() as stop:
+            saved = setup.resume_from  # the newest checkpoint of this run
             for step in range(progress.step + 1, setup.total_steps + 1):
-                last = optimizer_step(setup, step)
+                rng = checkpoint.rng_state()  # as step - 1 left it, for a checkpoint of that step (endpoint_gone)
+                try:
+                    last = optimizer_step(setup, step)
+                except EndpointGone as exc:
+                    raise endpoint_gone(setup, clock, exc, rng, saved) from None
                 bar.update(1)
                 if step % config.logging_steps == 0 or step == setup.total_steps:
                     log_window(setup, step, last["grad_norm"], clock, bar)
@@ -165,6 +171,23 @@ def _non_finite(setup: TrainingSetup, step: int, loss: float, grad_norm: float) 
     return LlmneoError(f"non-finite loss or gradient at step {step} (loss={loss}, grad_norm={grad_norm}); "
                        f"lower learning_rate or use bf16 instead of fp16"
                        + (f"; the last good checkpoint is {kept[-1][1]}" if kept else ""))
+
+
+def endpoint_gone(setup: TrainingSetup, clock: Clock, exc: EndpointGone, rng: dict,
+                  saved: Path | None) -> LlmneoError:
+    """A server (served teacher, rollouts) stayed down through its retries in the middle of a step: checkpoint
+    the last completed step, with the RNG as it left it (the half-accumulated gradients are dropped), so that
+    resuming once the server is back continues exactly; the error, as one line saying where and how."""
+    progress = setup.progress
+    setup.optimizer.zero_grad(set_to_none=True)
+    if progress.step == 0:
+        return LlmneoError(f"{exc}; no step had completed, so no checkpoint was written: run again once the "
+                           f"server is back")
+    if saved is None or saved.name != f"checkpoint-{progress.step}":
+        checkpoint.set_rng_state(rng)
+        saved = save_checkpoint(setup, clock)
+    return LlmneoError(f"{exc}; stopped after step {progress.step}, checkpoint written to {saved}. Once the server "
+                       f"is back, resume with the same command plus resume_from_checkpoint=auto")
 
 
 def micro_batch_sums(model, teacher, batch: dict, loss_spec: LossSpec, *, aligner=None):
