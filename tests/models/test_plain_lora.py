@@ -152,3 +152,18 @@ def test_served_rank_is_what_the_server_sees(tmp_path):
     assert plain_lora.served_rank(schema.load(overrides={"lora_rank": 8, "lora_variant": "olora"})) == 16
     (tmp_path / "adapter_config.json").write_text(json.dumps({"r": 12, "use_dora": False}))
     assert plain_lora.served_rank(schema.load(overrides={"lora_rank": 8, "adapter_name_or_path": str(tmp_path)})) == 12
+
+
+def test_layers_of_smaller_rank_are_padded_to_one_rank(tmp_path, base):
+    """PEFT's rank_pattern gives layers their own rank; the folder has one r, the smaller layers zero-padded."""
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(copy.deepcopy(base), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                                           rank_pattern={"v_proj": 2}))
+    with torch.no_grad():
+        for p in (p for p in model.parameters() if p.requires_grad):
+            p.add_(0.2 * torch.randn_like(p))
+    assert plain_lora.write(model, tmp_path / "a") == 4
+    tensors = load_file(str(tmp_path / "a" / "adapter_model.safetensors"))
+    assert tensors["base_model.model.model.layers.0.self_attn.v_proj.lora_A.weight"].shape[0] == 4
+    torch.testing.assert_close(_logits(_served(base, tmp_path / "a")), _logits(model.eval()), rtol=0, atol=1e-5)
