@@ -88,7 +88,7 @@ class JsonEndpoint:
                                       f"http://localhost:8000/v1") from None
                 problem = f"a broken answer ({type(exc).__name__})"
         raise EndpointGone(f"{self.key} {self.shown}: {problem} after {self.retries + 1} attempts; check that "
-                          f"the server is up and reachable (vllm serve ...), or raise its capacity")
+                           f"the server is up and reachable (vllm serve ...), or raise its capacity")
 
     def stop(self) -> None:
         """Start no further attempt: requests in flight end within their timeout, queued ones fail at once."""
