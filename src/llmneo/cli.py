@@ -61,7 +61,7 @@ def _flag_style(argv: list[str]) -> str | None:
         if not eq and following and not following.startswith("-") and "=" not in following:
             arg, value = f"{arg} {following}", following
         name = name.replace("-", "_")
-        if name == "teacher_api_key_env":  # an API key pasted as its value is never echoed
+        if name.endswith("_api_key_env"):  # an API key pasted as its value is never echoed
             arg, value = f"--{name}", ""
         return f"'{arg}' is flag syntax; llmneo takes settings as key=value: {name}={value or 'VALUE'}"
     return None

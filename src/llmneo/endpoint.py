@@ -71,6 +71,9 @@ class JsonEndpoint:
             except urllib.error.HTTPError as exc:
                 message = error_message(exc)
                 if exc.code >= 500:
+                    final = self.server_error(exc.code, message, payload)
+                    if final is not None:  # a 5xx that retrying cannot change (a refused adapter)
+                        raise final from None
                     problem = f"HTTP {exc.code} ({message})"
                     continue
                 raise self.client_error(exc.code, message, payload) from None
@@ -100,6 +103,10 @@ class JsonEndpoint:
             return LlmneoError(f"{self.key} {self.shown} refused the request (HTTP {code}: {message}); set the "
                                f"API key's environment variable and name it in the config's *_api_key_env")
         return LlmneoError(f"{self.key} {self.shown} answered HTTP {code}: {message}")
+
+    def server_error(self, code: int, message: str, payload: dict | None) -> LlmneoError | None:
+        """A 5xx answer that retrying cannot change, as one line; None (the default) retries it."""
+        return None
 
     def served_models(self) -> list[str]:
         return [str(m.get("id")) for m in self.request("GET", f"{self.url}/models").get("data", [])]

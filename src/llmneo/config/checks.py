@@ -26,13 +26,15 @@ _RANGES = {
     **dict.fromkeys(("kd_temperature", "lora_rank", "lora_alpha", "cutoff_len", "max_samples", "learning_rate",
                      "per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
                      "logging_steps", "save_steps", "save_total_limit", "ddp_timeout", "teacher_topk", "num_layers",
-                     "eval_limit", "max_new_tokens", "cache_shard_size", "eval_steps"), (lambda v: v > 0, "> 0")),
+                     "eval_limit", "max_new_tokens", "cache_shard_size", "eval_steps", "rollout_sync_steps"),
+                    (lambda v: v > 0, "> 0")),
     **dict.fromkeys(("warmup_steps", "weight_decay", "max_grad_norm", "num_fewshot"), (lambda v: v >= 0, ">= 0")),
     "kd_chunk_size": (lambda v: v >= 0, ">= 0 (0 = unchunked)"),
     **dict.fromkeys(("kd_ratio", "kd_beta", "kd_skew", "lmbda", "kd_uld_weight"),
                     (lambda v: 0.0 <= v <= 1.0, "in [0, 1]")),
     "temperature": (lambda v: 0.0 <= v < math.inf, ">= 0 and finite (0 = greedy)"),
     "top_p": (lambda v: 0.0 < v <= 1.0, "in (0, 1]"),
+    "rollout_ahead": (lambda v: v in (0, 1), "0 or 1"),
     **dict.fromkeys(("lora_dropout", "warmup_ratio"), (lambda v: 0.0 <= v < 1.0, "in [0, 1)")),
 }
 _CHOICES = {"kd_loss": KD_LOSSES, "lora_variant": LORA_VARIANTS, "lr_scheduler_type": SCHEDULERS, "torch_dtype": DTYPES,
@@ -81,6 +83,7 @@ def validate(c) -> None:
              f"teacher_endpoint must be an http(s) URL such as http://localhost:8000/v1, got "
              f"'{shown_url(c.teacher_endpoint)}'")
     _check_generation(c)
+    _check_rollouts(c)
     _check_teachers(c)
     _check_evaluation(c)
     unknown = [t for t in report_to(c) if t not in TRACKERS and t != "all"]
@@ -152,6 +155,33 @@ def _check_generation(c) -> None:
              f"(or teacher_endpoint) and kd_ratio > 0")
     _require(not (c.seq_kd and c.teacher_endpoint), "seq_kd generates with the teacher model here; a served teacher "
              "only scores (use teacher_model_name_or_path, or lmbda > 0 without seq_kd)")
+
+
+ROLLOUT_KEYS = {"rollout_endpoint_model": None, "rollout_api_key_env": None, "rollout_adapter_dir": None,
+                "rollout_sync_steps": 1, "rollout_ahead": 0}  # rollout_endpoint's settings, at their defaults
+
+
+def _check_rollouts(c) -> None:
+    """rollout_endpoint: on-policy replies from a vLLM server of the student's base, with the LoRA adapter synced
+    to it (plain_lora.check_servable also reads a continued adapter's own config, at set-up)."""
+    if not c.rollout_endpoint:
+        given = [key for key, default in ROLLOUT_KEYS.items() if getattr(c, key) != default]
+        _require(not given, f"{given[0] if given else ''} configures the student's rollouts from a vLLM server; set "
+                 f"rollout_endpoint (its /v1 URL), or drop the key")
+        return
+    _require(c.rollout_endpoint.startswith(("http://", "https://")), f"rollout_endpoint must be an http(s) URL "
+             f"such as http://localhost:8000/v1, got '{shown_url(c.rollout_endpoint)}'")
+    _require(names_a_variable(c.rollout_api_key_env), "rollout_api_key_env must be the NAME of an environment "
+             "variable, and its value is not one (it is not shown, in case it is the key itself); export "
+             "OPENAI_API_KEY=... and set rollout_api_key_env: OPENAI_API_KEY")
+    _require(c.lmbda > 0, "rollout_endpoint generates the student's on-policy replies, but lmbda is 0 (no step is "
+             "on-policy); set lmbda > 0 (e.g. lmbda: 1), or drop rollout_endpoint")
+    _require(c.finetuning_type == "lora", "rollout_endpoint syncs a LoRA adapter to a server of the base model; "
+             "with finetuning_type: full there is none: use finetuning_type: lora, or drop rollout_endpoint")
+    _require(c.variant != "dora", "rollout_endpoint syncs a plain LoRA adapter, and DoRA's is not one (vLLM does not "
+             "serve DoRA): use another lora_variant (lora, rslora, pissa, olora, moslora), or drop rollout_endpoint")
+    _require(c.temperature <= 2, f"rollout_endpoint: vLLM samples at temperature <= 2, got {c.temperature}; lower "
+             f"temperature, or drop rollout_endpoint")
 
 
 def _check_teachers(c) -> None:

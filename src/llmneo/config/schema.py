@@ -122,6 +122,24 @@ class Config:
     max_new_tokens: int = _f(128, "On-policy / seq_kd: the most tokens generated per reply.")
     temperature: float = _f(1.0, "On-policy / seq_kd: the sampling temperature; 0 = greedy.")
     top_p: float = _f(1.0, "On-policy / seq_kd: nucleus sampling's top-p (1 = off).")
+    rollout_endpoint: str | None = _f(None, "On-policy replies from vLLM instead of HF generate: the /v1 URL of a "
+        "vLLM server of the student's BASE model (model_name_or_path), started with --enable-lora --max-lora-rank R "
+        "(R >= lora_rank; 2*lora_rank for pissa/olora) and VLLM_ALLOW_RUNTIME_LORA_UPDATING=True. Only the adapter "
+        "travels: it is synced as a plain LoRA (rollout_sync_steps) and the replies are sampled with it, as HF would "
+        "(max_new_tokens, temperature, top_p; a seed per row, so a resumed run draws the same). Needs lmbda > 0 and "
+        "finetuning_type: lora (not DoRA). seq_kd's teacher still generates here.")
+    rollout_endpoint_model: str | None = _f(None, "The base model's served name at rollout_endpoint (default: the one "
+        "base model it serves).")
+    rollout_api_key_env: str | None = _f(None, "The name of the environment variable holding rollout_endpoint's API "
+        "key (the key never goes in a config or a log).")
+    rollout_sync_steps: int = _f(1, "rollout_endpoint: sync the adapter to the server every this many optimizer "
+        "steps (at the first on-policy step after); 1 = every step's replies come from the weights it trains.")
+    rollout_adapter_dir: str | None = _f(None, "rollout_endpoint: where each synced adapter is written for the server "
+        "to load: a folder the server can read (a shared filesystem when it runs elsewhere). Only the adapter in use "
+        "is kept. Default: output_dir/rollout_adapters.")
+    rollout_ahead: int = _f(0, "rollout_endpoint: 1 = generate the next step's replies while this step trains, from "
+        "the adapter synced before it: generation and training overlap, and the replies are one step staler "
+        "(rollout_staleness in metrics.jsonl). 0 = each step's replies are generated before it trains.")
     # --- LoRA -------------------------------------------------------------------------------
     lora_rank: int = _f(128, "LoRA rank r (paper: large ranks such as 128 work best).")
     lora_alpha: int | None = _f(None, "LoRA alpha. Default: 2 * lora_rank.")
@@ -318,7 +336,7 @@ def parse_overrides(items: list[str]) -> dict[str, str]:
     for i, item in enumerate(items):
         if "=" not in item:
             given = items[i + 1] if item in FIELDS and i + 1 < len(items) and "=" not in items[i + 1] else None
-            example = f"{item}={given}" if given and item != "teacher_api_key_env" else "learning_rate=1e-4"
+            example = f"{item}={given}" if given and not item.endswith("_api_key_env") else "learning_rate=1e-4"
             # A lone word that is no key may be a pasted value (an API key): not echoed.
             shown = f"'{item}'" if re.fullmatch(r"[a-z][a-z0-9_]{0,40}", item) else f"{i + 1} (not shown: no key name)"
             raise LlmneoError(f"override {shown} is not key=value; e.g. {example}")

@@ -16,7 +16,8 @@ tensor W0 + scaling·B·A and the adapter is bypassed, so generation runs at the
 W0 is rebound, not modified, so training and resume stay bit-exact (merging in place and unmerging
 would not be in fp32). The price is one transient copy of the adapted weights during generation.
 Layers PEFT implements otherwise (DoRA, embeddings, ...) make the whole model generate unmerged.
-A served engine (vLLM) would be another Generator; none is shipped until one has run.
+The served engine (rollout_endpoint: a vLLM server of the base model, the adapter synced to it) is
+models/served_rollouts.py; it samples as HFGenerator does and uses `Sampling`, `eos_ids` and `cut_at_eos` here.
 """
 
 from __future__ import annotations

@@ -7,6 +7,9 @@
   trainer_state.json              step, micro-batches consumed, tokens, runtime, metrics so far, the
                                   logging window's sums (window.Window), the config keys that must
                                   match to resume, the world size
+  rollouts.json, rollout_adapter/ rollout_endpoint: the step whose weights the server's adapter holds, and
+                                  that adapter (plain LoRA), which a resumed run loads there again
+  rollout_replies_RANK.safetensors  rollout_ahead: the next step's replies, written while this one trained
 Every rank writes into `.tmp-checkpoint-STEP/`; only when all files exist does the main process rename
 it into place (an atomic rename on one filesystem) and drop checkpoints beyond `save_total_limit`.
 """
@@ -55,6 +58,8 @@ class Progress:
     # steps whose replies were generated, by writer: student (on-policy) and teacher (seq_kd)
     generated_steps: dict = field(default_factory=lambda: {"student": 0, "teacher": 0})
     aligned: list = field(default_factory=lambda: [0, 0])  # cross-tokenizer KD: positions aligned, of all
+    # rollout_endpoint: the most steps, over the logging window's on-policy steps, that the replies' adapter lagged
+    rollout_staleness: int | None = None
 
 
 def rng_state() -> dict:
@@ -84,15 +89,18 @@ def unwritable(what: Path, reason: str) -> LlmneoError:
 
 
 def save(accelerator, model, tokenizer, optimizer, scheduler, out: Path, progress: Progress, config: Config,
-         before_commit=None) -> Path:
+         before_commit=None, extra=None) -> Path:
     """Write checkpoint-STEP atomically (all ranks take part); returns its final path. `before_commit()` runs on
-    the main process once the checkpoint is complete, before its rename (run_dir.commit_checkpoint)."""
+    the main process once the checkpoint is complete, before its rename (run_dir.commit_checkpoint). `extra(folder)`
+    runs on every rank: what the step source keeps for the next step (train.steps: served rollouts)."""
     staged = out / f".tmp-checkpoint-{progress.step}"
     try:
         if accelerator.is_main_process:
             run_dir.staging_dir(out, progress.step)
         accelerator.wait_for_everyone()
         torch.save(rng_state(), staged / f"rng_state_{accelerator.process_index}.pt")
+        if extra is not None:
+            extra(staged)
         state_dict = engines.state_dict_for_saving(accelerator, model)  # every rank takes part when sharded
         if engines.sharded(accelerator):  # each rank holds its own shard of the optimizer state
             torch.save(optimizer.state_dict(), staged / _optimizer_file(accelerator))
@@ -185,6 +193,7 @@ def load(path: Path, accelerator, model, optimizer, scheduler, config: Config) -
     progress.window = Window.from_state(state["window"])
     progress.generated_steps = {**progress.generated_steps, **state.get("generated_steps", {})}
     progress.aligned = list(state.get("aligned", [0, 0]))
+    progress.rollout_staleness = state.get("rollout_staleness")
     return progress
 
 

@@ -73,6 +73,7 @@ def run(config: Config) -> dict:
     except BaseException:
         if setup.teacher is not None:  # a served teacher's queued requests must not hold the exit
             setup.teacher.close()
+        setup.steps.close()  # served rollouts: their requests, and the adapter on the server
         raise
     finally:
         bar.close()  # ends the bar's line, so an error message starts on its own
@@ -152,6 +153,8 @@ def optimizer_step(setup: TrainingSetup, step: int) -> dict:
             progress.aligned[i] += int(value)
     progress.window.add(float(totals[0]), float(totals[1]), n_global, int(totals[2]), on_policy=batches.on_policy,
                         per_teacher=per_teacher, aligned=aligned)
+    if batches.staleness is not None:  # rollout_endpoint: the window's most stale replies
+        progress.rollout_staleness = max(progress.rollout_staleness or 0, batches.staleness)
     progress.train_tokens += int(totals[2])
     if batches.replies != "dataset":
         progress.generated_steps[batches.replies] += 1
@@ -277,13 +280,15 @@ def log_window(setup: TrainingSetup, step: int, grad_norm: float, clock: Clock, 
                               learning_rate=setup.scheduler.get_last_lr()[0], grad_norm=grad_norm,
                               elapsed=clock.window(), kd_ratio=setup.kd_ratio if setup.teacher is not None else None,
                               generates=setup.config.generates)
+    if progress.rollout_staleness is not None:
+        row["rollout_staleness"] = progress.rollout_staleness
     setup.record(row)
     if setup.main:
         bar.set_postfix(loss=f"{row['loss']:.4f}", ce="-" if row["ce_loss"] is None else f"{row['ce_loss']:.4f}",
                         kd="-" if row["kd_loss"] is None else f"{row['kd_loss']:.4f}",
                         lr=f"{row['learning_rate']:.2e}", tok_s=f"{row['tokens_per_second']:.0f}")
     tracking.log(setup.accelerator, row, step)  # the same row to report_to's trackers
-    progress.window = Window()
+    progress.window, progress.rollout_staleness = Window(), None
 
 
 def save_checkpoint(setup: TrainingSetup, clock: Clock) -> Path:
@@ -291,7 +296,8 @@ def save_checkpoint(setup: TrainingSetup, clock: Clock) -> Path:
     # The run's first checkpoint, once complete, replaces an earlier run's results (training_setup.claim).
     return checkpoint.save(setup.accelerator, setup.model, setup.loaded.tokenizer, setup.optimizer, setup.scheduler,
                            setup.out, setup.progress, setup.config,
-                           before_commit=None if setup.claimed else lambda: training_setup.claim(setup))
+                           before_commit=None if setup.claimed else lambda: training_setup.claim(setup),
+                           extra=setup.steps.save)
 
 
 def finish(setup: TrainingSetup, last: dict) -> dict:
@@ -343,6 +349,7 @@ def finish(setup: TrainingSetup, last: dict) -> dict:
     accelerator.end_training()
     if setup.teacher is not None:  # a served teacher's request threads
         setup.teacher.close()
+    setup.steps.close()
     return results
 
 

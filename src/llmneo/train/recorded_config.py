@@ -15,7 +15,8 @@ from llmneo.config.schema import Config, looks_local
 from llmneo.data import sources
 
 MODEL_KEYS = ("model_name_or_path", "teacher_model_name_or_path", "adapter_name_or_path")  # comma lists allowed
-FOLDER_KEYS = ("teacher_cache", "dataset_dir", "output_dir", "logging_dir", "export_dir")  # always local
+FOLDER_KEYS = ("teacher_cache", "dataset_dir", "output_dir", "logging_dir", "export_dir",  # always local
+               "rollout_adapter_dir")
 DATASET_KEYS = ("dataset", "eval_dataset")
 
 

@@ -34,7 +34,7 @@ from llmneo.crosstok import offsets
 from llmneo.data import dataset, templates
 from llmneo.errors import LlmneoError
 from llmneo.loss.spec import LossSpec
-from llmneo.models import adapters, engines, generate, loading
+from llmneo.models import adapters, engines, generate, loading, plain_lora
 from llmneo.teachers import aligner as alignment
 from llmneo.teachers import cached
 from llmneo.teachers import choose as teacher
@@ -149,7 +149,8 @@ def prepare(config: Config) -> TrainingSetup:
         scheduler=scheduler, progress=progress, total_steps=total_steps, trainable=trainable, total=total,
         steps=step_source.choose(config, loader, accelerator, progress.micro_seen, model=model, teacher=signal,
                                  tokenizer=loaded.tokenizer, step=progress.step, last=total_steps,
-                                 stop_ids=stop_ids, retokenizer=retokenizer),
+                                 stop_ids=stop_ids, retokenizer=retokenizer, initial_adapter=initial_adapter,
+                                 resume_from=resume_from),
         teacher=signal,
         aligner=alignment.choose(crossing.vocab if crossing else None, accelerator.device, config.kd_unaligned),
         loss_spec=LossSpec.from_config(config, loaded.vocab_size, has_teacher=signal is not None),
@@ -179,6 +180,8 @@ def _checked(config: Config, accelerator) -> tuple[run_dir.Output, Path | None, 
     main = accelerator.is_main_process
     if main:
         _warn_about_teacher(config)
+    if config.rollout_endpoint:  # a continued adapter's own settings too (the served rollouts sync a plain LoRA)
+        plain_lora.check_servable(config)
     output, resume_from = _output_dir(config, main)
     recorded = to_yaml(recorded_config.recorded(config))
     accelerator.wait_for_everyone()

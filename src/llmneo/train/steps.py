@@ -12,8 +12,11 @@ and, for dataset rows, `index`) as a `Step`, and the loss never knows where they
 - `RolloutSteps` (lmbda > 0 or seq_kd): the same dataset batches, whose replies are replaced, per step, by
   the student's own continuations of their prompts (with probability lmbda: on-policy) or else, under
   seq_kd, by the teacher's (models/generate.py). The draw depends on the seed and the step number only, so every
-  rank makes the same one and a resumed run makes the same draws; the sampling itself draws from torch's
-  RNG, which checkpoints save per rank.
+  rank makes the same one and a resumed run makes the same draws. The student's replies come from `StudentReplies`:
+  HF generate here (`LocalReplies`, sampling from torch's RNG, which checkpoints save per rank), or a vLLM server
+  of the base model with the adapter synced to it (rollout_endpoint: models/served_rollouts.py, a seed per row).
+  With rollout_ahead the next on-policy step's dataset batches are read one step early and their replies written
+  while this step trains; a checkpoint keeps them (`save`), so a resumed run trains on the same replies.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from __future__ import annotations
 import math
 import random
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Protocol
 
 from llmneo.data import dataset as data
@@ -28,12 +32,14 @@ from llmneo.data.labels import response_positions
 from llmneo.errors import LlmneoError
 from llmneo.models import engines
 from llmneo.models import generate as rollout
+from llmneo.models import served_rollouts
 
 
 @dataclass
 class Step:
     micro: list[dict]
     replies: str = "dataset"  # who wrote the labelled replies: dataset | student (on-policy) | teacher (seq_kd)
+    staleness: int | None = None  # rollout_endpoint: steps between the replies' adapter and the weights trained
 
     @property
     def on_policy(self) -> bool:
@@ -41,7 +47,15 @@ class Step:
 
 
 class StepSource(Protocol):
+    """Step sources subclass it: `save` and `close` default to nothing to keep or stop."""
+
     def next_step(self) -> Step: ...
+
+    def save(self, directory: Path) -> None:
+        """Into a checkpoint folder (every rank): what the next step uses besides the dataset position."""
+
+    def close(self) -> None:
+        """The run ends (or fails): stop what works in the background."""
 
 
 def steps_per_epoch(per_epoch: int, accumulation: int) -> int:
@@ -66,7 +80,7 @@ def step_size(position: int, per_epoch: int, accumulation: int) -> int:
     return min(accumulation, per_epoch - position % per_epoch)
 
 
-class DatasetSteps:
+class DatasetSteps(StepSource):
     """Each step: the next `accumulation` dataset micro-batches, or the rest of the epoch when fewer are left
     (every rank has as many micro-batches per epoch, so all ranks take steps of one size); from micro-batch
     `start` on (per rank)."""
@@ -87,38 +101,133 @@ def on_policy_draw(seed: int, step: int, lmbda: float) -> bool:
     return lmbda > 0 and random.Random(f"llmneo-lmbda-{seed}-{step}").random() < lmbda
 
 
-class RolloutSteps:
-    """Dataset steps whose replies are generated: by the student with probability `lmbda`, else by the
-    teacher when `teacher` is given (seq_kd), else kept from the dataset."""
+class StudentReplies(Protocol):
+    """Who writes the student's replies: `LocalReplies` (HF generate) or served_rollouts.ServedRollouts (vLLM).
+    `submit(step, trained, micro, prompts)` starts step `step`'s replies while the optimizer holds step `trained`'s
+    weights; `ahead`: the next step's are written while this one trains (`resumed`: those a checkpoint kept)."""
 
-    def __init__(self, dataset: DatasetSteps, student: rollout.Generator, teacher: rollout.Generator | None,
-                 lmbda: float, seed: int, pad_token_id: int, device, step: int = 0, retokenizer=None):
-        self.dataset, self.student, self.teacher = dataset, student, teacher
+    ahead: bool
+
+    def submit(self, step: int, trained: int, micro: list[dict], prompts: list) -> served_rollouts.Pending: ...
+
+    def resumed(self, step: int) -> served_rollouts.Pending | None: ...
+
+    def save(self, directory: Path, pending: served_rollouts.Pending | None, step: int | None) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class LocalReplies:
+    """HF generate on the student in this process (HFGenerator: one LoRA merge per step), written when asked."""
+
+    ahead = False
+
+    def __init__(self, generator: rollout.Generator):
+        self.generator = generator
+
+    def submit(self, step: int, trained: int, micro: list[dict], prompts: list) -> served_rollouts.Pending:
+        return served_rollouts.Pending(self.generator.generate_many(prompts), None)
+
+    def resumed(self, step: int) -> None:
+        return None
+
+    def save(self, directory: Path, pending, step) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+@dataclass
+class Ahead:
+    """rollout_ahead: step `step`'s replies, being written while the step before it trains. `batches` and `prompts`
+    are None for replies a checkpoint kept: the dataset batches are read when the step comes."""
+
+    step: int
+    batches: Step | None
+    prompts: list | None
+    pending: served_rollouts.Pending
+
+
+class RolloutSteps(StepSource):
+    """Dataset steps whose replies are generated: by the student with probability `lmbda` (the `student` generator
+    here, or `served`: a vLLM server), else by the teacher when `teacher` is given (seq_kd), else kept from the
+    dataset. `last`: the run's last step (nothing is written ahead past it)."""
+
+    def __init__(self, dataset: DatasetSteps, student: rollout.Generator | None, teacher: rollout.Generator | None,
+                 lmbda: float, seed: int, pad_token_id: int, device, step: int = 0, retokenizer=None, *,
+                 served: served_rollouts.ServedRollouts | None = None, last: int = 0):
+        self.dataset, self.teacher = dataset, teacher
+        self.student: StudentReplies = served if served is not None else LocalReplies(student)
         self.lmbda, self.seed, self.pad_token_id, self.device = lmbda, seed, pad_token_id, device
-        self.step = step  # the last step handed out
+        self.step, self.last = step, last  # the last step handed out
         self.retokenizer = retokenizer  # cross-tokenizer KD: crosstok.Retokenizer
+        self._ahead: Ahead | None = None
+        if self.student.ahead:  # resumed: the replies the checkpoint kept, or else written now as they were then
+            kept = self.student.resumed(step + 1)
+            if kept is not None:
+                self._ahead = Ahead(step + 1, None, None, kept)
+            elif step > 0:
+                self._write_ahead()
 
     def next_step(self) -> Step:
         self.step += 1
-        step = self.dataset.next_step()
-        if on_policy_draw(self.seed, self.step, self.lmbda):
-            writer, replies = self.student, "student"
-        elif self.teacher is not None:
-            writer, replies = self.teacher, "teacher"
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None:
+            step = ahead.batches or self.dataset.next_step()
+            prompts = ahead.prompts or [rollout.prompts(batch) for batch in step.micro]
+            replies_of, staleness = ahead.pending.result()
+            rows, wanted = [len(r) for r in replies_of], [len(p) for p in prompts]
+            if rows != wanted:
+                raise LlmneoError(f"the checkpoint's rollout replies for step {self.step} do not fit its batches "
+                                  f"({rows} rows, the batches have {wanted}); resume with the run's own settings")
+            current = self._rebuilt(step, prompts, replies_of, "student", staleness)
         else:
-            return step
+            current = self._generated(self.dataset.next_step())
+        self._write_ahead()
+        return current
+
+    def _generated(self, step: Step) -> Step:
+        if on_policy_draw(self.seed, self.step, self.lmbda):
+            prompts = [rollout.prompts(batch) for batch in step.micro]
+            replies_of, staleness = self.student.submit(self.step, self.step - 1, step.micro, prompts).result()
+            return self._rebuilt(step, prompts, replies_of, "student", staleness)
+        if self.teacher is not None:
+            prompts = [rollout.prompts(batch) for batch in step.micro]
+            return self._rebuilt(step, prompts, self.teacher.generate_many(prompts), "teacher", None)
+        return step
+
+    def _write_ahead(self) -> None:
+        """rollout_ahead: start the next step's replies now, before step `self.step` trains, when it is on-policy."""
+        following = self.step + 1
+        if not self.student.ahead or following > self.last or not on_policy_draw(self.seed, following, self.lmbda):
+            return
+        step = self.dataset.next_step()
         prompts = [rollout.prompts(batch) for batch in step.micro]
-        replies_of = writer.generate_many(prompts)  # HFGenerator: one LoRA merge for the whole step
+        pending = self.student.submit(following, self.step - 1, step.micro, prompts)
+        self._ahead = Ahead(following, step, prompts, pending)
+
+    def _rebuilt(self, step: Step, prompts: list, replies_of: list, replies: str, staleness: int | None) -> Step:
+        """The step's micro-batches again: each row's prompt and its generated reply."""
         micro = [rollout.with_replies(p, r, self.pad_token_id, self.device) for p, r in zip(prompts, replies_of)]
         for rebuilt, batch, prompt, reply in zip(micro, step.micro, prompts, replies_of):
             if "teacher" in batch:  # routing: each row keeps its teacher
                 rebuilt["teacher"] = batch["teacher"]
             if self.retokenizer is not None:  # the teacher reads the replies in its own tokens
                 rebuilt.update(rollout.teacher_fields(self.retokenizer, batch, prompt, reply, rebuilt, self.device))
-        return Step(micro, replies)
+        return Step(micro, replies, staleness)
+
+    def save(self, directory: Path) -> None:
+        ahead = self._ahead
+        self.student.save(directory, ahead.pending if ahead else None, ahead.step if ahead else None)
+
+    def close(self) -> None:
+        if self._ahead is not None:
+            self._ahead.pending.cancel()
+        self.student.close()
 
 
-class PrefetchSteps:
+class PrefetchSteps(StepSource):
     """Dataset steps whose teacher rows are requested one step ahead (a served teacher's `prefetch`), so
     the endpoint works on step s+1 while the student trains on step s. Steps past `last` are not requested."""
 
@@ -140,20 +249,29 @@ class PrefetchSteps:
 
 
 def choose(config, loader, accelerator, micro_seen: int, *, model=None, teacher=None, tokenizer=None,
-           step: int = 0, last: int = 0, stop_ids: set[int] | None = None, retokenizer=None) -> StepSource:
+           step: int = 0, last: int = 0, stop_ids: set[int] | None = None, retokenizer=None,
+           initial_adapter: dict | None = None, resume_from: Path | None = None) -> StepSource:
     """The run's step source, chosen once from the config: dataset batches, or rollouts when the config
     generates (lmbda > 0 or seq_kd; then `model` is the student, `teacher` the live teacher, `step` the
-    last completed step)."""
+    last completed step). The student's replies come from rollout_endpoint when it is set (its adapter loaded
+    there now: the server's errors come before training), else from HF generate here; seq_kd's teacher writes
+    here either way."""
     dataset = DatasetSteps(loader, accelerator, config.gradient_accumulation_steps, start=micro_seen)
     if not config.generates:
         if teacher is not None and teacher.prefetches:
             return PrefetchSteps(dataset, teacher, step, last)
         return dataset
     if engines.sharded(accelerator):
-        raise LlmneoError("lmbda > 0 / seq_kd generate with the model's own generate, which FSDP and ZeRO-3 "
-                          "shard; train on-policy under DDP (accelerate launch without an FSDP/DeepSpeed config)")
+        engine = "the model's own generate" if not config.rollout_endpoint else "an adapter synced from one process"
+        raise LlmneoError(f"lmbda > 0 / seq_kd generate with {engine}, which FSDP and ZeRO-3 shard; train on-policy "
+                          f"under DDP (accelerate launch without an FSDP/DeepSpeed config)")
     sampling = rollout.Sampling.from_config(config)
-    student = rollout.HFGenerator(model, tokenizer, sampling, stop_ids=stop_ids)
+    student = served = None
+    if config.rollout_endpoint:
+        served = served_rollouts.ServedRollouts(config, model, tokenizer, accelerator, stop_ids=stop_ids,
+                                                initial_adapter=initial_adapter, step=step, resume_from=resume_from)
+    else:
+        student = rollout.HFGenerator(model, tokenizer, sampling, stop_ids=stop_ids)
     writer = rollout.HFGenerator(teacher.model, tokenizer, sampling, stop_ids=stop_ids) if config.seq_kd else None
     return RolloutSteps(dataset, student, writer, config.lmbda, config.seed, tokenizer.pad_token_id,
-                        accelerator.device, step=step, retokenizer=retokenizer)
+                        accelerator.device, step=step, retokenizer=retokenizer, served=served, last=last)
