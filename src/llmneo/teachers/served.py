@@ -6,6 +6,11 @@ The protocol (vLLM's; nothing here imports vllm):
       keyed by token id (a string) → {"logprob", "rank", "decoded_token"} holding the top-k (rank ≤ k)
       and also the actual token, which is not one of the top-k when it ranks lower.
     vLLM caps k at its --max-logprobs (default 20) and answers HTTP 400 above it.
+  POST {server root}/inference/v1/generate  {"model", "token_ids": [ids...], "sampling_params": {"max_tokens": 1,
+       "prompt_logprobs": k, "detokenize": false}} → prompt_logprobs: the same entries, decoded_token null.
+    vLLM's tokens-in/tokens-out endpoint (served with --enable-scale-out): one sequence per request, and no
+    top-k token decoded, which halves the server's work per entry (docs/benchmarks.md). Asked first; a server
+    without it (403: scale-out off; 404: an older vLLM, another server) is asked through /completions.
   POST {server root}/tokenize  {"model", "prompt": text, "add_special_tokens": false} → {"tokens": [...], ...}
   GET  {teacher_endpoint}/models → {"data": [{"id": name, ...}]}
 
@@ -32,10 +37,18 @@ from llmneo.teachers.signal import TeacherSignal
 PROBE = "llmneo checks the teacher's tokenizer: Hello, world! 123 ümlaut 東京"
 
 
+TOKENS_OUT_IN_FLIGHT = 16  # requests in flight per prompt_logprobs call on the tokens-out endpoint
+
+
+class _NoTokensOut(LlmneoError):
+    """The server has no /inference/v1/generate (or has it switched off): Endpoint asks /completions instead."""
+
+
 class Endpoint(JsonEndpoint):
     """vLLM's OpenAI-compatible server at `url` (…/v1) serving the teacher `model`."""
 
     key = "teacher_endpoint"
+    tokens_out: bool | None = None  # whether the server answers /inference/v1/generate (None: not asked yet)
 
     def __init__(self, url: str, model: str | None, api_key_env: str | None = None, *, timeout: float = 120.0,
                  retries: int = 4, backoff: float = 0.25):
@@ -43,7 +56,10 @@ class Endpoint(JsonEndpoint):
         self.model = model or self._only_model()
 
     def client_error(self, code: int, message: str, payload: dict | None) -> LlmneoError:
-        k = (payload or {}).get("prompt_logprobs")
+        payload = payload or {}
+        if code in (403, 404) and "token_ids" in payload:  # no tokens-out endpoint (or it is off): ask /completions
+            return _NoTokensOut(message)
+        k = payload.get("prompt_logprobs", (payload.get("sampling_params") or {}).get("prompt_logprobs"))
         if code == 400 and k is not None and "max allowed" in message.lower():  # vLLM: "... greater than max allowed: 20"
             return LlmneoError(f"teacher_endpoint refused prompt_logprobs={k} ({message}); start vLLM with "
                                f"--max-logprobs {k} or more, or lower teacher_topk to what it allows")
@@ -66,21 +82,41 @@ class Endpoint(JsonEndpoint):
         return served[0]
 
     def prompt_logprobs(self, sequences: list[list[int]], k: int) -> list[list]:
-        """Each sequence's prompt_logprobs (one entry per token, the first null), in the order given."""
-        answer = self.request("POST", f"{self.url}/completions", {
-            "model": self.model, "prompt": [list(map(int, s)) for s in sequences], "max_tokens": 1,
-            "prompt_logprobs": k, "temperature": 0.0})
-        choices = sorted(answer.get("choices", []), key=lambda c: c.get("index", 0))
-        if len(choices) != len(sequences):
-            raise LlmneoError(f"teacher_endpoint {self.shown} answered {len(choices)} choices for {len(sequences)} "
-                              f"prompts; is it a vLLM OpenAI-compatible server?")
-        entries = [c.get("prompt_logprobs") for c in choices]
+        """Each sequence's prompt_logprobs (one entry per token, the first null), in the order given: through
+        /inference/v1/generate while the server answers it, else through /completions (all sequences at once)."""
+        sequences = [list(map(int, s)) for s in sequences]
+        entries = self._tokens_out_logprobs(sequences, k) if self.tokens_out is not False else None
+        if entries is None:
+            answer = self.request("POST", f"{self.url}/completions", {
+                "model": self.model, "prompt": sequences, "max_tokens": 1, "prompt_logprobs": k, "temperature": 0.0})
+            choices = sorted(answer.get("choices", []), key=lambda c: c.get("index", 0))
+            if len(choices) != len(sequences):
+                raise LlmneoError(f"teacher_endpoint {self.shown} answered {len(choices)} choices for "
+                                  f"{len(sequences)} prompts; is it a vLLM OpenAI-compatible server?")
+            entries = [c.get("prompt_logprobs") for c in choices]
         for seq, got in zip(sequences, entries):
             if not isinstance(got, list) or len(got) != len(seq):
                 raise LlmneoError(f"teacher_endpoint {self.shown} gave no prompt_logprobs (or the wrong count) for a "
                                   f"prompt of {len(seq)} tokens; serve the teacher with vLLM, which supports "
                                   f"prompt_logprobs")
         return entries
+
+    def _tokens_out_logprobs(self, sequences: list[list[int]], k: int) -> list | None:
+        """The entries from vLLM's tokens-out endpoint, one request per sequence, all in flight (the engine
+        batches them); None, and /completions from then on, when the server has no such endpoint."""
+        params = {"max_tokens": 1, "prompt_logprobs": k, "temperature": 0.0, "detokenize": False}
+
+        def one(sequence: list[int]) -> dict:
+            return self.request("POST", f"{self.root}/inference/v1/generate",
+                                {"model": self.model, "token_ids": sequence, "sampling_params": params})
+        try:
+            with ThreadPoolExecutor(max_workers=min(len(sequences), TOKENS_OUT_IN_FLIGHT) or 1) as pool:
+                answers = list(pool.map(one, sequences))
+        except _NoTokensOut:
+            self.tokens_out = False
+            return None
+        self.tokens_out = True
+        return [answer.get("prompt_logprobs") for answer in answers]
 
     def tokenize(self, text: str) -> list[int]:
         answer = self.request("POST", f"{self.root}/tokenize",
