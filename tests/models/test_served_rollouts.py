@@ -21,7 +21,7 @@ from llmneo import cli
 from llmneo.config import schema
 from llmneo.config.checks import ROLLOUT_KEYS
 from llmneo.errors import LlmneoError
-from llmneo.models import adapters, generate, served_rollouts
+from llmneo.models import adapters, generate, rollout_server, served_rollouts
 
 IM_END = 4  # the tiny tokenizer's <|im_end|>: the template's end of turn
 
@@ -77,13 +77,13 @@ def test_row_seeds_depend_on_seed_step_and_row_only():
 
 
 def test_a_request_sets_every_sampler_as_hf_samples():
-    sampled = served_rollouts.completion_request("m", torch.tensor([5, 6]).tolist(), max_tokens=7, seed=11,
+    sampled = rollout_server.completion_request("m", torch.tensor([5, 6]).tolist(), max_tokens=7, seed=11,
                                                  sampling=generate.Sampling(7, 0.7, 0.9), stop_ids={4, 2})
     assert sampled == {"model": "m", "prompt": [5, 6], "max_tokens": 7, "n": 1, "temperature": 0.7, "top_p": 0.9,
                        "top_k": 0, "min_p": 0.0, "repetition_penalty": 1.0, "presence_penalty": 0.0,
                        "frequency_penalty": 0.0, "min_tokens": 0, "ignore_eos": False, "seed": 11,
                        "stop_token_ids": [2, 4], "return_token_ids": True}
-    greedy = served_rollouts.completion_request("m", [5], max_tokens=3, seed=1, sampling=generate.Sampling(3, 0.0, 0.5),
+    greedy = rollout_server.completion_request("m", [5], max_tokens=3, seed=1, sampling=generate.Sampling(3, 0.0, 0.5),
                                                 stop_ids=set(), allowed=[0, 1, 2])
     assert greedy["temperature"] == 0.0 and greedy["top_p"] == 1.0 and greedy["allowed_token_ids"] == [0, 1, 2]
 
@@ -166,6 +166,21 @@ def test_a_server_that_lost_the_adapter_gets_it_again(student_dir, tokenizer, tm
             assert _replies(engine, 2, 0)[0] == before and list(standin.adapters) == [engine.name(0)]
         finally:
             engine.close()
+
+
+def test_a_killed_run_of_the_same_output_dir_leaves_no_adapter_behind(student_dir, tokenizer, tmp_path):
+    with StandIn(str(student_dir), tokenizer, name="student", enable_lora=True) as standin:
+        _, model, killed = _engine(student_dir, tokenizer, standin.url, tmp_path)
+        _move(model)
+        _replies(killed, 3, 2)  # synced: step 2's adapter is loaded, and never closed
+        killed.pool.shutdown()
+        standin.adapters["someone-else"] = standin.adapters[killed.name(2)]  # another client's stays
+        _, _, again = _engine(student_dir, tokenizer, standin.url, tmp_path)
+        try:
+            assert sorted(standin.adapters) == sorted([again.name(0), "someone-else"])
+            assert [p.name for p in again.folder.iterdir()] == [again.name(0)]
+        finally:
+            again.close()
 
 
 @pytest.mark.parametrize("standin_settings, settings, expected", [

@@ -4,37 +4,36 @@
 The server (`vllm serve BASE --enable-lora --max-lora-rank R`, VLLM_ALLOW_RUNTIME_LORA_UPDATING=True) holds the
 student's original base weights. What trains here is the adapter, so a sync writes it as a plain LoRA
 (models.plain_lora folds rsLoRA's scale, MoSLoRA's mixer and PiSSA/OLoRA's changed base into one) into a fresh
-folder under rollout_adapter_dir, and the server loads it under a new name:
+folder under rollout_adapter_dir, and the server loads it under a new name (the client, and the server's
+answers as one line each: models/rollout_server.py):
 
     POST {root}/v1/load_lora_adapter    {"lora_name": "llmneo-TAG-stepV", "lora_path": FOLDER}     → plain text
     POST {url}/completions              {"model": that name, "prompt": ids, "max_tokens", "seed", ...,
                                          "stop_token_ids", "return_token_ids": true}   → choices[0].token_ids
     POST {root}/v1/unload_lora_adapter  {"lora_name": the previous adapter}                        → plain text
 
-V is the optimizer step whose weights the adapter holds and TAG is fixed by output_dir, so every rank knows the
-name without asking. `ServedRollouts.submit(step, trained, ...)` writes a step's replies:
-  - the adapter is synced when the server's is rollout_sync_steps or more steps older than the weights the
-    optimizer holds (`trained`); rank 0 writes and loads it while the other ranks wait (a broadcast carrying
-    rank 0's error, so every rank stops with the same line), then unloads the previous one, which no rank
-    uses any more. rollout_staleness = step - 1 - V: 0 when every step syncs, 1 when replies are written a
-    step ahead (rollout_ahead), from the adapter synced before the step that trains meanwhile;
-  - each row is its own request on a thread pool, with a seed from (seed, step, the row's example index):
-    the same wherever the row lands (any rank, a resumed run), and sampled as HFGenerator samples: max_new_tokens
-    (never past the model's positions or the server's --max-model-len), temperature (0 = greedy), top_p, and
-    every other sampler set to off explicitly (vLLM otherwise takes the model's generation_config), stopping at
-    EOS and the template's end of turn, never emitting a padded head row;
-  - a server that lost the adapter (restarted) gets it loaded again from its folder, once per request.
-Set-up loads the adapter the first step uses (the current weights, or the checkpoint's), so an unreachable
-server, an unknown model, a server without LoRA or a rank above --max-lora-rank is one line before training.
+V is the optimizer step whose weights the adapter holds and TAG is fixed by output_dir (rank 0's, shared at
+start), so every rank names each adapter without asking; what a killed run of the output_dir left is unloaded.
+`ServedRollouts.submit(step, trained, ...)` writes a step's replies:
+  - the adapter is synced once it is rollout_sync_steps or more steps older than the optimizer's weights
+    (`trained`): rank 0 writes and loads it, the other ranks wait (a broadcast that carries rank 0's error, so
+    all stop with its line), then rank 0 unloads the previous one, which no rank uses any more. rollout_staleness
+    = step - 1 - V: 0 when each step syncs, 1 for replies written a step ahead (rollout_ahead);
+  - each row is one request on a thread pool, seeded from (seed, step, the row's example index): the same on
+    any rank and in a resumed run. They sample as HFGenerator does: max_new_tokens within the model's positions
+    (and the server's --max-model-len), temperature (0 = greedy), top_p, every other sampler explicitly off (vLLM
+    would take the model's generation_config), stopping at EOS and the template's end of turn, never a padded
+    head row; an adapter the server lost (a restart) is loaded again from its folder.
+Set-up loads the adapter the first step uses (the current weights, or the checkpoint's): an unreachable server,
+an unknown model, a server without LoRA or a rank above --max-lora-rank is one line before training.
 Checkpoints keep what the next step uses (`save`): the server's adapter (rollout_adapter/, rollouts.json) and
-the replies already generated for the next step (rollout_replies_RANK.safetensors); a resumed run loads both.
+the replies written ahead (rollout_replies_RANK.safetensors); a resumed run loads both.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import re
 import shutil
 import tempfile
 import threading
@@ -44,127 +43,14 @@ from pathlib import Path
 
 import torch
 
-from llmneo.endpoint import JsonEndpoint
 from llmneo.errors import LlmneoError
 from llmneo.models import generate, heads, plain_lora
+from llmneo.models.rollout_server import AdapterGone, AlreadyLoaded, RolloutEndpoint, completion_request
 
 STATE = "rollouts.json"  # in a checkpoint: the step whose weights the server's adapter holds
 ADAPTER = "rollout_adapter"  # in a checkpoint: that adapter's plain LoRA folder
 REPLIES = "rollout_replies_{rank}.safetensors"  # in a checkpoint: the next step's replies, generated ahead
 THREADS = 32  # requests in flight per rank
-MAX_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # what vLLM's --max-lora-rank accepts
-
-
-class AdapterGone(LlmneoError):
-    """A completion named an adapter the server does not hold (it restarted, or someone unloaded it)."""
-
-
-class AlreadyLoaded(LlmneoError):
-    """The server holds an adapter of that name already (an earlier run of this output_dir left it)."""
-
-
-class RolloutEndpoint(JsonEndpoint):
-    """The vLLM server at `url` (…/v1) serving the student's base model `model` (default: its one base model)."""
-
-    key = "rollout_endpoint"
-
-    def __init__(self, url: str, model: str | None, api_key_env: str | None = None, *, served_rank: int | None = None,
-                 timeout: float = 120.0, retries: int = 4, backoff: float = 0.25):
-        super().__init__(url, api_key_env, timeout=timeout, retries=retries, backoff=backoff,
-                         key_field="rollout_api_key_env")
-        self.served_rank = served_rank  # the adapter's rank as the server sees it, for the --max-lora-rank advice
-        cards = self.request("GET", f"{self.url}/models").get("data", [])
-        bases = {str(c.get("id")): c for c in cards if not c.get("parent")}  # loaded adapters name a parent
-        if model is None and len(bases) != 1:
-            raise LlmneoError(f"rollout_endpoint {self.shown} serves {len(bases)} base models "
-                              f"({', '.join(bases) or 'none'}); name the student's base in rollout_endpoint_model")
-        model = model or next(iter(bases))
-        if model not in bases:
-            adapter = any(c.get("id") == model for c in cards)
-            what = "a LoRA adapter there, not a base model" if adapter else "not served"
-            raise LlmneoError(f"rollout_endpoint_model '{model}' is {what} at {self.shown} (its base models: "
-                              f"{', '.join(bases) or 'none'}); set rollout_endpoint_model to the served name of the "
-                              f"student's base model (vllm serve ... --served-model-name)")
-        self.model = model
-        self.max_model_len = bases[model].get("max_model_len")
-
-    def load(self, name: str, folder: str) -> None:
-        self.request("POST", f"{self.root}/v1/load_lora_adapter", {"lora_name": name, "lora_path": folder},
-                     json_answer=False)
-
-    def unload(self, name: str) -> None:
-        self.request("POST", f"{self.root}/v1/unload_lora_adapter", {"lora_name": name}, json_answer=False)
-
-    def complete(self, body: dict) -> list[int]:
-        """The generated token ids of one completion request (`completion_request`)."""
-        answer = self.request("POST", f"{self.url}/completions", body)
-        choices = answer.get("choices") or [{}]
-        ids = choices[0].get("token_ids")
-        if not isinstance(ids, list):
-            raise LlmneoError(f"rollout_endpoint {self.shown} answered without token_ids; it needs a vLLM that "
-                              f"supports return_token_ids (an OpenAI-compatible server of another kind does not)")
-        return [int(t) for t in ids]
-
-    def client_error(self, code: int, message: str, payload: dict | None) -> LlmneoError:
-        payload = payload or {}
-        if "lora_path" in payload:  # load_lora_adapter
-            if code == 400 and "already been loaded" in message:
-                return AlreadyLoaded(message)
-            if code == 404 and "no adapter found" in message.lower():
-                return LlmneoError(f"rollout_endpoint {self.shown} cannot read the adapter folder "
-                                   f"{payload['lora_path']} ({message}); rollout_adapter_dir must be a folder the "
-                                   f"server can read (a shared filesystem when it runs on another machine)")
-            if code in (404, 405):
-                return LlmneoError(f"rollout_endpoint {self.shown} does not load adapters at run time (HTTP {code} "
-                                   f"from /v1/load_lora_adapter); start vLLM with VLLM_ALLOW_RUNTIME_LORA_UPDATING="
-                                   f"True in its environment and --enable-lora --max-lora-rank {self._max_rank()}")
-        if code == 404 and "lora_name" in payload:  # unload_lora_adapter: it is gone already
-            return AdapterGone(message)
-        if code == 404 and "prompt" in payload:
-            return AdapterGone(f"rollout_endpoint {self.shown} does not hold the adapter '{payload.get('model')}' "
-                               f"that llmneo loaded ({message}); was it unloaded by another client?")
-        if code in (401, 403):
-            return LlmneoError(f"rollout_endpoint {self.shown} refused the request (HTTP {code}: {message}); set the "
-                               f"API key's environment variable and name it in rollout_api_key_env")
-        if code == 400 and "prompt" in payload:
-            return LlmneoError(f"rollout_endpoint {self.shown} refused a completion request ({message})")
-        return super().client_error(code, message, payload)
-
-    def server_error(self, code: int, message: str, payload: dict | None) -> LlmneoError | None:
-        """A refused adapter load answers 500 (vLLM's engine raised): retrying cannot change it."""
-        if "lora_path" not in (payload or {}):
-            return None
-        found = re.search(r"failed with error '(.+?)'", message)
-        reason = found.group(1) if found else message
-        if "lora is not enabled" in reason.lower():
-            return LlmneoError(f"rollout_endpoint {self.shown} serves no LoRA adapters ({reason}); start vLLM with "
-                               f"--enable-lora --max-lora-rank {self._max_rank()} (and "
-                               f"VLLM_ALLOW_RUNTIME_LORA_UPDATING=True)")
-        if "max_lora_rank" in reason:
-            return LlmneoError(f"rollout_endpoint {self.shown} refused the student's adapter ({reason}); start vLLM "
-                               f"with --max-lora-rank {self._max_rank()}, or lower lora_rank (pissa and olora serve "
-                               f"2 * lora_rank)")
-        return LlmneoError(f"rollout_endpoint {self.shown} could not load the student's adapter ({reason})")
-
-    def _max_rank(self) -> str:
-        """The smallest --max-lora-rank vLLM accepts that holds the served rank."""
-        if self.served_rank is None:
-            return "R"
-        return str(next((r for r in MAX_LORA_RANKS if r >= self.served_rank), self.served_rank))
-
-
-def completion_request(model: str, prompt: list[int], *, max_tokens: int, sampling: generate.Sampling,
-                       stop_ids: set[int], seed: int, allowed: list[int] | None = None) -> dict:
-    """One row's /v1/completions body, sampling as HFGenerator does. Every sampler vLLM would otherwise fill from the
-    model's generation_config is set: off, or HF's value (top_k 0 is vLLM's 'off'; temperature 0 is greedy)."""
-    body = {"model": model, "prompt": [int(t) for t in prompt], "max_tokens": int(max_tokens), "n": 1,
-            "temperature": float(sampling.temperature), "top_p": float(sampling.top_p) if sampling.temperature > 0
-            else 1.0, "top_k": 0, "min_p": 0.0, "repetition_penalty": 1.0, "presence_penalty": 0.0,
-            "frequency_penalty": 0.0, "min_tokens": 0, "ignore_eos": False, "seed": int(seed),
-            "stop_token_ids": sorted(int(t) for t in stop_ids), "return_token_ids": True}
-    if allowed is not None:  # a head padded past the tokenizer never emits its padding rows
-        body["allowed_token_ids"] = allowed
-    return body
 
 
 def row_seed(seed: int, step: int, row: int) -> int:
@@ -180,8 +66,7 @@ def run_tag(output_dir: str | Path) -> str:
 
 
 class Pending:
-    """One step's replies being written: per micro-batch, per row, a Future of its reply (or the reply itself);
-    `result()` waits for all of them."""
+    """A step's replies being written: per micro-batch, per row, a Future of its reply (or the reply itself)."""
 
     def __init__(self, rows: list[list], staleness: int | None):
         self.rows, self.staleness = rows, staleness
@@ -194,10 +79,8 @@ class Pending:
             raise
 
     def cancel(self) -> None:
-        for batch in self.rows:
-            for r in batch:
-                if isinstance(r, Future):
-                    r.cancel()
+        for r in (r for batch in self.rows for r in batch if isinstance(r, Future)):
+            r.cancel()
 
 
 class ServedRollouts:
@@ -220,14 +103,18 @@ class ServedRollouts:
         self.endpoint = RolloutEndpoint(config.rollout_endpoint, config.rollout_endpoint_model,
                                         config.rollout_api_key_env, served_rank=plain_lora.served_rank(config))
         self.default_folder = config.rollout_adapter_dir is None
-        self.folder = Path(config.rollout_adapter_dir or Path(config.output_dir) / "rollout_adapters").absolute()
-        self.tag = run_tag(config.output_dir)
+        folder = Path(config.rollout_adapter_dir or Path(config.output_dir) / "rollout_adapters").absolute()
+        shared = [run_tag(config.output_dir), folder]  # rank 0's: a relative path may resolve otherwise elsewhere
+        _broadcast(shared)
+        self.tag, self.folder = shared
         self.version: int | None = None  # the step whose weights the server's adapter holds
         self.pool = ThreadPoolExecutor(max_workers=THREADS, thread_name_prefix="llmneo-rollouts")
         self._reloading = threading.Lock()
         self._closed = False
         saved = _read_json(resume_from / STATE) if resume_from is not None else None
         made = [d for d in (Path(config.output_dir).absolute(), self.folder) if not d.exists()]
+        if self.main:
+            self._drop_earlier()
         try:
             if saved is not None and (resume_from / ADAPTER).is_dir():  # the adapter the next steps were to use
                 self._sync(int(saved["version"]), copy_of=resume_from / ADAPTER)
@@ -325,6 +212,15 @@ class ServedRollouts:
         previous, self.version = self.version, version
         if self.main and previous is not None and previous != version:
             self._drop(previous)  # every rank has passed the broadcast: none generates with it any more
+
+    def _drop_earlier(self) -> None:
+        """Adapters an earlier run of this output_dir left (it was killed): unloaded, their folders deleted."""
+        prefix = f"llmneo-{self.tag}-step"
+        for name in self.endpoint.adapters:
+            if name.startswith(prefix) and name[len(prefix):].isdigit():
+                self._drop(int(name[len(prefix):]))
+        for folder in self.folder.glob(f"{prefix}*") if self.folder.is_dir() else ():
+            shutil.rmtree(folder, ignore_errors=True)
 
     def _load(self, name: str, folder: Path) -> None:
         try:
