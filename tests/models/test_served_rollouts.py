@@ -234,3 +234,27 @@ def test_a_rollout_ahead_run_resumes_exactly_through_the_standin(tmp_path, serve
         assert not standin.adapters
     assert_same_training(full, cut, tol=1e-6)
     assert [r["rollout_staleness"] for r in read_metrics(cut)] == [0, 1, 1, 1]
+
+
+@pytest.mark.slow
+def test_a_rollout_server_gone_mid_run_checkpoints_and_resumes_exactly(tmp_path, served_run, student_dir, tokenizer,
+                                                                       capsys):
+    """rollout_ahead: the server answers steps 1 and 2 (step 2's while step 1 trains), then only 503s, so step 3's
+    replies, written while step 2 trains, fail. The run checkpoints step 2 with the adapter step 3 was to use;
+    resumed, it writes step 3's replies again from that adapter and ends like a run that never stopped."""
+    with StandIn(str(student_dir), tokenizer, name="student", enable_lora=True) as standin:
+        run = {**served_run, "rollout_endpoint": standin.url, "rollout_ahead": 1, "temperature": 1.0, "max_steps": 4}
+        whole, cut = tmp_path / "whole", tmp_path / "cut"
+        assert cli.main(["train", write_yaml(tmp_path, "w.yaml", {**run, "output_dir": str(whole)})]) == 0
+        standin.stop_after = standin.completions + 8  # 4 rows a step: steps 1 and 2
+        capsys.readouterr()
+        assert cli.main(["train", write_yaml(tmp_path, "c.yaml", {**run, "output_dir": str(cut)})]) == 2
+        last = capsys.readouterr().err.strip().splitlines()[-1]
+        assert "HTTP 503" in last and f"checkpoint written to {cut / 'checkpoint-2'}." in last, last
+        assert not (cut / "checkpoint-2" / "rollout_replies_0.safetensors").exists()  # they never came
+        assert not standin.adapters  # the failed run unloaded its adapter
+        standin.stop_after = None
+        resumed = {**run, "output_dir": str(cut), "resume_from_checkpoint": "auto"}
+        assert cli.main(["train", write_yaml(tmp_path, "r.yaml", resumed)]) == 0
+    assert_same_training(whole, cut, tol=1e-6)
+    assert [r["rollout_staleness"] for r in read_metrics(cut)] == [0, 1, 1, 1]

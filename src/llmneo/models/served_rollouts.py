@@ -43,6 +43,7 @@ from pathlib import Path
 
 import torch
 
+from llmneo.endpoint import EndpointGone
 from llmneo.errors import LlmneoError
 from llmneo.models import generate, heads, plain_lora
 from llmneo.models.rollout_server import AdapterGone, AlreadyLoaded, RolloutEndpoint, completion_request
@@ -202,13 +203,15 @@ class ServedRollouts:
                 self._load(name, folder)
             except Exception as exc:  # every rank stops, with rank 0's line
                 error = exc
-        shared = [None if error is None else (isinstance(error, LlmneoError), str(error))]
+        kind = "gone" if isinstance(error, EndpointGone) else "user" if isinstance(error, LlmneoError) else "bug"
+        shared = [None if error is None else (kind, str(error))]
         _broadcast(shared)
         if error is not None:
             raise error
-        if shared[0] is not None:
-            raise LlmneoError(shared[0][1] if shared[0][0] else f"rollout_endpoint: rank 0 could not sync the "
-                              f"adapter ({shared[0][1]})")
+        if shared[0] is not None:  # the same kind of error as rank 0's: a gone server checkpoints on every rank
+            kind, message = shared[0]
+            raise (EndpointGone if kind == "gone" else LlmneoError)(
+                message if kind != "bug" else f"rollout_endpoint: rank 0 could not sync the adapter ({message})")
         previous, self.version = self.version, version
         if self.main and previous is not None and previous != version:
             self._drop(previous)  # every rank has passed the broadcast: none generates with it any more
