@@ -30,6 +30,8 @@ def _error(key: str) -> str:
     ("kd_alpha", "llmneo calls it kd_ratio", "lora_alpha"),
     ("num_epochs", "llmneo calls it num_train_epochs", "did you mean"),
     ("max_seq_len", "llmneo calls it cutoff_len", "did you mean"),
+    ("use_vllm", "llmneo calls it rollout_endpoint", "did you mean"),  # TRL's on-policy trainers
+    ("vllm_server_base_url", "llmneo calls it rollout_endpoint", "did you mean"),
 ])
 def test_a_peers_key_names_its_llmneo_equivalent(key, meant, misleading):
     message = _error(key)
@@ -42,7 +44,7 @@ def test_the_message_says_whose_key_it_is():
     assert "torchtune" in _error("batch_size") and "TRL" in _error("max_length")
 
 
-@pytest.mark.parametrize("key", ["optimizer", "use_vllm", "train_on_inputs", "kd_trainer"])
+@pytest.mark.parametrize("key", ["optimizer", "train_on_inputs", "kd_trainer"])
 def test_a_peers_key_without_an_equivalent_says_so_plainly(key):
     message = _error(key)
     assert "llmneo has no equivalent" in message and "remove it" in message and "did you mean" not in message

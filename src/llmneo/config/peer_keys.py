@@ -81,8 +81,14 @@ PEERS: dict[str, PeerKey] = {
     # --- on-policy ------------------------------------------------------------------------------
     "max_completion_length": PeerKey(f"{TRL_GOLD} and DistillationConfig", "max_new_tokens"),
     "num_generations": PeerKey(TRL_KD, None, "one reply per prompt"),
-    "use_vllm": PeerKey(TRL_KD, None, "replies are generated with HF generate; a teacher served by vLLM is "
-        "teacher_endpoint"),
+    "use_vllm": PeerKey(TRL_KD, "rollout_endpoint", "the /v1 URL of a vLLM server of the student's base model "
+        "(started with --enable-lora); a teacher served by vLLM is teacher_endpoint"),
+    "vllm_mode": PeerKey(TRL_KD, "rollout_endpoint", "server mode only: give the server's /v1 URL; colocate has no "
+        "equivalent"),
+    "vllm_server_base_url": PeerKey(TRL_KD, "rollout_endpoint", "the same URL with /v1 at the end"),
+    "vllm_server_host": PeerKey(TRL_KD, "rollout_endpoint", "http://HOST:PORT/v1"),
+    "vllm_server_port": PeerKey(TRL_KD, "rollout_endpoint", "http://HOST:PORT/v1"),
+    "vllm_sync_frequency": PeerKey("ms-swift", "rollout_sync_steps"),
     "disable_dropout": PeerKey(TRL_KD, None),
     # --- LoRA -----------------------------------------------------------------------------------
     "adapter": PeerKey(AXOLOTL, "finetuning_type", "lora (qlora is not supported)"),
