@@ -66,6 +66,10 @@ POST_PATHS = ("/v1/completions", "/v1/load_lora_adapter", "/v1/unload_lora_adapt
 
 
 class StandIn:
+    """`vllm serve model_dir --served-model-name NAME --max-logprobs N --max-model-len L` on a free port of
+    127.0.0.1 (`url` ends in /v1), started and stopped by `with`; `enable_lora` and `max_lora_rank` as vLLM's
+    --enable-lora --max-lora-rank, for runtime adapter loading."""
+
     def __init__(self, model_dir: str, tokenizer, *, name: str = "teacher", max_logprobs: int = 20,
                  fail_every: int = 0, delay: float = 0.0, hang_for: float = 0.0, tokenizer_for_tokenize=None,
                  api_key: str | None = None, enable_lora: bool = False, max_lora_rank: int = 16,

