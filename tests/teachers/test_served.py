@@ -2,7 +2,7 @@
 
 The server is tests/vllm_standin.py, which stands in for vLLM's OpenAI-compatible server (`vllm serve
 --max-logprobs 20`) on the tiny teacher: it follows vLLM's /v1/completions prompt_logprobs schema,
-/tokenize, /detokenize and /v1/models, errors included. The real vLLM cannot run here (no GPU).
+/tokenize, /detokenize and /v1/models, errors included. tests/vllm/test_standin_agrees.py holds the stand-in to a real vLLM server (make test-vllm).
 """
 
 from __future__ import annotations
