@@ -2,7 +2,8 @@
 
 The server is tests/vllm_standin.py, which stands in for vLLM's OpenAI-compatible server (`vllm serve
 --max-logprobs 20`) on the tiny teacher: it follows vLLM's /v1/completions prompt_logprobs schema,
-/tokenize, /detokenize and /v1/models, errors included. tests/vllm/test_standin_agrees.py holds the stand-in to a real vLLM server (make test-vllm).
+/tokenize, /detokenize and /v1/models, errors included; tests/vllm/test_standin_agrees.py holds it to a
+real vLLM server (make test-vllm).
 """
 
 from __future__ import annotations
