@@ -9,8 +9,9 @@ The protocol (vLLM's; nothing here imports vllm):
   POST {server root}/inference/v1/generate  {"model", "token_ids": [ids...], "sampling_params": {"max_tokens": 1,
        "prompt_logprobs": k, "detokenize": false}} → prompt_logprobs: the same entries, decoded_token null.
     vLLM's tokens-in/tokens-out endpoint (served with --enable-scale-out): one sequence per request, and no
-    top-k token decoded, which halves the server's work per entry (docs/benchmarks.md). Asked first; a server
-    without it (403: scale-out off; 404: an older vLLM, another server) is asked through /completions.
+    top-k token decoded, which takes 30-50 % off the server's CPU time per entry (benchmarks/vllm_bench.py).
+    Asked first; a server without it (403: scale-out off; 404: an older vLLM, another server) is asked
+    through /completions from then on.
   POST {server root}/tokenize  {"model", "prompt": text, "add_special_tokens": false} → {"tokens": [...], ...}
   GET  {teacher_endpoint}/models → {"data": [{"id": name, ...}]}
 
