@@ -112,10 +112,12 @@ def _student_with_adapter(root: Path, device: str):
     return PeftModel.from_pretrained(base, root / "adapter_peft").to(device)
 
 
-def _server(args, model_dir: Path, name: str, **kwargs) -> VLLMServer:
+def _server(args, model_dir: Path, name: str, gpu_share: float = 0.85, **kwargs) -> VLLMServer:
+    """A VLLMServer; on a GPU without VLLMServer's CPU flags, holding `gpu_share` of its memory (one server at a
+    time; the step part leaves the rest to training)."""
     extra = list(kwargs.pop("extra", ()))
-    if args.device != "cpu":  # VLLMServer's CPU flags, undone for a GPU; one server at a time, so memory is all its
-        extra += ["--no-enforce-eager", "--dtype", args.dtype, "--gpu-memory-utilization", "0.85"]
+    if args.device != "cpu":
+        extra += ["--no-enforce-eager", "--dtype", args.dtype, "--gpu-memory-utilization", str(gpu_share)]
     return VLLMServer(model_dir, name=name, max_logprobs=max(20, args.k), max_model_len=512, extra=tuple(extra),
                       log_dir=args.logs, **kwargs)
 
@@ -365,7 +367,7 @@ def part_sync(args, root: Path) -> dict:
     from llmneo.models import plain_lora
 
     torch.set_num_threads(args.threads or os.cpu_count())
-    model = _student_with_adapter(root, "cpu")
+    model = _student_with_adapter(root, args.device)
     work = Path(tempfile.mkdtemp(prefix="llmneo-vllm-sync-", dir=args.sync_dir))
     prompts = json.loads((root / "prompts.json").read_text())
     rng = random.Random(4)
@@ -398,8 +400,10 @@ def part_sync(args, root: Path) -> dict:
                 folder.mkdir()
                 with lap(laps, "merge (W0 + s.B.A)"), torch.no_grad():
                     state = _merged_state(model)
+                    if args.device != "cpu":
+                        torch.cuda.synchronize()
                 with lap(laps, "write safetensors"):
-                    save_file({k: v.to(getattr(torch, args.dtype)) for k, v in state.items()},
+                    save_file({k: v.to(getattr(torch, args.dtype)).cpu() for k, v in state.items()},
                               folder / "model.safetensors")
                     (folder / "config.json").write_text(json.dumps(config))
                 with lap(laps, "reload_weights (collective_rpc)"):
@@ -420,7 +424,7 @@ def part_sync(args, root: Path) -> dict:
         generator = rollout.HFGenerator(merged, PreTrainedTokenizerFast.from_pretrained(root / "student"),
                                         rollout.Sampling(args.new_tokens, 0.0, 1.0))
         generator.eos = set()
-        hf_rows = [r.tolist() for r in generator.generate([torch.tensor(p) for p in prompts])]
+        hf_rows = [r.tolist() for r in generator.generate([torch.tensor(p, device=args.device) for p in prompts])]
         found["merged_rows_equal_hf"] = sum(a == b for a, b in zip(served_rows, hf_rows))
         found["weights_bytes"] = (work / f"merged-{args.repeats}" / "model.safetensors").stat().st_size
         found["adapter_bytes"] = sum(f.stat().st_size for f in (work / f"lora_inplace-{args.repeats}").iterdir())
@@ -471,8 +475,8 @@ def part_step(args, root: Path) -> dict:
         config = {**base, "output_dir": str(out), "overwrite_output_dir": True}
         server = None
         if arm != "hf":
-            server = _server(args, root / "student", "student", enable_lora=True, max_lora_rank=args.lora_rank,
-                             max_loras=2).start()
+            server = _server(args, root / "student", "student", gpu_share=0.3, enable_lora=True,
+                             max_lora_rank=args.lora_rank, max_loras=2).start()
             config.update(rollout_endpoint=server.url, rollout_ahead=1 if arm == "vllm_ahead" else 0)
         try:
             path = root / f"step_{arm}.json"
@@ -539,7 +543,8 @@ def report(args, results: dict) -> None:
             laps = synced[way]
             for part in laps[0]:
                 print(f"| {way} | {part} | {_spread([lap[part] for lap in laps])} |")
-            print(f"| {way} | **whole sync** | **{_spread([sum(lap.values()) for lap in laps])}** |")
+            whole = [sum(max(v, 0.0) if k.startswith("first") else v for k, v in lap.items()) for lap in laps]
+            print(f"| {way} | **whole sync** (a negative first-use difference as 0) | **{_spread(whole)}** |")
     stepped = results.get("step")
     if stepped:
         print(f"\non-policy `llmneo train` steps (lmbda 1, {args.step_batch} prompts x up to {args.new_tokens} "
