@@ -49,20 +49,24 @@ class JsonEndpoint:
                                   f"never goes into a config), and give {key_field} a variable's NAME, e.g. "
                                   f"OPENAI_API_KEY")
 
-    def request(self, method: str, url: str, payload: dict | None = None, *, json_answer: bool = True):
+    def request(self, method: str, url: str, payload: dict | None = None, *, json_answer: bool = True,
+                after_stop: bool = False):
         """JSON in, JSON out (or the answer's text when `json_answer` is false: vLLM answers adapter loads in
-        plain text); retried on timeouts, refused connections and 5xx; one-line errors otherwise."""
+        plain text); retried on timeouts, refused connections and 5xx; one-line errors otherwise.
+        `after_stop`: once stop() was called, one attempt still (a closing client's clean-up) instead of none."""
         body = None if payload is None else json.dumps(payload).encode()
         headers = {"Content-Type": "application/json"}
         if self.api_key:
             headers["Authorization"] = f"Bearer {self.api_key}"
-        problem = ""
-        for attempt in range(self.retries + 1):
+        problem, tried = "", 0
+        attempts = 1 if after_stop and self._stopping.is_set() else self.retries + 1
+        for attempt in range(attempts):
             if attempt and self._stopping.wait(self.backoff * 2 ** (attempt - 1)):
                 break
-            if self._stopping.is_set():
+            if self._stopping.is_set() and not after_stop:
                 problem = "stopped"
                 break
+            tried += 1
             try:
                 req = urllib.request.Request(url, data=body, headers=headers, method=method)
                 with urllib.request.urlopen(req, timeout=self.timeout) as answer:
@@ -90,11 +94,12 @@ class JsonEndpoint:
                     raise LlmneoError(f"{self.key} {self.shown} is not a valid URL ({exc}); e.g. "
                                       f"http://localhost:8000/v1") from None
                 problem = f"a broken answer ({type(exc).__name__})"
-        raise EndpointGone(f"{self.key} {self.shown}: {problem} after {self.retries + 1} attempts; check that "
+        raise EndpointGone(f"{self.key} {self.shown}: {problem} after {tried} attempts; check that "
                            f"the server is up and reachable (vllm serve ...), or raise its capacity")
 
     def stop(self) -> None:
-        """Start no further attempt: requests in flight end within their timeout, queued ones fail at once."""
+        """Start no further attempt: requests in flight end within their timeout (retries already running stop
+        at their next wait), queued ones fail at once; only `after_stop` requests still get one attempt."""
         self._stopping.set()
 
     def client_error(self, code: int, message: str, payload: dict | None) -> LlmneoError:

@@ -208,19 +208,27 @@ def _write_folder(directory: Path, config, tensors: dict, save_file) -> None:
     """The two files in a temp sibling of `directory`, then one rename: a reader sees the whole folder or none."""
     if directory.exists() and (not directory.is_dir() or any(directory.iterdir())):
         raise LlmneoError(f"'{directory}' already exists and is not an empty folder; give each sync a fresh folder")
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.tmp-"))
-    try:
+    staging = None
+    try:  # the parent folder too: rollout_adapter_dir may be unwritable, or under a file
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.tmp-"))
         save_file(tensors, str(staging / WEIGHTS_FILE), metadata={"format": "pt"})
         config.save_pretrained(str(staging))  # PEFT's own adapter_config.json
         run_dir.plain_modes(staging)
         os.replace(staging, directory)
     except BaseException as exc:
-        shutil.rmtree(staging, ignore_errors=True)
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
         reason = run_dir.write_failure(exc)
         if reason is not None:
-            raise LlmneoError(f"cannot write the served adapter to '{directory}': {reason}") from None
+            raise unwritable(directory, reason) from None
         raise
+
+
+def unwritable(directory: Path, reason: str) -> LlmneoError:
+    """A served adapter's folder that cannot be written (disk full, read-only, under a file), as one line."""
+    return LlmneoError(f"cannot write the served adapter to '{directory}' (rollout_adapter_dir): {reason}; give "
+                       f"rollout_adapter_dir a writable folder (one the server can read)")
 
 
 def _saved_adapter_config(config: Config) -> dict:

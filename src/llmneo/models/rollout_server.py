@@ -3,7 +3,8 @@ and its answers as one line each (models/served_rollouts.py syncs the adapter an
 
     GET  {url}/models                   the base model (parent null), its max_model_len; loaded adapters (parent set)
     POST {root}/v1/load_lora_adapter    {"lora_name", "lora_path"}  → plain text; refusals are 4xx, and 500 for
-                                        what the engine refuses (no --enable-lora, a rank above --max-lora-rank)
+                                        what the engine refuses (no --enable-lora, a rank above --max-lora-rank),
+                                        in the worker's words ("failed with error '...'"); other 5xx are retried
     POST {root}/v1/unload_lora_adapter  {"lora_name"}               → plain text; 404 when it is not loaded
     POST {url}/completions              `completion_request`        → choices[0].token_ids; 404 for an unknown model
 The words matched are vLLM 0.32's (tests/vllm/test_rollouts.py meets each against a real server).
@@ -59,7 +60,9 @@ class RolloutEndpoint(JsonEndpoint):
                      json_answer=False)
 
     def unload(self, name: str) -> None:
-        self.request("POST", f"{self.root}/v1/unload_lora_adapter", {"lora_name": name}, json_answer=False)
+        """One attempt even after stop(): a closing run still takes its adapter off the server."""
+        self.request("POST", f"{self.root}/v1/unload_lora_adapter", {"lora_name": name}, json_answer=False,
+                     after_stop=True)
 
     def complete(self, body: dict) -> list[int]:
         """The generated token ids of one completion request (`completion_request`)."""
@@ -97,11 +100,14 @@ class RolloutEndpoint(JsonEndpoint):
         return super().client_error(code, message, payload)
 
     def server_error(self, code: int, message: str, payload: dict | None) -> LlmneoError | None:
-        """A refused adapter load answers 500 (vLLM's engine raised): retrying cannot change it."""
-        if "lora_path" not in (payload or {}):
+        """An adapter load the engine refused answers 500 with its worker's words: retrying cannot change it. Any
+        other 5xx (a proxy's 502/503/504, an engine answering 500 as it dies) is retried: EndpointGone at last."""
+        if code != 500 or "lora_path" not in (payload or {}):
             return None
-        found = re.search(r"failed with error '(.+?)'", message)
+        found = re.search(r"failed with error '(.+?)(?:', please check|'$|$)", message)  # the message may be cut
         reason = found.group(1) if found else message
+        if not found and "lora is not enabled" not in reason.lower() and "max_lora_rank" not in reason:
+            return None
         if "lora is not enabled" in reason.lower():
             return LlmneoError(f"rollout_endpoint {self.shown} serves no LoRA adapters ({reason}); start vLLM with "
                                f"--enable-lora --max-lora-rank {self._max_rank()} (and "

@@ -43,6 +43,7 @@ from pathlib import Path
 
 import torch
 
+from llmneo import run_dir
 from llmneo.endpoint import EndpointGone
 from llmneo.errors import LlmneoError
 from llmneo.models import generate, heads, plain_lora
@@ -113,7 +114,9 @@ class ServedRollouts:
         self._reloading = threading.Lock()
         self._closed = False
         saved = _read_json(resume_from / STATE) if resume_from is not None else None
-        made = [d for d in (Path(config.output_dir).absolute(), self.folder) if not d.exists()]
+        self._resumed = _read_replies(resume_from / REPLIES.format(rank=self.rank)) if resume_from else None
+        made = {d for top in (Path(config.output_dir).absolute(), self.folder) for d in (top, *top.parents)
+                if not d.exists()}  # nested ones too (mkdir parents=True)
         if self.main:
             self._drop_earlier()
         try:
@@ -125,11 +128,10 @@ class ServedRollouts:
             self.pool.shutdown(wait=False)
             if self.main:
                 shutil.rmtree(self.folder / self.name(saved["version"] if saved else step), ignore_errors=True)
-                for folder in reversed(made):
+                for folder in sorted(made, key=lambda d: len(d.parts), reverse=True):  # the deepest first
                     if folder.is_dir() and not any(folder.iterdir()):
                         folder.rmdir()
             raise
-        self._resumed = _read_replies(resume_from / REPLIES.format(rank=self.rank)) if resume_from else None
 
     def name(self, version: int) -> str:
         return f"llmneo-{self.tag}-step{version}"
@@ -177,8 +179,8 @@ class ServedRollouts:
         if self._closed:
             return
         self._closed = True
+        self.endpoint.stop()  # requests retrying stop at their next wait; the unload below still gets one attempt
         self.pool.shutdown(wait=False, cancel_futures=True)
-        self.endpoint.retries = 0
         if self.main and self.version is not None:
             self._drop(self.version)
             if self.default_folder:
@@ -201,8 +203,10 @@ class ServedRollouts:
                 else:
                     plain_lora.write(self.model, folder, initial=self.initial)
                 self._load(name, folder)
-            except Exception as exc:  # every rank stops, with rank 0's line
+            except Exception as exc:  # every rank stops, with rank 0's line; the new folder goes
                 error = exc
+                if version != self.version:
+                    shutil.rmtree(folder, ignore_errors=True)
         kind = "gone" if isinstance(error, EndpointGone) else "user" if isinstance(error, LlmneoError) else "bug"
         shared = [None if error is None else (kind, str(error))]
         _broadcast(shared)
@@ -284,21 +288,47 @@ def _broadcast(objects: list) -> None:
 
 def _copy_folder(source: Path, folder: Path) -> None:
     """A copy of `source` at `folder`, renamed into place whole (the server never reads half of it)."""
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.tmp-"))
-    try:
+    staging = None
+    try:  # the parent folder too: rollout_adapter_dir may be unwritable, or under a file
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.tmp-"))
         shutil.copytree(source, staging, dirs_exist_ok=True)
         staging.rename(folder)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
+    except BaseException as exc:
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
+        reason = run_dir.write_failure(exc)
+        if reason is not None:
+            raise plain_lora.unwritable(folder, reason) from None
         raise
 
 
 def _read_json(path: Path) -> dict | None:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
+    """A checkpoint's rollouts.json (`path`), its adapter folder beside it checked too; None when the checkpoint
+    has neither (a run without rollout_endpoint wrote it: it generated with the weights it holds). One without
+    the other, or either unreadable or cut short, is a corrupt checkpoint: resuming from the current weights
+    instead would quietly not be the run it continues."""
+    checkpoint, adapter = path.parent, path.parent / ADAPTER
+    if not path.exists() and not adapter.exists():
         return None
+    if not path.is_file():
+        raise _corrupt(checkpoint, f"{path.name} is missing beside {ADAPTER}/")
+    try:
+        state = json.loads(path.read_text())
+        int(state["version"])
+    except (OSError, ValueError, UnicodeDecodeError, TypeError, KeyError):
+        raise _corrupt(checkpoint, f"{path.name} is not a JSON object with the adapter's version") from None
+    if not adapter.is_dir():
+        raise _corrupt(checkpoint, f"{ADAPTER}/ is missing beside {path.name}")
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        json.loads((adapter / plain_lora.CONFIG_FILE).read_text())
+        with safe_open(str(adapter / plain_lora.WEIGHTS_FILE), framework="pt") as f:  # its header: not cut short
+            f.keys()
+    except (OSError, ValueError, UnicodeDecodeError, SafetensorError) as exc:
+        raise _corrupt(checkpoint, f"{ADAPTER}/ cannot be read ({_first_line(exc)})") from None
+    return state
 
 
 def _write_replies(path: Path, step: int, staleness: int | None, replies: list[list[torch.Tensor]]) -> None:
@@ -311,13 +341,28 @@ def _write_replies(path: Path, step: int, staleness: int | None, replies: list[l
 
 
 def _read_replies(path: Path) -> tuple[int, int | None, list[list[torch.Tensor]]] | None:
-    """(step, staleness, replies per micro-batch) from a checkpoint's replies file, or None without one."""
-    if not path.is_file():
+    """(step, staleness, replies per micro-batch) from a checkpoint's replies file, or None without one (none
+    were written ahead, or their requests failed); a file cut short or unreadable is a corrupt checkpoint."""
+    if not path.exists():
         return None
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata()
-        rows = json.loads(meta["rows"])
-        replies = [[f.get_tensor(f"m{m}.r{r}") for r in range(n)] for m, n in enumerate(rows)]
-    return int(meta["step"]), json.loads(meta["staleness"]), replies
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            rows = json.loads(meta["rows"])
+            replies = [[f.get_tensor(f"m{m}.r{r}") for r in range(n)] for m, n in enumerate(rows)]
+        return int(meta["step"]), json.loads(meta["staleness"]), replies
+    except (OSError, ValueError, TypeError, KeyError, UnicodeDecodeError, SafetensorError) as exc:
+        raise _corrupt(path.parent, f"{path.name} cannot be read ({_first_line(exc)})") from None
+
+
+def _corrupt(checkpoint: Path, what: str) -> LlmneoError:
+    """train/checkpoint.py's line for a checkpoint that is cut short or damaged."""
+    return LlmneoError(f"checkpoint '{checkpoint}' is incomplete or corrupt: {what}; resume from another "
+                       f"checkpoint-STEP or start again with overwrite_output_dir=true")
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:200] if text else type(exc).__name__

@@ -45,14 +45,22 @@ from llmneo.train.window import Window
 def run(config: Config) -> dict:
     """Train as configured; return (and write) train_results."""
     setup = training_setup.prepare(config)
+    try:
+        return finish(setup, train(setup))
+    finally:  # however it ends: nothing of the run is left on a server, and no request holds the exit
+        close(setup)
+
+
+def train(setup: TrainingSetup) -> dict:
+    """The steps, with their logging, held-out evaluation and checkpoints; the last step's results."""
     progress, config = setup.progress, setup.config
     bar = tqdm(total=setup.total_steps, initial=progress.step, desc=f"llmneo {config.method}",
                disable=not setup.main, dynamic_ncols=True)
     clock = Clock()
-    evaluation = periodic_eval.Periodic(setup, bar, clock)  # eval_strategy's held-out rows
-    setup.model.train()
     last: dict = {}
     try:
+        evaluation = periodic_eval.Periodic(setup, bar, clock)  # eval_strategy's held-out rows
+        setup.model.train()
         with preemption.StopRequests() as stop:
             saved = setup.resume_from  # the newest checkpoint of this run
             for step in range(progress.step + 1, setup.total_steps + 1):
@@ -70,15 +78,18 @@ def run(config: Config) -> dict:
                     saved = save_checkpoint(setup, clock)
                 if stopping:
                     raise preemption.Preempted(stop.signal_name or "SIGTERM", step, saved)
-    except BaseException:
-        if setup.teacher is not None:  # a served teacher's queued requests must not hold the exit
-            setup.teacher.close()
-        setup.steps.close()  # served rollouts: their requests, and the adapter on the server
-        raise
     finally:
         bar.close()  # ends the bar's line, so an error message starts on its own
     progress.runtime += clock.lap()
-    return finish(setup, last)
+    return last
+
+
+def close(setup: TrainingSetup) -> None:
+    """Stop a served teacher's requests, and the served rollouts' (their adapter unloaded, its folder deleted).
+    Safe to repeat: finish closes before train_results.json is written, run's finally again on every path."""
+    if setup.teacher is not None:
+        setup.teacher.close()
+    setup.steps.close()
 
 
 class Clock:
@@ -344,12 +355,11 @@ def finish(setup: TrainingSetup, last: dict) -> dict:
                 if config.plot_loss:
                     plot.training_loss(progress.history, staging / "training_loss.png",
                                        title=f"llmneo {config.method}")
+            close(setup)  # before the results, which are written last (the other ranks close below)
             run_dir.write_json(out / "train_results.json", results)
+    close(setup)
     accelerator.wait_for_everyone()
     accelerator.end_training()
-    if setup.teacher is not None:  # a served teacher's request threads
-        setup.teacher.close()
-    setup.steps.close()
     return results
 
 

@@ -139,24 +139,32 @@ def prepare(config: Config) -> TrainingSetup:
     model, optimizer, loader = accelerator.prepare(model, _optimizer(model, config), loader)
     signal = teacher.choose(config, loaded, splits.train, accelerator,
                             cache_teacher_tokenizer=crossing.teacher_tokenizer if crossing else None)
-    config = _as_run(config, accelerator)
-    total_steps, scheduler = _schedule(config, optimizer, len(loader))
-    progress = _progress(config, resume_from, accelerator, model, optimizer, scheduler, total_steps)
-    stop_ids, retokenizer = _reply_ends(config, loaded, splits, teacher_side)
-    setup = TrainingSetup(
-        config=config, accelerator=accelerator, precision=precision, out=output.path, resume_from=resume_from,
-        loaded=loaded, splits=splits, collate=collate, model=model, loader=loader, optimizer=optimizer,
-        scheduler=scheduler, progress=progress, total_steps=total_steps, trainable=trainable, total=total,
-        steps=step_source.choose(config, loader, accelerator, progress.micro_seen, model=model, teacher=signal,
-                                 tokenizer=loaded.tokenizer, step=progress.step, last=total_steps,
-                                 stop_ids=stop_ids, retokenizer=retokenizer, initial_adapter=initial_adapter,
-                                 resume_from=resume_from),
-        teacher=signal,
-        aligner=alignment.choose(crossing.vocab if crossing else None, accelerator.device, config.kd_unaligned),
-        loss_spec=LossSpec.from_config(config, loaded.vocab_size, has_teacher=signal is not None),
-        params=[p for p in model.parameters() if p.requires_grad], output=output, recorded=recorded,
-        initial_adapter=initial_adapter)
-    _begin(setup)
+    steps = None
+    try:  # from here a served teacher's pool, then the served rollouts' adapter, are closed if set-up fails
+        config = _as_run(config, accelerator)
+        total_steps, scheduler = _schedule(config, optimizer, len(loader))
+        progress = _progress(config, resume_from, accelerator, model, optimizer, scheduler, total_steps)
+        stop_ids, retokenizer = _reply_ends(config, loaded, splits, teacher_side)
+        steps = step_source.choose(config, loader, accelerator, progress.micro_seen, model=model, teacher=signal,
+                                   tokenizer=loaded.tokenizer, step=progress.step, last=total_steps,
+                                   stop_ids=stop_ids, retokenizer=retokenizer, initial_adapter=initial_adapter,
+                                   resume_from=resume_from)
+        setup = TrainingSetup(
+            config=config, accelerator=accelerator, precision=precision, out=output.path, resume_from=resume_from,
+            loaded=loaded, splits=splits, collate=collate, model=model, loader=loader, optimizer=optimizer,
+            scheduler=scheduler, progress=progress, total_steps=total_steps, trainable=trainable, total=total,
+            steps=steps, teacher=signal,
+            aligner=alignment.choose(crossing.vocab if crossing else None, accelerator.device, config.kd_unaligned),
+            loss_spec=LossSpec.from_config(config, loaded.vocab_size, has_teacher=signal is not None),
+            params=[p for p in model.parameters() if p.requires_grad], output=output, recorded=recorded,
+            initial_adapter=initial_adapter)
+        _begin(setup)
+    except BaseException:
+        if signal is not None:
+            signal.close()
+        if steps is not None:
+            steps.close()
+        raise
     return setup
 
 
