@@ -12,6 +12,9 @@ vLLM stand-in (tests/vllm_standin.py, which tests/vllm/test_standin_agrees.py ho
 
 from __future__ import annotations
 
+import json
+import shutil
+
 import pytest
 import torch
 from conftest import assert_same_training, read_metrics, resumed_from, write_yaml
@@ -37,6 +40,7 @@ SERVED = {"teacher_model_name_or_path": "teacher", "lmbda": 1, "rollout_endpoint
     ({"use_dora": True}, "DoRA's is not one"),
     ({"lora_variant": "dora"}, "DoRA's is not one"),
     ({"temperature": 2.5}, "vLLM samples at temperature <= 2"),
+    ({"temperature": 0.005}, "vLLM raises a temperature below 0.01 to 0.01 (HF does not), got 0.005"),
     ({"rollout_endpoint": "localhost:8000/v1"}, "must be an http(s) URL"),
     ({"rollout_ahead": 2}, "rollout_ahead must be 0 or 1"),
     ({"rollout_sync_steps": 0}, "rollout_sync_steps must be > 0"),
@@ -221,7 +225,8 @@ def test_greedy_training_through_the_standin_is_training_through_hf(tmp_path, se
 
 
 @pytest.mark.slow
-def test_a_rollout_ahead_run_resumes_exactly_through_the_standin(tmp_path, served_run, student_dir, tokenizer):
+def test_a_rollout_ahead_run_resumes_exactly_through_the_standin(tmp_path, served_run, student_dir, tokenizer,
+                                                                 capsys):
     with StandIn(str(student_dir), tokenizer, name="student", enable_lora=True) as standin:
         # no LoRA dropout: the in-process stand-in's adapter loads (PEFT's init) draw from this process's RNG
         # (tests/vllm/test_rollouts.py resumes with dropout against a real server)
@@ -232,6 +237,19 @@ def test_a_rollout_ahead_run_resumes_exactly_through_the_standin(tmp_path, serve
         assert (full / "checkpoint-2" / "rollout_replies_0.safetensors").is_file()
         cut = resumed_from(tmp_path, full, "checkpoint-2", run)
         assert not standin.adapters
+        # rollout_ahead and rollout_sync_steps shape the trajectory: a checkpoint resumes with its own only
+        changed = tmp_path / "changed"
+        shutil.copytree(full / "checkpoint-2", changed / "checkpoint-2")
+        for key, value, written in (("rollout_ahead", 0, 1), ("rollout_sync_steps", 2, 1)):
+            resumed = {**run, key: value, "output_dir": str(changed), "resume_from_checkpoint": "auto"}
+            capsys.readouterr()
+            assert cli.main(["train", write_yaml(tmp_path, "changed.yaml", resumed)]) == 2
+            assert f"written with {key}={written}, this run has {key}={value}" in capsys.readouterr().err
+        # a checkpoint older than the keys was written with their defaults: it resumes with them
+        state = json.loads((full / "checkpoint-4" / "trainer_state.json").read_text())
+        del state["config"]["rollout_ahead"], state["config"]["rollout_sync_steps"]
+        (full / "checkpoint-4" / "trainer_state.json").write_text(json.dumps(state))
+        resumed_from(tmp_path, full, "checkpoint-4", {**run, "rollout_ahead": 0}, name="older")
     assert_same_training(full, cut, tol=1e-6)
     assert [r["rollout_staleness"] for r in read_metrics(cut)] == [0, 1, 1, 1]
 
@@ -258,3 +276,149 @@ def test_a_rollout_server_gone_mid_run_checkpoints_and_resumes_exactly(tmp_path,
         assert cli.main(["train", write_yaml(tmp_path, "r.yaml", resumed)]) == 0
     assert_same_training(whole, cut, tol=1e-6)
     assert [r["rollout_staleness"] for r in read_metrics(cut)] == [0, 1, 1, 1]
+
+
+@pytest.fixture(scope="module")
+def unpadded_teacher_dir(tmp_path_factory, tokenizer):
+    """A served teacher's head has no rows past the tokenizer (tests/teachers/test_served.py)."""
+    from llmneo.demo import tiny
+
+    model = tiny.build_model(tokenizer, hidden_size=48, num_layers=3, seed=2)
+    with torch.no_grad():
+        model.get_output_embeddings().weight.mul_(40.0)
+    return tiny.save_pair(model, tokenizer, tmp_path_factory.mktemp("unpadded_teacher"))
+
+
+@pytest.mark.slow
+def test_a_teacher_gone_after_the_replies_came_resumes_exactly_with_rollout_ahead(
+        tmp_path, served_run, student_dir, unpadded_teacher_dir, tokenizer, capsys):
+    """rollout_ahead: step 3's replies (adapter 1) are in hand and step 4's are being written (adapter 2, synced)
+    when the served teacher fails during step 3. The checkpoint of step 2 keeps step 3's replies, with adapter 2
+    for step 4's; resumed, it trains on those very replies. A learning rate high enough that adapters 1 and 2
+    write other replies, so a resume that wrote step 3's again from adapter 2 would show."""
+    with StandIn(str(unpadded_teacher_dir), tokenizer) as teacher, \
+            StandIn(str(student_dir), tokenizer, name="student", enable_lora=True) as student:
+        run = {**served_run, "rollout_endpoint": student.url, "rollout_ahead": 1, "temperature": 1.0,
+               "max_new_tokens": 12, "learning_rate": 0.5, "max_steps": 4, "teacher_endpoint": teacher.url,
+               "teacher_topk": 20}
+        del run["teacher_model_name_or_path"]
+        whole, cut = tmp_path / "whole", tmp_path / "cut"
+        assert cli.main(["train", write_yaml(tmp_path, "w.yaml", {**run, "output_dir": str(whole)})]) == 0
+        teacher.stop_after = teacher.completions + 3  # steps 1 and 2 (and part of 3, prefetched)
+        capsys.readouterr()
+        assert cli.main(["train", write_yaml(tmp_path, "c.yaml", {**run, "output_dir": str(cut)})]) == 2
+        last = capsys.readouterr().err.strip().splitlines()[-1]
+        assert "teacher_endpoint" in last and f"checkpoint written to {cut / 'checkpoint-2'}." in last, last
+        assert (cut / "checkpoint-2" / "rollout_replies_0.safetensors").is_file()
+        assert not student.adapters
+        teacher.stop_after = None
+        resumed = {**run, "output_dir": str(cut), "resume_from_checkpoint": "auto"}
+        assert cli.main(["train", write_yaml(tmp_path, "r.yaml", resumed)]) == 0
+    assert_same_training(whole, cut, tol=1e-6)
+    assert [r["rollout_staleness"] for r in read_metrics(cut)] == [0, 1, 1, 1]
+
+
+# --- under DDP: the ranks fail together ------------------------------------------------------------------------
+
+def test_a_rank_whose_replies_came_raises_the_failing_ranks_kind_of_error():
+    from llmneo.endpoint import EndpointGone
+    from llmneo.train import steps
+
+    gone = steps.shared_error(steps.GONE, 1, "rollout_endpoint http://x/v1: HTTP 503 after 5 attempts")
+    assert type(gone) is EndpointGone and str(gone) == "rollout_endpoint http://x/v1: HTTP 503 after 5 attempts"
+    refused = steps.shared_error(steps.REFUSED, 1, "a prompt of 90 tokens leaves no room")
+    assert type(refused) is LlmneoError and str(refused) == "a prompt of 90 tokens leaves no room"
+    bug = steps.shared_error(steps.FAILED, 3, "boom")
+    assert type(bug) is LlmneoError and str(bug) == "rank 3 could not write its rollout replies (boom)"
+    steps.raise_together(None, None)  # one process: nothing failed, nothing raised
+    with pytest.raises(ValueError, match="^boom$"):  # one process: its own error, as it was
+        steps.raise_together(None, ValueError("boom"))
+
+
+DDP_SCRIPT = '''
+import json, sys
+from concurrent.futures import Future
+import torch
+from accelerate import PartialState
+from llmneo.endpoint import EndpointGone
+from llmneo.errors import LlmneoError
+from llmneo.models.served_rollouts import Pending
+from llmneo.train.steps import RolloutSteps, Step, raise_together
+
+state = PartialState(cpu=True)
+rank, seen = state.process_index, {}
+LINE = "rollout_endpoint http://x/v1: HTTP 503 (Service Unavailable) after 5 attempts"
+
+
+class OneBatch:
+    def next_step(self):
+        return Step([{"input_ids": torch.tensor([[5, 6, 7, 8, 9]]), "labels": torch.tensor([[-100, -100, -100, 8, 9]]),
+                      "attention_mask": torch.ones(1, 5, dtype=torch.long)}])
+
+
+class Replies:
+    """Written ahead; step 3's requests fail on rank 1 only (its server went away mid-step)."""
+    ahead, saved = True, []
+
+    def submit(self, step, trained, micro, prompts):
+        reply = Future()
+        if rank == 1 and step == 3:
+            reply.set_exception(EndpointGone(LINE))
+        else:
+            reply.set_result(torch.tensor([3, 4]))
+        return Pending([[reply]], 1)
+
+    def resumed(self, step):
+        return None
+
+    def save(self, directory, pending, step):
+        self.saved.append(step)
+
+    def close(self):
+        pass
+
+
+def caught(call):
+    try:
+        call()
+    except BaseException as exc:
+        return [type(exc).__name__, str(exc)]
+    return None
+
+
+source = RolloutSteps(OneBatch(), None, None, 1.0, 0, 0, "cpu", served=Replies(), last=4, accelerator=state)
+source.next_step(); source.next_step()  # steps 1 and 2; step 3's replies are being written
+source.save(None, 2)  # checkpoint-2: step 3's replies failed on rank 1, so no rank keeps them
+seen["saved"] = Replies.saved
+seen["step 3"] = caught(source.next_step)
+gone_or_refused = EndpointGone(LINE) if rank == 0 else LlmneoError("a prompt of 90 tokens leaves no room")
+seen["mixed"] = caught(lambda: raise_together(state, gone_or_refused))
+seen["bug"] = caught(lambda: raise_together(state, ValueError("boom") if rank == 1 else None))
+seen["none"] = caught(lambda: raise_together(state, None))
+with open(f"{sys.argv[1]}/rank{rank}.json", "w") as f:
+    json.dump(seen, f)
+'''
+
+
+def test_a_server_failing_one_ranks_requests_stops_every_rank_together(tmp_path):
+    """Two CPU processes (torchrun, gloo): rank 1's replies for step 3 fail, rank 0's come. Both skip them in
+    the checkpoint and both raise EndpointGone with rank 1's line at step 3 (so both checkpoint, none waits in
+    the step). Of mixed failures, the one that stops the run wins; a rank's bug reaches the other as one line."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = tmp_path / "ranks.py"
+    script.write_text(DDP_SCRIPT)
+    done = subprocess.run([str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc_per_node", "2",
+                           str(script), str(tmp_path)], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    line = "rollout_endpoint http://x/v1: HTTP 503 (Service Unavailable) after 5 attempts"
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    for seen in ranks:
+        assert seen["saved"] == [None] and seen["step 3"] == ["EndpointGone", line] and seen["none"] is None
+        assert seen["mixed"] == ["LlmneoError", "a prompt of 90 tokens leaves no room"]
+    assert ranks[0]["bug"] == ["LlmneoError", "rank 1 could not write its rollout replies (boom)"]
+    assert ranks[1]["bug"] == ["ValueError", "boom"]

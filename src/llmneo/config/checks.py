@@ -182,6 +182,8 @@ def _check_rollouts(c) -> None:
              "serve DoRA): use another lora_variant (lora, rslora, pissa, olora, moslora), or drop rollout_endpoint")
     _require(c.temperature <= 2, f"rollout_endpoint: vLLM samples at temperature <= 2, got {c.temperature}; lower "
              f"temperature, or drop rollout_endpoint")
+    _require(not 0 < c.temperature < 0.01, f"rollout_endpoint: vLLM raises a temperature below 0.01 to 0.01 (HF "
+             f"does not), got {c.temperature}; use temperature 0 (greedy) or >= 0.01, or drop rollout_endpoint")
 
 
 def _check_teachers(c) -> None:

@@ -9,7 +9,8 @@
                                   match to resume, the world size
   rollouts.json, rollout_adapter/ rollout_endpoint: the step whose weights the server's adapter holds, and
                                   that adapter (plain LoRA), which a resumed run loads there again
-  rollout_replies_RANK.safetensors  rollout_ahead: the next step's replies, written while this one trained
+  rollout_replies_RANK.safetensors  rollout_ahead: the next step's replies, written while this one trained (or
+                                  before the next one failed)
 Every rank writes into `.tmp-checkpoint-STEP/`; only when all files exist does the main process rename
 it into place (an atomic rename on one filesystem) and drop checkpoints beyond `save_total_limit`.
 """
@@ -42,7 +43,8 @@ MUST_MATCH = ("model_name_or_path", "finetuning_type", "lora_rank", "lora_alpha"
               "teacher_model_name_or_path", "teacher_cache", "kd_ratio", "kd_loss", "kd_temperature", "kd_beta",
               "kd_skew", "learning_rate", "lr_scheduler_type", "weight_decay", "lmbda", "seq_kd", "max_new_tokens",
               "temperature", "top_p", "teacher_endpoint", "teacher_endpoint_model", "teacher_topk",
-              "kd_cross_tokenizer", "kd_uld_weight", "kd_unaligned", "teacher_template")
+              "kd_cross_tokenizer", "kd_uld_weight", "kd_unaligned", "teacher_template", "rollout_ahead",
+              "rollout_sync_steps")
 
 
 @dataclass
@@ -91,8 +93,8 @@ def unwritable(what: Path, reason: str) -> LlmneoError:
 def save(accelerator, model, tokenizer, optimizer, scheduler, out: Path, progress: Progress, config: Config,
          before_commit=None, extra=None) -> Path:
     """Write checkpoint-STEP atomically (all ranks take part); returns its final path. `before_commit()` runs on
-    the main process once the checkpoint is complete, before its rename (run_dir.commit_checkpoint). `extra(folder)`
-    runs on every rank: what the step source keeps for the next step (train.steps: served rollouts)."""
+    the main process once the checkpoint is complete, before its rename (run_dir.commit_checkpoint). `extra(folder,
+    step)` runs on every rank: what the step source keeps for the step after `step` (train.steps: served rollouts)."""
     staged = out / f".tmp-checkpoint-{progress.step}"
     try:
         if accelerator.is_main_process:
@@ -100,7 +102,7 @@ def save(accelerator, model, tokenizer, optimizer, scheduler, out: Path, progres
         accelerator.wait_for_everyone()
         torch.save(rng_state(), staged / f"rng_state_{accelerator.process_index}.pt")
         if extra is not None:
-            extra(staged)
+            extra(staged, progress.step)
         state_dict = engines.state_dict_for_saving(accelerator, model)  # every rank takes part when sharded
         if engines.sharded(accelerator):  # each rank holds its own shard of the optimizer state
             torch.save(optimizer.state_dict(), staged / _optimizer_file(accelerator))

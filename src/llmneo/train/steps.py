@@ -16,7 +16,10 @@ and, for dataset rows, `index`) as a `Step`, and the loss never knows where they
   HF generate here (`LocalReplies`, sampling from torch's RNG, which checkpoints save per rank), or a vLLM server
   of the base model with the adapter synced to it (rollout_endpoint: models/served_rollouts.py, a seed per row).
   With rollout_ahead the next on-policy step's dataset batches are read one step early and their replies written
-  while this step trains; a checkpoint keeps them (`save`), so a resumed run trains on the same replies.
+  while this step trains; a checkpoint keeps the replies of the step after it (`save`: those written ahead, or
+  those of a step that failed after its replies came), so a resumed run trains on the same replies. Under DDP
+  the ranks agree on whether every rank's replies came (`raise_together`), so a server failing only some
+  ranks' requests stops all of them together, instead of one checkpointing while the others wait in the step.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from typing import Protocol
 
 from llmneo.data import dataset as data
 from llmneo.data.labels import response_positions
+from llmneo.endpoint import EndpointGone
 from llmneo.errors import LlmneoError
 from llmneo.models import engines
 from llmneo.models import generate as rollout
@@ -51,8 +55,9 @@ class StepSource(Protocol):
 
     def next_step(self) -> Step: ...
 
-    def save(self, directory: Path) -> None:
-        """Into a checkpoint folder (every rank): what the next step uses besides the dataset position."""
+    def save(self, directory: Path, step: int) -> None:
+        """Into the folder of checkpoint `step` (every rank): what step `step` + 1 uses besides the dataset
+        position."""
 
     def close(self) -> None:
         """The run ends (or fails): stop what works in the background."""
@@ -156,13 +161,14 @@ class RolloutSteps(StepSource):
 
     def __init__(self, dataset: DatasetSteps, student: rollout.Generator | None, teacher: rollout.Generator | None,
                  lmbda: float, seed: int, pad_token_id: int, device, step: int = 0, retokenizer=None, *,
-                 served: served_rollouts.ServedRollouts | None = None, last: int = 0):
-        self.dataset, self.teacher = dataset, teacher
+                 served: served_rollouts.ServedRollouts | None = None, last: int = 0, accelerator=None):
+        self.dataset, self.teacher, self.accelerator = dataset, teacher, accelerator  # accelerator: DDP's ranks
         self.student: StudentReplies = served if served is not None else LocalReplies(student)
         self.lmbda, self.seed, self.pad_token_id, self.device = lmbda, seed, pad_token_id, device
         self.step, self.last = step, last  # the last step handed out
         self.retokenizer = retokenizer  # cross-tokenizer KD: crosstok.Retokenizer
         self._ahead: Ahead | None = None
+        self._current: Ahead | None = None  # rollout_ahead: the replies of the step handed out, until the next one
         if self.student.ahead:  # resumed: the replies the checkpoint kept, or else written now as they were then
             kept = self.student.resumed(step + 1)
             if kept is not None:
@@ -172,16 +178,16 @@ class RolloutSteps(StepSource):
 
     def next_step(self) -> Step:
         self.step += 1
-        ahead, self._ahead = self._ahead, None
+        ahead, self._ahead, self._current = self._ahead, None, None
         if ahead is not None:
             step = ahead.batches or self.dataset.next_step()
             prompts = ahead.prompts or [rollout.prompts(batch) for batch in step.micro]
-            replies_of, staleness = ahead.pending.result()
+            replies_of, staleness = self._replies(ahead.pending)
             rows, wanted = [len(r) for r in replies_of], [len(p) for p in prompts]
             if rows != wanted:
                 raise LlmneoError(f"the checkpoint's rollout replies for step {self.step} do not fit its batches "
                                   f"({rows} rows, the batches have {wanted}); resume with the run's own settings")
-            current = self._rebuilt(step, prompts, replies_of, "student", staleness)
+            current = self._student_step(step, prompts, replies_of, staleness)
         else:
             current = self._generated(self.dataset.next_step())
         self._write_ahead()
@@ -190,8 +196,8 @@ class RolloutSteps(StepSource):
     def _generated(self, step: Step) -> Step:
         if on_policy_draw(self.seed, self.step, self.lmbda):
             prompts = [rollout.prompts(batch) for batch in step.micro]
-            replies_of, staleness = self.student.submit(self.step, self.step - 1, step.micro, prompts).result()
-            return self._rebuilt(step, prompts, replies_of, "student", staleness)
+            replies_of, staleness = self._replies(self.student.submit(self.step, self.step - 1, step.micro, prompts))
+            return self._student_step(step, prompts, replies_of, staleness)
         if self.teacher is not None:
             prompts = [rollout.prompts(batch) for batch in step.micro]
             return self._rebuilt(step, prompts, self.teacher.generate_many(prompts), "teacher", None)
@@ -207,6 +213,22 @@ class RolloutSteps(StepSource):
         pending = self.student.submit(following, self.step - 1, step.micro, prompts)
         self._ahead = Ahead(following, step, prompts, pending)
 
+    def _replies(self, pending: served_rollouts.Pending) -> tuple[list, int | None]:
+        """`pending`'s replies, once every rank has its own; when any rank's failed, every rank raises together."""
+        error = replies = None
+        try:
+            replies = pending.result()
+        except Exception as exc:
+            error = exc
+        raise_together(self.accelerator, error)
+        return replies
+
+    def _student_step(self, step: Step, prompts: list, replies_of: list, staleness: int | None) -> Step:
+        """An on-policy step from its replies, which are kept (`_current`) until the next step: a failure while it
+        trains checkpoints the step before, which then keeps them (`save`)."""
+        self._current = Ahead(self.step, None, None, served_rollouts.Pending(replies_of, staleness))
+        return self._rebuilt(step, prompts, replies_of, "student", staleness)
+
     def _rebuilt(self, step: Step, prompts: list, replies_of: list, replies: str, staleness: int | None) -> Step:
         """The step's micro-batches again: each row's prompt and its generated reply."""
         micro = [rollout.with_replies(p, r, self.pad_token_id, self.device) for p, r in zip(prompts, replies_of)]
@@ -217,9 +239,24 @@ class RolloutSteps(StepSource):
                 rebuilt.update(rollout.teacher_fields(self.retokenizer, batch, prompt, reply, rebuilt, self.device))
         return Step(micro, replies, staleness)
 
-    def save(self, directory: Path) -> None:
-        ahead = self._ahead
-        self.student.save(directory, ahead.pending if ahead else None, ahead.step if ahead else None)
+    def save(self, directory: Path, step: int) -> None:
+        """Checkpoint `step` keeps the replies of step `step` + 1 when they are written already (rollout_ahead):
+        those written ahead while step `step` trained, or, when the step after it failed once its replies came
+        (loop.endpoint_gone checkpoints the step before), that step's. The server's adapter is saved as it is:
+        the one the step after those replies writes ahead with. Replies that failed on any rank are kept by none,
+        so the resumed run writes them again on every rank (the same adapter and seeds)."""
+        kept = None
+        if self.student.ahead:
+            kept = next((a for a in (self._current, self._ahead) if a is not None and a.step == step + 1), None)
+        pending = None
+        if kept is not None:
+            try:
+                pending = served_rollouts.Pending(*kept.pending.result())
+            except LlmneoError:
+                pass
+            if 0 in _flags(self.accelerator, int(pending is not None)):
+                pending = None
+        self.student.save(directory, pending, step + 1 if pending is not None else None)
 
     def close(self) -> None:
         if self._ahead is not None:
@@ -274,4 +311,52 @@ def choose(config, loader, accelerator, micro_seen: int, *, model=None, teacher=
         student = rollout.HFGenerator(model, tokenizer, sampling, stop_ids=stop_ids)
     writer = rollout.HFGenerator(teacher.model, tokenizer, sampling, stop_ids=stop_ids) if config.seq_kd else None
     return RolloutSteps(dataset, student, writer, config.lmbda, config.seed, tokenizer.pad_token_id,
-                        accelerator.device, step=step, retokenizer=retokenizer, served=served, last=last)
+                        accelerator.device, step=step, retokenizer=retokenizer, served=served, last=last,
+                        accelerator=accelerator)
+
+
+def _flags(accelerator, flag: int) -> list[int]:
+    """Every rank's `flag`, on every rank (one all-gather of an int); [flag] in one process."""
+    if accelerator is None or accelerator.num_processes == 1:
+        return [flag]
+    import torch
+    from accelerate.utils import gather
+
+    return gather(torch.tensor([flag], device=accelerator.device)).tolist()
+
+
+GONE, REFUSED, FAILED = 1, 2, 3  # how a rank's replies failed: a gone server, an LlmneoError, anything else
+
+
+def raise_together(accelerator, error: Exception | None) -> None:
+    """Raise on every rank when any rank has an `error` (its replies failed), all of one kind: EndpointGone only
+    when every failing rank's server was gone (then every rank checkpoints, loop.endpoint_gone), else an error
+    that stops the run. A rank whose error is of that kind raises its own, the others the line of the first rank
+    that had one (`shared_error`). Each rank sends its own requests, so a server dying mid-step can fail only
+    some; were only those to raise, they would checkpoint while the others wait in the step's all-reduce, until
+    ddp_timeout. One all-gather of a flag per call; the line travels only on failure."""
+    kind = 0 if error is None else GONE if isinstance(error, EndpointGone) else \
+        REFUSED if isinstance(error, LlmneoError) else FAILED
+    flags = _flags(accelerator, kind)
+    worst = max(flags)
+    if not worst:
+        return
+    first = flags.index(worst)
+    line = [str(error) if kind == worst else None]
+    if len(flags) > 1:
+        from accelerate.utils import broadcast_object_list
+
+        broadcast_object_list(line, from_process=first)
+    if kind == worst:
+        raise error
+    raise shared_error(worst, first, line[0])
+
+
+def shared_error(kind: int, rank: int, line: str) -> LlmneoError:
+    """What a rank whose replies came raises when rank `rank`'s failed with `line`: EndpointGone for a gone server,
+    so every rank checkpoints together, else rank `rank`'s error as one line."""
+    if kind == GONE:
+        return EndpointGone(line)
+    if kind == REFUSED:
+        return LlmneoError(line)
+    return LlmneoError(f"rank {rank} could not write its rollout replies ({line})")
