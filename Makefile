@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
 
-.PHONY: test test-vllm demo bench clean
+.PHONY: test test-vllm demo bench bench-vllm clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -47,3 +47,7 @@ bench: $(VENV)/.installed
 	$(PY) benchmarks/loss_bench.py $(BENCH_ARGS)
 	$(PY) benchmarks/step_bench.py $(BENCH_ARGS)
 	$(PY) benchmarks/onpolicy_bench.py $(BENCH_ARGS)
+
+# Real vLLM servers (.venv-vllm): capture, generation, weight sync and on-policy steps (docs/benchmarks.md §9).
+bench-vllm: $(VENV)/.installed $(VLLM_VENV)/.installed
+	LLMNEO_VLLM_PYTHON=$(abspath $(VLLM_PY)) $(PY) benchmarks/vllm_bench.py $(BENCH_ARGS)

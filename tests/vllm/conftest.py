@@ -4,8 +4,10 @@ Every test here is marked `vllm`, so `make test` leaves it out and `make test-vl
 interpreter the tier is skipped, except under `make test-vllm` (LLMNEO_VLLM_PYTHON set), where that is an error.
 
 The models have head_dim 32 (hidden 64, 2 heads), which vLLM's CPU attention supports (16 it refuses).
-Servers are session-scoped and shared: `teacher_server` (the teacher, --max-logprobs 20) and
-`student_server` (the student's base, --enable-lora --max-lora-rank 16). A fault test starts its own.
+Servers are session-scoped and shared: `teacher_server` (the teacher, --max-logprobs 20, --enable-scale-out:
+its tokens-out endpoint, which the served teacher asks first) and `student_server` (the student's base,
+--enable-lora --max-lora-rank 16; no tokens-out endpoint, so it also tests the fallback). A fault test starts
+its own.
 """
 
 from __future__ import annotations
@@ -61,7 +63,7 @@ def vllm_teacher_dir(tmp_path_factory, vllm_tokenizer) -> Path:
 
 @pytest.fixture(scope="session")
 def teacher_server(vllm_teacher_dir, tmp_path_factory):
-    with VLLMServer(vllm_teacher_dir, name="teacher", max_logprobs=20,
+    with VLLMServer(vllm_teacher_dir, name="teacher", max_logprobs=20, extra=("--enable-scale-out",),
                     log_dir=tmp_path_factory.mktemp("vllm_logs")) as server:
         yield server
 
