@@ -154,15 +154,16 @@ class ServedRollouts:
         return Pending(rows, step - 1 - self.version)
 
     def resumed(self, step: int) -> Pending | None:
-        """The replies the checkpoint holds for `step` (generated ahead before it was written), or None."""
+        """The replies the checkpoint holds for `step` (written ahead, or those of a step that failed once they had
+        come), or None."""
         if self._resumed is None or self._resumed[0] != step:
             return None
         return Pending(self._resumed[2], self._resumed[1])
 
     def save(self, directory: Path, pending: Pending | None, step: int | None) -> None:
         """Into checkpoint folder `directory` (every rank): the server's adapter (rank 0), and this rank's replies for
-        the next step `step` when they are being written ahead. Replies a failed request left unwritten are not
-        saved: the resumed run writes them again, with the same adapter and seeds."""
+        the next step `step` when they were written already (train.steps.RolloutSteps.save hands them over only
+        when every rank has them; else the resumed run writes them again, with the same adapter and seeds)."""
         if self.main and self.version is not None:
             shutil.copytree(self.folder / self.name(self.version), directory / ADAPTER)
             (directory / STATE).write_text(json.dumps({"version": self.version, "name": self.name(self.version)}))
