@@ -7,7 +7,10 @@ vLLM stand-in (tests/vllm_standin.py, which tests/vllm/test_standin_agrees.py ho
   the previous adapter is unloaded and its folder deleted;
 - sampled replies repeat with their seeds, never emit a padded head row; a server that lost the adapter gets
   it again; what the server refuses is one line, and a refused start leaves no folder behind;
-- through the CLI: greedy equals HF generate, and a rollout_ahead run resumes exactly (slow).
+- through the CLI: greedy equals HF generate, and a rollout_ahead run resumes exactly (slow): from a periodic
+  checkpoint, after the rollout server or a served teacher went away mid-run, and only with its own
+  rollout_ahead and rollout_sync_steps (an older checkpoint: their defaults);
+- under DDP (2 CPU processes): a failure of one rank's replies stops every rank together, of one kind.
 """
 
 from __future__ import annotations
