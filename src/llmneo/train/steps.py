@@ -309,10 +309,15 @@ def choose(config, loader, accelerator, micro_seen: int, *, model=None, teacher=
                                                 initial_adapter=initial_adapter, step=step, resume_from=resume_from)
     else:
         student = rollout.HFGenerator(model, tokenizer, sampling, stop_ids=stop_ids)
-    writer = rollout.HFGenerator(teacher.model, tokenizer, sampling, stop_ids=stop_ids) if config.seq_kd else None
-    return RolloutSteps(dataset, student, writer, config.lmbda, config.seed, tokenizer.pad_token_id,
-                        accelerator.device, step=step, retokenizer=retokenizer, served=served, last=last,
-                        accelerator=accelerator)
+    try:
+        writer = rollout.HFGenerator(teacher.model, tokenizer, sampling, stop_ids=stop_ids) if config.seq_kd else None
+        return RolloutSteps(dataset, student, writer, config.lmbda, config.seed, tokenizer.pad_token_id,
+                            accelerator.device, step=step, retokenizer=retokenizer, served=served, last=last,
+                            accelerator=accelerator)
+    except BaseException:  # RolloutSteps may already write ahead (a sync): nothing else could close the engine now
+        if served is not None:
+            served.close()
+        raise
 
 
 def _flags(accelerator, flag: int) -> list[int]:
