@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import ALPACA_ROWS, write_jsonl
+from helpers import ALPACA_ROWS, write_jsonl
 
 from llmneo import cli
 from llmneo.demo import tiny

@@ -150,7 +150,7 @@ def test_eval_with_val_size_scores_the_held_out_rows(tmp_path, student_dir):
     Each row's reply has its own length, so the scored token count says which rows were scored; the
     perplexity is recomputed with HF's own loss on the held-out examples alone.
     """
-    from conftest import write_jsonl
+    from helpers import write_jsonl
     from transformers import AutoModelForCausalLM
 
     words = ["red", "fox", "blue", "sky", "cold", "tea", "warm", "sun"]

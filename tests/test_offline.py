@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import ALPACA_ROWS, write_jsonl
+from helpers import ALPACA_ROWS, write_jsonl
 
 from llmneo import cli
 

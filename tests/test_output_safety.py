@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import ALPACA_ROWS, read_metrics, write_jsonl, write_yaml
+from helpers import ALPACA_ROWS, read_metrics, write_jsonl, write_yaml
 
 from llmneo import cli, run_dir
 from llmneo.demo import tiny

@@ -10,7 +10,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from conftest import write_yaml
+from helpers import write_yaml
 
 from llmneo import cli
 from llmneo.config.schema import Config

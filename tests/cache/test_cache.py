@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import ALPACA_ROWS, write_jsonl
+from helpers import ALPACA_ROWS, write_jsonl
 from safetensors.torch import load_file
 
 from llmneo import cli

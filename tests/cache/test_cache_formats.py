@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import read_metrics, write_yaml
+from helpers import read_metrics, write_yaml
 from safetensors import safe_open
 from safetensors.torch import load_file
 

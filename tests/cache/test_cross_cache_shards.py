@@ -10,7 +10,7 @@ import json
 
 import pytest
 import torch
-from conftest import assert_same_training, write_yaml
+from helpers import assert_same_training, write_yaml
 
 from llmneo import cli
 from llmneo.config import schema

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ALPACA_ROWS, assert_same_training, read_metrics, resumed_from, write_jsonl, write_yaml
+from helpers import ALPACA_ROWS, assert_same_training, read_metrics, resumed_from, write_jsonl, write_yaml
 
 from llmneo import cli
 from llmneo.cache import write

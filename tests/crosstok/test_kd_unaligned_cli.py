@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ALPACA_ROWS, read_metrics, write_jsonl, write_yaml
+from helpers import ALPACA_ROWS, read_metrics, write_jsonl, write_yaml
 from test_cross_tokenizer import other_family_tokenizer
 
 from llmneo import cli

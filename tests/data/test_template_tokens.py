@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import write_yaml
+from helpers import write_yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 from llmneo import cli

@@ -4,7 +4,7 @@ matches nothing, so a misspelled name beside a good one used to be dropped silen
 from __future__ import annotations
 
 import pytest
-from conftest import write_yaml
+from helpers import write_yaml
 
 from llmneo import cli
 from llmneo.config import schema

@@ -19,7 +19,7 @@ from concurrent.futures import wait
 
 import pytest
 import torch
-from conftest import write_yaml
+from helpers import write_yaml
 from vllm_standin import StandIn
 
 from llmneo import cli

@@ -20,7 +20,7 @@ import shutil
 
 import pytest
 import torch
-from conftest import assert_same_training, read_metrics, resumed_from, write_yaml
+from helpers import assert_same_training, read_metrics, resumed_from, write_yaml
 from vllm_standin import StandIn
 
 from llmneo import cli

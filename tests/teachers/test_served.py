@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import assert_same_training, read_metrics, write_yaml
+from helpers import assert_same_training, read_metrics, write_yaml
 from safetensors.torch import load_file
 from vllm_standin import StandIn
 
@@ -300,7 +300,7 @@ def test_a_variable_name_that_is_set_may_be_lower_case(tmp_path, served_override
 @pytest.mark.slow
 def test_served_teachers_can_be_routed_like_live_ones(tmp_path, local_overrides, unpadded_teacher_dir, tokenizer):
     """Two served teachers, each row to one (teacher_column), at k = V: the same losses as the two live."""
-    from conftest import ALPACA_ROWS, write_jsonl
+    from helpers import ALPACA_ROWS, write_jsonl
 
     from llmneo.demo import tiny
 

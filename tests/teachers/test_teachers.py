@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ALPACA_ROWS, read_metrics, write_jsonl, write_yaml
+from helpers import ALPACA_ROWS, read_metrics, write_jsonl, write_yaml
 from safetensors.torch import load_file
 
 from llmneo import cli

@@ -9,7 +9,7 @@ import json
 
 import pytest
 import torch
-from conftest import assert_same_training, read_metrics, resumed_from, write_jsonl, write_yaml
+from helpers import assert_same_training, read_metrics, resumed_from, write_jsonl, write_yaml
 
 from llmneo import cli
 from llmneo.config import schema

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import assert_same_training, read_metrics, resumed_from, write_yaml
+from helpers import assert_same_training, read_metrics, resumed_from, write_yaml
 
 from llmneo import cli
 from llmneo.config import schema

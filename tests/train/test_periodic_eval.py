@@ -7,7 +7,7 @@ import json
 import warnings
 
 import pytest
-from conftest import read_metrics, resumed_from
+from helpers import read_metrics, resumed_from
 
 from llmneo import cli, plot
 from llmneo.config import schema
@@ -127,7 +127,7 @@ def test_eval_strategy_config(tmp_path, alpaca_file, capsys):
 @pytest.mark.slow
 def test_eval_strategy_without_a_scorable_held_out_row_stops_before_training(tmp_path, base_overrides, capsys):
     """The one held-out row's prompt is longer than cutoff_len: refused in one line before the first step."""
-    from conftest import ALPACA_ROWS, write_jsonl
+    from helpers import ALPACA_ROWS, write_jsonl
 
     from llmneo.data import dataset as data
 

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import read_metrics, resumed_from, write_yaml
+from helpers import read_metrics, resumed_from, write_yaml
 from safetensors.torch import load_file
 
 from llmneo import cli

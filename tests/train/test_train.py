@@ -223,7 +223,7 @@ def test_official_llmneo_yaml_runs(tmp_path, student_dir, teacher_dir, monkeypat
     """The official LLM-Neo example, unchanged apart from model/dataset/output paths."""
     monkeypatch.chdir(tmp_path)
     (tmp_path / "data").mkdir()
-    from conftest import ALPACA_ROWS, write_jsonl
+    from helpers import ALPACA_ROWS, write_jsonl
 
     write_jsonl(tmp_path / "data" / "neo_demo.jsonl", ALPACA_ROWS)
     (tmp_path / "data" / "dataset_info.json").write_text(json.dumps(

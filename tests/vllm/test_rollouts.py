@@ -13,7 +13,6 @@ in-process. Runs are tiny (LoRA rank 8, 3-4 steps, fp32) and go through the CLI:
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -25,13 +24,7 @@ from vllm_server import free_port
 
 from llmneo import cli
 
-# tests/conftest.py's helpers: `conftest` here is tests/vllm/conftest.py, which shadows it.
-_spec = importlib.util.spec_from_file_location("llmneo_tests_conftest", Path(__file__).parents[1] / "conftest.py")
-_helpers = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_helpers)
-ALPACA_ROWS, assert_same_training, read_metrics = _helpers.ALPACA_ROWS, _helpers.assert_same_training, \
-    _helpers.read_metrics
-resumed_from, write_jsonl, write_yaml = _helpers.resumed_from, _helpers.write_jsonl, _helpers.write_yaml
+from helpers import ALPACA_ROWS, assert_same_training, read_metrics, resumed_from, write_jsonl, write_yaml
 
 BIN = Path(sys.executable).parent
 TOL = 1e-4  # vLLM's fp32 CPU kernels against HF's

@@ -13,7 +13,6 @@ nothing else is replaced. This makes the cut deterministic on a loaded machine, 
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import threading
 from pathlib import Path
@@ -26,12 +25,7 @@ from vllm_server import VLLMServer
 from llmneo import cli
 from llmneo.teachers import served
 
-# tests/conftest.py's helpers: `conftest` here is tests/vllm/conftest.py, which shadows it.
-_spec = importlib.util.spec_from_file_location("llmneo_tests_conftest", Path(__file__).parents[1] / "conftest.py")
-_helpers = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_helpers)
-ALPACA_ROWS, write_jsonl, write_yaml = _helpers.ALPACA_ROWS, _helpers.write_jsonl, _helpers.write_yaml
-assert_same_training, read_metrics = _helpers.assert_same_training, _helpers.read_metrics
+from helpers import ALPACA_ROWS, assert_same_training, read_metrics, write_jsonl, write_yaml
 
 K = 20  # the shared server's --max-logprobs
 TOL = 1e-4  # vLLM's fp32 CPU kernels against HF's: log-probs agree to ~1e-5, the losses to ~1e-6
