@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import copy
 import json
-import urllib.error
 import urllib.request
 
 import pytest
 import torch
+from vllm_server import post
 from vllm_standin import StandIn
 
 from llmneo.errors import LlmneoError
@@ -27,18 +27,7 @@ TOL = 1e-4  # log-probs: float32 HF against vLLM's CPU kernels
 TIE = 2 * TOL  # two tokens this close may swap ranks (and greedy picks) between the two
 
 
-def _post(root: str, path: str, body: dict) -> tuple[int, dict | str]:
-    request = urllib.request.Request(f"{root}{path}", data=json.dumps(body).encode(),
-                                     headers={"Content-Type": "application/json"}, method="POST")
-    try:
-        with urllib.request.urlopen(request, timeout=120) as answer:
-            status, raw = answer.status, answer.read().decode()
-    except urllib.error.HTTPError as exc:
-        status, raw = exc.code, exc.read().decode()
-    try:
-        return status, json.loads(raw)
-    except json.JSONDecodeError:
-        return status, raw
+_post = post  # (root, path, body) -> (status, body): the same request to either server
 
 
 def _get(url: str) -> dict:

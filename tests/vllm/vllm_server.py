@@ -38,6 +38,21 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def post(root: str, path: str, body: dict) -> tuple[int, dict | str]:
+    """POST JSON to `root` + `path` (a real server or a stand-in): (status, JSON body or text), errors included."""
+    request = urllib.request.Request(f"{root}{path}", data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"}, method="POST")
+    try:
+        with urllib.request.urlopen(request, timeout=120) as answer:
+            status, raw = answer.status, answer.read().decode()
+    except urllib.error.HTTPError as exc:
+        status, raw = exc.code, exc.read().decode()
+    try:
+        return status, json.loads(raw)
+    except json.JSONDecodeError:
+        return status, raw
+
+
 class VLLMServer:
     def __init__(self, model_dir: str | Path, *, name: str, max_logprobs: int = 20, enable_lora: bool = False,
                  max_lora_rank: int = 16, max_loras: int = 2, max_model_len: int = 512, extra: tuple = (),
@@ -134,17 +149,7 @@ class VLLMServer:
 
     def post(self, path: str, body: dict) -> tuple[int, dict | str]:
         """POST JSON to the server root + `path`: (status, JSON body or text)."""
-        request = urllib.request.Request(f"{self.root}{path}", data=json.dumps(body).encode(),
-                                         headers={"Content-Type": "application/json"}, method="POST")
-        try:
-            with urllib.request.urlopen(request, timeout=120) as answer:
-                status, raw = answer.status, answer.read().decode()
-        except urllib.error.HTTPError as exc:
-            status, raw = exc.code, exc.read().decode()
-        try:
-            return status, json.loads(raw)
-        except json.JSONDecodeError:
-            return status, raw
+        return post(self.root, path, body)
 
     def __enter__(self) -> "VLLMServer":
         return self.start()
