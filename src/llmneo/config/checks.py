@@ -38,7 +38,7 @@ _RANGES = {
     **dict.fromkeys(("lora_dropout", "warmup_ratio"), (lambda v: 0.0 <= v < 1.0, "in [0, 1)")),
 }
 _CHOICES = {"kd_loss": KD_LOSSES, "lora_variant": LORA_VARIANTS, "lr_scheduler_type": SCHEDULERS, "torch_dtype": DTYPES,
-            "kd_unaligned": ("ce", "skip")}
+            "kd_unaligned": ("ce", "skip"), "cache_format": ("compact", "exact")}
 
 
 def _require(ok: bool, message: str) -> None:
@@ -146,8 +146,9 @@ def _check_generation(c) -> None:
     what = "lmbda > 0 (on-policy distillation)" if c.lmbda > 0 else "seq_kd"
     _require(c.stage == "sft", f"{what} needs prompts to continue, but stage: pt trains on raw text; use "
              f"conversation data with stage: sft, or lmbda: 0 and seq_kd: false")
-    _require(not c.packing, f"{what} continues one prompt per row, but packing: true puts several examples in a "
-             f"row (all but the last would get no signal on generated steps); set packing: false")
+    packed = "neat_packing" if c.effective_neat_packing else "packing"
+    _require(not c.effective_packing, f"{what} continues one prompt per row, but {packed}: true puts several examples "
+             f"in a row (a rollout replaces one reply per row, so the others would get none); set {packed}: false")
     _require(c.teacher_cache is None, f"{what} trains on newly generated tokens, which a teacher cache cannot "
              f"score; set teacher_model_name_or_path instead of teacher_cache, or lmbda: 0 and seq_kd: false")
     _require((c.teacher_model_name_or_path or c.teacher_endpoint) and c.kd_ratio > 0,
@@ -211,5 +212,5 @@ def _check_teachers(c) -> None:
         _require(c.teacher_endpoint is None, "teacher_weights mixes the teachers' full distributions, which a served "
                  "teacher does not return (only its top-k); route served teachers with teacher_column instead")
     else:
-        _require(not c.packing, "teacher_column routes each row to one teacher, but packing puts several rows in "
-                 "one; set packing: false")
+        _require(not c.effective_packing, "teacher_column routes each row to one teacher, but packing puts several "
+                 "rows in one; set packing: false (and neat_packing: false)")

@@ -42,7 +42,7 @@ IGNORED_KEYS = frozenset({
     "save_strategy", "logging_strategy", "export_size", "export_legacy_format",
     "export_device", "do_eval", "do_predict", "plot_loss_keys", "include_num_input_tokens_seen",
     "save_only_model", "disable_tqdm", "push_to_hub", "hub_model_id", "tokenized_path", "streaming",
-    "neat_packing", "new_special_tokens", "resize_vocab", "upcast_layernorm",
+    "new_special_tokens", "resize_vocab", "upcast_layernorm",
     "enable_liger_kernel", "use_unsloth", "optim", "lora_bias", "create_new_adapter",
     "ddp_backend", "deepspeed", "fsdp", "fsdp_config", "tf32", "dataloader_pin_memory",
 })

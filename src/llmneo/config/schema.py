@@ -86,6 +86,9 @@ class Config:
         "reads it instead of loading the teacher.")
     teacher_topk: int = _f(64, "How many top tokens per position a cache keeps (plus a tail bucket), or a served "
         "teacher returns (vLLM allows up to its --max-logprobs, 20 by default).")
+    cache_format: str = _f("compact", "How `llmneo cache` stores rows: compact (ids coded by their gaps in id order, "
+        "8-bit log-probs; about 174 B/token at k = 64, V = 128k) or exact (int32 ids and float16/float32 log-probs, "
+        "as caches before format v2).")
     teacher_endpoint: str | None = _f(None, "A teacher served by vLLM's OpenAI-compatible server, "
         "e.g. http://host:8000/v1: "
         "its top-k prompt log-probs (teacher_topk) train the student online, "
@@ -165,6 +168,10 @@ class Config:
         "replies cut and the tokens lost).")
     packing: bool | None = _f(None, "Concatenate the tokenized examples and cut them into cutoff_len blocks "
         "(LLaMA-Factory's packing). Default: true for stage: pt, false for sft.")
+    neat_packing: bool = _f(False, "Pack without cross-talk (LLaMA-Factory's neat_packing; TRL's padding_free): "
+        "implies packing, and each packed row's position ids restart at every example, so attention never crosses "
+        "an example boundary, for the student and the teacher alike.")
+    padding_free: bool = _f(False, "TRL's name for neat_packing.")
     max_samples: int | None = _f(None, "Use at most this many rows of each dataset.")
     val_size: float = _f(0.0, "Held-out split: a fraction in (0, 1) or a row count >= 1. 0 = none.")
     eval_dataset: str | None = _f(None, "Held-out data by name (LLaMA-Factory's key), resolved like `dataset`; used "
@@ -293,7 +300,12 @@ class Config:
     @property
     def effective_packing(self) -> bool:
         """LLaMA-Factory's default: pack for pretraining, not for SFT."""
-        return self.packing if self.packing is not None else self.stage == "pt"
+        return self.effective_neat_packing or (self.packing if self.packing is not None else self.stage == "pt")
+
+    @property
+    def effective_neat_packing(self) -> bool:
+        """neat_packing, or TRL's padding_free: packed rows whose examples do not attend to each other."""
+        return self.neat_packing or self.padding_free
 
     @property
     def effective_learning_rate(self) -> float:
