@@ -33,7 +33,7 @@ from llmneo.data.labels import response_positions
 from llmneo.errors import LlmneoError
 from llmneo.loss.divergences import KDSettings, token_cross_entropy, token_divergence
 from llmneo.models import generate as rollout
-from llmneo.models import heads, loading
+from llmneo.models import heads, inputs, loading
 from llmneo.process import is_main_process
 
 KD_SETTING_NAMES = ("kind", "temperature", "beta", "skew")
@@ -71,7 +71,7 @@ def _response_logits(model, batch: dict, positions: torch.Tensor, vocab_size: in
     need: their head exists whole only inside forward).
     """
     if full_logits:
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+        logits = model(**inputs.forward_inputs(batch), use_cache=False).logits
         logits = logits[positions][:, :vocab_size]  # (N, V): padded vocab rows dropped
         return lambda rows: logits[rows]
     final = heads.final_states(model, batch, vocab_size)

@@ -45,7 +45,7 @@ def test_cache_files_and_report(tmp_path, base_overrides, capsys):
     assert (shard["logprobs"][:, :-1] >= shard["logprobs"][:, 1:]).all()  # sorted top-k
     # k is recorded beside the fingerprint, not inside it: any k trains, so it is never compared
     assert list(index["fingerprint"]) == ["teacher", "tokenizer vocabulary", "template", "stage", "packing",
-                                          "cutoff_len", "dataset rows"]
+                                          "neat_packing", "cutoff_len", "dataset rows"]
     # refuses to overwrite, leaves the cache as it was
     assert cli.main(["cache", _yaml(tmp_path, "c.yaml", values)]) == 2
     assert "not empty" in capsys.readouterr().err and (cache_dir / "index.json").is_file()

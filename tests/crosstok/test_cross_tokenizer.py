@@ -313,6 +313,7 @@ def test_kd_cross_tokenizer_false_keeps_the_one_line_refusal(tmp_path, cross_ove
 
 @pytest.mark.parametrize("change, needle", [
     ({"packing": True}, "packing"),
+    ({"neat_packing": True}, "neat_packing (a packed row holds several conversations"),
     ({"lmbda": 1.0, "kd_loss": "sampled_rkl"}, "sampled_rkl"),
     ({"seq_kd": True}, "seq_kd"),
     ({"kd_cross_tokenizer": "sometimes"}, "kd_cross_tokenizer must be auto, true or false"),

@@ -347,3 +347,25 @@ def test_a_server_gone_mid_run_leaves_a_checkpoint_of_the_last_whole_step_that_r
     assert cli.main(["train", write_yaml(tmp_path, "r.yaml", resumed)]) == 0
     assert "resuming from" in capsys.readouterr().out
     assert_same_training(whole, cut, tol=1e-6)
+
+
+def test_a_neat_packed_row_is_asked_one_example_per_sequence_and_trains_like_the_local_teacher(
+        tmp_path, local_overrides, unpadded_teacher_dir, tokenizer, capsys):
+    """neat_packing with a served teacher: each packed example goes to the server as its own sequence (the server
+    would attend across the examples of a packed row), so training equals a top-20 cache of the in-process
+    teacher, which keeps them apart with position ids. The server takes at most 64 tokens, less than the packed row (301): it
+    refuses the row packed with cross-talk (packing: true), which goes as one sequence."""
+    neat = {**local_overrides, "neat_packing": True, "cutoff_len": 512, "per_device_train_batch_size": 1,
+            "teacher_topk": 20}
+    cached = {**neat, "teacher_cache": str(tmp_path / "cache"), "output_dir": str(tmp_path / "local")}
+    assert cli.main(["cache", write_yaml(tmp_path, "c.yaml", cached)]) == 0  # the same top-20, in-process
+    assert cli.main(["train", write_yaml(tmp_path, "l.yaml", cached)]) == 0
+    with StandIn(str(unpadded_teacher_dir), tokenizer, max_model_len=64) as short:
+        served_values = {**neat, "teacher_endpoint": short.url, "output_dir": str(tmp_path / "online")}
+        del served_values["teacher_model_name_or_path"]
+        assert cli.main(["train", write_yaml(tmp_path, "o.yaml", served_values)]) == 0
+        assert_same_training(tmp_path / "local", tmp_path / "online", tol=1e-5)
+        capsys.readouterr()
+        crossed = {**served_values, "neat_packing": False, "packing": True, "output_dir": str(tmp_path / "crossed")}
+        assert cli.main(["train", write_yaml(tmp_path, "x.yaml", crossed)]) == 2
+        assert "maximum context length is 64 tokens" in capsys.readouterr().err

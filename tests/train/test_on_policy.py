@@ -285,6 +285,8 @@ def test_a_padded_teacher_head_never_emits_padding_ids(teacher_dir, tokenizer):
     ({"lmbda": 0.5, "kd_ratio": 0}, "needs a teacher"),
     ({"seq_kd": True, "temperature": -1}, "temperature must be"),
     ({"lmbda": 0.5, "packing": True}, "packing: true"),
+    ({"lmbda": 0.5, "neat_packing": True}, "neat_packing: true puts several examples"),
+    ({"seq_kd": True, "padding_free": True}, "neat_packing: true puts several examples"),
 ])
 def test_impossible_on_policy_configs_are_one_line_errors(tmp_path, base_overrides, capsys, extra, message):
     assert cli.main(["train", write_yaml(tmp_path, "bad.yaml", {**base_overrides, **extra})]) == 2

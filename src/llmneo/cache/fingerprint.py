@@ -1,7 +1,7 @@
 """What a teacher cache is keyed to: its fingerprint, and the cache folder of each of several teachers.
 
 The fingerprint ties the cache to the teacher (its config and weight files), the tokenizer vocabulary,
-the chat template, stage, packing, cutoff_len and the tokenized dataset rows (a cross-tokenizer cache also
+the chat template, stage, packing, neat packing, cutoff_len and the tokenized dataset rows (a cross-tokenizer cache also
 the teacher's vocabulary and template); training refuses a cache whose fingerprint differs from the run's
 and names the part that differs (settings before rows, `refuse_mismatch`). k is recorded beside it in
 index.json: any k trains, so it is not compared. Writers (write.py, capture.py, cross.py, axolotl.py) record
@@ -63,6 +63,7 @@ def fingerprint(config: Config, tokenizer, examples: list[dict], teacher: str | 
         "template": _sha(template),
         "stage": config.stage,
         "packing": config.effective_packing,
+        "neat_packing": config.effective_neat_packing,  # the rows' positions restart per example
         "cutoff_len": config.cutoff_len,
     }
     if teacher_tokenizer is not None:  # a cross-tokenizer cache: the alignment depends on the teacher's side too

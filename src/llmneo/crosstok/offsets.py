@@ -259,7 +259,9 @@ class Retokenizer:
 def check_supported(config) -> None:
     """What cross-tokenizer KD does not do yet, refused in one line each."""
     refusals = [
-        (config.effective_packing, "packing (packed blocks mix conversations; set packing: false)"),
+        (config.effective_packing, "packing or neat_packing (a packed row holds several conversations, and the "
+         "alignment maps one conversation's student tokens onto its teacher tokens; set packing: false and "
+         "neat_packing: false)"),
         (config.stage == "pt", "stage: pt (raw text has no replies to align; use conversation data with stage: sft)"),
         (config.teacher_endpoint is not None, "a served teacher (teacher_endpoint); load the teacher here with "
          "teacher_model_name_or_path, or cache it with llmneo cache"),

@@ -68,7 +68,8 @@ def build(config, tokenizer, teacher_side=None) -> Splits:
                       f"system prompt, calls as 'Action: ... / Action Input: ...')", stacklevel=2)
     if config.effective_packing:
         pack = packing.concatenate if config.stage == "pt" else packing.best_fit
-        train, evaluation = pack(train, config.cutoff_len), pack(evaluation, config.cutoff_len)
+        neat = config.effective_neat_packing
+        train, evaluation = pack(train, config.cutoff_len, neat), pack(evaluation, config.cutoff_len, neat)
     return Splits(train=train, eval=evaluation if eval_rows and evaluation else None)
 
 
@@ -165,7 +166,8 @@ class _Encoder:
 
 
 def collate(examples: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad a batch: input_ids with pad_token_id, attention_mask 0 and labels -100 on padding."""
+    """Right-pad a batch: input_ids with pad_token_id, attention_mask 0 and labels -100 on padding; neat-packed
+    rows' position_ids restart at 0 on their padding, which is then a separate example (models.inputs)."""
     width = max(len(e["input_ids"]) for e in examples)
 
     def pad(rows: list[list[int]], value: int) -> torch.Tensor:  # (B, width)
@@ -174,6 +176,9 @@ def collate(examples: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
     batch = {"input_ids": pad([list(e["input_ids"]) for e in examples], pad_token_id),
              "attention_mask": pad([[1] * len(e["input_ids"]) for e in examples], 0),
              "labels": pad([list(e["labels"]) for e in examples], IGNORE_INDEX)}
+    if "position_ids" in examples[0]:  # neat packing: positions restart per example; the padding is one more
+        batch["position_ids"] = torch.tensor([list(e["position_ids"]) + list(range(width - len(e["position_ids"])))
+                                              for e in examples], dtype=torch.long)
     if "index" in examples[0]:  # position in the split: how a teacher cache finds the example's rows
         batch["index"] = torch.tensor([e["index"] for e in examples], dtype=torch.long)
     if "teacher" in examples[0]:  # which teacher scores the example (teacher_column routing)

@@ -68,8 +68,11 @@ def _names_logits_to_keep(model_class: type) -> bool:
     return "logits_to_keep" in inspect.signature(model_class.forward).parameters
 
 
-def final_hidden_states(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+def final_hidden_states(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                        position_ids: torch.Tensor | None = None) -> torch.Tensor:
     """(B, T, H) hidden states entering the head, from one forward through the (possibly wrapped) model.
+
+    `position_ids` (neat packing) go in instead of the mask, which is then None (models.inputs says why).
 
     The forward goes through the outermost wrapper so DDP / accelerate autocast hooks run; a forward
     hook on the decoder catches its output, and `logits_to_keep=1` (where the model's forward takes it)
@@ -81,6 +84,8 @@ def final_hidden_states(model: torch.nn.Module, input_ids: torch.Tensor, attenti
         captured["hidden"] = output[0] if isinstance(output, tuple) else output.last_hidden_state
 
     kwargs = {"input_ids": input_ids, "attention_mask": attention_mask, "use_cache": False}
+    if position_ids is not None:
+        kwargs.update(position_ids=position_ids, attention_mask=None)
     if accepts_logits_to_keep(model):
         kwargs["logits_to_keep"] = 1
     handle = decoder(model).register_forward_hook(catch)
@@ -106,8 +111,9 @@ class FinalStates:
 
 
 def final_states(model: torch.nn.Module, batch: dict, vocab_size: int) -> FinalStates:
-    """One forward of `batch` (input_ids, attention_mask) to the final hidden states, with the model's own head and
-    the real vocabulary it is cut to. Callers keep the positions they score and project those only."""
+    """One forward of `batch` (input_ids, attention_mask; position_ids when neat-packed) to the final hidden states,
+    with the model's own head and the real vocabulary it is cut to. Callers keep the positions they score and
+    project those only."""
     head, head_params = output_head(model)
-    return FinalStates(final_hidden_states(model, batch["input_ids"], batch["attention_mask"]), head, head_params,
-                       vocab_size)
+    hidden = final_hidden_states(model, batch["input_ids"], batch["attention_mask"], batch.get("position_ids"))
+    return FinalStates(hidden, head, head_params, vocab_size)

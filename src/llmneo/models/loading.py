@@ -22,7 +22,7 @@ from llmneo import hub
 from llmneo.config.schema import Config, looks_like_hub_id, looks_local
 from llmneo.data import templates
 from llmneo.errors import LlmneoError
-from llmneo.models import trained_run
+from llmneo.models import inputs, trained_run
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -261,6 +261,7 @@ def load(config: Config, precision: Precision, *, with_teacher: bool) -> Loaded:
     if missing:
         add_template_tokens(tokenizer, student, config.template, missing)
     check_vocab(tokenizer, student, "model_name_or_path", student_path)
+    check_packing(config, student, "model_name_or_path")
     if config.stage == "sft":
         stop_on_turn_end(student, tokenizer, config.template)
     warn_about_sizes(config, student, teachers)
@@ -347,7 +348,15 @@ def load_teacher(config: Config, tokenizer, dtype: torch.dtype, path: str | None
         own = tokenizer
     teacher = load_model(path, "teacher_model_name_or_path", dtype, remote)
     check_vocab(own, teacher, "teacher_model_name_or_path", path)
+    check_packing(config, teacher, "teacher_model_name_or_path")
     return (freeze(teacher), own) if with_tokenizer else freeze(teacher)
+
+
+def check_packing(config: Config, model: torch.nn.Module, key: str) -> None:
+    """With neat_packing, refuse a model that would let packed examples attend to each other (models.inputs)."""
+    if config.effective_neat_packing:
+        rows = max(config.per_device_train_batch_size, config.per_device_eval_batch_size)
+        inputs.check_isolates(model, key, rows)
 
 
 def freeze(teacher: torch.nn.Module) -> torch.nn.Module:
@@ -374,6 +383,7 @@ def load_trained(config: Config, dtype: torch.dtype):
     tokenizer = load_tokenizer(adapter if _has_tokenizer(adapter) else path, "model_name_or_path", remote)
     model = load_model(path, "model_name_or_path", dtype, remote)
     check_vocab(tokenizer, model, "model_name_or_path", path)
+    check_packing(config, model, "model_name_or_path")
     if adapter is not None:
         if trained_run.adapter_base(adapter) is None:
             raise trained_run.not_an_adapter(adapter)

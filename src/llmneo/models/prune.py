@@ -16,7 +16,7 @@ from llmneo import run_dir
 from llmneo.config.schema import Config, input_paths
 from llmneo.data import dataset as data
 from llmneo.errors import LlmneoError
-from llmneo.models import loading
+from llmneo.models import inputs, loading
 from llmneo.process import is_main_process
 
 # Per-layer lists in some configs (e.g. Qwen2's layer_types) must shrink with the layers.
@@ -57,7 +57,7 @@ def block_influence(model, batches: list[dict], show_progress: bool = True) -> l
                           dynamic_ncols=True):
             mask = batch["attention_mask"].bool()  # (B, T)
             captured.clear()
-            model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+            model(**inputs.forward_inputs(batch), use_cache=False)
             for i, (hidden_in, hidden_out) in captured.items():
                 cos = torch.nn.functional.cosine_similarity(hidden_in[mask].double(), hidden_out[mask].double(), dim=-1)
                 sums[i] += (1.0 - cos).sum()
@@ -121,6 +121,7 @@ def run(config: Config) -> dict:
     tokenizer = loading.load_tokenizer(config.model_name_or_path, "model_name_or_path", config.trust_remote_code)
     dtype = loading.weight_dtype(config, "prune")
     model = loading.load_model(config.model_name_or_path, "model_name_or_path", dtype, config.trust_remote_code)
+    loading.check_packing(config, model, "model_name_or_path")
     total = len(decoder_layers(model))
     importance = None
     if config.keep_layers is not None:

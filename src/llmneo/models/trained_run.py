@@ -25,7 +25,7 @@ from llmneo.config import schema as config_mod
 from llmneo.config.schema import SAVED_CONFIG, Config, looks_like_hub_id, looks_local
 from llmneo.errors import LlmneoError
 
-RUN_KEYS = ("template", "cutoff_len", "stage", "packing")
+RUN_KEYS = ("template", "cutoff_len", "stage", "packing", "neat_packing", "padding_free")
 KD_KEYS = ("kd_loss", "kd_temperature", "kd_beta", "kd_skew")
 HELD_OUT_KEYS = ("dataset", "dataset_dir", "eval_dataset", "val_size", "max_samples", "seed")
 # command -> what it takes from the run

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from llmneo.loss.rows import DenseRows, LogitRows
-from llmneo.models import heads
+from llmneo.models import heads, inputs
 from llmneo.teachers.signal import TeacherSignal
 
 
@@ -30,8 +30,7 @@ class LiveTeacher(TeacherSignal):
     def rows(self, batch: dict, positions: torch.Tensor) -> DenseRows | LogitRows:
         """The teacher's signal at `positions` (bool [B, T])."""
         if self.full_logits:
-            logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                                use_cache=False).logits
+            logits = self.model(**inputs.forward_inputs(batch), use_cache=False).logits
             return LogitRows(logits[positions][:, : self.vocab_size])
         final = heads.final_states(self.model, batch, self.vocab_size)
         return DenseRows(final.hidden[positions], final.head, final.vocab_size)

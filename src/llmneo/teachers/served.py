@@ -197,13 +197,32 @@ def token_logprobs(entries: list, sequence: list[int], targets: list[int], where
 
 
 def _sequences(batch: dict, positions: torch.Tensor) -> tuple[list[list[int]], list[list[int]]]:
-    """Each row's unpadded ids, and the indices of the tokens its response positions predict (t + 1)."""
+    """Each row's unpadded ids, and the indices of the tokens its response positions predict (t + 1); a
+    neat-packed row (position_ids) as one sequence per example, so the server scores each on its own."""
     sequences, targets = [], []
-    for ids, mask, chosen in zip(batch["input_ids"].cpu(), batch["attention_mask"].cpu(), positions.cpu()):
+    restarts = batch.get("position_ids")
+    for row, (ids, mask, chosen) in enumerate(zip(batch["input_ids"].cpu(), batch["attention_mask"].cpu(),
+                                                  positions.cpu())):
         n = int(mask.sum())
-        sequences.append(ids[:n].tolist())
-        targets.append([int(t) + 1 for t in chosen.nonzero().flatten().tolist()])
+        wanted = [int(t) + 1 for t in chosen.nonzero().flatten().tolist()]
+        starts = None if restarts is None else (restarts[row, :n].cpu() == 0).nonzero().flatten().tolist()
+        for sequence, its_targets in packed_examples(ids[:n].tolist(), wanted, starts):
+            sequences.append(sequence)
+            targets.append(its_targets)
     return sequences, targets
+
+
+def packed_examples(sequence: list[int], targets: list[int], starts: list[int] | None):
+    """(ids, targets) of each example of a packed `sequence` whose examples begin at `starts` (None: one
+    example), with the targets renumbered from each example's start; packed examples with no target are left
+    out. Neat packing never makes an example's first token a target (data.packing), so none is lost."""
+    if starts is None:
+        yield sequence, targets
+        return
+    for start, end in zip(starts, starts[1:] + [len(sequence)]):
+        inside = [t - start for t in targets if start < t < end]
+        if inside:
+            yield sequence[start:end], inside
 
 
 class ServedTeacher(TeacherSignal):

@@ -32,7 +32,7 @@ from llmneo.errors import LlmneoError
 from llmneo.loss.chunked import fused_loss, unfused_loss
 from llmneo.loss.divergences import SAMPLED_KINDS
 from llmneo.loss.spec import LossSpec
-from llmneo.models import adapters, engines, heads
+from llmneo.models import adapters, engines, heads, inputs
 from llmneo.teachers.aligner import IdentityAligner
 from llmneo.teachers.signal import Group, sub_batch
 from llmneo.train import checkpoint, memory, periodic_eval, preemption
@@ -217,7 +217,7 @@ def micro_batch_sums(model, teacher, batch: dict, loss_spec: LossSpec, *, aligne
     if fused:
         final = heads.final_states(model, batch, loss_spec.vocab_size)
     else:
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+        logits = model(**inputs.forward_inputs(batch), use_cache=False).logits
 
     def part(chosen, chosen_targets, rows):
         """(loss_sum, ce_sum, kd_sum | None) at the `chosen` positions (bool [B, T]), against their teacher rows."""
