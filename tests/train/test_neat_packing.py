@@ -8,6 +8,8 @@ the same examples padded, for fkl and rkl, a live teacher and a top-k cache, chu
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from helpers import assert_same_training, read_metrics, write_yaml
@@ -112,9 +114,10 @@ def test_positions_restart_and_each_examples_first_token_is_no_target():
 
 @pytest.mark.parametrize("teacher_kind", ["live", "cache"])
 def test_neat_packed_run_trains_like_the_padded_one_through_the_cli(tmp_path, base_overrides, teacher_kind):
-    """All eight examples in each step: eight padded rows, or one neat-packed row; the same steps follow."""
-    padded = {**base_overrides, "cutoff_len": 512, "per_device_train_batch_size": 8, "kd_chunk_size": 16,
-              "output_dir": str(tmp_path / "padded")}
+    """All six training examples in each step: six padded rows, or one neat-packed row; the same steps follow, and
+    the two held-out examples (padded, or packed into one row) score the same."""
+    padded = {**base_overrides, "cutoff_len": 512, "per_device_train_batch_size": 6, "kd_chunk_size": 16,
+              "val_size": 2, "output_dir": str(tmp_path / "padded")}
     packed = {**padded, "padding_free": True, "per_device_train_batch_size": 1, "output_dir": str(tmp_path / "packed")}
     for name, values in (("padded", padded), ("packed", packed)):
         if teacher_kind == "cache":
@@ -124,3 +127,8 @@ def test_neat_packed_run_trains_like_the_padded_one_through_the_cli(tmp_path, ba
     rows = read_metrics(tmp_path / "packed")
     assert len(rows) == 3 and rows[0]["kd_loss"] is not None
     assert_same_training(tmp_path / "padded", tmp_path / "packed", tol=1e-5)
+    results = [json.loads((tmp_path / name / "train_results.json").read_text()) for name in ("padded", "packed")]
+    held_out = [key for key in results[0] if key.startswith("eval_") and isinstance(results[0][key], float)]
+    assert "eval_ce_loss" in held_out and ("eval_kd_loss" in held_out) == (teacher_kind == "live")
+    for key in held_out:
+        assert results[1][key] == pytest.approx(results[0][key], rel=1e-5), key
