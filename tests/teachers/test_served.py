@@ -354,7 +354,8 @@ def test_a_neat_packed_row_is_asked_one_example_per_sequence_and_trains_like_the
     """neat_packing with a served teacher: each packed example goes to the server as its own sequence (the server
     would attend across the examples of a packed row), so training equals a top-20 cache of the in-process
     teacher, which keeps them apart with position ids. The server takes at most 64 tokens, less than the packed row (301): it
-    refuses the row packed with cross-talk (packing: true), which goes as one sequence."""
+    refuses the row packed with cross-talk (packing: true), which goes as one sequence. `llmneo cache` from the
+    server splits the rows the same way."""
     neat = {**local_overrides, "neat_packing": True, "cutoff_len": 512, "per_device_train_batch_size": 1,
             "teacher_topk": 20}
     cached = {**neat, "teacher_cache": str(tmp_path / "cache"), "output_dir": str(tmp_path / "local")}
@@ -365,6 +366,10 @@ def test_a_neat_packed_row_is_asked_one_example_per_sequence_and_trains_like_the
         del served_values["teacher_model_name_or_path"]
         assert cli.main(["train", write_yaml(tmp_path, "o.yaml", served_values)]) == 0
         assert_same_training(tmp_path / "local", tmp_path / "online", tol=1e-5)
+        captured = {**served_values, "teacher_cache": str(tmp_path / "captured"), "output_dir": str(tmp_path / "cc")}
+        assert cli.main(["cache", write_yaml(tmp_path, "cc.yaml", captured)]) == 0  # `llmneo cache` splits them too
+        assert cli.main(["train", write_yaml(tmp_path, "tc.yaml", captured)]) == 0
+        assert_same_training(tmp_path / "local", tmp_path / "cc", tol=1e-5)
         capsys.readouterr()
         crossed = {**served_values, "neat_packing": False, "packing": True, "output_dir": str(tmp_path / "crossed")}
         assert cli.main(["train", write_yaml(tmp_path, "x.yaml", crossed)]) == 2

@@ -38,6 +38,15 @@ def _targets(example: dict) -> list[int]:
     return [t + 1 for t in response_indices(example["labels"])]
 
 
+def _sequences(example: dict) -> list[tuple[list[int], list[int]]]:
+    """(ids, targets) of each sequence the server scores for `example`: the example itself, or each example of a
+    neat-packed row (position_ids restart at each), which the server would otherwise read with cross-talk."""
+    starts = None
+    if "position_ids" in example:
+        starts = [t for t, position in enumerate(example["position_ids"]) if position == 0]
+    return list(served.packed_examples(list(example["input_ids"]), _targets(example), starts))
+
+
 def _resume(partial: Path, fingerprint: dict, k: int, dtype: str) -> dict:
     """The recorded progress of an earlier capture of the same cache, or a fresh start."""
     fresh = {"k": k, "fingerprint": fingerprint, "logprobs_dtype": dtype, "examples": 0, "offsets": [0], "shards": []}
@@ -90,7 +99,7 @@ def capture(target: Path, endpoint, examples: list[dict], k: int, vocab: int, fi
 
     def ask(first: int):
         part = examples[first:first + batch_size]
-        return endpoint.prompt_logprobs([e["input_ids"] for e in part], k)
+        return endpoint.prompt_logprobs([ids for e in part for ids, _ in _sequences(e)], k)
 
     bar = tqdm(total=len(examples), initial=state["examples"], desc="llmneo cache", unit="ex", dynamic_ncols=True)
     starts = iter(range(state["examples"], len(examples), batch_size))
@@ -124,11 +133,14 @@ def _take(window: deque, examples, batch_size, k, vocab, buffer, counts, bar, sh
     """The oldest request's answer, as rows per example, into the buffer, a shard written whenever it holds
     `shard_size` rows (requests finish out of order; rows are kept in example order)."""
     first, future = window.popleft()
-    entries = future.result()
-    for offset, (example, got) in enumerate(zip(examples[first:first + batch_size], entries)):
-        wanted = _targets(example)
-        buffer.append(served.sparse_rows(got, wanted, k, vocab, f"training example {first + offset + 1}"))
-        counts.append(len(wanted))
+    entries = iter(future.result())  # one per sequence: an example, or each example of a neat-packed row
+    part = examples[first:first + batch_size]
+    for offset, example in enumerate(part):
+        where = f"training example {first + offset + 1}"
+        rows = [served.sparse_rows(next(entries), wanted, k, vocab, where) for _, wanted in _sequences(example)]
+        buffer.append(SparseRows(torch.cat([r.ids for r in rows]), torch.cat([r.logprobs for r in rows]),
+                                 torch.cat([r.tail for r in rows])))
+        counts.append(len(buffer[-1].tail))
         if sum(counts) >= shard_size:
             flush()
-    bar.update(len(entries))
+    bar.update(len(part))
