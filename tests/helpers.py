@@ -11,6 +11,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 ALPACA_ROWS = [
@@ -72,3 +73,18 @@ def assert_same_training(a: Path, b: Path, tol: float) -> None:
     assert wa.keys() == wb.keys()
     for name in wa:
         assert (wa[name] - wb[name]).abs().max() <= tol, name
+
+
+def cache_rows(directory: Path) -> tuple[list[int], dict]:
+    """A teacher cache's example offsets and every row, decoded whatever the layout: ids, logprobs, tail."""
+    from safetensors import safe_open
+
+    from llmneo.cache import shards
+
+    index = json.loads((directory / "index.json").read_text())
+    pieces = []
+    for shard in index["shards"]:
+        with safe_open(str(directory / shard["file"]), framework="pt") as handle:
+            pieces.append([handle.get_tensor(name) for name in shards.stored_tensors(index)])
+    rows = shards.read_rows(pieces, index, torch.device("cpu"))
+    return index["offsets"], {"ids": rows.ids, "logprobs": rows.logprobs, "tail": rows.tail}

@@ -30,9 +30,9 @@ def _train(tmp_path: Path, base: dict, cache_dir: Path, name: str) -> Path:
     return out
 
 
-def _write_cache(tmp_path: Path, base: dict, k: int, name: str = "cache") -> Path:
+def _write_cache(tmp_path: Path, base: dict, k: int, name: str = "cache", layout: str = "compact") -> Path:
     cache_dir = tmp_path / name
-    values = {**base, "teacher_cache": str(cache_dir), "teacher_topk": k}
+    values = {**base, "teacher_cache": str(cache_dir), "teacher_topk": k, "cache_format": layout}
     assert cli.main(["cache", write_yaml(tmp_path, f"{name}.yaml", values)]) == 0
     return cache_dir
 
@@ -97,7 +97,7 @@ def test_a_top_k_round_trip_keeps_the_renormalized_top_k_and_drops_the_tail(tmp_
     expected = fingerprint(config_mod.load(overrides=base_overrides), tokenizer, examples)
     first = cached.CachedTeacher(str(original), expected, torch.device("cpu"))
     second = cached.CachedTeacher(str(imported), {**expected, "teacher": None}, torch.device("cpu"))
-    a, b = first._read(0, first.offsets[-1]), second._read(0, second.offsets[-1])
+    a, b = first.read(0, first.offsets[-1]), second.read(0, second.offsets[-1])
     assert torch.equal(a.ids, b.ids) and torch.isneginf(b.tail).all() and (a.tail > -math.inf).all()
     torch.testing.assert_close(b.logprobs, torch.log_softmax(a.logprobs, dim=-1), rtol=0, atol=1e-6)
     assert first.has_tail and not second.has_tail
@@ -133,7 +133,7 @@ def test_exported_targets_are_the_teachers_top_k_at_the_next_token(tmp_path, bas
 
     k, temperature = 8, 2.0
     values = {**base_overrides, "kd_temperature": temperature}
-    cache_dir = _write_cache(tmp_path, values, k)
+    cache_dir = _write_cache(tmp_path, values, k, layout="exact")  # compared with the teacher's own log-probs
     file = tmp_path / "kd.parquet"
     assert cli.main(["cache", "export", "axolotl", str(file), f"teacher_cache={cache_dir}",
                      *(f"{key}={value}" for key, value in values.items())]) == 0
@@ -247,12 +247,12 @@ def test_bad_files_are_one_line_errors_that_write_nothing(tmp_path, base_overrid
 def test_float16_cache_trains_within_tolerance_of_float32_and_old_caches_still_load(tmp_path, base_overrides,
                                                                                   monkeypatch):
     """A float32 teacher (CPU) writes float32 log-probs; a 16-bit one float16, read back as float32. A cache from
-    before `logprobs_dtype` was recorded (float32, no such key) still trains, and identically. 20 steps; with
+    before `logprobs_dtype` was recorded (format v1, float32, no such key) still trains, and identically. 20 steps; with
     `pytest -s` it prints the figures of docs/benchmarks.md section 5."""
     k, steps = 20, 20
-    fp32 = _write_cache(tmp_path, base_overrides, k, "fp32")
+    fp32 = _write_cache(tmp_path, base_overrides, k, "fp32", layout="exact")
     monkeypatch.setattr(write, "logprobs_dtype", lambda config: torch.float16)  # as under bf16: true on a GPU
-    fp16 = _write_cache(tmp_path, base_overrides, k, "fp16")
+    fp16 = _write_cache(tmp_path, base_overrides, k, "fp16", layout="exact")
     monkeypatch.undo()
     assert json.loads((fp32 / "index.json").read_text())["logprobs_dtype"] == "float32"
     assert json.loads((fp16 / "index.json").read_text())["logprobs_dtype"] == "float16"
@@ -270,8 +270,9 @@ def test_float16_cache_trains_within_tolerance_of_float32_and_old_caches_still_l
     old.mkdir()
     for file in fp32.iterdir():
         (old / file.name).write_bytes(file.read_bytes())
-    index = json.loads((old / "index.json").read_text())
-    del index["logprobs_dtype"]
+    index = json.loads((old / "index.json").read_text())  # as format v1 wrote it before logprobs_dtype existed
+    del index["logprobs_dtype"], index["layout"]
+    index["format"] = "llmneo-teacher-topk-v1"
     (old / "index.json").write_text(json.dumps(index))
     outs = {name: _train(tmp_path, {**base_overrides, "max_steps": steps}, d, name)
             for name, d in (("fp32", fp32), ("fp16", fp16), ("old", old))}

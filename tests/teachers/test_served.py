@@ -18,18 +18,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import assert_same_training, read_metrics, write_yaml
+from helpers import assert_same_training, cache_rows, read_metrics, write_yaml
 from safetensors.torch import load_file
 from vllm_standin import StandIn
 
 from llmneo import cli
+from llmneo.cache import compact
+from llmneo.loss.rows import SparseRows
 from llmneo.teachers import served
-
-
-def _cache_rows(directory: Path) -> tuple[list[int], dict[str, torch.Tensor]]:
-    index = json.loads((directory / "index.json").read_text())
-    parts = [load_file(str(directory / shard["file"])) for shard in index["shards"]]
-    return index["offsets"], {key: torch.cat([p[key] for p in parts]) for key in ("ids", "logprobs", "tail")}
 
 
 @pytest.fixture(scope="module")
@@ -92,7 +88,7 @@ def test_served_teacher_trains_like_a_cache_at_k20_and_capture_gives_the_same_ca
                                                                                     served_overrides, server):
     cached, online, captured_run = tmp_path / "cached", tmp_path / "online", tmp_path / "captured_run"
     local_cache, captured = tmp_path / "cache_local", tmp_path / "cache_served"
-    local = {**local_overrides, "teacher_topk": 20, "teacher_cache": str(local_cache)}
+    local = {**local_overrides, "teacher_topk": 20, "teacher_cache": str(local_cache), "cache_format": "exact"}
     assert cli.main(["cache", write_yaml(tmp_path, "c1.yaml", local)]) == 0
     assert cli.main(["train", write_yaml(tmp_path, "t1.yaml", {**local, "output_dir": str(cached)})]) == 0
     before = server.completions
@@ -102,9 +98,9 @@ def test_served_teacher_trains_like_a_cache_at_k20_and_capture_gives_the_same_ca
     assert server.completions - before == served_overrides["max_steps"] + 1
     assert_same_training(cached, online, tol=1e-5)
 
-    remote = {**served_overrides, "teacher_cache": str(captured), "cache_shard_size": 7}
+    remote = {**served_overrides, "teacher_cache": str(captured), "cache_shard_size": 7, "cache_format": "exact"}
     assert cli.main(["cache", write_yaml(tmp_path, "c2.yaml", remote)]) == 0
-    (offsets_a, rows_a), (offsets_b, rows_b) = _cache_rows(local_cache), _cache_rows(captured)
+    (offsets_a, rows_a), (offsets_b, rows_b) = cache_rows(local_cache), cache_rows(captured)
     assert offsets_a == offsets_b and len(json.loads((captured / "index.json").read_text())["shards"]) > 1
     assert torch.equal(rows_a["ids"], rows_b["ids"])
     assert torch.allclose(rows_a["logprobs"], rows_b["logprobs"], atol=1e-5)
@@ -116,6 +112,16 @@ def test_served_teacher_trains_like_a_cache_at_k20_and_capture_gives_the_same_ca
     assert fingerprint["teacher"] == f"endpoint-model:{server.name}"
     assert cli.main(["train", write_yaml(tmp_path, "t3.yaml", {**remote, "output_dir": str(captured_run)})]) == 0
     assert_same_training(cached, captured_run, tol=1e-5)
+    # the default layout: a capture writes the compact codes of exactly the rows above
+    small = tmp_path / "cache_compact"
+    assert cli.main(["cache", write_yaml(tmp_path, "c3.yaml", {**remote, "teacher_cache": str(small),
+                                                               "cache_format": "compact"})]) == 0
+    index = json.loads((small / "index.json").read_text())
+    assert index["layout"] == "compact" and index["offsets"] == offsets_b
+    stored = [load_file(str(small / shard["file"])) for shard in index["shards"]]
+    want = compact.encode(SparseRows(rows_b["ids"], rows_b["logprobs"], rows_b["tail"]), index["vocab"])
+    for key, value in want.items():
+        assert torch.equal(torch.cat([part[key] for part in stored]), value), key
 
 
 @pytest.mark.slow
@@ -261,7 +267,7 @@ def test_capture_resumes_after_kill_9_and_after_a_dead_server_without_losing_or_
     server.stop_after = None
     assert cli.main(["cache", config]) == 0
     assert "resuming an interrupted capture" in capsys.readouterr().out
-    (offsets_a, rows_a), (offsets_b, rows_b) = _cache_rows(whole), _cache_rows(resumed)
+    (offsets_a, rows_a), (offsets_b, rows_b) = cache_rows(whole), cache_rows(resumed)
     assert offsets_a == offsets_b
     for key in rows_a:
         assert torch.equal(rows_a[key], rows_b[key]), key
@@ -357,7 +363,7 @@ def test_a_neat_packed_row_is_asked_one_example_per_sequence_and_trains_like_the
     refuses the row packed with cross-talk (packing: true), which goes as one sequence. `llmneo cache` from the
     server splits the rows the same way."""
     neat = {**local_overrides, "neat_packing": True, "cutoff_len": 512, "per_device_train_batch_size": 1,
-            "teacher_topk": 20}
+            "teacher_topk": 20, "cache_format": "exact"}  # exact rows: the online teacher's are not quantized
     cached = {**neat, "teacher_cache": str(tmp_path / "cache"), "output_dir": str(tmp_path / "local")}
     assert cli.main(["cache", write_yaml(tmp_path, "c.yaml", cached)]) == 0  # the same top-20, in-process
     assert cli.main(["train", write_yaml(tmp_path, "l.yaml", cached)]) == 0

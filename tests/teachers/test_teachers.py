@@ -163,7 +163,8 @@ def test_cached_teachers_keep_their_own_rows_and_fingerprints_and_route_like_liv
     tail) routed training from them equals routed training from the live teachers."""
     values = {**base_overrides, "dataset": str(routed_file), "teacher_column": "teacher",
               "teacher_model_name_or_path": [str(teacher_dir), str(second_teacher_dir)],
-              "teacher_topk": len(tokenizer), "teacher_cache": str(tmp_path / "caches")}
+              "teacher_topk": len(tokenizer), "teacher_cache": str(tmp_path / "caches"),
+              "cache_format": "exact"}  # float32 rows, so that routing is compared to 1e-5
     assert cli.main(["cache", write_yaml(tmp_path, "c.yaml", values)]) == 0
     indexes = [json.loads((tmp_path / "caches" / f"teacher-{i}" / "index.json").read_text()) for i in (0, 1)]
     assert indexes[0]["fingerprint"]["teacher"] != indexes[1]["fingerprint"]["teacher"]

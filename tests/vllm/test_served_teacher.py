@@ -23,24 +23,19 @@ from safetensors.torch import load_file
 from vllm_server import VLLMServer
 
 from llmneo import cli
+from llmneo.cache import compact
 from llmneo.teachers import served
 
-from helpers import ALPACA_ROWS, assert_same_training, read_metrics, write_jsonl, write_yaml
+from helpers import ALPACA_ROWS, assert_same_training, cache_rows, read_metrics, write_jsonl, write_yaml
 
 K = 20  # the shared server's --max-logprobs
 TOL = 1e-4  # vLLM's fp32 CPU kernels against HF's: log-probs agree to ~1e-5, the losses to ~1e-6
 
 
-def _cache_rows(directory: Path) -> tuple[list[int], dict[str, torch.Tensor]]:
-    index = json.loads((directory / "index.json").read_text())
-    parts = [load_file(str(directory / shard["file"])) for shard in index["shards"]]
-    return index["offsets"], {key: torch.cat([p[key] for p in parts]) for key in ("ids", "logprobs", "tail")}
-
-
 def assert_same_rows(a: Path, b: Path) -> None:
     """Two caches hold the same rows: the same top-k ids in the same order, log-probs within TOL, and the same
     tail mass (a served tail is log(1 - top-k mass) from k float32 log-probs: its mass is what is comparable)."""
-    (offsets_a, rows_a), (offsets_b, rows_b) = _cache_rows(a), _cache_rows(b)
+    (offsets_a, rows_a), (offsets_b, rows_b) = cache_rows(a), cache_rows(b)
     assert offsets_a == offsets_b
     differ = (rows_a["ids"] != rows_b["ids"]).any(dim=-1).nonzero().flatten().tolist()
     assert not differ, f"top-{K} ids differ at rows {differ[:10]}"
@@ -84,7 +79,7 @@ def base(vllm_student_dir, tmp_path_factory) -> dict:
     data = write_jsonl(tmp_path_factory.mktemp("served_data") / "train.jsonl", ALPACA_ROWS * 3)
     return {"model_name_or_path": str(vllm_student_dir), "dataset": str(data), "lora_rank": 4,
             "per_device_train_batch_size": 4, "max_steps": 3, "logging_steps": 1, "cutoff_len": 64, "seed": 0,
-            "teacher_topk": K}
+            "teacher_topk": K, "cache_format": "exact"}  # float32 rows: compared with the server's to TOL
 
 
 @pytest.fixture(scope="module")
@@ -137,6 +132,19 @@ def test_capture_and_online_training_from_vllm_equal_an_in_process_cache(tmp_pat
     assert cli.main(["train", write_yaml(tmp_path, "o.yaml", {**values, "output_dir": str(online)})]) == 0
     assert_same_training(reference / "run", online, tol=TOL)
     assert all(row["kd_loss"] > 0 for row in read_metrics(online))
+    # the default layout: a capture from vLLM writes compact rows, which decode to the same top-k ids and to
+    # log-probs within the codes' bound (compact.error_bound) of the float32 capture's
+    small = tmp_path / "compact"
+    values = {**base, "teacher_endpoint": teacher_server.url, "teacher_cache": str(small), "cache_format": "compact"}
+    assert cli.main(["cache", write_yaml(tmp_path, "cc.yaml", values)]) == 0
+    assert json.loads((small / "index.json").read_text())["layout"] == "compact"
+    (offsets_a, exact), (offsets_b, coded) = cache_rows(captured), cache_rows(small)
+    assert offsets_a == offsets_b
+    by_id_a, by_id_b = exact["ids"].sort(dim=1), coded["ids"].sort(dim=1)
+    assert torch.equal(by_id_a.values, by_id_b.values)
+    a, b = exact["logprobs"].gather(1, by_id_a.indices), coded["logprobs"].gather(1, by_id_b.indices)
+    assert ((a - b).abs() <= compact.error_bound(a)[:, None] + TOL).all()
+    assert torch.allclose(exact["tail"], coded["tail"], atol=TOL)
 
 
 def test_on_policy_sampled_rkl_from_vllm_equals_the_live_teacher(tmp_path, base, teacher_server, vllm_teacher_dir):

@@ -71,11 +71,15 @@ def _resume(partial: Path, fingerprint: dict, k: int, dtype: str) -> dict:
 
 
 def capture(target: Path, endpoint, examples: list[dict], k: int, vocab: int, fingerprint: dict, *,
-            batch_size: int = 8, shard_size: int = SHARD_ROWS, logprobs_dtype: torch.dtype = torch.float32) -> dict:
-    """Capture the cache for `examples` from `endpoint` into `target`; returns its index."""
+            batch_size: int = 8, shard_size: int = SHARD_ROWS, logprobs_dtype: torch.dtype = torch.float32,
+            compact: bool = True) -> dict:
+    """Capture the cache for `examples` from `endpoint` into `target` (compact rows unless `compact` is False);
+    returns its index."""
+    layout_vocab = vocab if compact else None
     partial = target.parent / f".{target.name}.partial"
     try:
-        state = _resume(partial, fingerprint, k, str(logprobs_dtype).removeprefix("torch."))
+        layout = "compact" if compact else str(logprobs_dtype).removeprefix("torch.")  # never mixed in one cache
+        state = _resume(partial, fingerprint, k, layout)
     except OSError as exc:
         raise LlmneoError(f"cannot write teacher_cache '{target}': {exc.strerror or exc}") from None
     buffer: list[SparseRows] = []
@@ -87,7 +91,7 @@ def capture(target: Path, endpoint, examples: list[dict], k: int, vocab: int, fi
         start = state["offsets"][-1]
         name = shard_name(len(state["shards"]))
         staged = partial / f"{name}.tmp"
-        save_shard(staged, buffer, logprobs_dtype)
+        save_shard(staged, buffer, logprobs_dtype, vocab=layout_vocab)
         os.replace(staged, partial / name)
         for count in counts:
             state["offsets"].append(state["offsets"][-1] + count)
@@ -119,7 +123,7 @@ def capture(target: Path, endpoint, examples: list[dict], k: int, vocab: int, fi
             raise
         finally:
             bar.close()
-    index = make_index(k, state["offsets"], state["shards"], fingerprint, logprobs_dtype)
+    index = make_index(k, state["offsets"], state["shards"], fingerprint, logprobs_dtype, layout_vocab)
     (partial / "index.json").write_text(json.dumps(index, indent=1))
     (partial / PROGRESS).unlink()
     run_dir.plain_modes(partial)  # safetensors writes 0600 shards

@@ -69,6 +69,7 @@ def write(config, target, tokenizer, teacher_tokenizer, teacher, k: int, device)
         index = shards.write_rows(staging, rows_of, examples, tokenizer.pad_token_id, k, expected,
                                   batch_size=config.per_device_eval_batch_size, device=device,
                                   shard_size=config.cache_shard_size, logprobs_dtype=shards.logprobs_dtype(config),
+                                  vocab=shards.compact_vocab(config, len(teacher_tokenizer)),
                                   extra={"cross_tokenizer": True})
         index["aligned_fraction"] = counted[0] / max(counted[1], 1)
         (staging / "index.json").write_text(json.dumps(index, indent=1))

@@ -1,24 +1,29 @@
 """A teacher cache folder on disk: its format, how every writer stores it, and how training opens it.
 
 `teacher_cache` holds:
-  shard-00000.safetensors ...  `ids` (M, k) int32, `logprobs` (M, k) float16 or float32, `tail` (M,) float32:
-                               the teacher's top-k token ids and log-probs (T = 1) at each response
-                               position, and the log of the probability mass outside the top-k; a
-                               cross-tokenizer cache also `aligned` (M,) uint8
-  index.json                   format, k, logprobs_dtype, per-example row offsets, shard row ranges, and
-                               the fingerprint (fingerprint.py)
+  shard-00000.safetensors ...  the teacher's top-k token ids and log-probs (T = 1) at each response position,
+                               and `tail` (M,) float32, the log of the probability mass outside the top-k;
+                               a cross-tokenizer cache also `aligned` (M,) uint8. In one of two layouts:
+                               compact (the default, `cache_format: compact`): `ids` (M, B) uint8 Elias–Fano
+                                 codes, `logprobs` (M, k) uint8 codes, `scale` (M,) float16 (compact.py);
+                               exact (`cache_format: exact`, and every cache of format v1): `ids` (M, k)
+                                 int32, `logprobs` (M, k) float16 or float32
+  index.json                   format (v2: with `layout`, and `vocab` for compact codes; v1: exact), k,
+                               logprobs_dtype (exact), per-example row offsets, shard row ranges, and the
+                               fingerprint (fingerprint.py)
   teacher_tokenizer/           a cross-tokenizer cache only: the teacher's tokenizer (TEACHER_TOKENIZER)
 Rows are the response positions of the training split, example by example, in position order.
 Training opens the shards lazily (safetensors `safe_open`, `open_shards`) and reads each batch's rows, so a
 cache larger than RAM works, and DDP ranks do not each hold a full copy.
 
-Log-probs are stored in float16 (6 bytes per top-k entry with its id, not 8) when the teacher computes in
-16 bits (bf16 / fp16, or torch_dtype bfloat16 / float16; for a served teacher, the run's precision): its
+In the exact layout, log-probs are stored in float16 (6 bytes per top-k entry with its id, not 8) when the teacher
+computes in 16 bits (bf16 / fp16, or torch_dtype bfloat16 / float16; for a served teacher, the run's precision): its
 logits are then already rounded at least as coarsely (8 or 11 significant bits) as float16 rounds a
 log-prob. A float32 teacher's are stored in float32, so nothing is lost. Rows are read back as float32
 either way; caches written before `logprobs_dtype` was recorded in index.json hold float32. Every writer
 stores shards through `save_shard` (named by `shard_name`) and the index through `make_index`, in a
-`staged` folder that becomes the cache only when it is complete.
+`staged` folder that becomes the cache only when it is complete; `compact_vocab` says which layout a config
+asks for, and `read_rows` turns a row range of a shard back into SparseRows, in either layout.
 
 This module knows nothing of teachers: the writers above it (write.py, capture.py, cross.py, axolotl.py)
 give it rows, and teachers.cached reads through `read_index` and `open_shards`.
@@ -38,6 +43,7 @@ import torch
 from tqdm.auto import tqdm
 
 from llmneo import run_dir
+from llmneo.cache import compact
 from llmneo.config.schema import Config
 from llmneo.data import dataset
 from llmneo.data.labels import response_positions
@@ -45,7 +51,9 @@ from llmneo.errors import LlmneoError
 from llmneo.loss.rows import SparseRows
 from llmneo.models import loading
 
-FORMAT = "llmneo-teacher-topk-v1"
+FORMAT = "llmneo-teacher-topk-v2"
+FORMAT_V1 = "llmneo-teacher-topk-v1"  # exact rows only; still read
+LAYOUTS = ("compact", "exact")
 SHARD_ROWS = 1 << 18  # rows per shard file: 256k positions, ~100 MB at k = 64
 TEACHER_TOKENIZER = "teacher_tokenizer"  # a cross-tokenizer cache keeps the teacher's tokenizer here
 
@@ -70,29 +78,63 @@ def topk_rows(logits: torch.Tensor, k: int) -> SparseRows:
     return SparseRows(ids, values, tail)
 
 
+def compact_vocab(config: Config, vocab_size: int) -> int | None:
+    """The vocabulary the compact layout codes ids below, or None when the config asks for the exact layout."""
+    return vocab_size if config.cache_format == "compact" else None
+
+
 def shard_name(number: int) -> str:
     """The file name of a cache's shard `number` (0, 1, ...)."""
     return f"shard-{number:05d}.safetensors"
 
 
 def save_shard(path: Path, rows: list[SparseRows], logprobs_dtype: torch.dtype,
-               aligned: list[torch.Tensor] | None = None) -> None:
-    """One shard file of `rows` (in order): ids int32, logprobs in `logprobs_dtype`, tail float32; and for a
-    cross-tokenizer cache `aligned` uint8 (which rows hold a teacher span)."""
+               aligned: list[torch.Tensor] | None = None, vocab: int | None = None) -> None:
+    """One shard file of `rows` (in order), compact when `vocab` is given (ids below it), else exact: ids int32,
+    logprobs in `logprobs_dtype`, tail float32; and for a cross-tokenizer cache `aligned` uint8 (which rows
+    hold a teacher span)."""
     from safetensors.torch import save_file
 
-    tensors = {"ids": torch.cat([r.ids for r in rows]).to(torch.int32).contiguous(),
-               "logprobs": torch.cat([r.logprobs for r in rows]).to(logprobs_dtype).contiguous(),
-               "tail": torch.cat([r.tail for r in rows]).float().contiguous()}
+    if vocab is not None:
+        tensors = compact.encode(SparseRows(torch.cat([r.ids for r in rows]), torch.cat([r.logprobs for r in rows]),
+                                            torch.cat([r.tail for r in rows])), vocab)
+    else:
+        tensors = {"ids": torch.cat([r.ids for r in rows]).to(torch.int32).contiguous(),
+                   "logprobs": torch.cat([r.logprobs for r in rows]).to(logprobs_dtype).contiguous(),
+                   "tail": torch.cat([r.tail for r in rows]).float().contiguous()}
     if aligned is not None:
         tensors["aligned"] = torch.cat(aligned).to(torch.uint8).contiguous()
     save_file(tensors, str(path))
 
 
-def make_index(k: int, offsets: list[int], shards: list[dict], fingerprint: dict, logprobs_dtype: torch.dtype) -> dict:
-    """index.json's contents for a cache whose shards `save_shard` wrote with `logprobs_dtype`."""
-    return {"k": k, "rows": offsets[-1], "offsets": offsets, "shards": shards, "format": FORMAT,
-            "logprobs_dtype": str(logprobs_dtype).removeprefix("torch."), "fingerprint": fingerprint}
+def make_index(k: int, offsets: list[int], shards: list[dict], fingerprint: dict, logprobs_dtype: torch.dtype,
+               vocab: int | None = None) -> dict:
+    """index.json's contents for a cache whose shards `save_shard` wrote with `logprobs_dtype` and `vocab`."""
+    layout = {"layout": "compact", "vocab": vocab} if vocab is not None else {
+        "layout": "exact", "logprobs_dtype": str(logprobs_dtype).removeprefix("torch.")}
+    return {"k": k, "rows": offsets[-1], "offsets": offsets, "shards": shards, "format": FORMAT, **layout,
+            "fingerprint": fingerprint}
+
+
+def layout_of(index: dict) -> tuple[str, int | None]:
+    """(layout, the compact codes' vocabulary or None) of a cache's index."""
+    return index.get("layout", "exact"), index.get("vocab")
+
+
+def stored_tensors(index: dict) -> tuple[str, ...]:
+    """The names of the row tensors a shard of this cache holds (besides `aligned`)."""
+    return ("ids", "logprobs", "scale", "tail") if layout_of(index)[0] == "compact" else ("ids", "logprobs", "tail")
+
+
+def read_rows(pieces: list[list[torch.Tensor]], index: dict, device: torch.device) -> SparseRows:
+    """SparseRows on `device` (log-probs float32, rank order) from row ranges read from shards, each a list of
+    the `stored_tensors`: compact rows are moved as bytes and decoded there, in one pass for all pieces."""
+    joined = [torch.cat(parts).to(device) for parts in zip(*pieces)]
+    layout, vocab = layout_of(index)
+    if layout == "compact":
+        return compact.decode(*joined, vocab)
+    ids, logprobs, tail = joined
+    return SparseRows(ids.long(), logprobs.float(), tail.float())
 
 
 @contextlib.contextmanager
@@ -116,19 +158,20 @@ def staged(target: Path):
 
 def write_rows(directory: Path, rows_of, examples: list[dict], pad_id: int, k: int, fingerprint: dict, *,
                batch_size: int, device: torch.device, shard_size: int, logprobs_dtype: torch.dtype,
-               extra: dict | None = None) -> dict:
+               vocab: int | None = None, extra: dict | None = None) -> dict:
     """Shards and index.json from `rows_of(batch, positions)`, which yields (SparseRows, aligned | None) chunks
-    in position order for each collated batch of `examples`; `extra` goes into the index. Returns the index."""
+    in position order for each collated batch of `examples`, compact with ids below `vocab` when given; `extra`
+    goes into the index. Returns the index."""
     offsets, shards = _write_shards(directory, rows_of, examples, pad_id, batch_size, device, shard_size,
-                                    logprobs_dtype)
-    written = {**make_index(k, offsets, shards, fingerprint, logprobs_dtype), **(extra or {})}
+                                    logprobs_dtype, vocab)
+    written = {**make_index(k, offsets, shards, fingerprint, logprobs_dtype, vocab), **(extra or {})}
     (directory / "index.json").write_text(json.dumps(written, indent=1))
     return written
 
 
 @torch.inference_mode()
 def _write_shards(staging: Path, rows_of, examples, pad_id, batch_size, device, shard_size: int,
-                  logprobs_dtype: torch.dtype) -> tuple[list[int], list[dict]]:
+                  logprobs_dtype: torch.dtype, vocab: int | None) -> tuple[list[int], list[dict]]:
     offsets = [0]
     shards: list[dict] = []
     buffer: list[SparseRows] = []
@@ -141,7 +184,7 @@ def _write_shards(staging: Path, rows_of, examples, pad_id, batch_size, device, 
             return
         name = shard_name(len(shards))
         start = shards[-1]["end"] if shards else 0
-        save_shard(staging / name, buffer, logprobs_dtype, flags or None)
+        save_shard(staging / name, buffer, logprobs_dtype, flags or None, vocab)
         shards.append({"file": name, "start": start, "end": start + buffered})
         buffer, flags, buffered = [], [], 0
 
@@ -175,9 +218,14 @@ def read_index(root: Path) -> dict:
         index = json.loads(index_file.read_text())
     except json.JSONDecodeError:
         raise LlmneoError(f"teacher_cache '{root}/index.json' is corrupt; rebuild it with llmneo cache") from None
-    if index.get("format") != FORMAT:
-        raise LlmneoError(f"teacher_cache '{root}' has format {index.get('format')!r}, expected {FORMAT}; "
-                          f"rebuild it with llmneo cache")
+    if index.get("format") not in (FORMAT, FORMAT_V1):
+        raise LlmneoError(f"teacher_cache '{root}' has format {index.get('format')!r}, expected {FORMAT} (or "
+                          f"{FORMAT_V1}); rebuild it with llmneo cache")
+    layout, vocab = layout_of(index)
+    if layout not in LAYOUTS or (layout == "compact" and not (isinstance(vocab, int) and vocab > 0)) or (
+            index["format"] == FORMAT_V1 and layout != "exact"):
+        raise LlmneoError(f"teacher_cache '{root}/index.json' has layout {layout!r} (vocab {vocab!r}), which this "
+                          f"llmneo does not read; rebuild it with llmneo cache")
     if not isinstance(index.get("fingerprint"), dict) or "offsets" not in index or "shards" not in index:
         raise LlmneoError(f"teacher_cache '{root}/index.json' is incomplete; rebuild it with llmneo cache")
     return index

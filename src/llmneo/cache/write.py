@@ -16,7 +16,7 @@ import torch
 from llmneo import run_dir
 from llmneo.cache import capture, cross
 from llmneo.cache.fingerprint import fingerprint, one_teacher, served_identity
-from llmneo.cache.shards import SHARD_ROWS, logprobs_dtype, staged, topk_rows, write_rows
+from llmneo.cache.shards import SHARD_ROWS, compact_vocab, logprobs_dtype, staged, topk_rows, write_rows
 from llmneo.config.schema import Config, input_paths
 from llmneo.data import dataset
 from llmneo.errors import LlmneoError
@@ -96,7 +96,8 @@ def write(config: Config) -> dict:
         expected = fingerprint(config, tokenizer, examples, teacher=served_identity(endpoint.model))
         index = capture.capture(target, endpoint, examples, k, vocab, expected,
                                 batch_size=config.per_device_eval_batch_size,
-                                shard_size=config.cache_shard_size, logprobs_dtype=logprobs_dtype(config))
+                                shard_size=config.cache_shard_size, logprobs_dtype=logprobs_dtype(config),
+                                compact=compact_vocab(config, vocab) is not None)
         return summary(target, index, k, len(examples))
     teacher = teacher.to(device)
     chunk = config.kd_chunk_size or 1024
@@ -104,7 +105,8 @@ def write(config: Config) -> dict:
         index = write_examples(staging, teacher, examples, tokenizer.pad_token_id, vocab, k,
                                fingerprint(config, tokenizer, examples), chunk=chunk,
                                batch_size=config.per_device_eval_batch_size, device=device,
-                               shard_size=config.cache_shard_size, logprobs_dtype=logprobs_dtype(config))
+                               shard_size=config.cache_shard_size, logprobs_dtype=logprobs_dtype(config),
+                               compact=compact_vocab(config, vocab) is not None)
     return summary(target, index, k, len(examples))
 
 
@@ -117,11 +119,13 @@ def summary(target: Path, index: dict, k: int, examples: int) -> dict:
 
 def write_examples(directory: Path, teacher, examples: list[dict], pad_id: int, vocab: int, k: int, fingerprint: dict,
                    *, chunk: int = 1024, batch_size: int = 8, device: torch.device | None = None,
-                   shard_size: int = SHARD_ROWS, logprobs_dtype: torch.dtype = torch.float32) -> dict:
+                   shard_size: int = SHARD_ROWS, logprobs_dtype: torch.dtype = torch.float32,
+                   compact: bool = True) -> dict:
     """Shards and index.json for tokenized `examples` (input_ids, labels) into an existing `directory`.
 
     The core of `llmneo cache` (which adds the config checks and the atomic rename); the step benchmark
-    calls it to measure training from real shards. Returns the index.
+    calls it to measure training from real shards. `compact`: the compact layout (ids below `vocab`), else
+    exact. Returns the index.
     """
     def rows_of(batch, positions):
         final = heads.final_states(teacher, batch, vocab)
@@ -130,4 +134,5 @@ def write_examples(directory: Path, teacher, examples: list[dict], pad_id: int, 
             yield topk_rows(final.logits(hidden[start:start + chunk]), k), None
 
     return write_rows(Path(directory), rows_of, examples, pad_id, k, fingerprint, batch_size=batch_size,
-                      device=device or torch.device("cpu"), shard_size=shard_size, logprobs_dtype=logprobs_dtype)
+                      device=device or torch.device("cpu"), shard_size=shard_size, logprobs_dtype=logprobs_dtype,
+                      vocab=vocab if compact else None)

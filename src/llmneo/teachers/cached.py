@@ -35,6 +35,7 @@ class CachedTeacher(TeacherSignal):
         root = Path(directory)
         index = shards.read_index(root)
         refuse_mismatch(root, index["fingerprint"], expected)
+        self.index = index
         self.offsets = index["offsets"]
         self.k = index["k"]
         self.has_tail = index.get("tail") != "none"  # an imported axolotl cache has no tail mass
@@ -42,14 +43,15 @@ class CachedTeacher(TeacherSignal):
         self.device = device
         self.shard_starts, self.handles = shards.open_shards(root, index)
 
-    def _read(self, start: int, end: int) -> SparseRows:
-        """Rows [start, end) of the cache; an example's rows never straddle two shards. Log-probs come back
-        as float32 whatever they were stored as (float16, or float32 in older caches)."""
+    def _read(self, start: int, end: int) -> list[torch.Tensor]:
+        """The stored tensors of rows [start, end) of the cache; an example's rows never straddle two shards."""
         shard = bisect.bisect_right(self.shard_starts, start) - 1
         handle, base = self.handles[shard], self.shard_starts[shard]
-        piece = slice(start - base, end - base)
-        return SparseRows(handle.get_slice("ids")[piece].long(), handle.get_slice("logprobs")[piece].float(),
-                          handle.get_slice("tail")[piece].float())
+        return [handle.get_slice(name)[start - base:end - base] for name in shards.stored_tensors(self.index)]
+
+    def read(self, start: int, end: int) -> SparseRows:
+        """Rows [start, end) of the cache, decoded on the training device."""
+        return shards.read_rows([self._read(start, end)], self.index, self.device)
 
     def _ranges(self, batch: dict, positions: torch.Tensor) -> list[tuple[int, int]]:
         """The cache row ranges of the examples of `batch` (by their `index`) that have response positions."""
@@ -73,10 +75,10 @@ class CachedTeacher(TeacherSignal):
         return (torch.cat(pieces) if pieces else torch.zeros(0, dtype=torch.bool)).to(self.device)
 
     def rows(self, batch: dict, positions: torch.Tensor) -> SparseRows:
-        """Cache rows for the examples of `batch` (by their `index`), in position order."""
+        """Cache rows for the examples of `batch` (by their `index`), in position order, decoded on the training
+        device; log-probs float32 whatever the layout (compact codes, float16 or float32)."""
         pieces = [self._read(start, end) for start, end in self._ranges(batch, positions)]
         if not pieces:
             empty = torch.zeros(0, self.k)
             return SparseRows(empty.long(), empty, torch.zeros(0)).to(self.device)
-        return SparseRows(torch.cat([p.ids for p in pieces]), torch.cat([p.logprobs for p in pieces]),
-                          torch.cat([p.tail for p in pieces])).to(self.device)
+        return shards.read_rows(pieces, self.index, self.device)

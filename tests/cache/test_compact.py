@@ -1,0 +1,76 @@
+"""The compact cache row (cache/compact.py): ids decode exactly, log-probs within the stated bound, top-k mass
+exactly 1 - exp(tail), and the bytes per row the format promises."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from llmneo.cache import compact
+from llmneo.loss.rows import SparseRows
+
+
+def _rows(count: int, k: int, vocab: int, seed: int = 0, sharpness: float = 3.0) -> SparseRows:
+    """The top-k of random distributions; row 0 holds the vocabulary's first and last ids, row 1 four ids in a
+    row from the middle (the codes' edge cases)."""
+    generator = torch.Generator().manual_seed(seed)
+    logits = torch.randn(count, vocab, generator=generator) * sharpness
+    logits[0, [0, vocab - 1]] += 100.0
+    logits[1, vocab // 2: vocab // 2 + 4] += 100.0
+    logp = torch.log_softmax(logits, dim=-1)
+    values, ids = logp.topk(k, dim=-1)
+    tail = (torch.logsumexp(logp.scatter(-1, ids, -math.inf), dim=-1) if k < vocab
+            else torch.full((count,), -math.inf))
+    return SparseRows(ids, values, tail)
+
+
+def _round_trip(rows: SparseRows, vocab: int) -> SparseRows:
+    stored = compact.encode(rows, vocab)
+    return compact.decode(stored["ids"], stored["logprobs"], stored["scale"], stored["tail"], vocab)
+
+
+@pytest.mark.parametrize("k, vocab", [(64, 128_256), (128, 128_256), (20, 320), (320, 320), (1, 320), (3, 5),
+                                      (2, 2), (16, 151_936)])
+def test_ids_decode_exactly_and_log_probs_within_the_bound(k, vocab):
+    rows = _rows(200, k, vocab)
+    back = _round_trip(rows, vocab)
+    assert back.ids.dtype == torch.long and back.logprobs.dtype == torch.float32
+    assert torch.equal(back.ids.sort(dim=1).values, rows.ids.sort(dim=1).values)
+    assert (back.logprobs[:, :-1] >= back.logprobs[:, 1:]).all()  # rank order, as the exact layout keeps
+    want = dict_by_id(rows)
+    got = dict_by_id(back)
+    bound = compact.error_bound(rows.logprobs)
+    assert ((got - want).abs() <= bound[:, None]).all()
+    assert torch.equal(back.tail, rows.tail.float())
+    mass = back.logprobs.exp().sum(dim=1) + back.tail.exp()  # renormalised: exactly what the tail leaves
+    assert (mass - 1).abs().max() < 2e-6
+
+
+def dict_by_id(rows: SparseRows) -> torch.Tensor:
+    """(M, k) log-probs in id order, comparable between layouts whatever the order of equal values."""
+    order = rows.ids.argsort(dim=1)
+    return rows.logprobs.float().gather(1, order)
+
+
+def test_minus_infinity_log_probs_and_a_flat_row_survive():
+    ids = torch.tensor([[4, 9, 2, 7], [1, 2, 3, 4]])
+    logprobs = torch.tensor([[-0.1, -2.5, -math.inf, -math.inf], [-math.log(4)] * 4])
+    tail = torch.tensor([math.log(-math.expm1(torch.logsumexp(logprobs[0], 0).item())), -math.inf])
+    back = _round_trip(SparseRows(ids, logprobs, tail), 10)
+    assert back.ids[0, :2].tolist() == [4, 9] and torch.isneginf(back.logprobs[0, 2:]).all()
+    torch.testing.assert_close(back.logprobs[1], logprobs[1], rtol=0, atol=1e-6)  # no spread: nothing rounded
+    assert torch.isfinite(back.logprobs[0, :2]).all()
+
+
+def test_sizes_are_what_the_format_promises():
+    """174 B per row at k = 64 and 326 B at k = 128 for Llama 3's 128,256 tokens: under the issue's 200 and 330."""
+    assert compact.row_bytes(64, 128_256) == 174 and compact.row_bytes(128, 128_256) == 326
+    for k, vocab in ((64, 128_256), (128, 128_256), (20, 320)):
+        stored = compact.encode(_rows(50, k, vocab), vocab)
+        assert sum(t[0].numel() * t.element_size() for t in stored.values()) == compact.row_bytes(k, vocab)
+        # no L does better than the chosen one
+        best = min(k * low + k + ((vocab - 1) >> low) + 1 for low in range(18))
+        assert compact.id_bits(k, vocab) == best
+
