@@ -58,6 +58,17 @@ def row_bytes(k: int, vocab_size: int) -> int:
     return id_bytes(k, vocab_size) + k + 2 + 4
 
 
+def to_code(unit: torch.Tensor) -> torch.Tensor:
+    """Distances as fractions of d_max, in [0, 1] → uint8 codes 0..254 (sqrt companding)."""
+    return torch.round(unit.sqrt() * CODES).to(torch.uint8)
+
+
+def from_code(codes: torch.Tensor) -> torch.Tensor:
+    """uint8 codes → distances as fractions of d_max (float32); `to_code`'s inverse up to rounding."""
+    unit = codes.float() / CODES
+    return unit * unit
+
+
 def error_bound(logprobs: torch.Tensor) -> torch.Tensor:
     """(M,) the most a decoded log-prob of each row of `logprobs` (M, k) can be off: a code rounds the distance's
     square root by half a step, at most d_max / 254 of distance, and renormalising moves every entry by a
@@ -91,7 +102,7 @@ def encode(rows: SparseRows, vocab_size: int) -> dict[str, torch.Tensor]:
     scale = torch.where(scale.float() < widest, torch.nextafter(scale, torch.tensor(math.inf, dtype=torch.half)),
                         scale)
     unit = (distance / scale.float().clamp_min(torch.finfo(torch.float32).tiny)[:, None]).clamp(0, 1)
-    codes = torch.round(unit.sqrt() * CODES).to(torch.uint8)
+    codes = to_code(unit)
     codes = torch.where(finite, codes, torch.tensor(NEG_INF_CODE, dtype=torch.uint8))
     return {"ids": packed.contiguous(), "logprobs": codes.contiguous(), "scale": scale.contiguous(),
             "tail": tail.contiguous()}
@@ -113,8 +124,7 @@ def decode(ids: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, tail: to
     token |= (ones - torch.arange(k, device=device)) << low
 
     tail = tail.float()
-    unit = codes.float() / CODES
-    relative = -(unit * unit) * scale.float()[:, None]  # (M, k): log-prob minus the row's top
+    relative = -from_code(codes) * scale.float()[:, None]  # (M, k): log-prob minus the row's top
     relative = relative.masked_fill(codes == NEG_INF_CODE, -math.inf)
     # top-k mass = 1 - exp(tail): log of it, -inf tail giving 0
     mass = torch.log(-torch.expm1(tail.clamp(max=-torch.finfo(torch.float32).tiny)))
