@@ -3,6 +3,7 @@ exactly 1 - exp(tail), and the bytes per row the format promises."""
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -120,3 +121,44 @@ def test_compact_cache_trains_within_1e_3_of_a_float32_cache_over_20_steps(tmp_p
     print(f"\ncompact vs float32 cache, {teacher} teacher, k = {k}, kd_loss {min(kd):.3f}-{max(kd):.3f}: max relative "
           + ", ".join(f"{key} {value:.2g}" for key, value in relative.items()) + f"; adapter weights {moved:.2g}")
     assert relative["kd_loss"] <= 1e-3 and moved <= 1e-4
+
+
+def test_k_equal_to_a_128k_vocabulary_decodes_exactly():
+    """k = V (no tail): every id once, in a bitvector of 2V bits (L = 0)."""
+    rows = _rows(3, 128_256, 128_256)
+    back = _round_trip(rows, 128_256)
+    assert compact.low_bits(128_256, 128_256) == 0
+    assert torch.equal(back.ids.sort(dim=1).values, torch.arange(128_256).expand(3, -1))
+    assert torch.isneginf(back.tail).all() and (back.logprobs.exp().sum(dim=1) - 1).abs().max() < 1e-5
+
+
+@pytest.mark.slow
+def test_a_cache_of_an_unknown_format_or_layout_is_refused_in_one_line(tmp_path, base_overrides, capsys):
+    from helpers import write_yaml
+
+    from llmneo import cli
+
+    cache_dir = tmp_path / "cache"
+    values = {**base_overrides, "teacher_cache": str(cache_dir), "teacher_topk": 8}
+    assert cli.main(["cache", write_yaml(tmp_path, "c.yaml", values)]) == 0
+    index = json.loads((cache_dir / "index.json").read_text())
+    train = {**values, "teacher_model_name_or_path": None, "output_dir": str(tmp_path / "out")}
+    config = write_yaml(tmp_path, "t.yaml", train)
+    capsys.readouterr()
+    cases = {"another format": ({**index, "format": "llmneo-teacher-topk-v9"}, "has format 'llmneo-teacher-topk-v9'"),
+             "another layout": ({**index, "layout": "zstd"}, "has layout 'zstd'"),
+             "compact without its vocabulary": ({k: v for k, v in index.items() if k != "vocab"}, "has layout"),
+             "compact rows under v1": ({**index, "format": "llmneo-teacher-topk-v1"}, "has layout 'compact'")}
+    for name, (content, message) in cases.items():
+        (cache_dir / "index.json").write_text(json.dumps(content))
+        assert cli.main(["train", config]) == 2, name
+        err = capsys.readouterr().err
+        errors = [line for line in err.splitlines() if line.startswith("llmneo: error:")]
+        assert len(errors) == 1 and message in errors[0] and "rebuild it with llmneo cache" in errors[0], (name, err)
+        assert "Traceback" not in err and not (tmp_path / "out" / "metrics.jsonl").exists(), name
+
+
+def test_an_id_outside_the_vocabulary_is_refused_not_coded_into_another():
+    rows = SparseRows(torch.tensor([[3, 10]]), torch.tensor([[-0.1, -2.0]]), torch.tensor([-3.0]))
+    with pytest.raises(ValueError, match="ids 0..9"):
+        compact.encode(rows, 10)

@@ -84,6 +84,9 @@ def encode(rows: SparseRows, vocab_size: int) -> dict[str, torch.Tensor]:
     count, k = ids.shape
     ids, order = ids.sort(dim=1)  # (M, k): id order
     logprobs = logprobs.gather(1, order)
+    if count and k and (int(ids[:, 0].min()) < 0 or int(ids[:, -1].max()) >= vocab_size):
+        # an id outside the vocabulary would set a bit of another id (or none): the rows would decode wrong
+        raise ValueError(f"compact rows code ids 0..{vocab_size - 1}; got ids {int(ids.min())}..{int(ids.max())}")
     low = low_bits(k, vocab_size)
     bits = torch.zeros(count, id_bytes(k, vocab_size) * 8, dtype=torch.uint8)
     if low:
