@@ -21,7 +21,7 @@ decoding evaluates the fit and returns bfloat16 (its out_dtype defaults to exact
 is log(1 − Σ exp(decoded top-k)), the sum clamped below 1. Its rows are written as an exact-layout llmneo
 cache (a copy of the float32 cache with ids/logprobs/tail rewritten), so training reads them unchanged.
 
-    python benchmarks/cache_size_bench.py            # all three tables (about 5 minutes on 2 CPU cores)
+    python benchmarks/cache_size_bench.py            # all three tables (about 25 s on 2 CPU cores)
     python benchmarks/cache_size_bench.py --quick    # a smoke run: fewer rows, 3 steps, the peaked teacher
 """
 
