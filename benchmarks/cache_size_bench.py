@@ -14,10 +14,10 @@ Prints three markdown tables (docs/benchmarks.md section 5 holds them):
 DistillKit (github.com/arcee-ai/DistillKit, distillkit/compression/: compressor.py, monotonic_logprobs.py,
 config.py; not installable here) is followed step by step: entries sorted by log-prob, ids bit-packed at
 ceil(log2 V) bits (lossless), the first exact_k log-probs kept in bfloat16, ranks exact_k+1..k replaced by a
-least-squares fit (its SVD pseudo-inverse, singular values under 1e-5 dropped; solved in float64, see
-DistillKitLayout.encode) over x = 0, 1, ..., k −
-exact_k − 1 (its default normalize_t: false), coefficients float32, delta_encoding false, no residual bins;
-decoding evaluates the fit and returns bfloat16 (its out_dtype defaults to exact_dtype). The tail llmneo reads
+least-squares fit (its SVD pseudo-inverse, singular values under 1e-5 dropped, in float32 as its capture runs
+it, and in float64 as a best case) over x = 0, 1, ..., k − exact_k − 1 (its default normalize_t: false),
+coefficients float32, delta_encoding false, no residual bins; decoding evaluates the fit in float32 (exact
+ranks bfloat16, fitted ranks float32: its `fit + residual` and `torch.cat` promote). The tail llmneo reads
 is log(1 − Σ exp(decoded top-k)), the sum clamped below 1. Its rows are written as an exact-layout llmneo
 cache (a copy of the float32 cache with ids/logprobs/tail rewritten), so training reads them unchanged.
 
@@ -80,6 +80,7 @@ class DistillKitLayout:
     k: int
     exact_k: int
     terms: tuple
+    solve: torch.dtype = torch.float32  # DistillKit solves in its input's dtype: float32 from its capture
 
     def row_bytes(self, vocab: int) -> int:
         """Bytes per token by its config.total_bits: k ids at ceil(log2 V) bits rounded up to bytes, exact_k
@@ -96,22 +97,22 @@ class DistillKitLayout:
         ids = ids.long().gather(1, order)
         exact = values[:, :self.exact_k].to(torch.bfloat16).contiguous()
         rest = values[:, self.exact_k:self.k]
-        # its SVD pseudo-inverse (singular values under 1e-5 dropped), in float64: DistillKit works in float32
-        # for float32 input, where x⁴ up to 1.2e8 leaves the fit useless (squared error ~400 per row instead of
-        # ~0.07 at k = 128), so this gives it the least-squares optimum, its best case
-        u, s, vh = torch.linalg.svd(self.design().double(), full_matrices=False)
+        # its SVD pseudo-inverse (singular values under 1e-5 dropped); in float32, as DistillKit runs it on its
+        # capture's float32 rows, x⁴ up to 1.2e8 spoils the fit at k = 128 (squared error ~400 per row instead
+        # of ~0.07); solve=float64 gives the least-squares optimum, its best case
+        u, s, vh = torch.linalg.svd(self.design().to(self.solve), full_matrices=False)
         inverse = torch.where(s > 1e-5, 1 / s, torch.zeros_like(s))
-        coeffs = ((vh.T * inverse) @ (u.T @ rest.T.double())).T.float().contiguous()  # (M, terms), stored float32
+        coeffs = ((vh.T * inverse) @ (u.T @ rest.T.to(self.solve))).T.float().contiguous()  # stored float32
         return {"ids": _pack(ids, math.ceil(math.log2(vocab))), "exact": exact.view(torch.uint8),
                 "coeffs": coeffs.view(torch.uint8)}
 
     def decode(self, stored: dict[str, torch.Tensor], vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(ids (M, k) rank order, log-probs (M, k) float32): the fit is evaluated and, as its decompress does
-        (out_dtype defaults to exact_dtype), every value is returned in bfloat16."""
+        """(ids (M, k) rank order, log-probs (M, k) float32): exact ranks as stored (bfloat16), the fit
+        evaluated in float32, as its decompress_monotonic_logprobs returns them."""
         exact = stored["exact"].contiguous().view(torch.bfloat16)
         coeffs = stored["coeffs"].contiguous().view(torch.float32)
         fit = coeffs @ self.design().T
-        values = torch.cat([exact, fit.to(torch.bfloat16)], dim=1).float()
+        values = torch.cat([exact.float(), fit], dim=1)
         return _unpack(stored["ids"], math.ceil(math.log2(vocab)), self.k), values
 
     def round_trip(self, rows: SparseRows, vocab: int) -> SparseRows:
@@ -123,7 +124,9 @@ class DistillKitLayout:
 
 RECOMMENDED = DistillKitLayout("recommended", 128, 16, (0, 1, 2, 3, 4, "sqrt"))  # its README, "Logit Compression"
 BUDGET = DistillKitLayout("budget", 50, 1, (0, 1, "sqrt"))
+RECOMMENDED_F64 = DistillKitLayout("recommended-f64", 128, 16, RECOMMENDED.terms, torch.float64)
 DK_SETTINGS = (RECOMMENDED, BUDGET)
+DK_ARMS = (RECOMMENDED, RECOMMENDED_F64, BUDGET)  # table 3: as DistillKit runs it, and its best case
 
 
 # --- caches through the CLI ---------------------------------------------------------------------------------------
@@ -292,8 +295,9 @@ def table_error(root: Path, quick: bool) -> list[str]:
             ref_metrics, ref_weights = train(root, f"{tag}-exact", values, caches["exact"])
             arms = [("llmneo compact (sqrt)", "compact", compact.row_bytes(k, LLAMA_V)),
                     ("llmneo compact (uniform)", "uniform", compact.row_bytes(k, LLAMA_V))]
-            arms += [(f"DistillKit {d.name} (exact_k {d.exact_k}, {len(d.terms)} terms)", d.name,
-                      d.row_bytes(LLAMA_V)) for d in DK_SETTINGS if d.k == k]
+            arms += [(f"DistillKit {d.name.removesuffix('-f64')} (exact_k {d.exact_k}, {len(d.terms)} terms, "
+                      f"{str(d.solve).removeprefix('torch.')} solve)", d.name, d.row_bytes(LLAMA_V))
+                     for d in DK_ARMS if d.k == k]
             for title, arm, size in arms:
                 folder = root / f"cache-{tag}-{arm}"
                 patch = uniform_codes() if arm == "uniform" else _nothing()
@@ -302,7 +306,7 @@ def table_error(root: Path, quick: bool) -> list[str]:
                         _cli(["cache", _yaml(root / f"c-{tag}-{arm}.yaml", {**values, "teacher_cache": str(folder),
                                                                            "cache_format": "compact"})])
                     else:
-                        write_dk_cache(caches["exact"], folder, next(d for d in DK_SETTINGS if d.name == arm),
+                        write_dk_cache(caches["exact"], folder, next(d for d in DK_ARMS if d.name == arm),
                                        json.loads((caches["exact"] / "index.json").read_text()).get("vocab")
                                        or len(tokenizer))
                     worst_entry, worst_row = entry_errors(reference, cache_rows(folder))
