@@ -118,7 +118,8 @@ def distillkit_codec(layout: DistillKitLayout, vocab: int, src: str | None):
     """(encode, decode) for `layout`: DistillKit's own LogprobCompressor imported from the checkout `src`
     (its distillkit/ folder; it needs torch and pydantic only), else the reimplementation above."""
     if src is None:
-        return (lambda ids, logprobs: layout.encode(ids, logprobs, vocab)), (lambda stored: layout.decode(stored, vocab))
+        return ((lambda ids, logprobs: layout.encode(ids, logprobs, vocab)),
+                (lambda stored: layout.decode(stored, vocab)))
     sys.path.insert(0, src)
     from distillkit.compression import DistributionQuantizationConfig, LogprobCompressor
 
