@@ -586,3 +586,24 @@ def test_incremental_decoded_offsets_equal_those_of_every_prefix(tokenizer):
         assert (decoded, offsets) == crosstok._decoded_offsets_by_prefixes(
             lambda part: tok.decode(part, skip_special_tokens=False, clean_up_tokenization_spaces=False), ids)
         assert any(a == b for a, b in zip(offsets, offsets[1:]))  # some character came in several pieces
+
+
+def test_a_compact_cross_tokenizer_cache_keeps_each_spans_continuation(tmp_path, cross_overrides):
+    """A span of several teacher tokens moves its row by the continuation's log-prob, so the row's top-k mass is
+    below 1 - exp(tail): the compact codes keep the top-k mass at 1 - exp(tail), so the move is stored apart
+    (`shift`) and added back on reading. Compact rows must give the exact rows' masses."""
+    from helpers import cache_rows
+
+    rows = {}
+    for layout in ("exact", "compact"):
+        values = {**cross_overrides, "teacher_cache": str(tmp_path / layout), "teacher_topk": 16,
+                  "cache_format": layout}
+        assert cli.main(["cache", write_yaml(tmp_path, f"{layout}.yaml", values)]) == 0
+        rows[layout] = cache_rows(tmp_path / layout)[1]
+    exact, coded = rows["exact"], rows["compact"]
+    mass = {name: torch.logsumexp(r["logprobs"], dim=1) for name, r in rows.items()}  # top-k log-mass per row
+    aligned = mass["exact"] <= 1e-5  # unaligned rows hold zeros (never read): their "mass" is log k
+    spans = mass["exact"] < -0.01  # rows whose span continues: their top-k holds less than 1 - exp(tail)
+    assert spans.sum() >= 3 and aligned.sum() > spans.sum(), "the test data must hold multi-token spans"
+    torch.testing.assert_close(mass["compact"][aligned], mass["exact"][aligned], rtol=0, atol=1e-5)
+    torch.testing.assert_close(coded["tail"][aligned], exact["tail"][aligned], rtol=0, atol=1e-5)

@@ -28,7 +28,8 @@ from llmneo.teachers.live import LiveTeacher
 
 
 def span_topk(first, shift: torch.Tensor, aligned: torch.Tensor, k: int, chunk: int):
-    """(SparseRows, aligned) chunks: top-k of each aligned position's span distribution; zeros elsewhere."""
+    """(SparseRows, {"aligned", "shift"}) chunks: the top-k of the distribution of each aligned position's span's
+    first token (zeros elsewhere), and the span's continuation log-prob, which the reader adds to the row."""
     for start in range(0, aligned.shape[0], chunk):
         part = slice(start, start + chunk)
         flags = aligned[part]
@@ -36,13 +37,14 @@ def span_topk(first, shift: torch.Tensor, aligned: torch.Tensor, k: int, chunk: 
         ids = torch.zeros(count, k, dtype=torch.long, device=flags.device)
         logprobs = torch.zeros(count, k, device=flags.device)
         tail = torch.full((count,), -math.inf, device=flags.device)
+        move = torch.zeros(count, device=flags.device)
         if first is not None and bool(flags.any()):
             found = shards.topk_rows(first[part].logits, k)  # (C, k) over the teacher's vocabulary
-            move = shift[part].float()
+            move = torch.where(flags, shift[part].float(), move)
             ids = torch.where(flags[:, None], found.ids, ids)
-            logprobs = torch.where(flags[:, None], found.logprobs + move[:, None], logprobs)
-            tail = torch.where(flags, found.tail + move, tail)
-        yield SparseRows(ids, logprobs, tail), flags
+            logprobs = torch.where(flags[:, None], found.logprobs, logprobs)
+            tail = torch.where(flags, found.tail, tail)
+        yield SparseRows(ids, logprobs, tail), {"aligned": flags.to(torch.uint8), "shift": move}
 
 
 def write(config, target, tokenizer, teacher_tokenizer, teacher, k: int, device) -> tuple[dict, int]:
@@ -70,7 +72,7 @@ def write(config, target, tokenizer, teacher_tokenizer, teacher, k: int, device)
                                   batch_size=config.per_device_eval_batch_size, device=device,
                                   shard_size=config.cache_shard_size, logprobs_dtype=shards.logprobs_dtype(config),
                                   vocab=shards.compact_vocab(config, len(teacher_tokenizer)),
-                                  extra={"cross_tokenizer": True})
+                                  extra={"cross_tokenizer": True, "span_shift": True})
         index["aligned_fraction"] = counted[0] / max(counted[1], 1)
         (staging / "index.json").write_text(json.dumps(index, indent=1))
         teacher_tokenizer.save_pretrained(staging / shards.TEACHER_TOKENIZER)

@@ -89,10 +89,10 @@ def shard_name(number: int) -> str:
 
 
 def save_shard(path: Path, rows: list[SparseRows], logprobs_dtype: torch.dtype,
-               aligned: list[torch.Tensor] | None = None, vocab: int | None = None) -> None:
+               extra: dict[str, list[torch.Tensor]] | None = None, vocab: int | None = None) -> None:
     """One shard file of `rows` (in order), compact when `vocab` is given (ids below it), else exact: ids int32,
-    logprobs in `logprobs_dtype`, tail float32; and for a cross-tokenizer cache `aligned` uint8 (which rows
-    hold a teacher span)."""
+    logprobs in `logprobs_dtype`, tail float32; and per-row tensors `extra` as given (a cross-tokenizer cache:
+    `aligned` uint8, which rows hold a teacher span, and `shift` float32, the span's continuation log-prob)."""
     from safetensors.torch import save_file
 
     if vocab is not None:
@@ -102,8 +102,8 @@ def save_shard(path: Path, rows: list[SparseRows], logprobs_dtype: torch.dtype,
         tensors = {"ids": torch.cat([r.ids for r in rows]).to(torch.int32).contiguous(),
                    "logprobs": torch.cat([r.logprobs for r in rows]).to(logprobs_dtype).contiguous(),
                    "tail": torch.cat([r.tail for r in rows]).float().contiguous()}
-    if aligned is not None:
-        tensors["aligned"] = torch.cat(aligned).to(torch.uint8).contiguous()
+    for name, parts in (extra or {}).items():
+        tensors[name] = torch.cat(parts).contiguous()
     save_file(tensors, str(path))
 
 
@@ -122,19 +122,27 @@ def layout_of(index: dict) -> tuple[str, int | None]:
 
 
 def stored_tensors(index: dict) -> tuple[str, ...]:
-    """The names of the row tensors a shard of this cache holds (besides `aligned`)."""
-    return ("ids", "logprobs", "scale", "tail") if layout_of(index)[0] == "compact" else ("ids", "logprobs", "tail")
+    """The names of the row tensors `read_rows` takes from a shard of this cache (`aligned` is read apart)."""
+    names = ("ids", "logprobs", "scale", "tail") if layout_of(index)[0] == "compact" else ("ids", "logprobs", "tail")
+    return names + (("shift",) if index.get("span_shift") else ())
 
 
 def read_rows(pieces: list[list[torch.Tensor]], index: dict, device: torch.device) -> SparseRows:
     """SparseRows on `device` (log-probs float32, rank order) from row ranges read from shards, each a list of
     the `stored_tensors`: compact rows are moved as bytes and decoded there, in one pass for all pieces."""
     joined = [torch.cat(parts).to(device) for parts in zip(*pieces)]
+    shift = joined.pop() if index.get("span_shift") else None
     layout, vocab = layout_of(index)
     if layout == "compact":
-        return compact.decode(*joined, vocab)
-    ids, logprobs, tail = joined
-    return SparseRows(ids.long(), logprobs.float(), tail.float())
+        rows = compact.decode(*joined, vocab)
+    else:
+        ids, logprobs, tail = joined
+        rows = SparseRows(ids.long(), logprobs.float(), tail.float())
+    if shift is None:
+        return rows
+    # a cross-tokenizer span's continuation: its log-prob moves the whole row, top-k and tail alike (the codes
+    # keep the top-k mass at 1 - exp(tail), so the move is stored apart)
+    return SparseRows(rows.ids, rows.logprobs + shift[:, None], rows.tail + shift)
 
 
 @contextlib.contextmanager
@@ -159,7 +167,8 @@ def staged(target: Path):
 def write_rows(directory: Path, rows_of, examples: list[dict], pad_id: int, k: int, fingerprint: dict, *,
                batch_size: int, device: torch.device, shard_size: int, logprobs_dtype: torch.dtype,
                vocab: int | None = None, extra: dict | None = None) -> dict:
-    """Shards and index.json from `rows_of(batch, positions)`, which yields (SparseRows, aligned | None) chunks
+    """Shards and index.json from `rows_of(batch, positions)`, which yields (SparseRows, extra | None) chunks
+    (extra: per-row tensors to store by name, see `save_shard`)
     in position order for each collated batch of `examples`, compact with ids below `vocab` when given; `extra`
     goes into the index. Returns the index."""
     offsets, shards = _write_shards(directory, rows_of, examples, pad_id, batch_size, device, shard_size,
@@ -175,28 +184,28 @@ def _write_shards(staging: Path, rows_of, examples, pad_id, batch_size, device, 
     offsets = [0]
     shards: list[dict] = []
     buffer: list[SparseRows] = []
-    flags: list[torch.Tensor] = []
+    extras: dict[str, list[torch.Tensor]] = {}
     buffered = 0
 
     def flush():
-        nonlocal buffer, flags, buffered
+        nonlocal buffer, extras, buffered
         if not buffered:
             return
         name = shard_name(len(shards))
         start = shards[-1]["end"] if shards else 0
-        save_shard(staging / name, buffer, logprobs_dtype, flags or None, vocab)
+        save_shard(staging / name, buffer, logprobs_dtype, extras or None, vocab)
         shards.append({"file": name, "start": start, "end": start + buffered})
-        buffer, flags, buffered = [], [], 0
+        buffer, extras, buffered = [], {}, 0
 
     bar = tqdm(total=len(examples), desc="llmneo cache", unit="ex", dynamic_ncols=True)
     for first in range(0, len(examples), batch_size):
         part = examples[first:first + batch_size]
         batch = {key: value.to(device) for key, value in dataset.collate(part, pad_id).items()}
         positions, _ = response_positions(batch["labels"])
-        for rows, aligned in rows_of(batch, positions):
+        for rows, extra in rows_of(batch, positions):
             buffer.append(SparseRows(rows.ids.cpu(), rows.logprobs.cpu(), rows.tail.cpu()))
-            if aligned is not None:
-                flags.append(aligned.cpu())
+            for key, value in (extra or {}).items():
+                extras.setdefault(key, []).append(value.cpu())
             buffered += rows.ids.shape[0]
         for count in positions.sum(dim=1).tolist():
             offsets.append(offsets[-1] + count)
