@@ -132,3 +132,28 @@ def test_neat_packed_run_trains_like_the_padded_one_through_the_cli(tmp_path, ba
     assert "eval_ce_loss" in held_out and ("eval_kd_loss" in held_out) == (teacher_kind == "live")
     for key in held_out:
         assert results[1][key] == pytest.approx(results[0][key], rel=1e-5), key
+
+
+def test_a_plainly_packed_cache_is_refused_by_a_neat_run_and_neat_rows_are_not_exported(tmp_path, base_overrides,
+                                                                                       capsys):
+    """The dataset rows do not tell neat from plain packing (same ids and labels), so the fingerprint names it;
+    a cache written before it recorded neat_packing counts as plain. axolotl's columns carry no position ids."""
+    plain = {**base_overrides, "cutoff_len": 512, "packing": True, "teacher_cache": str(tmp_path / "cache")}
+    assert cli.main(["cache", write_yaml(tmp_path, "c.yaml", plain)]) == 0
+    index_file = tmp_path / "cache" / "index.json"
+    index = json.loads(index_file.read_text())
+    del index["fingerprint"]["neat_packing"]  # as before the part was recorded
+    index_file.write_text(json.dumps(index))
+    neat = {**plain, "neat_packing": True, "teacher_model_name_or_path": None, "output_dir": str(tmp_path / "n")}
+    capsys.readouterr()
+    assert cli.main(["train", write_yaml(tmp_path, "t.yaml", neat)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "the neat_packing differs (cache False, run True)" in err
+    neat_cache = {**neat, "teacher_model_name_or_path": base_overrides["teacher_model_name_or_path"],
+                  "teacher_cache": str(tmp_path / "neat")}
+    assert cli.main(["cache", write_yaml(tmp_path, "n.yaml", neat_cache)]) == 0
+    capsys.readouterr()
+    assert cli.main(["cache", "export", "axolotl", write_yaml(tmp_path, "n.yaml", neat_cache),
+                     str(tmp_path / "kd.jsonl")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "neat-packed rows" in err and not (tmp_path / "kd.jsonl").exists()

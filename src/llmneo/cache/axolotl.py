@@ -69,6 +69,10 @@ def export_cache(config: Config, fmt: str, path: str) -> dict:
     tokenizer, examples = _tokenized(config)
     teacher = cached.CachedTeacher(config.teacher_cache, fingerprint(config, tokenizer, examples),
                                    torch.device("cpu"))
+    if config.effective_neat_packing:
+        raise LlmneoError(f"teacher_cache '{config.teacher_cache}' holds neat-packed rows (position ids restarting at "
+                          f"each example), which {fmt}'s dataset columns cannot carry; export a cache built with "
+                          f"neat_packing: false")
     if teacher.cross:
         raise LlmneoError(f"teacher_cache '{config.teacher_cache}' is a cross-tokenizer cache: its ids are the "
                           f"teacher's own tokens, aligned to the student's positions, which {fmt}'s format has no "

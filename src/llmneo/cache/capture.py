@@ -142,6 +142,7 @@ def _take(window: deque, examples, batch_size, k, vocab, buffer, counts, bar, sh
     for offset, example in enumerate(part):
         where = f"training example {first + offset + 1}"
         rows = [served.sparse_rows(next(entries), wanted, k, vocab, where) for _, wanted in _sequences(example)]
+        rows = rows or [SparseRows(torch.zeros(0, k, dtype=torch.long), torch.zeros(0, k), torch.zeros(0))]
         buffer.append(SparseRows(torch.cat([r.ids for r in rows]), torch.cat([r.logprobs for r in rows]),
                                  torch.cat([r.tail for r in rows])))
         counts.append(len(buffer[-1].tail))

@@ -35,7 +35,9 @@ from llmneo.loss.rows import SparseRows
 
 CODES = 254  # finite distances are coded 0..254; 255 marks a log-prob of -inf
 NEG_INF_CODE = 255
-HALF_MAX = float(torch.finfo(torch.float16).max)  # the largest distance d_max (float16) holds
+# Distances are capped here: d_max sets every entry's step, so one far entry (vLLM sends -9999 for -inf, a masked
+# logit is -3e38) would coarsen its whole row; below the top by 50 an entry's probability is under 2e-22 of it.
+D_CAP = 50.0
 _BIT = torch.arange(8, dtype=torch.uint8)
 
 
@@ -72,9 +74,10 @@ def from_code(codes: torch.Tensor) -> torch.Tensor:
 def error_bound(logprobs: torch.Tensor) -> torch.Tensor:
     """(M,) the most a decoded log-prob of each row of `logprobs` (M, k) can be off: a code rounds the distance's
     square root by half a step, at most d_max / 254 of distance, and renormalising moves every entry by a
-    weighted mean of those errors, at most as much again."""
+    weighted mean of those errors, at most as much again. Entries more than D_CAP below the top come back at
+    D_CAP below it (the bound holds for the others)."""
     finite = torch.where(torch.isfinite(logprobs), logprobs, torch.nan)
-    spread = (finite.nan_to_num(-math.inf).amax(dim=1) - finite.nan_to_num(math.inf).amin(dim=1)).clamp_min(0)
+    spread = (finite.nan_to_num(-math.inf).amax(dim=1) - finite.nan_to_num(math.inf).amin(dim=1)).clamp(0, D_CAP)
     return 2 * spread * 1.001 / CODES + 1e-5  # 1.001: d_max is rounded to float16; 1e-5: float32 arithmetic
 
 
@@ -99,7 +102,7 @@ def encode(rows: SparseRows, vocab_size: int) -> dict[str, torch.Tensor]:
     top = torch.where(torch.isfinite(top), top, 0.0)  # a row of -inf only (no entry has mass)
     # float16 holds d_max; a log-prob further below the top than its largest value has probability 0 in float32
     # (e^-104 already does), so it is kept there
-    distance = torch.where(finite, top - logprobs, 0.0).clamp(max=HALF_MAX)
+    distance = torch.where(finite, top - logprobs, 0.0).clamp(max=D_CAP)
     widest = distance.amax(dim=1)
     scale = widest.half()  # rounded up, never down, so that no distance is beyond d_max (no code clips)
     scale = torch.where(scale.float() < widest, torch.nextafter(scale, torch.tensor(math.inf, dtype=torch.half)),

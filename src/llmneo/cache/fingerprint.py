@@ -74,17 +74,23 @@ def fingerprint(config: Config, tokenizer, examples: list[dict], teacher: str | 
     return found
 
 
+# Parts added later, with what a cache written before them holds: the dataset rows do not tell a neat-packed
+# cache from a plainly packed one (same ids and labels), so an older cache counts as neat_packing false.
+RECORDED_SINCE = {"neat_packing": False}
+
+
 def refuse_mismatch(root: Path, found: dict, expected: dict) -> None:
     """Refuse the cache at `root` when its recorded fingerprint `found` differs from the run's `expected`,
     naming the first part that differs (in fingerprint order: named settings before the dataset rows)."""
     for part, value in expected.items():
         if part == "teacher" and (value is None or found.get(part) is None):
             continue  # no teacher named in this run: nothing to compare
-        if part not in found:
+        if part not in found and part not in RECORDED_SINCE:
             continue  # a cache written before this part was recorded; the dataset rows still guard it
-        if found.get(part) != value:
+        recorded = found.get(part, RECORDED_SINCE.get(part))
+        if recorded != value:
             raise LlmneoError(f"teacher_cache '{root}' does not match this run: the {part} differs "
-                              f"(cache {found.get(part)}, run {value}); rebuild it with llmneo cache CONFIG.yaml")
+                              f"(cache {recorded}, run {value}); rebuild it with llmneo cache CONFIG.yaml")
 
 
 def one_teacher(config: Config, i: int) -> Config:

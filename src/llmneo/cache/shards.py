@@ -240,6 +240,12 @@ def read_index(root: Path) -> dict:
     return index
 
 
+def _widths(index: dict) -> dict[str, int]:
+    """The width of each 2-D row tensor of this cache's shards."""
+    layout, vocab = layout_of(index)
+    return {"ids": compact.id_bytes(index["k"], vocab) if layout == "compact" else index["k"], "logprobs": index["k"]}
+
+
 def open_shards(root: Path, index: dict) -> tuple[list[int], list]:
     """Every shard of the cache at `root` opened lazily (rows are read per batch, so a cache larger than RAM
     still trains): (first row of each shard, its safe_open handle), checked against `index`."""
@@ -254,6 +260,9 @@ def open_shards(root: Path, index: dict) -> tuple[list[int], list]:
         try:
             handle = safe_open(str(file), framework="pt")
             rows = handle.get_slice("ids").get_shape()[0]
+            if any(handle.get_slice(name).get_shape()[0] != rows for name in stored_tensors(index)) or any(
+                    handle.get_slice(name).get_shape()[1:] != [width] for name, width in _widths(index).items()):
+                rows = -1  # a tensor of another length or width (a missing one raises, caught below)
         except Exception:  # safetensors raises its own error type for a damaged file
             rows, handle = -1, None
         if shard["start"] != expected or rows != shard["end"] - shard["start"]:

@@ -251,6 +251,10 @@ class ServedTeacher(TeacherSignal):
             self._pending[key] = self._pool.submit(self._fetch, *_sequences(batch, positions))
 
     def _fetch(self, sequences: list[list[int]], targets: list[list[int]]):
+        if not sequences:  # a neat-packed batch with no target in any example: nothing to ask
+            empty = torch.zeros(0, self.k)
+            return (SampledRows(empty[:, 0].long(), empty[:, 0]) if self.sampled
+                    else SparseRows(empty.long(), empty, torch.zeros(0)))
         self.requests += 1
         entries = self.endpoint.prompt_logprobs(sequences, self.k)
         parts = []
