@@ -143,14 +143,7 @@ def _yaml(path: Path, values: dict) -> str:
 
 def cache_rows(folder: Path) -> SparseRows:
     """Every row of a cache, decoded by llmneo's own reader (either layout)."""
-    from safetensors.torch import load_file
-
-    index = shards.read_index(folder)
-    pieces = []
-    for shard in index["shards"]:
-        stored = load_file(str(folder / shard["file"]))
-        pieces.append([stored[name] for name in shards.stored_tensors(index)])
-    return shards.read_rows(pieces, index, torch.device("cpu"))
+    return shards.all_rows(folder)[1]
 
 
 def sizes(folder: Path) -> tuple[float, float]:

@@ -183,16 +183,9 @@ def make_cache(root: Path, base: dict, k: int, layout: str) -> Path:
 
 def cache_rows(directory: Path) -> tuple[dict, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(index, ids, log-probs, tail) of every row of a cache, decoded by llmneo whatever its layout."""
-    from safetensors import safe_open
-
     from llmneo.cache import shards
 
-    index = json.loads((directory / "index.json").read_text())
-    pieces = []
-    for shard in index["shards"]:
-        with safe_open(str(directory / shard["file"]), framework="pt") as handle:
-            pieces.append([handle.get_tensor(name) for name in shards.stored_tensors(index)])
-    rows = shards.read_rows(pieces, index, torch.device("cpu"))
+    index, rows = shards.all_rows(directory)
     return index, rows.ids, rows.logprobs, rows.tail
 
 

@@ -77,14 +77,22 @@ def assert_same_training(a: Path, b: Path, tol: float) -> None:
 
 def cache_rows(directory: Path) -> tuple[list[int], dict]:
     """A teacher cache's example offsets and every row, decoded whatever the layout: ids, logprobs, tail."""
-    from safetensors import safe_open
-
     from llmneo.cache import shards
 
-    index = json.loads((directory / "index.json").read_text())
-    pieces = []
-    for shard in index["shards"]:
-        with safe_open(str(directory / shard["file"]), framework="pt") as handle:
-            pieces.append([handle.get_tensor(name) for name in shards.stored_tensors(index)])
-    rows = shards.read_rows(pieces, index, torch.device("cpu"))
+    index, rows = shards.all_rows(directory)
     return index["offsets"], {"ids": rows.ids, "logprobs": rows.logprobs, "tail": rows.tail}
+
+
+def adapted_pair(cfg):
+    """(loading.Loaded, the student with LoRA adapters whose B matrices are non-zero, so every LoRA matrix gets a
+    gradient) for a config with a teacher."""
+    from llmneo.models import adapters, loading
+
+    loaded = loading.load(cfg, loading.resolve_precision(cfg), with_teacher=True)
+    torch.manual_seed(0)
+    model = adapters.apply(loaded.student, cfg)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn_like(p) * 0.05)
+    return loaded, model

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import adapted_pair
 
 from llmneo.config import schema
 from llmneo.data import dataset
@@ -22,13 +23,7 @@ ALL_LORA = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj,lm_head"
 
 def _setup(base_overrides, **extra):
     cfg = schema.load(overrides={**base_overrides, "lora_target": ALL_LORA, **extra})
-    loaded = loading.load(cfg, loading.resolve_precision(cfg), with_teacher=True)
-    torch.manual_seed(0)
-    model = adapters.apply(loaded.student, cfg)
-    with torch.no_grad():  # non-zero B so every LoRA matrix gets a gradient
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.copy_(torch.randn_like(p) * 0.05)
+    loaded, model = adapted_pair(cfg)
     examples = dataset.build(cfg, loaded.tokenizer).train[:5]
     batch = dataset.collate(examples, loaded.tokenizer.pad_token_id)
     return cfg, loaded, model, LiveTeacher(loaded.teacher, loaded.vocab_size), batch

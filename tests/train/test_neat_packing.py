@@ -12,7 +12,7 @@ import json
 
 import pytest
 import torch
-from helpers import assert_same_training, read_metrics, write_yaml
+from helpers import adapted_pair, assert_same_training, read_metrics, write_yaml
 
 from llmneo import cli
 from llmneo.cache import write as cache_write
@@ -21,23 +21,12 @@ from llmneo.data import dataset, packing
 from llmneo.data.labels import IGNORE_INDEX, response_count
 from llmneo.loss import divergences
 from llmneo.loss.spec import LossSpec
-from llmneo.models import adapters, loading
+
 from llmneo.teachers.cached import CachedTeacher
 from llmneo.teachers.live import LiveTeacher
 from llmneo.train import loop
 
 N = 5  # examples compared
-
-
-def _student_and_teacher(cfg):
-    loaded = loading.load(cfg, loading.resolve_precision(cfg), with_teacher=True)
-    torch.manual_seed(0)
-    model = adapters.apply(loaded.student, cfg)
-    with torch.no_grad():  # non-zero B so every LoRA matrix gets a gradient
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.copy_(torch.randn_like(p) * 0.05)
-    return loaded, model
 
 
 def _sums_and_grads(model, teacher, batch, cfg, vocab):
@@ -61,7 +50,7 @@ def test_packed_row_gives_the_padded_batch_losses_and_gradients(base_overrides, 
     values = {**base_overrides, "kd_loss": kind, "kd_chunk_size": chunk, "cutoff_len": 512, "max_samples": N}
     padded_cfg = schema.load(overrides=values)
     packed_cfg = schema.load(overrides={**values, "neat_packing": True})
-    loaded, model = _student_and_teacher(padded_cfg)
+    loaded, model = adapted_pair(padded_cfg)
     pad = loaded.tokenizer.pad_token_id
     examples = _indexed(dataset.build(padded_cfg, loaded.tokenizer).train)
     rows = _indexed(dataset.build(packed_cfg, loaded.tokenizer).train)

@@ -240,6 +240,15 @@ def read_index(root: Path) -> dict:
     return index
 
 
+def all_rows(root: Path) -> tuple[dict, SparseRows]:
+    """(index, every row) of the cache at `root`, decoded on the CPU whatever the layout: for inspecting a cache
+    (tests, benchmarks); training reads per batch through `open_shards`."""
+    index = read_index(root)
+    _, handles = open_shards(root, index)
+    pieces = [[handle.get_tensor(name) for name in stored_tensors(index)] for handle in handles]
+    return index, read_rows(pieces, index, torch.device("cpu"))
+
+
 def _widths(index: dict) -> dict[str, int]:
     """The width of each 2-D row tensor of this cache's shards."""
     layout, vocab = layout_of(index)
