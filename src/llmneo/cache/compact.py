@@ -9,7 +9,8 @@ One row (one response position) holds k (id, log-prob) pairs and the tail log-ma
                                      at V = 128,256 (104 B), 1,534 for k = 128 (192 B).
   logprobs  uint8 (k,)               each entry's distance d = top − log-prob below the row's top log-prob,
                                      as code round(254·sqrt(d / d_max)) (255: a log-prob of −inf)
-  scale     float16 ()               d_max, the row's largest distance
+  scale     float16 ()               d_max, the row's largest distance, capped at D_CAP = 50 (one far entry,
+                                     such as vLLM's -9999 for -inf, would otherwise coarsen every code)
   tail      float32 ()               log of the probability mass outside the top-k (−inf when none)
 So a row costs id_bytes + k + 6 bytes: 174 B at k = 64 and 326 B at k = 128 for V = 128,256.
 
