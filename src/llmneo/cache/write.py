@@ -16,7 +16,7 @@ import torch
 from llmneo import run_dir
 from llmneo.cache import capture, cross
 from llmneo.cache.fingerprint import fingerprint, one_teacher, served_identity
-from llmneo.cache.shards import SHARD_ROWS, compact_vocab, logprobs_dtype, staged, topk_rows, write_rows
+from llmneo.cache.shards import SHARD_ROWS, logprobs_dtype, staged, topk_rows, write_rows
 from llmneo.config.schema import Config, input_paths
 from llmneo.data import dataset
 from llmneo.errors import LlmneoError
@@ -97,7 +97,7 @@ def write(config: Config) -> dict:
         index = capture.capture(target, endpoint, examples, k, vocab, expected,
                                 batch_size=config.per_device_eval_batch_size,
                                 shard_size=config.cache_shard_size, logprobs_dtype=logprobs_dtype(config),
-                                compact=compact_vocab(config, vocab) is not None)
+                                compact=config.cache_format == "compact")
         return summary(target, index, k, len(examples))
     teacher = teacher.to(device)
     chunk = config.kd_chunk_size or 1024
@@ -106,7 +106,7 @@ def write(config: Config) -> dict:
                                fingerprint(config, tokenizer, examples), chunk=chunk,
                                batch_size=config.per_device_eval_batch_size, device=device,
                                shard_size=config.cache_shard_size, logprobs_dtype=logprobs_dtype(config),
-                               compact=compact_vocab(config, vocab) is not None)
+                               compact=config.cache_format == "compact")
     return summary(target, index, k, len(examples))
 
 
